@@ -1,0 +1,99 @@
+"""Typed, bounded job specs composed of the workers' own configs.
+
+A spec is YAML (or the same structure as JSON over REST). ``load_spec`` parses it, applies
+``--set a.b=value`` overrides and validates everything before any Ray work starts; a bad field
+raises ``SpecError`` whose message names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from workers.compression import CompressionConfig
+from workers.config import Config
+from workers.data import DataConfig
+from workers.loop import LoopConfig
+from workers.moe.model import ModelConfig
+
+
+class ResourcesSpec(Config):
+    # An int is a fixed size; elastic (min, max) sizes arrive with the elastic-training work.
+    num_workers: int = Field(2, ge=1, le=4096)
+    # cpu -> gloo, cuda -> nccl, npu -> hccl (see workers/device.py).
+    device: Literal["cpu", "cuda", "npu"] = "cpu"
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=512.0)
+    # Restarts from the latest checkpoint after a worker dies, before the job fails.
+    max_failures: int = Field(2, ge=0, le=100)
+
+
+class TrainSpec(Config):
+    name: str = Field("train", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    compression: CompressionConfig = CompressionConfig()
+    train: LoopConfig = LoopConfig()
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class SpecError(ValueError):
+    """A spec that does not parse or validate; the message names the field."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{field}: {msg}")
+    return "invalid spec:\n  " + "\n  ".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``100``, ``true``, ``null``)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set expects KEY=VALUE, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{key}: value {value!r} does not parse: {e}") from None
+
+
+def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"a spec must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return TrainSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
+    return validate_spec(raw, overrides)
