@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from workers.compression import CompressionConfig
 from workers.config import Config
-from workers.data import DataConfig
+from workers.data import VOCAB_SIZE, DataConfig
 from workers.loop import LoopConfig
 from workers.moe.model import ModelConfig
 
@@ -38,6 +38,14 @@ class TrainSpec(Config):
     compression: CompressionConfig = CompressionConfig()
     train: LoopConfig = LoopConfig()
     resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _check_sections_agree(self) -> TrainSpec:
+        if self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(f"model.max_seq_len ({self.model.max_seq_len}) must be >= data.seq_len ({self.data.seq_len})")
+        if self.model.vocab_size < VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary")
+        return self
 
 
 class SpecError(ValueError):

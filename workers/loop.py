@@ -1,10 +1,45 @@
-"""Per-worker training loop under Ray Train."""
+"""Per-worker training loop under Ray Train: shard -> model -> compressed sync -> step -> report.
+
+Runs inside each Ray Train worker. Ray Train has already initialized the process group (gloo, nccl
+or hccl); this loop wraps the plain model in DDP, registers the compression hook, streams packed
+batches from its Ray Data shard, prints a progress line every ``log_every`` steps and checkpoints
+every ``checkpoint_every`` steps and at the end.
+
+Checkpoint layout (one folder per report; Ray Train merges the files that every worker reports)::
+
+    model.pt            rank 0: model state dict (router biases included)
+    optim.pt            rank 0: AdamW state
+    meta.json           rank 0: step, epoch, batches consumed in the epoch, world size, byte totals
+    residual-<r>.pt     rank r: error-feedback residuals of that rank's buckets
+
+Residuals are restored only when the world size is unchanged; after a resize they are dropped (one
+step's unsent gradient mass is lost) and the log says so. Re-sharding them arrives with the
+elastic-training work.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+from torch.nn.parallel import DistributedDataParallel
+
+from workers import compression
+from workers.compression import CompressionConfig
 from workers.config import Config
+from workers.device import torch_device
+from workers.moe.model import ModelConfig, MoETransformer, routing_stats
+from workers.progress import format_progress
 
 
 class LoopConfig(Config):
@@ -22,5 +57,223 @@ class LoopConfig(Config):
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     # Held-out batches per worker for the final eval loss.
     eval_batches: int = Field(16, ge=0, le=100_000)
-    # Threads torch may use inside one worker; 0 means cores / workers.
+    # Threads torch may use inside one worker; 0 means cores / workers on the node.
     torch_threads: int = Field(1, ge=0, le=1024)
+
+
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def final_window(steps: int) -> int:
+    """Steps averaged into final_loss: the last 10% of the run, at least 1 and at most 50."""
+    return max(1, min(50, steps // 10))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    # Matrices decay; norms and other vectors do not (the usual GPT recipe).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class _Position:
+    """Where the loop is in the data: epoch and batches consumed in it (saved in checkpoints)."""
+
+    def __init__(self, epoch: int = 0, batch_in_epoch: int = 0):
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+
+
+def _batches(shard: Any, batch_size: int, seed: int, pos: _Position, device: torch.device) -> Iterator[torch.Tensor]:
+    """Endless packed batches from this worker's Ray Data shard; a new epoch when one runs out.
+
+    Ray Train splits the dataset with equal=True, so every worker sees the same number of batches
+    per epoch and the DDP collectives stay in step. On resume the batches of the interrupted epoch
+    that were already trained on are skipped.
+    """
+    skip = pos.batch_in_epoch
+    while True:
+        seen = 0
+        it = shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long, device=device, drop_last=True,
+                                      local_shuffle_buffer_size=batch_size * 16,
+                                      local_shuffle_seed=seed + pos.epoch)
+        for batch in it:
+            seen += 1
+            if seen <= skip:
+                continue
+            pos.batch_in_epoch = seen
+            yield batch["input_ids"]  # (batch, seq_len + 1)
+        if seen == 0:
+            raise RuntimeError(f"the training data yields no batch of {batch_size} sequences per worker; "
+                               "use a larger corpus (data.source, data.max_bytes) or a smaller train.batch_size")
+        skip = 0
+        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+
+
+def _evaluate(model: MoETransformer, shard: Any, cfg: LoopConfig, device: torch.device) -> float | None:
+    """Mean next-token loss over up to eval_batches held-out batches per worker, averaged over workers."""
+    totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count)
+    if shard is not None and cfg.eval_batches > 0:
+        model.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.long,
+                                                                 device=device, drop_last=False)):
+                if i >= cfg.eval_batches:
+                    break
+                x = batch["input_ids"]  # (batch, seq_len + 1)
+                logits = model(x[:, :-1])  # (batch, seq_len, vocab)
+                totals[0] += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+                totals[1] += x[:, 1:].numel()
+        model.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+
+def _layer_stats(counts: torch.Tensor) -> dict[str, Any]:
+    stats = routing_stats(counts)
+    return {"max_vio": [round(s["max_vio"], 4) for s in stats],
+            "drop_frac": [round(s["drop_frac"], 5) for s in stats]}
+
+
+def _save(model: MoETransformer, optimizer: torch.optim.Optimizer, comm: Any, meta: dict[str, Any],
+          metrics: dict[str, Any], rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        if rank == 0:
+            torch.save(model.state_dict(), d / "model.pt")
+            torch.save(optimizer.state_dict(), d / "optim.pt")
+            (d / "meta.json").write_text(json.dumps(meta))
+        torch.save(comm.residual_state(), d / f"residual-{rank}.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step-{meta['step']:08d}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: config = {"model", "compression", "loop": dicts; "seed", "device", "has_val"}."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = LoopConfig(**config["loop"])
+    model_cfg = ModelConfig(**config["model"])
+    comp_cfg = CompressionConfig(**config["compression"])
+    seed = config["seed"]
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    device = torch_device(config["device"])
+
+    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's parameters)
+    model = MoETransformer(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg)
+    start, pos, base_bytes, residuals = 0, _Position(), torch.zeros(2, dtype=torch.float64), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            meta = json.loads((d / "meta.json").read_text())
+            model.load_state_dict(torch.load(d / "model.pt", map_location=device))
+            optimizer.load_state_dict(torch.load(d / "optim.pt", map_location=device))
+            start, pos = meta["step"], _Position(meta["epoch"], meta["batch_in_epoch"])
+            base_bytes = torch.tensor([meta["wire_bytes"], meta["dense_bytes"]], dtype=torch.float64)
+            if meta["world_size"] == world and (d / f"residual-{rank}.pt").exists():
+                residuals = torch.load(d / f"residual-{rank}.pt", map_location=device)
+        if rank == 0:
+            note = "" if residuals is not None else f" (world size {meta['world_size']} -> {world}: residuals dropped)"
+            print(f"resuming from step {start}{note}", flush=True)
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None,
+                                  broadcast_buffers=False)  # router biases move identically on every rank
+    comm = compression.register(ddp, comp_cfg)
+    if residuals is not None:
+        comm.load_residual_state(residuals)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    batches = _batches(train_shard, cfg.batch_size, seed, pos, device)
+    n_layers, n_experts = model_cfg.n_layers, model_cfg.n_routed_experts
+    window_counts = torch.zeros(n_layers, n_experts + 2)  # routing counts since the last progress line
+    tail_counts = torch.zeros(n_layers, n_experts + 2)  # routing counts over the final window
+    tail = final_window(cfg.steps)
+    losses: list[float] = []
+    tokens_per_step = world * cfg.batch_size * model_cfg.max_seq_len
+    t_start = t_last = time.perf_counter()
+    step_last = start
+
+    def byte_totals() -> torch.Tensor:
+        totals = torch.tensor([comm.wire_bytes, comm.dense_bytes], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return totals + base_bytes
+
+    def meta_for(step: int, totals: torch.Tensor) -> dict[str, Any]:
+        return {"step": step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "world_size": world,
+                "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item()}
+
+    for step in range(start, cfg.steps):
+        x = next(batches)  # (batch, seq_len + 1)
+        inputs, targets = x[:, :-1], x[:, 1:]  # (batch, seq_len) each
+        tokens_per_step = world * inputs.numel()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        logits = ddp(inputs)  # (batch, seq_len, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        (loss + model.aux_loss()).backward()  # the comm hook syncs gradients bucket by bucket here
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        counts = model.router_counts()  # (layers, experts + 2)
+        dist.all_reduce(counts)  # every rank applies the same bias update
+        model.update_router_bias(counts)
+        window_counts += counts.cpu()
+        if step >= cfg.steps - tail:
+            tail_counts += counts.cpu()
+        losses.append(loss.item())
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            stats = torch.tensor([sum(losses[-(done - step_last):]), done - step_last], dtype=torch.float64)
+            dist.all_reduce(stats)
+            totals = byte_totals()
+            if rank == 0:
+                now = time.perf_counter()
+                layer = _layer_stats(window_counts)
+                print(format_progress({
+                    "step": f"{done}/{cfg.steps}", "loss": (stats[0] / stats[1]).item(), "lr": lr_at(step, cfg),
+                    "tokens_per_s": tokens_per_step * (done - step_last) / (now - t_last),
+                    "wire_bytes": int(totals[0]), "dense_bytes": int(totals[1]),
+                    "compression": (totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
+                    "max_vio": max(layer["max_vio"]), "drop_frac": max(layer["drop_frac"]),
+                }), flush=True)
+                t_last = now
+            step_last = done
+            window_counts.zero_()
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            totals = byte_totals()
+            _save(model, optimizer, comm, meta_for(done, totals), {"step": done, "loss": losses[-1]}, rank)
+
+    train_time = time.perf_counter() - t_start
+    eval_loss = _evaluate(model, val_shard, cfg, device)
+    window = torch.tensor([sum(losses[-tail:]), len(losses[-tail:])], dtype=torch.float64)
+    dist.all_reduce(window)
+    totals = byte_totals()
+    trained = cfg.steps - start
+    metrics = {
+        "steps": cfg.steps,
+        "final_loss": (window[0] / window[1]).item() if window[1] > 0 else None,
+        "final_loss_window": tail,
+        "eval_loss": eval_loss,
+        "tokens_per_s": tokens_per_step * trained / train_time if trained else 0.0,
+        "train_time_s": train_time,
+        "wire_bytes": int(totals[0]),
+        "dense_bytes": int(totals[1]),
+        "compression": (totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
+        "world_size": world,
+        "moe": _layer_stats(tail_counts),
+    }
+    _save(model, optimizer, comm, meta_for(cfg.steps, totals), metrics, rank)

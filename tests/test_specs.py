@@ -1,0 +1,62 @@
+"""Spec validation: every bad field is named, overrides reach any field, the demo spec is valid."""
+
+from pathlib import Path
+
+import pytest
+
+from jobs.specs import SpecError, load_spec, validate_spec
+
+DEMO = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "demo.yaml"
+
+
+def test_demo_spec_is_valid():
+    spec = load_spec(DEMO)
+    assert spec.resources.num_workers == 2
+    assert spec.compression.method == "topk" and spec.compression.density == 0.01
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "why"),
+    [
+        ({"train": {"steps": "many"}}, "train.steps", "valid integer"),
+        ({"compression": {"density": 1.5}}, "compression.density", "less than or equal to 1"),
+        ({"compression": {"density": 0}}, "compression.density", "greater than 0"),
+        ({"compression": {"method": "powersgd"}}, "compression.method", "'none' or 'topk'"),
+        ({"model": {"n_experts": 8}}, "model.n_experts", "unknown field"),
+        ({"trainer": {}}, "trainer", "unknown field"),
+        ({"resources": {"device": "tpu"}}, "resources.device", "'cpu', 'cuda' or 'npu'"),
+        ({"model": {"top_k": 9, "n_routed_experts": 8}}, "top_k", "n_routed_experts"),
+        ({"model": {"max_seq_len": 64}, "data": {"seq_len": 128}}, "model.max_seq_len", "data.seq_len"),
+    ],
+)
+def test_bad_field_is_named(raw, field, why):
+    with pytest.raises(SpecError) as err:
+        validate_spec(raw)
+    assert field in str(err.value) and why in str(err.value)
+
+
+def test_set_overrides_nested_fields_with_yaml_values():
+    spec = validate_spec({}, ["train.steps=7", "compression.error_feedback=false", "model.capacity_factor=null",
+                              "data.extensions=[.py, .md]"])
+    assert spec.train.steps == 7
+    assert spec.compression.error_feedback is False
+    assert spec.model.capacity_factor is None
+    assert spec.data.extensions == (".py", ".md")
+
+
+@pytest.mark.parametrize("assignment", ["train.steps", "=3", "train.steps.deeper=1"])
+def test_bad_override_is_an_error(assignment):
+    with pytest.raises(SpecError):
+        validate_spec({"train": {"steps": 5}}, [assignment])
+
+
+def test_unparsable_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [1,\n")
+    with pytest.raises(SpecError, match="bad.yaml is not valid YAML"):
+        load_spec(bad)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec(tmp_path / "nope.yaml")
