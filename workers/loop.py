@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"resuming from step {start}{note}", flush=True)
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None,
-                                  broadcast_buffers=False)  # router biases move identically on every rank
+                                  forward_sync_buffers=False)  # router biases move identically on every rank
     comm = compression.register(ddp, comp_cfg)
     if residuals is not None:
         comm.load_residual_state(residuals)

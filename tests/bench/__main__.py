@@ -1,0 +1,44 @@
+"""`make bench`: benchmarks run side by side in one run; writes BENCHMARKS.md and BENCHMARKS.json.
+
+Ratios measured in the same run are the figures to quote: this machine is shared and noisy, so
+absolute times move between runs while ratios of runs taken back to back hold much better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from tests.bench.compression_runs import compression_section
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m tests.bench")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps of every run")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="scratch folder for the runs")
+    args = p.parse_args()
+    scratch = Path(args.out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    started = time.time()
+    sections = [compression_section(scratch, args.steps)]
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+           "date": time.strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - started)}
+    (ROOT / "BENCHMARKS.json").write_text(json.dumps({"env": env, "sections": [s["data"] for s in sections]},
+                                                     indent=2))
+    md = ["# Benchmarks", "",
+          f"Written by `make bench` on {env['date']} ({env['cpus']} CPUs, {env['machine']}, Python {env['python']}); "
+          f"the whole run took {env['wall_time_s']} s. Figures in one table come from one run, side by side.", ""]
+    for s in sections:
+        md += s["markdown"] + [""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
