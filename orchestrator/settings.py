@@ -1,0 +1,134 @@
+"""Control-plane settings: environment variables ``ORCH_*``, validated, failing closed.
+
+Outside local mode the service refuses to start without a strong API token (``ORCH_API_TOKEN``).
+Local mode (``orch up --local``, ``make demo``) makes one up and keeps it in ``<state_dir>/api_token``
+(mode 0600) so the CLI on the same machine finds it; the API still checks it on every request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Tokens anyone would guess; refused even when long enough.
+WEAK_TOKENS = frozenset({"changethis", "changeme", "secret", "token", "password", "admin", "test"})
+MIN_TOKEN_CHARS = 16
+TOKEN_FILE = "api_token"
+
+# An interpreter name or absolute path, never a shell fragment (it is shlex-quoted anyway).
+_PYTHON_PATTERN = r"^[A-Za-z0-9_./+-]{1,256}$"
+
+
+class SettingsError(ValueError):
+    """Settings that must not be served; the message says which variable to set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore", frozen=True)
+
+    # Local development mode: an API token is generated when none is given.
+    local: bool = False
+    # Where the job store, per-job spec files and outputs live.
+    state_dir: Path = Field(default_factory=lambda: Path.home() / ".orch")
+    # Any SQLAlchemy URL; None means SQLite (WAL mode) at <state_dir>/orch.db.
+    db_url: str | None = None
+    # Per-job folders (spec.json, out/). Ray drivers read and write here, so on a remote cluster this
+    # must be a path every node sees at the same place (NFS); s3:// outputs come later.
+    jobs_dir: Path | None = None
+    api_token: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # Ray dashboard HTTP address used by the Jobs SDK, e.g. http://127.0.0.1:8265. RAY_ADDRESS is read
+    # too (the Jobs SDK itself prefers it), so one variable points both `ray job submit` and us at a cluster.
+    ray_address: str | None = Field(None, validation_alias=AliasChoices("ORCH_RAY_ADDRESS", "RAY_ADDRESS"))
+    # Token for a Ray cluster started with RAY_AUTH_MODE=token (sent as a bearer header to the dashboard).
+    ray_auth_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ORCH_RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN")
+    )
+    # The interpreter the Ray job runs: `python` is what `ray job submit -- python -m jobs.train` runs.
+    job_python: str = Field("python", pattern=_PYTHON_PATTERN)
+    # Custom resources reserved for each job's driver (JSON object), e.g. {"head": 0.01} to pin drivers.
+    driver_resources: dict[str, float] = Field(default_factory=dict)
+    # Jobs handed to Ray at once; further jobs wait QUEUED (a small cluster thrashes otherwise).
+    max_active_jobs: int = Field(4, ge=1, le=10_000)
+    reconcile_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    # How often a RUNNING job's logs are read for its latest progress line.
+    metrics_interval_s: float = Field(5.0, gt=0.0, le=3600.0)
+    # Largest accepted request body; a spec is a few KB.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Longest a `logs?follow=true` stream stays open.
+    follow_max_s: float = Field(3600.0, gt=0.0, le=7 * 24 * 3600.0)
+    # Seconds each Ray SDK HTTP call may take before the controller gives up on this iteration.
+    ray_timeout_s: float = Field(10.0, gt=0.0, le=300.0)
+    # Run the reconcile loop inside the API process (off only for API-only benchmarks and tests).
+    controller_enabled: bool = True
+
+    @field_validator("driver_resources", mode="before")
+    @classmethod
+    def _parse_resources(cls, v: object) -> object:
+        return json.loads(v) if isinstance(v, str) else v
+
+    @field_validator("state_dir", "jobs_dir", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _fail_closed(self) -> Settings:
+        if self.api_token is None:
+            if not self.local:
+                raise ValueError("ORCH_API_TOKEN is required outside local mode (orch up --local)")
+            return self
+        token = self.api_token.get_secret_value()
+        if len(token) < MIN_TOKEN_CHARS or token.lower() in WEAK_TOKENS:
+            raise ValueError(f"ORCH_API_TOKEN must be at least {MIN_TOKEN_CHARS} characters and not a default")
+        return self
+
+    @cached_property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.state_dir / 'orch.db'}"
+
+    @cached_property
+    def job_root(self) -> Path:
+        return self.jobs_dir or self.state_dir / "jobs"
+
+    @cached_property
+    def token(self) -> str:
+        """The API token: configured, or (local mode) read from or written to the state dir."""
+        if self.api_token is not None:
+            return self.api_token.get_secret_value()
+        return local_token(self.state_dir, create=True)
+
+
+def local_token(state_dir: Path, *, create: bool) -> str:
+    path = state_dir / TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        if len(token) >= MIN_TOKEN_CHARS:
+            return token
+    if not create:
+        raise SettingsError(f"no API token: set ORCH_API_TOKEN (or run `orch up --local` to make {path})")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and explicit overrides), or SettingsError naming the problem."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        raise SettingsError(problems) from None
+

@@ -1,0 +1,63 @@
+"""A job's life as a typed state machine: the states, the moves allowed between them, and the check.
+
+``store.JobStore.transition`` is the one place that moves a job; it calls ``check_transition`` inside
+the same database transaction that records the move and its reason.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    """Stored by the API; the controller has not looked at it yet."""
+    QUEUED = "QUEUED"
+    """Accepted by the controller, waiting for a slot (``max_active_jobs``) to be handed to Ray."""
+    STARTING = "STARTING"
+    """An attempt's Ray submission id is stored; the job is being (or has been) submitted and Ray
+    reports it PENDING (runtime env set-up, waiting for the driver's resources)."""
+    RUNNING = "RUNNING"
+    """Ray reports the attempt's driver RUNNING."""
+    RETRYING = "RETRYING"
+    """The attempt's driver died for a reason outside the job (the cluster restarted, the driver's node
+    died, the driver was killed); a new attempt resumes from the latest checkpoint in the same output."""
+    SUCCEEDED = "SUCCEEDED"
+    """The driver exited 0. Terminal."""
+    FAILED = "FAILED"
+    """The driver exited non-zero (invalid spec, training error), or retries ran out. Terminal."""
+    CANCELLED = "CANCELLED"
+    """A user cancelled it; its Ray job, if any, is stopped. Terminal."""
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.RETRYING})
+
+_S = JobState
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    _S.PENDING: frozenset({_S.QUEUED, _S.CANCELLED, _S.FAILED}),
+    _S.QUEUED: frozenset({_S.STARTING, _S.CANCELLED, _S.FAILED}),
+    # STARTING -> SUCCEEDED/FAILED: a short job can finish between two looks.
+    _S.STARTING: frozenset({_S.RUNNING, _S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
+    _S.RETRYING: frozenset({_S.STARTING, _S.FAILED, _S.CANCELLED}),
+    _S.SUCCEEDED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A move the state machine does not allow (e.g. out of a terminal state)."""
+
+
+def check_transition(current: JobState, target: JobState) -> None:
+    if target not in ALLOWED[current]:
+        raise IllegalTransition(f"a job cannot move from {current} to {target}")
