@@ -1,0 +1,300 @@
+"""The reconcile loop: stored intent -> Ray Jobs API, one pass at a time.
+
+Each pass reads every non-terminal job from the store and moves it one step toward what it should be,
+using what Ray reports. Order of effects for a start: write spec.json, store the attempt (with the Ray
+submission id derived from the job id) and the STARTING move, THEN call Ray. A crash between the two
+leaves a STARTING attempt that was never submitted; the next pass (after a restart) asks Ray about
+that submission id and submits only if Ray does not know it, so at most one Ray job runs per attempt.
+
+Retries: when Ray (reachable) no longer knows a submitted attempt (the cluster restarted), or reports
+the driver killed from outside (supervisor died, driver killed by a signal), the job moves to
+RETRYING and the next pass starts attempt n+1 with the same --out, so jobs.train resumes from the
+latest checkpoint. Exit codes 1 and 2 (training error, invalid spec) are the job's own failure: FAILED.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from jobs.progress import parse_progress
+from jobs.specs import TrainSpec
+from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
+from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
+from orchestrator.settings import Settings
+from orchestrator.states import ACTIVE, IllegalTransition, JobState
+from orchestrator.store import JobRecord, JobStore
+from orchestrator.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+S = JobState
+
+# Test-only fault injection: ORCH_TEST_CRASH_AT=before_submit makes the process SIGKILL itself after
+# the attempt is stored and before Ray is called (tests/orchestrator/test_ray_integration.py).
+CRASH_ENV = "ORCH_TEST_CRASH_AT"
+# Ray error types that mean the driver died from outside the job, so a new attempt may succeed.
+RETRYABLE_RAY_ERRORS = frozenset({
+    "JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE", "JOB_SUPERVISOR_ACTOR_START_FAILURE",
+})
+# summary.json keys copied into a finished job's metrics.
+SUMMARY_KEYS = ("final_loss", "eval_loss", "steps", "tokens_per_s", "wire_bytes", "dense_bytes", "compression",
+                "train_time_s", "wall_time_s", "world_size")
+
+
+class ControllerBusy(RuntimeError):
+    """Another controller process holds this state dir's lock."""
+
+
+def _retryable(view: RayJobView) -> bool:
+    if view.error_type in RETRYABLE_RAY_ERRORS:
+        return True
+    # Killed by a signal: Popen reports -N, a shell that did not exec reports 128+N.
+    return view.exit_code is not None and (view.exit_code < 0 or view.exit_code > 128)
+
+
+class Controller:
+    def __init__(self, store: JobStore, ray: RayJobs, settings: Settings, telemetry: Telemetry | None = None,
+                 entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS, clock=time.monotonic):
+        self.store = store
+        self.ray = ray
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry()
+        self.entrypoints = entrypoints
+        self.clock = clock
+        self.ray_reachable: bool | None = None
+        self.last_pass_at: float | None = None
+        self._metrics_read_at: dict[str, float] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    # -- one pass ---------------------------------------------------------------------------------
+
+    def reconcile_once(self) -> None:
+        self.telemetry.reconciles.inc()
+        jobs = self.store.unfinished()
+        active = sum(job.state in ACTIVE for job in jobs)
+        try:
+            for job in jobs:
+                try:
+                    started = self._reconcile(job, active_slots=self.settings.max_active_jobs - active)
+                    active += started
+                except (IllegalTransition, RayRefused) as e:
+                    self.telemetry.reconcile_errors.labels("job").inc()
+                    log.warning("job %s: %s", job.id, e)
+            self.ray_reachable = True
+        except RayUnavailable as e:
+            # Nothing can be learned this pass; every job keeps its state until Ray answers.
+            self.telemetry.reconcile_errors.labels("ray_unavailable").inc()
+            if self.ray_reachable is not False:
+                log.warning("%s", e)
+            self.ray_reachable = False
+        self.telemetry.ray_reachable.set(1 if self.ray_reachable else 0)
+        self.last_pass_at = time.time()
+
+    def _reconcile(self, job: JobRecord, active_slots: int) -> int:
+        """Move one job one step; returns 1 when it took an active slot."""
+        if job.cancel_requested:
+            self._cancel(job)
+            return 0
+        if job.state is S.PENDING:
+            self._accept(job)
+        elif job.state is S.QUEUED:
+            if active_slots > 0:
+                self._start_attempt(job)
+                return 1
+        elif job.state is S.RETRYING:
+            self._start_attempt(job)
+        elif job.state is S.STARTING and job.current_attempt.submitted_at is None:
+            self._submit(job)
+        elif job.state in (S.STARTING, S.RUNNING):
+            self._observe(job)
+        return 0
+
+    def _accept(self, job: JobRecord) -> None:
+        try:
+            TrainSpec.model_validate(job.spec)  # the stored spec still validates under this code
+        except ValidationError as e:
+            self.store.transition(job.id, S.FAILED, f"spec no longer valid: {e.errors()[0]['msg']}")
+            return
+        self.store.transition(job.id, S.QUEUED, "accepted by the controller")
+
+    def _start_attempt(self, job: JobRecord) -> None:
+        paths = job_paths(self.settings.job_root, job.id)
+        paths.write_spec(job.spec)
+        reason = "submitting to Ray" if job.attempts == 0 else f"submitting attempt {job.attempts + 1}"
+        job = self.store.transition(job.id, S.STARTING, reason, new_attempt=True)
+        if os.environ.get(CRASH_ENV) == "before_submit":
+            log.warning("%s=before_submit: killing this process before submitting %s", CRASH_ENV, job.id)
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._submit(job)
+
+    def _submit(self, job: JobRecord) -> None:
+        attempt = job.current_attempt
+        if self.ray.status(attempt.submission_id) is None:
+            paths = job_paths(self.settings.job_root, job.id)
+            if not paths.spec.exists():
+                paths.write_spec(job.spec)
+            try:
+                self.ray.submit(
+                    submission_id=attempt.submission_id,
+                    entrypoint=build_entrypoint(job.kind, paths, self.settings.job_python, self.entrypoints),
+                    runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "ORCH_JOB_ID": job.id,
+                                              "ORCH_ATTEMPT": str(attempt.number)}},
+                    metadata={"orch_job_id": job.id, "orch_attempt": str(attempt.number)},
+                    entrypoint_resources=dict(self.settings.driver_resources),
+                )
+            except RayRefused as e:
+                self.store.update_attempt(job.id, attempt.number, ended_at=time.time(), ray_message=str(e))
+                self.store.transition(job.id, S.FAILED, f"Ray refused the submission: {e}")
+                return
+            self.telemetry.ray_submissions.inc()
+        # Submitted now, or by a process that died before recording it.
+        self.store.update_attempt(job.id, attempt.number, submitted_at=time.time(), ray_status="PENDING")
+
+    def _observe(self, job: JobRecord) -> None:
+        attempt = job.current_attempt
+        view = self.ray.status(attempt.submission_id)
+        if view is None:
+            self._lost(job, f"attempt {attempt.number} lost: Ray no longer knows {attempt.submission_id} "
+                            "(cluster restarted?)")
+            return
+        if view.status != attempt.ray_status:
+            self.store.update_attempt(job.id, attempt.number, ray_status=view.status, ray_message=view.message)
+        if view.status == "RUNNING":
+            if job.state is S.STARTING:
+                self.store.transition(job.id, S.RUNNING, "Ray: driver running")
+            self._read_metrics(job, attempt.submission_id)
+        elif view.terminal:
+            self._finished(job, view)
+
+    def _finished(self, job: JobRecord, view: RayJobView) -> None:
+        number = job.current_attempt.number
+        self.store.update_attempt(job.id, number, ended_at=time.time(), ray_status=view.status,
+                                  ray_message=view.message, exit_code=view.exit_code)
+        self._read_metrics(job, view.submission_id, final=True)
+        if view.status == "SUCCEEDED":
+            self.store.transition(job.id, S.SUCCEEDED, "Ray: driver exited 0")
+        elif view.status == "STOPPED":
+            self.store.transition(job.id, S.CANCELLED, "Ray job stopped outside the control plane")
+        elif _retryable(view):
+            self._lost(job, f"attempt {number} driver died: {view.error_type or f'exit code {view.exit_code}'}")
+        else:
+            code = f" (exit code {view.exit_code})" if view.exit_code is not None else ""
+            self.store.transition(job.id, S.FAILED, f"Ray: {view.message or 'driver failed'}{code}"[:1000])
+
+    def _lost(self, job: JobRecord, reason: str) -> None:
+        retries_used = job.attempts - 1
+        if retries_used < job.max_retries:
+            self.telemetry.retries.inc()
+            self.store.transition(job.id, S.RETRYING, f"{reason}; retry {retries_used + 1} of {job.max_retries}")
+        else:
+            self.store.transition(job.id, S.FAILED, f"{reason}; no retries left (max_retries={job.max_retries})")
+
+    def _cancel(self, job: JobRecord) -> None:
+        attempt = job.current_attempt
+        if job.state in (S.PENDING, S.QUEUED, S.RETRYING) or attempt is None:
+            self.store.transition(job.id, S.CANCELLED, "cancelled by user before it reached Ray")
+            return
+        view = self.ray.status(attempt.submission_id)
+        if view is None:
+            # Stored but never submitted (or the cluster forgot it): nothing runs.
+            self.store.update_attempt(job.id, attempt.number, ended_at=time.time())
+            self.store.transition(job.id, S.CANCELLED, "cancelled by user; Ray had no job to stop")
+        elif not view.terminal:
+            self.ray.stop(attempt.submission_id)  # asynchronous in Ray; the next pass sees STOPPED
+        else:
+            self.store.update_attempt(job.id, attempt.number, ended_at=time.time(), ray_status=view.status,
+                                      ray_message=view.message, exit_code=view.exit_code)
+            if view.status == "SUCCEEDED":
+                self._read_metrics(job, view.submission_id, final=True)
+                self.store.transition(job.id, S.SUCCEEDED, "finished before the cancel took effect")
+            else:
+                self.store.transition(job.id, S.CANCELLED, f"cancelled by user; Ray job {view.status}")
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def _read_metrics(self, job: JobRecord, submission_id: str, final: bool = False) -> None:
+        now = self.clock()
+        last = self._metrics_read_at.get(job.id)
+        if not final and last is not None and now - last < self.settings.metrics_interval_s:
+            return
+        self._metrics_read_at[job.id] = now
+        latest = latest_progress(self.ray.logs(submission_id))
+        metrics: dict[str, Any] = dict(job.metrics or {})
+        metrics.update(latest or {})
+        if final:
+            metrics.update(read_summary(job_paths(self.settings.job_root, job.id).summary))
+            self._metrics_read_at.pop(job.id, None)
+        if metrics and metrics != job.metrics:
+            self.store.set_metrics(job.id, metrics)
+
+    # -- running it -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run the next pass now (after a submit or a cancel) instead of at the next interval."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._take_lock()
+        self._thread = threading.Thread(target=self._loop, name="orch-controller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _loop(self) -> None:
+        log.info("controller started; reconciling every %.1f s", self.settings.reconcile_interval_s)
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.reconcile_once()
+            except Exception:  # a store error must not end the loop; the next pass tries again
+                self.telemetry.reconcile_errors.labels("internal").inc()
+                log.exception("reconcile pass failed")
+            self._wake.wait(self.settings.reconcile_interval_s)
+
+    def _take_lock(self) -> None:
+        """One controller per state dir: an flock the kernel drops when the process dies (even SIGKILL)."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.settings.state_dir / "controller.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ControllerBusy(f"another controller holds {path}") from None
+        self._lock_fd = fd
+
+
+def latest_progress(logs: str) -> dict[str, Any] | None:
+    """The metrics of the last progress line in a log."""
+    for line in reversed(logs.splitlines()):
+        parsed = parse_progress(line)
+        if parsed:
+            return parsed
+    return None
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: summary[k] for k in SUMMARY_KEYS if isinstance(summary.get(k), (int, float))}
