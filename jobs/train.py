@@ -52,12 +52,15 @@ def init_ray(spec: TrainSpec) -> None:
         # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
         # training workers, which otherwise take every core of a small machine and starve the input.
         cpus = max(os.cpu_count() or 1, int(spec.resources.num_workers * spec.resources.cpus_per_worker) + 2)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (loopback only) serves Ray's state API, which Ray Train's controller polls.
+        ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       log_to_driver=True)
+        print(f"ray: embedded local cluster; dashboard at http://{ctx.dashboard_url}", flush=True)
     DataContext.get_current().enable_progress_bars = False
 
 
 def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.data import make_datasets
@@ -77,7 +80,8 @@ def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path) -> Any:
                                      resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
                              failure_config=FailureConfig(max_failures=res.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
     )
     return trainer.fit()
@@ -107,7 +111,7 @@ def sample_text(checkpoint_dir: Path, spec: TrainSpec) -> list[str]:
 
 def summarize(spec: TrainSpec, metrics: dict[str, Any], checkpoint: str, elapsed_s: float) -> dict[str, Any]:
     keys = ("final_loss", "eval_loss", "steps", "tokens_per_s", "wire_bytes", "dense_bytes", "compression",
-            "final_loss_window", "train_time_s", "world_size", "moe")
+            "final_loss_window", "world_size", "moe")
     summary = {k: metrics.get(k) for k in keys}
     summary.update({
         "name": spec.name,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -134,6 +135,16 @@ def _evaluate(model: MoETransformer, shard: Any, cfg: LoopConfig, device: torch.
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
+def _say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver and the job logs.
+
+    Written directly: Ray Train's patched print() also routes through its logger and would show
+    every line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _layer_stats(counts: torch.Tensor) -> dict[str, Any]:
     stats = routing_stats(counts)
     return {"max_vio": [round(s["max_vio"], 4) for s in stats],
@@ -185,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 residuals = torch.load(d / f"residual-{rank}.pt", map_location=device)
         if rank == 0:
             note = "" if residuals is not None else f" (world size {meta['world_size']} -> {world}: residuals dropped)"
-            print(f"resuming from step {start}{note}", flush=True)
+            _say(f"resuming from step {start}{note}")
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None,
                                   forward_sync_buffers=False)  # router biases move identically on every rank
@@ -202,8 +213,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tail = final_window(cfg.steps)
     losses: list[float] = []
     tokens_per_step = world * cfg.batch_size * model_cfg.max_seq_len
-    t_start = t_last = time.perf_counter()
+    t_last = time.perf_counter()
     step_last = start
+    steady_time, steady_steps = 0.0, 0  # steps after this attempt's first (pipeline warm-up excluded)
 
     def byte_totals() -> torch.Tensor:
         totals = torch.tensor([comm.wire_bytes, comm.dense_bytes], dtype=torch.float64)
@@ -215,6 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item()}
 
     for step in range(start, cfg.steps):
+        t_step = time.perf_counter()
         x = next(batches)  # (batch, seq_len + 1)
         inputs, targets = x[:, :-1], x[:, 1:]  # (batch, seq_len) each
         tokens_per_step = world * inputs.numel()
@@ -234,6 +247,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step >= cfg.steps - tail:
             tail_counts += counts.cpu()
         losses.append(loss.item())
+        if step > start:
+            steady_time += time.perf_counter() - t_step
+            steady_steps += 1
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -243,13 +259,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 now = time.perf_counter()
                 layer = _layer_stats(window_counts)
-                print(format_progress({
+                _say(format_progress({
                     "step": f"{done}/{cfg.steps}", "loss": (stats[0] / stats[1]).item(), "lr": lr_at(step, cfg),
                     "tokens_per_s": tokens_per_step * (done - step_last) / (now - t_last),
                     "wire_bytes": int(totals[0]), "dense_bytes": int(totals[1]),
                     "compression": (totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
                     "max_vio": max(layer["max_vio"]), "drop_frac": max(layer["drop_frac"]),
-                }), flush=True)
+                }))
                 t_last = now
             step_last = done
             window_counts.zero_()
@@ -257,19 +273,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             totals = byte_totals()
             _save(model, optimizer, comm, meta_for(done, totals), {"step": done, "loss": losses[-1]}, rank)
 
-    train_time = time.perf_counter() - t_start
     eval_loss = _evaluate(model, val_shard, cfg, device)
     window = torch.tensor([sum(losses[-tail:]), len(losses[-tail:])], dtype=torch.float64)
     dist.all_reduce(window)
     totals = byte_totals()
-    trained = cfg.steps - start
     metrics = {
         "steps": cfg.steps,
         "final_loss": (window[0] / window[1]).item() if window[1] > 0 else None,
         "final_loss_window": tail,
         "eval_loss": eval_loss,
-        "tokens_per_s": tokens_per_step * trained / train_time if trained else 0.0,
-        "train_time_s": train_time,
+        "tokens_per_s": tokens_per_step * steady_steps / steady_time if steady_steps else 0.0,
         "wire_bytes": int(totals[0]),
         "dense_bytes": int(totals[1]),
         "compression": (totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
