@@ -192,3 +192,16 @@ def _short(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else type(e).__name__
     return first[:limit]
+
+
+class NoRay:
+    """``RayJobs`` when no cluster is configured: every call reports Ray unreachable."""
+
+    def _down(self, *args: Any, **kwargs: Any) -> Any:
+        raise RayUnavailable("no Ray cluster configured: set RAY_ADDRESS (the dashboard URL) or run `orch up`")
+
+    submit = status = stop = logs = nodes = _down
+
+    async def tail(self, submission_id: str) -> AsyncIterator[str]:
+        return
+        yield  # an empty async generator

@@ -1,0 +1,67 @@
+"""The FastAPI application factory: store, Ray client, controller and routes wired from Settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from orchestrator.api.middleware import HttpMetrics
+from orchestrator.api.routes import cluster, jobs, system
+from orchestrator.api.security import TokenGuard, require_token
+from orchestrator.controller import Controller
+from orchestrator.ray_client import NoRay, RayJobs, SdkRayJobs
+from orchestrator.settings import Settings
+from orchestrator.store import JobStore
+from orchestrator.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+API_VERSION = "1.0.0"
+
+
+def make_ray_client(settings: Settings) -> RayJobs:
+    if not settings.ray_address:
+        return NoRay()
+    token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+    return SdkRayJobs(settings.ray_address, token=token, timeout_s=settings.ray_timeout_s)
+
+
+def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStore | None = None) -> FastAPI:
+    """Build the service. ``ray`` and ``store`` are injectable for tests; the controller thread starts
+    with the app's lifespan when ``settings.controller_enabled``."""
+    store = store or JobStore(settings.database_url)
+    ray = ray or make_ray_client(settings)
+    telemetry = Telemetry(store.count_by_state)
+    controller = Controller(store, ray, settings, telemetry) if settings.controller_enabled else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if controller is not None:
+            controller.start()
+        try:
+            yield
+        finally:
+            if controller is not None:
+                controller.stop()
+
+    app = FastAPI(
+        title="orch: MoE training control plane", version=API_VERSION, lifespan=lifespan,
+        # Served behind the token by routes/system.py; no CDN-backed docs pages.
+        openapi_url=None, docs_url=None, redoc_url=None,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.ray = ray
+    app.state.telemetry = telemetry
+    app.state.controller = controller
+
+    app.include_router(system.public)
+    app.include_router(system.private)
+    for router in (jobs.router, cluster.router):
+        app.include_router(router, dependencies=[Depends(require_token)])
+    app.add_middleware(TokenGuard, token=settings.token)
+    app.add_middleware(HttpMetrics, telemetry=telemetry)
+    return app

@@ -1,0 +1,40 @@
+"""Request dependencies as ``Annotated`` aliases; everything lives on ``app.state`` (see app.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from orchestrator.controller import Controller
+from orchestrator.ray_client import RayJobs
+from orchestrator.settings import Settings
+from orchestrator.store import JobStore
+from orchestrator.telemetry import Telemetry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_ray(request: Request) -> RayJobs:
+    return request.app.state.ray
+
+
+def get_controller(request: Request) -> Controller | None:
+    return request.app.state.controller
+
+
+def get_telemetry(request: Request) -> Telemetry:
+    return request.app.state.telemetry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+RayDep = Annotated[RayJobs, Depends(get_ray)]
+ControllerDep = Annotated[Controller | None, Depends(get_controller)]
+TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]

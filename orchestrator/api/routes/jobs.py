@@ -1,0 +1,173 @@
+"""/v1/jobs: submit, list, inspect, follow logs, cancel. Handlers touch the store only; Ray is the
+controller's business, except for reading logs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from orchestrator.api.deps import ControllerDep, RayDep, SettingsDep, StoreDep
+from orchestrator.api.schemas import (
+    IDEMPOTENCY_KEY_PATTERN,
+    JOB_ID_PATTERN,
+    JobCreate,
+    JobLogs,
+    JobPublic,
+    JobsPublic,
+    JobSummary,
+    Problem,
+)
+from orchestrator.ray_client import RayUnavailable
+from orchestrator.states import JobState
+from orchestrator.store import IdempotencyConflict, JobNotFound, JobRecord, JobStore
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="job id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY_PATTERN,
+           description="repeat a POST safely: the same key and body return the same job"),
+]
+FOLLOW_POLL_S = 0.5  # how often a follow stream looks for a new attempt or the job's end
+_NOT_FOUND = {404: {"model": Problem, "description": "no such job"}}
+
+
+def _get(store: JobStore, job_id: str) -> JobRecord:
+    try:
+        return store.get(job_id)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+
+
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
+    responses={422: {"description": "invalid spec (the field is named), or an Idempotency-Key reused "
+                                    "with a different body"}},
+)
+def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, response: Response,
+               idempotency_key: IdempotencyKey = None) -> JobPublic:
+    """Store a job (validated, PENDING); the controller hands it to Ray. Nothing is stored on a 422."""
+    payload = body.model_dump(mode="json")
+    request_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    try:
+        job, created = store.create(
+            kind=body.kind, name=body.spec.name, spec=payload["spec"], max_retries=body.max_retries,
+            idempotency_key=idempotency_key, request_hash=request_hash if idempotency_key else None,
+        )
+    except IdempotencyConflict as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    elif controller is not None:
+        controller.wake()
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    store: StoreDep,
+    state: Annotated[list[JobState] | None, Query(max_length=len(JobState), description="filter by state")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> JobsPublic:
+    """Jobs, newest first."""
+    jobs, count = store.list(states=state or (), limit=limit, offset=offset)
+    return JobsPublic(data=[JobSummary.of(j) for j in jobs], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_NOT_FOUND)
+def get_job(job_id: JobId, store: StoreDep) -> JobPublic:
+    """State, state history with reasons, attempts with their Ray submission ids, latest metrics."""
+    return JobPublic.of(_get(store, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
+             responses={**_NOT_FOUND, 409: {"model": Problem, "description": "the job already finished"}})
+def cancel_job(job_id: JobId, store: StoreDep, controller: ControllerDep) -> JobPublic:
+    """Request cancellation; the controller stops the Ray job and moves the job to CANCELLED."""
+    try:
+        job = store.request_cancel(job_id)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+    if job.state.terminal and job.state is not JobState.CANCELLED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.state.value}")
+    if controller is not None:
+        controller.wake()
+    return JobPublic.of(job)
+
+
+@router.get(
+    "/{job_id}/logs", response_model=JobLogs,
+    responses={**_NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                   "description": "JSON, or with follow=true a text stream"},
+               503: {"model": Problem, "description": "Ray is not reachable"}},
+)
+async def job_logs(
+    job_id: JobId, store: StoreDep, ray: RayDep, settings: SettingsDep,
+    follow: Annotated[bool, Query(description="stream text until the job ends")] = False,
+    attempt: Annotated[int | None, Query(ge=1, le=1000)] = None,
+) -> JobLogs | StreamingResponse:
+    """The driver's logs of one attempt (the latest by default); ``follow=true`` streams every attempt
+    from ``attempt`` on, as text, until the job ends."""
+    job = await run_in_threadpool(_get, store, job_id)
+    if follow:
+        return StreamingResponse(_follow(store, ray, job_id, attempt or 1, settings.follow_max_s),
+                                 media_type="text/plain; charset=utf-8")
+    record = job.current_attempt if attempt is None else next(
+        (a for a in job.attempt_records if a.number == attempt), None)
+    if attempt is not None and record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no attempt {attempt}")
+    if record is None or record.submitted_at is None:
+        return JobLogs(job_id=job_id, attempt=record.number if record else None,
+                       ray_submission_id=record.submission_id if record else None, logs="")
+    try:
+        text = await run_in_threadpool(ray.logs, record.submission_id)
+    except RayUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
+    return JobLogs(job_id=job_id, attempt=record.number, ray_submission_id=record.submission_id, logs=text)
+
+
+async def _follow(store: JobStore, ray, job_id: str, first_attempt: int, max_s: float) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_s
+    next_attempt = first_attempt
+    while loop.time() < deadline:
+        job = await run_in_threadpool(store.get, job_id)
+        for a in job.attempt_records:
+            if a.number < next_attempt or a.submitted_at is None:
+                continue
+            if a.number > 1:
+                yield f"--- attempt {a.number} ({a.submission_id}) ---\n"
+            async for chunk in _bounded(ray.tail(a.submission_id), deadline):
+                yield chunk
+            next_attempt = a.number + 1
+        if job.state.terminal and all(a.number < next_attempt or a.submitted_at is None
+                                      for a in job.attempt_records):
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)
+
+
+async def _bounded(chunks: AsyncIterator[str], deadline: float) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    it = chunks.__aiter__()
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                yield await asyncio.wait_for(it.__anext__(), remaining)
+            except (StopAsyncIteration, asyncio.TimeoutError):
+                return
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
