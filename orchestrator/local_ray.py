@@ -1,0 +1,134 @@
+"""A local Ray head for `orch up` and the integration tests: ``ray start --head --block`` as a child.
+
+The head runs in its own session with its own temp dir and free ports, so it never touches another
+Ray cluster on the machine (``ray stop`` would kill every cluster of the user; we never call it). It
+stops on SIGTERM (Ray drains, then ends its processes); the process group is killed if that hangs.
+
+Token auth: with ``auth_token`` the head runs with ``RAY_AUTH_MODE=token``; the dashboard (Jobs API)
+then wants ``Authorization: Bearer <token>``, and job drivers inherit the token from the head.
+``python`` on the head's PATH is this interpreter (its folder goes first, as in an activated venv),
+so the entrypoint ``python -m jobs.train`` runs with this environment's packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from orchestrator.server import free_port
+
+HEAD_START_TIMEOUT_S = 180.0
+HEAD_STOP_TIMEOUT_S = 60.0
+# Ray puts unix sockets under <temp_dir>/session_<timestamp>_<pid>/sockets/...; AF_UNIX paths end at 107
+# bytes, so a longer temp dir is swapped for a short one under /tmp.
+MAX_TEMP_DIR_CHARS = 40
+
+
+def _ray_binary() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if not found:
+        raise RuntimeError("the `ray` command is not installed in this environment")
+    return found
+
+
+class LocalRayHead:
+    def __init__(self, temp_dir: Path | None = None, num_cpus: int | None = None, auth_token: str | None = None,
+                 env: dict[str, str] | None = None, resources: dict[str, float] | None = None):
+        if temp_dir is None or len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
+            temp_dir = Path(tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp"))
+        self.temp_dir = temp_dir
+        self.num_cpus = num_cpus
+        self.auth_token = auth_token
+        self.extra_env = env or {}
+        self.resources = resources
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.temp_dir / "ray-head.log"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            env.pop(var, None)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["RAY_AUTH_MODE"] = "token" if self.auth_token else "disabled"
+        if self.auth_token:
+            env["RAY_AUTH_TOKEN"] = self.auth_token
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout_s: float = HEAD_START_TIMEOUT_S) -> str:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            _ray_binary(), "start", "--head", "--block", "--disable-usage-stats",
+            "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            "--include-dashboard=true", "--temp-dir", str(self.temp_dir),
+        ]
+        if self.num_cpus is not None:
+            argv += ["--num-cpus", str(self.num_cpus)]
+        if self.resources:
+            import json
+
+            argv += ["--resources", json.dumps(self.resources)]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after we return
+        self.proc = subprocess.Popen(argv, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.dashboard_url
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                r = httpx.get(f"{self.dashboard_url}/api/jobs/", headers=self.auth_headers, timeout=5.0)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the Ray head did not serve its Jobs API within {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = HEAD_STOP_TIMEOUT_S) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            # Draining hung: end the head's own process group (we made it with start_new_session).
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def __enter__(self) -> LocalRayHead:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
