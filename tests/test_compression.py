@@ -1,4 +1,4 @@
-"""Tests for workers.compression: exact error-feedback bookkeeping, the DDP hook on 2 gloo ranks.
+"""Tests for workers.compression: exact error-feedback bookkeeping, the DDP hooks on 2 gloo ranks.
 
 The distributed scenarios run once, in one pair of spawned processes (gloo over loopback, rendezvous
 through a FileStore in a temporary directory), because starting processes that import torch is the
@@ -19,13 +19,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from workers.compression import (
+    SAMPLED_MIN_NUMEL,
     CommState,
     CompressionConfig,
+    accumulate,
     compress,
     decompress,
     num_selected,
     pack,
     register,
+    sampled_topk_indices,
+    scheduled_density,
+    select_and_mask,
+    sparse_allgather_bytes,
+    sparse_pays,
     topk_hook,
     topk_with_feedback,
     unpack,
@@ -39,6 +46,8 @@ RANKS_JOIN_TIMEOUT_S = 120
 SMALL_BUCKET_CAP_MB = 0.02
 SPARSE_DENSITY = 0.01
 SPARSE_STEPS = 4
+# Above 1 / WORLD_SIZE every bucket falls back to a dense allreduce (float32: 2 * k * 8 >= 2 * n * 4).
+FALLBACK_DENSITY = 0.6
 # Least squares: 100 full-batch steps at lr 0.05 leave dense within ~1% of its optimum; in a
 # single-process simulation of the same problem top-k with EF ends within 0.1% of dense and without
 # EF ~70% above it (the ranks' local optima differ, so their top-k entries cancel and the rest is
@@ -48,6 +57,15 @@ LSQ_STEPS = 100
 LSQ_LR = 0.05
 LSQ_EF_MAX_RATIO = 1.03
 LSQ_NO_EF_MIN_RATIO = 1.3
+POWERSGD_STEPS = 4
+# The DGC recipe at an extreme ratio on the same least-squares problem: 1 of 256 entries per rank
+# and step after a 10-step warm-up from 25%, momentum correction, local clipping, bf16 values.
+DGC_DENSITY = 0.004
+DGC_WARMUP_STEPS = 10
+DGC_STEPS = 150
+DGC_LR = 0.005
+DGC_CLIP_NORM = 5.0
+DGC_MAX_LOSS_RATIO = 1.3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,19 +120,119 @@ def test_num_selected_rounds_up_but_not_on_float_noise() -> None:
     assert num_selected(10, 1.0) == 10
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_pack_unpack_round_trip_and_decompress_averages(dtype: torch.dtype) -> None:
-    # Index 2**31 - 2 is a NaN bit pattern as float32: the bit-cast must still round-trip.
+    # Index 2**31 - 2 is a NaN bit pattern as float32: the bytes must still round-trip.
     idx_a = torch.tensor([0, 3, 2**31 - 2])  # (k,)
-    idx_b = torch.tensor([3, 1, 5])  # (k,)
+    idx_b = torch.tensor([3, 1])  # (c,) one pair short: padded with index n = 8
     vals_a = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)  # (k,)
-    vals_b = torch.tensor([4.0, 5.0, 6.0], dtype=dtype)  # (k,)
-    gathered = torch.cat([pack(idx_a, vals_a), pack(idx_b, vals_b)])  # (N*2k,)
-    all_idx, all_vals = unpack(gathered, 3)
-    assert all_idx.tolist() == [0, 3, 2**31 - 2, 3, 1, 5]
-    assert torch.equal(all_vals, torch.cat([vals_a, vals_b]))
-    dense = decompress(all_idx[all_idx < 8], all_vals[all_idx < 8], 8, 2)  # (8,)
-    assert dense.tolist() == [0.5, 2.5, 0.0, 3.0, 0.0, 3.0, 0.0, 0.0]
+    vals_b = torch.tensor([4.0, 5.0], dtype=dtype)  # (c,)
+    payload_a, payload_b = pack(idx_a, vals_a, 3, pad_index=8), pack(idx_b, vals_b, 3, pad_index=8)
+    assert payload_a.dtype == torch.uint8 and payload_a.numel() == 3 * (4 + dtype.itemsize)
+    assert payload_b.numel() == payload_a.numel()
+    all_idx, all_vals = unpack(torch.cat([payload_a, payload_b]), 3, dtype)
+    assert all_idx.tolist() == [0, 3, 2**31 - 2, 3, 1, 8]
+    assert torch.equal(all_vals, torch.cat([vals_a, vals_b, torch.zeros(1, dtype=dtype)]))
+    keep = all_idx != 2**31 - 2
+    dense = decompress(all_idx[keep], all_vals[keep], 8, 2)  # (8,) the padding index 8 is dropped
+    assert dense.tolist() == [0.5, 2.5, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        pack(idx_a, vals_a, 2, pad_index=8)
+
+
+def test_byte_model_and_dense_fallback_rule() -> None:
+    # float32 pairs are 8 bytes, bfloat16 pairs 6; indices stay int32.
+    assert sparse_allgather_bytes(100, 4, 2) == 800
+    assert sparse_allgather_bytes(100, 2, 4) == 3 * 600
+    # N = 2, n = 1000 float32: dense sends 4000 bytes, sparse 8k: pays iff k < 500.
+    assert sparse_pays(1000, 499, 4, 4, 2) and not sparse_pays(1000, 500, 4, 4, 2)
+    # N = 8: pays iff 8 * k * 8 < 8000, k < 125 (density < 1 / N); bf16 values: k < 1000 / 6.
+    assert sparse_pays(1000, 124, 4, 4, 8) and not sparse_pays(1000, 125, 4, 4, 8)
+    assert sparse_pays(1000, 166, 4, 2, 8) and not sparse_pays(1000, 167, 4, 2, 8)
+    # A group of one compares the same formula: only sending everything does not pay.
+    assert sparse_pays(1000, 999, 4, 4, 1) and not sparse_pays(1000, 1000, 4, 4, 1)
+
+
+def test_warmup_schedule_is_dgc_exponential() -> None:
+    final = 0.25 / 4**4  # DGC: 25%, 6.25%, 1.5625%, 0.39%, then ~0.1%
+    got = [scheduled_density(t, final, 4, 0.25) for t in range(7)]
+    assert got == pytest.approx([0.25, 0.0625, 0.015625, 0.00390625, final, final, final], rel=1e-12)
+    assert scheduled_density(0, 0.01, 0, 0.25) == 0.01  # off
+    # Monotone decrease over a longer warm-up, ending exactly at the density.
+    longer = [scheduled_density(t, 0.001, 100, 0.25) for t in range(101)]
+    assert all(a > b for a, b in zip(longer, longer[1:-1], strict=False)) and longer[-1] == 0.001
+    # The hook's own step count drives it.
+    state = _SoloState(CompressionConfig(density=final, warmup_steps=4))
+    state.steps = 2
+    assert state.density == pytest.approx(0.015625)
+    with pytest.raises(ValueError, match="warmup_start_density"):
+        CompressionConfig(density=0.5, warmup_steps=3, warmup_start_density=0.25)
+
+
+def _heavy_tailed(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Log-normal magnitudes over six orders with random signs (gradient-like heavy tail)."""
+    mag = torch.exp(3.0 * torch.randn(n, generator=gen))  # (n,)
+    return mag * torch.sign(torch.randn(n, generator=gen))  # (n,)
+
+
+@pytest.mark.parametrize("kind", ["normal", "cauchy", "heavy"])
+@pytest.mark.parametrize("density", [0.01, 0.001])
+def test_sampled_selection_keeps_about_k_largest(kind: str, density: float) -> None:
+    gen = torch.Generator().manual_seed(11)
+    n = 300_000
+    x = {
+        "normal": lambda: torch.randn(n, generator=gen),
+        "cauchy": lambda: torch.empty(n).cauchy_(generator=gen),
+        "heavy": lambda: _heavy_tailed(n, gen),
+    }[kind]()  # (n,)
+    k = num_selected(n, density)
+    kth = torch.topk(x.abs(), k).values.min()  # the exact k-th largest magnitude
+    sample_gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx = sampled_topk_indices(x, k, sample_gen)  # (c,)
+        assert 0.9 * k <= idx.numel() <= k
+        assert idx.unique().numel() == idx.numel()
+        kept_min = x[idx].abs().min()
+        # Nothing much smaller than the k-th largest is kept, nothing larger is left behind.
+        assert kept_min >= 0.9 * kth
+        left = torch.ones(n, dtype=torch.bool).index_fill_(0, idx, False)  # (n,)
+        assert x.abs()[left].max() <= kept_min
+    # Through compress (the hook's entry point) and with error feedback: bookkeeping stays exact.
+    residual = torch.randn(n, generator=gen) * 0.1  # (n,)
+    idx, vals, new_residual = topk_with_feedback(x, residual, k, True, "sampled", sample_gen)
+    assert torch.equal(torch.zeros(n).index_put_((idx,), vals) + new_residual, x + residual)
+
+
+def test_sampled_selection_on_mostly_zero_bucket_sends_the_nonzeros() -> None:
+    # An expert that saw no tokens: few non-zeros. Zeros carry nothing, so fewer than k go out.
+    gen = torch.Generator().manual_seed(12)
+    n = SAMPLED_MIN_NUMEL * 4
+    x = torch.zeros(n)
+    where = torch.randperm(n, generator=gen)[:50]
+    x[where] = torch.randn(50, generator=gen)
+    idx, vals = compress(x, num_selected(n, 0.01), "sampled", torch.Generator().manual_seed(0))
+    assert set(idx.tolist()) == set(where.tolist()) and torch.equal(vals, x[idx])
+
+
+def test_momentum_correction_bookkeeping_and_masking() -> None:
+    gen = torch.Generator().manual_seed(21)
+    n, m = 50_000, 0.9
+    k = num_selected(n, 0.01)
+    u = torch.randn(n, generator=gen)  # (n,) velocity
+    v = torch.randn(n, generator=gen) * 3  # (n,) accumulated velocity (residual)
+    for selection in ("exact", "sampled"):
+        grad = torch.randn(n, generator=gen)  # (n,)
+        u_new = u * m + grad  # (n,) expected velocity before masking
+        v_old = v.clone()  # (n,)
+        acc = accumulate(grad, v, u, m)
+        assert acc is v and torch.equal(u, u_new)
+        idx, vals = select_and_mask(v, k, velocity=u, selection=selection, generator=gen)  # (c,), (c,)
+        assert 0.9 * k <= idx.numel() <= k
+        sent = torch.zeros(n).index_put_((idx,), vals)  # (n,)
+        assert torch.equal(sent + v, v_old + u_new)  # exact
+        assert torch.count_nonzero(v[idx]) == 0 and torch.count_nonzero(u[idx]) == 0
+        rest = torch.ones(n, dtype=torch.bool).index_fill_(0, idx, False)  # (n,)
+        assert torch.equal(u[rest], u_new[rest])
 
 
 class _SoloState(CommState):
@@ -145,8 +263,9 @@ class _FakeBucket:
 def test_single_rank_hook_compresses_keeps_residuals_and_sends_nothing() -> None:
     gen = torch.Generator().manual_seed(3)
     params = [torch.zeros(30, 10), torch.zeros(30)]
+    named = {"w": params[0], "b": params[1]}
     n = 330
-    state = _SoloState(CompressionConfig(density=0.1))
+    state = _SoloState(CompressionConfig(density=0.1), parameters=named)
     k = num_selected(n, 0.1)
     grad = torch.randn(n, generator=gen)  # (n,)
     out = topk_hook(state, _FakeBucket(0, params, grad.clone())).wait()  # (n,)
@@ -159,23 +278,110 @@ def test_single_rank_hook_compresses_keeps_residuals_and_sends_nothing() -> None
     residual = state.residuals[0].clone()  # (n,)
     out2 = topk_hook(state, _FakeBucket(0, params, grad2.clone())).wait()  # (n,)
     assert torch.equal(out2 + state.residuals[0], grad2 + residual)
-    assert state.residual_resets == 0
+    assert state.layout_changes == 0
 
-    # Checkpoint round trip: restored residuals are used again.
+    # Checkpoint round trip (this rank's state by name): restored residuals are used again.
     saved = state.residual_state()
-    restored = _SoloState(CompressionConfig(density=0.1))
+    assert set(saved) == {"residual/w", "residual/b", "steps"}
+    restored = _SoloState(CompressionConfig(density=0.1), parameters=named)
     restored.load_residual_state(saved)
+    assert restored.steps == 2
     out3 = topk_hook(restored, _FakeBucket(0, params, grad.clone())).wait()  # (n,)
-    assert torch.equal(out3 + restored.residuals[0], grad + saved[0])
+    assert torch.equal(out3 + restored.residuals[0], grad + torch.cat([saved["residual/w"], saved["residual/b"]]))
 
-    # Same element count, other layout (as after DDP's bucket rebuild): start from zeros.
+    # Same element count, other order (as after DDP's bucket rebuild): the residual follows names.
+    before = state.residuals[0].clone()  # (n,) [w | b]
     swapped = [params[1], params[0]]
-    out4 = topk_hook(state, _FakeBucket(0, swapped, grad.clone())).wait()  # (n,)
-    assert state.residual_resets == 1
-    assert torch.equal(out4 + state.residuals[0], grad)
-    # Other element count: zeros as well.
+    out4 = topk_hook(state, _FakeBucket(0, swapped, grad.clone())).wait()  # (n,) [b | w]
+    assert state.layout_changes == 1
+    assert torch.equal(out4 + state.residuals[0], grad + torch.cat([before[300:], before[:300]]))
+    # A bucket of another parameter: w and b go back to the pool by name, the new one starts at 0.
     topk_hook(state, _FakeBucket(0, [torch.zeros(5)], torch.randn(5, generator=gen))).wait()
-    assert state.residual_resets == 2 and state.residuals[0].numel() == 5
+    assert state.layout_changes == 2 and state.residuals[0].numel() == 5
+    assert set(state._pending["residual"]) == {"w", "b"}
+
+
+def test_bucket_rebuild_and_import_apply_residuals_by_name_not_position() -> None:
+    gen = torch.Generator().manual_seed(4)
+    a, b, c = torch.zeros(40), torch.zeros(8, 5), torch.zeros(20)
+    named = {"a": a, "b": b, "c": c}
+    config = CompressionConfig(density=0.1)
+    state = _SoloState(config, parameters=named)
+    grad = torch.randn(100, generator=gen)  # (100,) [a | b | c]
+    topk_hook(state, _FakeBucket(0, [a, b, c], grad.clone())).wait()
+    by_name = dict(zip("abc", state.residuals[0].clone().split([40, 40, 20]), strict=True))
+
+    # Export (a group of one: no collective) and import into a fresh state whose DDP built two
+    # buckets in another order: [c, a] and [b]. A zero gradient at density 1 flushes the residual.
+    exported = state.export_state()
+    assert set(exported) == {"steps", "residual/a", "residual/b", "residual/c"}
+    fresh = _SoloState(CompressionConfig(density=1.0), parameters=named)
+    fresh.import_state(exported)
+    out_b = topk_hook(fresh, _FakeBucket(1, [b], torch.zeros(40))).wait()  # (40,)
+    out_ca = topk_hook(fresh, _FakeBucket(0, [c, a], torch.zeros(60))).wait()  # (60,)
+    assert torch.equal(out_b, by_name["b"])
+    assert torch.equal(out_ca, torch.cat([by_name["c"], by_name["a"]]))
+    assert fresh.dense_fallback_buckets == {0, 1}  # density 1: nothing to gain from pairs
+    assert all(torch.count_nonzero(r) == 0 for r in fresh.residuals.values())
+
+    # A rebuild in one run (one bucket split in two, order changed) carries every residual over.
+    state2 = _SoloState(config, parameters=named)
+    topk_hook(state2, _FakeBucket(0, [a, b, c], grad.clone())).wait()
+    kept = state2.residuals[0].clone()  # (100,)
+    g_ba, g_c = torch.randn(80, generator=gen), torch.randn(20, generator=gen)
+    out_ba = topk_hook(state2, _FakeBucket(0, [b, a], g_ba.clone())).wait()  # (80,)
+    out_c = topk_hook(state2, _FakeBucket(1, [c], g_c.clone())).wait()  # (20,)
+    assert torch.equal(out_ba + state2.residuals[0], g_ba + torch.cat([kept[40:80], kept[:40]]))
+    assert torch.equal(out_c + state2.residuals[1], g_c + kept[80:])
+    # A saved tensor of the wrong size is an error, not a silent misapplication.
+    bad = _SoloState(config, parameters=named)
+    bad.import_state({"residual/a": torch.zeros(39)})
+    with pytest.raises(ValueError, match="'a'"):
+        topk_hook(bad, _FakeBucket(0, [a], torch.zeros(40))).wait()
+    with pytest.raises(ValueError, match="unknown"):
+        bad.import_state({"residuals/a": torch.zeros(40)})
+
+
+def test_momentum_hook_masks_and_keeps_exact_bookkeeping() -> None:
+    gen = torch.Generator().manual_seed(6)
+    n, m = 2_000, 0.9
+    param = torch.zeros(n)
+    state = _SoloState(CompressionConfig(density=0.02, momentum=m), parameters={"p": param})
+    u_expected = torch.zeros(n)  # (n,)
+    v_before = torch.zeros(n)  # (n,)
+    for _ in range(4):
+        grad = torch.randn(n, generator=gen)  # (n,)
+        u_expected = u_expected * m + grad  # (n,) before masking
+        out = topk_hook(state, _FakeBucket(0, [param], grad.clone())).wait()  # (n,)
+        v, u = state.residuals[0], state.velocities[0]  # (n,), (n,)
+        sent = out != 0  # (n,)
+        assert int(sent.sum()) == num_selected(n, 0.02)
+        assert torch.equal(out + v, v_before + u_expected)
+        assert torch.count_nonzero(v[sent]) == 0 and torch.count_nonzero(u[sent]) == 0
+        assert torch.equal(u[~sent], u_expected[~sent])
+        u_expected, v_before = u.clone(), v.clone()
+
+
+def test_bf16_values_keep_rounding_error_in_residual() -> None:
+    gen = torch.Generator().manual_seed(8)
+    n = 3_000
+    param = torch.zeros(n)
+    state = _SoloState(CompressionConfig(density=0.05, value_dtype="bfloat16"), parameters={"p": param})
+    residual_before = torch.zeros(n)  # (n,)
+    for _ in range(3):
+        grad = torch.randn(n, generator=gen) / 3  # (n,)
+        out = topk_hook(state, _FakeBucket(0, [param], grad.clone())).wait()  # (n,) float32 bucket
+        residual = state.residuals[0]  # (n,)
+        # What arrived is bf16-representable; bookkeeping is exact in float32.
+        assert torch.equal(out, out.to(torch.bfloat16).float())
+        assert torch.equal(out + residual, grad + residual_before)
+        sent = out != 0  # (n,)
+        assert int(sent.sum()) == num_selected(n, 0.05)
+        # The rounding error stays where the value was sent: small but not all zero.
+        err = residual[sent]  # (k,)
+        assert torch.count_nonzero(err) > 0
+        assert (err.abs() <= out[sent].abs() * 2**-8).all()
+        residual_before = residual.clone()
 
 
 def test_half_precision_bucket_accumulates_in_float32() -> None:
@@ -190,8 +396,31 @@ def test_half_precision_bucket_accumulates_in_float32() -> None:
     assert torch.equal(out.float() + state.residuals[0], grad.float())
 
 
+def test_local_clipping_bounds_each_bucket() -> None:
+    gen = torch.Generator().manual_seed(9)
+    n = 1_000
+    param = torch.zeros(n)
+    state = _SoloState(CompressionConfig(density=1.0, clip_norm=2.0), parameters={"p": param})
+    grad = torch.randn(n, generator=gen)  # (n,) norm ~ 31.6
+    out = topk_hook(state, _FakeBucket(0, [param], grad.clone())).wait()  # (n,) density 1: all of it
+    assert torch.linalg.vector_norm(out) == pytest.approx(2.0, rel=1e-5)  # clip_norm / sqrt(1)
+    assert torch.allclose(out, grad * (2.0 / torch.linalg.vector_norm(grad)))
+    small = grad / 100  # (n,) under the limit: untouched
+    assert torch.equal(topk_hook(state, _FakeBucket(0, [param], small.clone())).wait(), small)
+
+
+def test_config_rejects_momentum_without_topk_error_feedback() -> None:
+    with pytest.raises(ValueError, match="momentum"):
+        CompressionConfig(method="none", momentum=0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        CompressionConfig(momentum=0.9, error_feedback=False)
+    with pytest.raises(ValueError):
+        CompressionConfig(momentum=1.0)
+    assert CompressionConfig().selection == "sampled" and CompressionConfig().momentum == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
-# Two gloo ranks: the hook inside DDP.
+# Two gloo ranks: the hooks inside DDP.
 
 
 def _mlp() -> torch.nn.Module:
@@ -203,18 +432,18 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen)  # (b, in), (b, out)
 
 
-def _scenario_exact_at_full_density(rank: int) -> dict:
-    """density 1.0 through the sparse path gives DDP's dense gradients bit for bit."""
+def _against_dense_ddp(rank: int, config: CompressionConfig) -> dict:
+    """Three SGD steps with the hook beside plain DDP on the same data: are the gradients equal?"""
     torch.manual_seed(0)
     model = _mlp()
     ref = copy.deepcopy(model)
     local = copy.deepcopy(model)
     ddp = DDP(model, bucket_cap_mb=SMALL_BUCKET_CAP_MB)
     ddp_ref = DDP(ref, bucket_cap_mb=SMALL_BUCKET_CAP_MB)
-    state = register(ddp, CompressionConfig(method="topk", density=1.0))
+    state = register(ddp, config)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     opt_ref = torch.optim.SGD(ddp_ref.parameters(), lr=0.1)
-    equal, max_diff = [], []
+    equal, max_diff, fallback = [], [], []
     for step in range(3):
         x, y = _batch(rank, step)
         torch.nn.functional.mse_loss(ddp(x), y).backward()
@@ -227,6 +456,7 @@ def _scenario_exact_at_full_density(rank: int) -> dict:
         # ring allreduce and of index_add_ differ and the last bit may not match.
         equal.append(all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True)))
         max_diff.append(max((a - b).abs().max().item() for a, b in zip(grads, grads_ref, strict=True)))
+        fallback.append(sorted(state.dense_fallback_buckets))
         if step == 0:
             torch.nn.functional.mse_loss(local(x), y).backward()
             averaged = not all(torch.equal(a, p.grad) for a, p in zip(grads, local.parameters(), strict=True))
@@ -244,15 +474,31 @@ def _scenario_exact_at_full_density(rank: int) -> dict:
         "wire_bytes": state.wire_bytes,
         "dense_bytes": state.dense_bytes,
         "steps": state.steps,
+        "fallback": fallback,
+        "fallback_calls": state.dense_fallback_calls,
+        "bucket_calls": state.bucket_calls,
+        "numels": {name: p.numel() for name, p in model.named_parameters()},
     }
 
 
+def _scenario_exact_at_full_density(rank: int) -> dict:
+    """density 1.0 through the sparse path (fallback off) gives DDP's dense gradients bit for bit."""
+    return _against_dense_ddp(rank, CompressionConfig(method="topk", density=1.0, dense_fallback=False))
+
+
+def _scenario_dense_fallback(rank: int) -> dict:
+    """density 0.6 at N = 2: sparse would send more than dense, so every bucket all-reduces densely."""
+    return _against_dense_ddp(rank, CompressionConfig(method="topk", density=FALLBACK_DENSITY))
+
+
 def _scenario_sparse(rank: int) -> dict:
-    """density 0.01 over several steps: per-bucket non-zeros and byte counters."""
+    """density 0.01 over several steps: per-bucket non-zeros, byte counters, mass across a rebuild."""
     torch.manual_seed(1)
     model = _mlp()
+    local = copy.deepcopy(model)
     ddp = DDP(model, bucket_cap_mb=SMALL_BUCKET_CAP_MB)
-    state = CommState(CompressionConfig(method="topk", density=SPARSE_DENSITY))
+    state = CommState(CompressionConfig(method="topk", density=SPARSE_DENSITY),
+                      parameters=dict(model.named_parameters()))
     records: list[dict] = []
     step_box = [0]
 
@@ -269,14 +515,31 @@ def _scenario_sparse(rank: int) -> dict:
     ddp.register_comm_hook(state, recording_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     nnz_params = []
+    local_sum = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    applied_sum = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for step in range(SPARSE_STEPS):
         step_box[0] = step
         x, y = _batch(rank, step)
+        local.load_state_dict(model.state_dict())
+        torch.nn.functional.mse_loss(local(x), y).backward()  # this rank's own gradient
         torch.nn.functional.mse_loss(ddp(x), y).backward()
         nnz_params.append(sum(int(torch.count_nonzero(p.grad)) for p in model.parameters()))
+        for (name, p), q in zip(model.named_parameters(), local.parameters(), strict=True):
+            applied_sum[name] += p.grad
+            local_sum[name] += q.grad
+            q.grad = None
         opt.step()
         opt.zero_grad()
-    residuals = state.residual_state()
+    # Error feedback conserves mass through DDP's bucket rebuild: what was applied plus the mean
+    # residual equals the mean of all local gradients.
+    exported = state.export_state()
+    mass_err = 0.0
+    for name, total in local_sum.items():
+        dist.all_reduce(total)
+        expected = total / WORLD_SIZE
+        got = applied_sum[name] + exported[f"residual/{name}"].view_as(expected)
+        mass_err = max(mass_err, ((got - expected).abs().max() / expected.abs().max()).item())
+    residuals = state.residuals
     return {
         "records": records,
         "nnz_params": nnz_params,
@@ -287,7 +550,9 @@ def _scenario_sparse(rank: int) -> dict:
         "bucket_calls": state.bucket_calls,
         "residual_numels": {i: r.numel() for i, r in residuals.items()},
         "residual_nnz": sum(int(torch.count_nonzero(r)) for r in residuals.values()),
-        "residual_resets": state.residual_resets,
+        "layout_changes": state.layout_changes,
+        "pending": sum(len(p) for p in state._pending.values()),
+        "mass_err": mass_err,
     }
 
 
@@ -317,6 +582,22 @@ def _scenario_singleton_group(rank: int) -> dict:
         "wire_bytes": state.wire_bytes,
         "dense_bytes": state.dense_bytes,
     }
+
+
+def _scenario_export(rank: int) -> dict:
+    """Two sparse steps with momentum correction, then export_state: the mean over ranks by name."""
+    torch.manual_seed(3)
+    model = _mlp()
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKET_CAP_MB)
+    state = register(ddp, CompressionConfig(method="topk", density=SPARSE_DENSITY, momentum=0.9))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)  # plain SGD: the hook applies the momentum
+    for step in range(2):
+        x, y = _batch(rank, step)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    own = state.residual_state()  # this rank's, not averaged
+    return {"own": own, "exported": state.export_state(), "after": state.residual_state()}
 
 
 def _lsq_data() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -362,11 +643,78 @@ def _scenario_converge(rank: int) -> dict:
     return {"losses": losses, "initial": initial, "bytes": bytes_, "n": w0.numel()}
 
 
+def _scenario_dgc(rank: int) -> dict:
+    """Least squares with the DGC recipe vs dense momentum SGD; per-step densities for the byte check."""
+    xs, ys, w0 = _lsq_data()
+    dgc = CompressionConfig(method="topk", density=DGC_DENSITY, momentum=0.9, warmup_steps=DGC_WARMUP_STEPS,
+                            clip_norm=DGC_CLIP_NORM, value_dtype="bfloat16")
+    runs = {"dense_momentum": (CompressionConfig(method="none"), 0.9), "dgc": (dgc, 0.0)}
+    out: dict = {}
+    for name, (config, optimizer_momentum) in runs.items():
+        model = torch.nn.Linear(32, 8, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(w0)
+        ddp = DDP(model)
+        state = register(ddp, config)
+        # With momentum correction the optimizer is plain SGD (the hook applies the momentum).
+        opt = torch.optim.SGD(ddp.parameters(), lr=DGC_LR, momentum=optimizer_momentum)
+        densities = []
+        for _ in range(DGC_STEPS):
+            densities.append(state.density)
+            torch.nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            loss = sum(torch.nn.functional.mse_loss(model(x), y).item() for x, y in zip(xs, ys, strict=True))
+        out[name] = {"loss": loss / len(xs), "wire_bytes": state.wire_bytes, "dense_bytes": state.dense_bytes,
+                     "densities": densities, "weight": model.weight.detach().clone(),
+                     "fallback_calls": state.dense_fallback_calls}
+    with torch.no_grad():
+        out["initial"] = sum(
+            torch.nn.functional.mse_loss(x @ w0.T, y).item() for x, y in zip(xs, ys, strict=True)
+        ) / len(xs)
+    return out
+
+
+def _scenario_powersgd(rank: int) -> dict:
+    """PyTorch's PowerSGD hook under DDP, with our byte counting."""
+    torch.manual_seed(4)
+    model = _mlp()
+    ddp = DDP(model)  # one bucket
+    state = register(ddp, CompressionConfig(method="powersgd", powersgd_rank=1))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    losses, wire = [], []
+    for _ in range(POWERSGD_STEPS):
+        x, y = _batch(rank, 0)  # the same batch: the loss must go down
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+        wire.append(state.wire_bytes)
+    _, before, after = state.powersgd.compression_stats()
+    return {
+        "losses": losses,
+        "wire": wire,
+        "wire_bytes": state.wire_bytes,
+        "dense_bytes": state.dense_bytes,
+        "numel_after": after,
+        "numel_before": before,
+        "n": sum(p.numel() for p in model.parameters()),
+        "params": [p.detach().clone() for p in model.parameters()],
+        "steps": state.steps,
+    }
+
+
 SCENARIOS = {
     "exact": _scenario_exact_at_full_density,
+    "fallback": _scenario_dense_fallback,
     "sparse": _scenario_sparse,
     "singleton": _scenario_singleton_group,
+    "export": _scenario_export,
     "converge": _scenario_converge,
+    "dgc": _scenario_dgc,
+    "powersgd": _scenario_powersgd,
 }
 
 
@@ -437,6 +785,23 @@ def test_full_density_matches_dense_ddp_exactly(dist_results: list[dict]) -> Non
         assert value["steps"] == 3
         # density 1.0 sends (index, value) pairs: twice the bytes of the dense allreduce at N = 2.
         assert value["wire_bytes"] == 2 * value["dense_bytes"] > 0
+        assert value["fallback"] == [[], [], []] and value["fallback_calls"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_dense_fallback_when_sparse_would_not_be_smaller(dist_results: list[dict]) -> None:
+    for value in _values(dist_results, "fallback"):
+        # sparse_pays says no for every bucket at density 0.6, N = 2 (checked with the bucket sizes
+        # DDP used: before and after its rebuild, all parameters together are ~12.5k elements).
+        n = sum(value["numels"].values())
+        assert not sparse_pays(n, num_selected(n, FALLBACK_DENSITY), 4, 4, WORLD_SIZE)
+        assert value["fallback_calls"] == value["bucket_calls"] > 0
+        assert all(len(buckets) >= 1 for buckets in value["fallback"])
+        # ... and then the result is DDP's dense allreduce, bit for bit, over all three steps.
+        assert value["averaged"]
+        assert value["equal"] == [True, True, True], value["max_diff"]
+        assert value["params_equal"]
+        assert value["wire_bytes"] == value["dense_bytes"] > 0
 
 
 @pytest.mark.timeout(300)
@@ -459,17 +824,20 @@ def test_sparse_nonzeros_and_byte_model(dist_results: list[dict]) -> None:
         # The applied gradient is as sparse as what the buckets returned.
         for step in range(SPARSE_STEPS):
             assert value["nnz_params"][step] == sum(r["nnz"] for r in records if r["step"] == step)
-        # DDP rebuilds its buckets after the first iteration (here 1 bucket -> 2): a residual whose
-        # bucket changed size restarts from zeros, once per change and no more.
+        # DDP rebuilds its buckets after the first iteration (here 1 bucket -> 2): the residual of a
+        # bucket whose layout changed goes back to per-name tensors once per change, and no more ...
         last_n: dict[int, int] = {}
         changes = 0
         for r in records:
             changes += r["index"] in last_n and last_n[r["index"]] != r["n"]
             last_n[r["index"]] = r["n"]
-        assert value["residual_resets"] == changes
-        # Error feedback keeps what was not sent, one residual per bucket.
+        assert value["layout_changes"] == changes >= 1
+        # ... and all of it lands in the new buckets: one residual slot per parameter element.
+        assert value["pending"] == 0
         assert sum(value["residual_numels"].values()) == value["n_params"]
         assert value["residual_nnz"] > 0.9 * value["n_params"]
+        # Nothing was lost across the rebuild: applied + mean residual == mean of local gradients.
+        assert value["mass_err"] < 1e-5
     # All ranks apply the same averaged gradient, so they agree on what arrived.
     assert values[0]["nnz_params"] == values[1]["nnz_params"]
 
@@ -481,6 +849,42 @@ def test_group_of_one_compresses_without_sending(dist_results: list[dict]) -> No
         assert (value["wire_bytes"], value["dense_bytes"]) == (0, 0)
         assert value["agree"]
         assert 0 < value["nnz"] < 0.02 * value["n"]
+
+
+@pytest.mark.timeout(300)
+def test_export_state_is_mean_by_name_and_resizes_without_losing_mass(dist_results: list[dict]) -> None:
+    values = _values(dist_results, "export")
+    exported = [v["exported"] for v in values]
+    # The same dict on every rank ...
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][key], exported[1][key]) for key in exported[0])
+    names = [name for name, _ in _mlp().named_parameters()]
+    assert set(exported[0]) == {"steps"} | {f"{kind}/{name}" for kind in ("residual", "velocity") for name in names}
+    assert int(exported[0]["steps"]) == 2
+    # ... holding the mean over the two ranks of each rank's own residual and velocity; exporting
+    # changed nothing locally.
+    own = [v["own"] for v in values]
+    for key, mean in exported[0].items():
+        if key != "steps":
+            assert torch.allclose(mean, (own[0][key] + own[1][key]) / 2, rtol=0, atol=1e-7), key
+            assert torch.count_nonzero(mean) > 0.9 * mean.numel(), key
+    assert all(torch.equal(v["own"][key], v["after"][key]) for v in values for key in v["own"])
+
+    # Resize N = 2 -> M = 1: import into a group of one whose bucket holds the parameters in another
+    # order. A zero gradient at density 1 flushes the state: with momentum m the update is
+    # v + m * u of the mean, exactly what the mean over the two old ranks of (v + m * u) would be.
+    model = _mlp()
+    params = dict(model.named_parameters())
+    order = names[::-1]
+    n = sum(p.numel() for p in params.values())
+    state = _SoloState(CompressionConfig(density=1.0, momentum=0.9), parameters=params)
+    state.import_state(exported[0])
+    assert state.steps == 2
+    out = topk_hook(state, _FakeBucket(0, [params[name] for name in order], torch.zeros(n))).wait()  # (n,)
+    parts = dict(zip(order, out.split([params[name].numel() for name in order]), strict=True))
+    for name in names:
+        expected = sum(own_r[f"residual/{name}"] + 0.9 * own_r[f"velocity/{name}"] for own_r in own) / 2
+        assert torch.allclose(parts[name], expected, rtol=0, atol=1e-6), name
 
 
 @pytest.mark.timeout(300)
@@ -496,3 +900,45 @@ def test_error_feedback_makes_sparse_sgd_converge(dist_results: list[dict]) -> N
     assert wire == dense == LSQ_STEPS * n * 4
     wire, dense = values[0]["bytes"]["ef"]
     assert wire == LSQ_STEPS * 2 * num_selected(n, LSQ_DENSITY) * 4 and dense == LSQ_STEPS * n * 4
+
+
+@pytest.mark.timeout(300)
+def test_dgc_recipe_trains_at_extreme_ratio_with_exact_byte_count(dist_results: list[dict]) -> None:
+    values = _values(dist_results, "dgc")
+    assert torch.equal(values[0]["dgc"]["weight"], values[1]["dgc"]["weight"]), "ranks must hold the same model"
+    dense, dgc = values[0]["dense_momentum"], values[0]["dgc"]
+    n = dense["weight"].numel()
+    # The warm-up: 25% at step 0, exponentially down to the density after DGC_WARMUP_STEPS.
+    expected = [scheduled_density(t, DGC_DENSITY, DGC_WARMUP_STEPS, 0.25) for t in range(DGC_STEPS)]
+    assert dgc["densities"] == expected and expected[0] == 0.25 and expected[-1] == DGC_DENSITY
+    # bf16 values: 6 bytes per pair; sparse always pays here (2 * 64 * 6 < 2 * 256 * 4), no fallback.
+    assert dgc["fallback_calls"] == 0
+    assert dgc["wire_bytes"] == sum((WORLD_SIZE - 1) * num_selected(n, d) * 6 for d in expected)
+    assert dgc["dense_bytes"] == dense["wire_bytes"] == DGC_STEPS * n * 4
+    assert dgc["dense_bytes"] / dgc["wire_bytes"] > 50  # warm-up included; 1 / (0.004 * 6 / 4) after it
+    # It trains: at 150 steps dense momentum SGD is at 0.43 of the initial loss and DGC at 0.50
+    # (deterministic full-batch run; exact selection at this size).
+    initial = values[0]["initial"]
+    assert dense["loss"] < 0.5 * initial
+    assert dgc["loss"] < 0.6 * initial
+    assert dgc["loss"] <= DGC_MAX_LOSS_RATIO * dense["loss"], (dgc["loss"], dense["loss"])
+
+
+@pytest.mark.timeout(300)
+def test_powersgd_runs_under_ddp_and_sends_less_than_dense(dist_results: list[dict]) -> None:
+    values = _values(dist_results, "powersgd")
+    for value in values:
+        assert value["steps"] == POWERSGD_STEPS
+        n = value["n"]
+        dense_step = 2 * (WORLD_SIZE - 1) * n * 4 // WORLD_SIZE
+        assert value["dense_bytes"] == POWERSGD_STEPS * dense_step
+        # Two dense warm-up steps, then per step allreduces of (uncompressed, P, Q) elements: the same
+        # element counts PowerSGD's own compression_stats adds up.
+        compressed_steps = POWERSGD_STEPS - 2
+        assert value["numel_before"] == compressed_steps * n
+        assert value["wire"][1] == 2 * dense_step
+        assert value["wire_bytes"] == 2 * dense_step + 2 * (WORLD_SIZE - 1) * value["numel_after"] * 4 // WORLD_SIZE
+        assert value["wire_bytes"] < 0.6 * value["dense_bytes"]
+        assert value["wire"][-1] - value["wire"][-2] < 0.1 * dense_step
+        assert value["losses"][-1] < value["losses"][0]
+    assert all(torch.equal(a, b) for a, b in zip(values[0]["params"], values[1]["params"], strict=True))
