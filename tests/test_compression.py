@@ -37,6 +37,7 @@ from workers.compression import (
     topk_with_feedback,
     unpack,
 )
+from workers.compression import _mask_positions as mask_positions
 
 WORLD_SIZE = 2
 # Collectives fail instead of hanging past this; the parent kills the ranks after its own limit.
@@ -201,6 +202,15 @@ def test_sampled_selection_keeps_about_k_largest(kind: str, density: float) -> N
     residual = torch.randn(n, generator=gen) * 0.1  # (n,)
     idx, vals, new_residual = topk_with_feedback(x, residual, k, True, "sampled", sample_gen)
     assert torch.equal(torch.zeros(n).index_put_((idx,), vals) + new_residual, x + residual)
+
+
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 1_003, 65_541])
+def test_mask_positions_by_words_equals_nonzero(m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    for p in (0.0, 0.01, 0.5, 1.0):
+        mask = torch.rand(m + 3, generator=gen) < p  # (m + 3,)
+        for view in (mask[:m], mask[3:]):  # word-aligned, and not (falls back to nonzero)
+            assert torch.equal(mask_positions(view), view.nonzero().squeeze(1)), (m, p)
 
 
 def test_sampled_selection_on_mostly_zero_bucket_sends_the_nonzeros() -> None:

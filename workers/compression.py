@@ -174,9 +174,11 @@ SAMPLED_MIN_NUMEL = 8 * MIN_SAMPLE_NUMEL
 SAMPLE_MARGIN_SIGMAS = 3.0
 # Fewer than k candidates: send them (padded) if at least (1 - tolerance) * k; otherwise exact topk.
 SAMPLED_COUNT_TOLERANCE = 0.1
-# CPU passes over the bucket run in chunks of this many elements, so the |v| and mask temporaries
-# stay in cache instead of allocating two bucket-sized tensors (GPUs take the bucket in one go).
-SELECTION_CHUNK_NUMEL = 1 << 18
+# CPU passes over the bucket run in chunks of this many elements (4 MB of float32), so the |v| and
+# mask temporaries stay in cache instead of two bucket-sized tensors (GPUs take the bucket in one go).
+SELECTION_CHUNK_NUMEL = 1 << 20
+# Bools read as one int64 word when looking for the candidates (see _mask_positions).
+MASK_WORD = 8
 # Seed of the per-device generators that draw the sample (any value; ranks need not agree).
 SELECTION_SEED = 20180101
 # PowerSGD: dense allreduce for the first steps (PyTorch requires > 1 with error feedback); kept small.
@@ -232,6 +234,25 @@ def sparse_pays(n: int, k: int, elem_size: int, value_size: int, world_size: int
     return world_size * k * (INDEX_BYTES + value_size) < 2 * n * elem_size
 
 
+def _mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.nonzero()`` as (c,) int64, increasing; faster for sparse masks (the candidates are ~1%).
+
+    The bool mask is read as int64 words of MASK_WORD bools: ``nonzero`` runs over the n / 8 words
+    (most are 0), then over the 8 bools of each non-zero word. A tail of fewer than 8 is done plainly.
+    """
+    m = mask.numel()
+    whole = m - m % MASK_WORD
+    if whole == 0 or mask.storage_offset() % MASK_WORD:
+        return mask.nonzero().squeeze(1)  # (c,)
+    words = mask[:whole].view(torch.int64)  # (whole / 8,)
+    hit = words.ne(0).nonzero().squeeze(1)  # (w,) words holding a candidate
+    row, col = mask[:whole].view(-1, MASK_WORD)[hit].nonzero().unbind(1)  # (c,), (c,)
+    pos = hit[row].mul_(MASK_WORD).add_(col)  # (c,) increasing
+    if whole < m:
+        pos = torch.cat([pos, mask[whole:].nonzero().squeeze(1).add_(whole)])
+    return pos
+
+
 def sampled_topk_indices(
     acc: torch.Tensor, k: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -249,7 +270,7 @@ def sampled_topk_indices(
        if thr is 0 (there are no more non-zeros); else, rarely, exact ``torch.topk`` on the bucket.
     Order of the returned indices is unspecified; they are unique.
     """
-    n = acc.numel()  # (n,)
+    n = acc.numel()
     s = min(n, max(MIN_SAMPLE_NUMEL, math.ceil(SAMPLE_FRACTION * n)))
     positions = torch.randint(n, (s,), generator=generator, device=acc.device)  # (s,)
     sample = acc[positions].abs_()  # (s,)
@@ -263,14 +284,14 @@ def sampled_topk_indices(
     mask = torch.empty(min(chunk, n), dtype=torch.bool, device=acc.device)  # (chunk,) reused
     found = []
     for start in range(0, n, chunk):
-        part = acc[start : start + chunk]  # (chunk,) view
+        part = acc[start : start + chunk]  # (m,) view
         m = part.numel()
         torch.abs(part, out=mag[:m])
         if positive:
             torch.ge(mag[:m], thr, out=mask[:m])
         else:
             torch.gt(mag[:m], 0, out=mask[:m])
-        found.append(mask[:m].nonzero().squeeze(1).add_(start))  # (c_chunk,)
+        found.append(_mask_positions(mask[:m]).add_(start))  # (c_chunk,)
     cand = torch.cat(found)  # (c,) candidates, increasing
 
     c = cand.numel()
