@@ -350,6 +350,9 @@ def test_bucket_rebuild_and_import_apply_residuals_by_name_not_position() -> Non
         topk_hook(bad, _FakeBucket(0, [a], torch.zeros(40))).wait()
     with pytest.raises(ValueError, match="unknown"):
         bad.import_state({"residuals/a": torch.zeros(40)})
+    # A checkpoint of the former per-bucket-index format cannot be mapped to names: dropped.
+    bad.import_state({0: torch.ones(100), "steps": torch.tensor(3)})
+    assert bad.steps == 3 and not any(bad._pending.values())
 
 
 def test_momentum_hook_masks_and_keeps_exact_bookkeeping() -> None:

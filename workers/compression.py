@@ -622,11 +622,18 @@ class CommState:
 
         Replaces all residuals and velocities held so far; they are mapped onto buckets by parameter
         name when each bucket is next seen. Unknown keys are an error; a residual or velocity the
-        config does not use (error feedback or momentum off) is dropped with a warning.
+        config does not use (error feedback or momentum off) is dropped with a warning, and so are
+        residuals in the former per-bucket-index format (integer keys: they cannot be mapped to names).
         """
         pending: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in _KINDS}
         steps = self.steps
+        legacy = [key for key in state if isinstance(key, int)]
+        if legacy:
+            logger.warning("compression: %d per-bucket residuals of the former checkpoint format dropped",
+                           len(legacy))
         for key, tensor in state.items():
+            if isinstance(key, int):
+                continue
             kind, _, name = key.partition("/")
             if key == "steps":
                 steps = int(tensor)
@@ -665,11 +672,11 @@ class CommState:
             self._fallback_now.add(bucket.index())
             self.dense_fallback_calls += 1
         if bucket.is_last():
-            self.steps += 1
             now = frozenset(self._fallback_now)
             if now != self.dense_fallback_buckets:
                 logger.info("compression: step %d: buckets %s all-reduced densely (sparse would not be "
                             "smaller at density %.4g)", self.steps, sorted(now) or "none", self.density)
+            self.steps += 1
             self.dense_fallback_buckets = now
             self._fallback_now = set()
 
