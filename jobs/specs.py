@@ -26,6 +26,9 @@ class ResourcesSpec(Config):
     # cpu -> gloo, cuda -> nccl, npu -> hccl (see workers/device.py).
     device: Literal["cpu", "cuda", "npu"] = "cpu"
     cpus_per_worker: float = Field(1.0, gt=0.0, le=512.0)
+    # Experts sharded over groups of this many workers (tokens travel by all-to-all); 1: every
+    # worker holds every expert. Must divide num_workers and model.n_routed_experts.
+    expert_parallel: int = Field(1, ge=1, le=4096)
     # Restarts from the latest checkpoint after a worker dies, before the job fails.
     max_failures: int = Field(2, ge=0, le=100)
 
@@ -43,6 +46,10 @@ class TrainSpec(Config):
     def _check_sections_agree(self) -> TrainSpec:
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(f"model.max_seq_len ({self.model.max_seq_len}) must be >= data.seq_len ({self.data.seq_len})")
+        ep = self.resources.expert_parallel
+        if self.resources.num_workers % ep or self.model.n_routed_experts % ep:
+            raise ValueError(f"resources.expert_parallel ({ep}) must divide resources.num_workers "
+                             f"({self.resources.num_workers}) and model.n_routed_experts ({self.model.n_routed_experts})")
         if self.model.vocab_size < VOCAB_SIZE:
             raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary")
         return self

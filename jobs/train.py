@@ -74,6 +74,7 @@ def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path) -> Any:
         train_loop_config={
             "model": spec.model.model_dump(), "compression": spec.compression.model_dump(),
             "loop": spec.train.model_dump(), "seed": spec.seed, "device": res.device, "has_val": "val" in datasets,
+            "expert_parallel": res.expert_parallel,
         },
         torch_config=TorchConfig(backend=backend_for(res.device)),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "cuda",

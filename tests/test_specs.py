@@ -60,3 +60,9 @@ def test_unparsable_yaml_names_the_file(tmp_path):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="cannot read spec"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_expert_parallel_must_divide_workers_and_experts():
+    with pytest.raises(SpecError, match="resources.expert_parallel"):
+        validate_spec({"resources": {"num_workers": 2, "expert_parallel": 3}})
+    assert validate_spec({"resources": {"num_workers": 4, "expert_parallel": 2}}).resources.expert_parallel == 2

@@ -5,21 +5,19 @@ or hccl); this loop wraps the plain model in DDP, registers the compression hook
 batches from its Ray Data shard, prints a progress line every ``log_every`` steps and checkpoints
 every ``checkpoint_every`` steps and at the end.
 
-Checkpoint layout (one folder per report; Ray Train merges the files that every worker reports)::
+With ``expert_parallel`` > 1 the routed experts are sharded over expert-parallel groups and
+tokens reach them by all-to-all (workers/moe/parallel.py); dense parameters stay data-parallel
+under DDP and expert gradients are averaged over their replicas with the same compression.
 
-    model.pt            rank 0: model state dict (router biases included)
-    optim.pt            rank 0: AdamW state
-    meta.json           rank 0: step, epoch, batches consumed in the epoch, world size, byte totals
-    residual-<r>.pt     rank r: error-feedback residuals of that rank's buckets
-
-Residuals are restored only when the world size is unchanged; after a resize they are dropped (one
-step's unsent gradient mass is lost) and the log says so. Re-sharding them arrives with the
-elastic-training work.
+Checkpoints are world-size independent (workers/checkpoint.py): a job saved on N workers resumes on
+M workers and another EP size, with its optimizer moments, error-feedback residuals (carried as the
+mean over workers), router biases and data position.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import datetime
 import math
 import os
 import sys
@@ -35,10 +33,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 
-from workers import compression
+from workers import checkpoint, compression
 from workers.compression import CompressionConfig
 from workers.config import Config
 from workers.device import torch_device
+from workers.moe import parallel
 from workers.moe.model import ModelConfig, MoETransformer, routing_stats
 from workers.progress import format_progress
 
@@ -62,6 +61,10 @@ class LoopConfig(Config):
     torch_threads: int = Field(1, ge=0, le=1024)
 
 
+# Collective timeout of the expert-parallel groups (torch's default for new groups is 30 minutes).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
 def lr_at(step: int, cfg: LoopConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
     if step < cfg.warmup_steps:
@@ -75,19 +78,34 @@ def final_window(steps: int) -> int:
     return max(1, min(50, steps // 10))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+def hook_owns_momentum(comp: CompressionConfig) -> bool:
+    """DGC momentum correction keeps the momentum inside the hook: the optimizer must not add its own."""
+    return comp.method == "topk" and comp.momentum > 0
+
+
+def build_optimizer(model: torch.nn.Module, cfg: LoopConfig, comp: CompressionConfig) -> torch.optim.Optimizer:
     # Matrices decay; norms and other vectors do not (the usual GPT recipe).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hook_owns_momentum(comp):
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 class _Position:
-    """Where the loop is in the data: epoch and batches consumed in it (saved in checkpoints)."""
+    """Where the loop is in the data: epoch and batches consumed in it by each worker.
+
+    Saved as sequences consumed by all workers, so a resume on another world size skips the same
+    share of the epoch.
+    """
 
     def __init__(self, epoch: int = 0, batch_in_epoch: int = 0):
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], world: int, batch_size: int) -> _Position:
+        return cls(meta["epoch"], meta["sequences_in_epoch"] // (world * batch_size))
 
 
 def _batches(shard: Any, batch_size: int, seed: int, pos: _Position, device: torch.device) -> Iterator[torch.Tensor]:
@@ -151,23 +169,19 @@ def _layer_stats(counts: torch.Tensor) -> dict[str, Any]:
             "drop_frac": [round(s["drop_frac"], 5) for s in stats]}
 
 
-def _save(model: MoETransformer, optimizer: torch.optim.Optimizer, comm: Any, meta: dict[str, Any],
-          metrics: dict[str, Any], rank: int) -> None:
+def _save(state: dict[str, Any], meta: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
+    """Collective checkpoint + report: every rank takes part; rank 0's folder holds the files."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        if rank == 0:
-            torch.save(model.state_dict(), d / "model.pt")
-            torch.save(optimizer.state_dict(), d / "optim.pt")
-            (d / "meta.json").write_text(json.dumps(meta))
-        torch.save(comm.residual_state(), d / f"residual-{rank}.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        checkpoint.save(Path(tmp), meta=meta, rank=rank, **state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                          checkpoint_dir_name=f"step-{meta['step']:08d}")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry: config = {"model", "compression", "loop": dicts; "seed", "device", "has_val"}."""
+    """Ray Train entry: config = {"model", "compression", "loop": dicts; "seed", "device", "has_val",
+    "expert_parallel"}."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -179,30 +193,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = torch_device(config["device"])
 
-    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's parameters)
-    model = MoETransformer(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
-    start, pos, base_bytes, residuals = 0, _Position(), torch.zeros(2, dtype=torch.float64), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            d = Path(d)
-            meta = json.loads((d / "meta.json").read_text())
-            model.load_state_dict(torch.load(d / "model.pt", map_location=device))
-            optimizer.load_state_dict(torch.load(d / "optim.pt", map_location=device))
-            start, pos = meta["step"], _Position(meta["epoch"], meta["batch_in_epoch"])
-            base_bytes = torch.tensor([meta["wire_bytes"], meta["dense_bytes"]], dtype=torch.float64)
-            if meta["world_size"] == world and (d / f"residual-{rank}.pt").exists():
-                residuals = torch.load(d / f"residual-{rank}.pt", map_location=device)
-        if rank == 0:
-            note = "" if residuals is not None else f" (world size {meta['world_size']} -> {world}: residuals dropped)"
-            _say(f"resuming from step {start}{note}")
+    ep = config["expert_parallel"]
+    groups = parallel.build_groups(world, rank, ep, timeout=COLLECTIVE_TIMEOUT) if ep > 1 else None
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None,
-                                  forward_sync_buffers=False)  # router biases move identically on every rank
-    comm = compression.register(ddp, comp_cfg)
-    if residuals is not None:
-        comm.load_residual_state(residuals)
+    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's dense parameters)
+    model = MoETransformer(model_cfg).to(device)
+    if groups is not None:
+        parallel.apply_expert_parallel(model, groups.ep_group)  # this rank keeps its experts' rows
+        parallel.ignore_experts_in_ddp(model)  # experts: synced over their replicas by ExpertGradSync
+    optimizer = build_optimizer(model, cfg, comp_cfg)
+    start, pos, base_bytes = 0, _Position(), torch.zeros(2, dtype=torch.float64)
+    saved = ray.train.get_checkpoint()
+    with saved.as_directory() if saved else contextlib.nullcontext() as saved_dir:
+        if saved_dir:
+            saved_dir = Path(saved_dir)
+            meta = checkpoint.read_meta(saved_dir)
+            checkpoint.load_model_and_optimizer(saved_dir, model=model, optimizer=optimizer, groups=groups,
+                                                device=device)
+            start, pos = meta["step"], _Position.from_meta(meta, world, cfg.batch_size)
+            base_bytes = torch.tensor([meta["wire_bytes"], meta["dense_bytes"]], dtype=torch.float64)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None,
+                                      forward_sync_buffers=False)  # router biases move identically everywhere
+        comm = compression.register(ddp, comp_cfg)
+        esync = parallel.ExpertGradSync(model, groups.expert_dp_group, comp_cfg) if groups is not None else None
+        if saved_dir:
+            checkpoint.load_compression(saved_dir, model=model, comm=comm, esync=esync, groups=groups)
+            if rank == 0:
+                _say(f"resuming from step {start} (saved by {meta['world_size']} workers, EP {meta['expert_parallel']}; "
+                     f"now {world} workers, EP {ep})")
+    state = {"model": model, "optimizer": optimizer, "comm": comm, "esync": esync, "groups": groups}
+    clip = None if hook_owns_momentum(comp_cfg) or comp_cfg.clip_norm else cfg.grad_clip
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -218,12 +238,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steady_time, steady_steps = 0.0, 0  # steps after this attempt's first (pipeline warm-up excluded)
 
     def byte_totals() -> torch.Tensor:
-        totals = torch.tensor([comm.wire_bytes, comm.dense_bytes], dtype=torch.float64)
+        wire = comm.wire_bytes + (esync.wire_bytes if esync else 0)
+        dense = comm.dense_bytes + (esync.dense_bytes if esync else 0)
+        totals = torch.tensor([wire, dense], dtype=torch.float64)
         dist.all_reduce(totals)
         return totals + base_bytes
 
     def meta_for(step: int, totals: torch.Tensor) -> dict[str, Any]:
-        return {"step": step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "world_size": world,
+        return {"step": step, "epoch": pos.epoch, "sequences_in_epoch": pos.batch_in_epoch * world * cfg.batch_size,
+                "world_size": world, "expert_parallel": ep,
                 "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item()}
 
     for step in range(start, cfg.steps):
@@ -236,9 +259,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logits = ddp(inputs)  # (batch, seq_len, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
-        (loss + model.aux_loss()).backward()  # the comm hook syncs gradients bucket by bucket here
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        (loss + model.aux_loss()).backward()  # the comm hook syncs dense gradients bucket by bucket here
+        if esync is not None:
+            esync.sync()  # expert gradients, over the replicas of each expert
+        if clip and groups is not None:
+            parallel.clip_grad_norm_(model, clip, groups)  # the global norm, experts sharded
+        elif clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         counts = model.router_counts()  # (layers, experts + 2)
         dist.all_reduce(counts)  # every rank applies the same bias update
@@ -265,13 +292,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "wire_bytes": int(totals[0]), "dense_bytes": int(totals[1]),
                     "compression": (totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
                     "max_vio": max(layer["max_vio"]), "drop_frac": max(layer["drop_frac"]),
+                    "dense_fallback_buckets": len(comm.dense_fallback_buckets),
                 }))
                 t_last = now
             step_last = done
             window_counts.zero_()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             totals = byte_totals()
-            _save(model, optimizer, comm, meta_for(done, totals), {"step": done, "loss": losses[-1]}, rank)
+            _save(state, meta_for(done, totals), {"step": done, "loss": losses[-1]}, rank)
 
     eval_loss = _evaluate(model, val_shard, cfg, device)
     window = torch.tensor([sum(losses[-tail:]), len(losses[-tail:])], dtype=torch.float64)
@@ -289,4 +317,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "world_size": world,
         "moe": _layer_stats(tail_counts),
     }
-    _save(model, optimizer, comm, meta_for(cfg.steps, totals), metrics, rank)
+    _save(state, meta_for(cfg.steps, totals), metrics, rank)

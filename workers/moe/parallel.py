@@ -482,8 +482,14 @@ def _sharded_keys(model: MoETransformer) -> dict[str, tuple[str, ExpertParallelE
     return keys
 
 
-def gather_expert_state(model: MoETransformer, groups: ParallelGroups) -> dict[str, Tensor] | None:
+def gather_expert_state(
+    model: MoETransformer, groups: ParallelGroups, state: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor] | None:
     """The full single-process state dict, experts concatenated back to (E, ...) by global id.
+
+    ``state`` (default: the model's state dict) may be any dict keyed like the EP model's state
+    dict, e.g. one optimizer moment or error-feedback residual per parameter: its expert entries
+    are gathered the same way, so optimizer and compression state are saved by global id too.
 
     Collective over the EP group (every rank calls it); returned on EP rank 0 of each EP group,
     None elsewhere. World rank 0 is EP rank 0 of the first group: save what it gets. The result
@@ -493,7 +499,7 @@ def gather_expert_state(model: MoETransformer, groups: ParallelGroups) -> dict[s
     sharded = _sharded_keys(model)
     root = groups.ep_rank == 0
     out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state is None else state).items():
         if key not in sharded:
             out[key] = value
             continue
@@ -511,13 +517,11 @@ def gather_expert_state(model: MoETransformer, groups: ParallelGroups) -> dict[s
     return out if root else None
 
 
-def load_expert_state(
+def shard_expert_state(
     model: MoETransformer, full_state_dict: Mapping[str, Tensor], groups: ParallelGroups
-) -> None:
-    """Loads a FULL (single-process format) state dict into an EP model: this rank's expert rows
-    [ep_rank * G, (ep_rank + 1) * G) and every dense tensor, strictly (unknown or missing keys
-    raise). No communication: every rank reads the same full checkpoint, whatever EP size wrote it.
-    """
+) -> dict[str, Tensor]:
+    """The inverse of ``gather_expert_state``: a FULL (single-process keyed) dict -> this rank's
+    EP-keyed dict, expert entries cut to rows [ep_rank * G, (ep_rank + 1) * G). No communication."""
     sharded = _sharded_keys(model)
     by_full_key = {full_key: (key, module) for key, (full_key, module) in sharded.items()}
     local: dict[str, Tensor] = {}
@@ -532,4 +536,14 @@ def load_expert_state(
             raise ValueError(f"{full_key} has {value.shape[0]} experts, the model {module.n_experts}")
         lo = module.first_expert
         local[key] = value[lo : lo + module.n_local_experts]  # (G, ...)
-    model.load_state_dict(local, strict=True)
+    return local
+
+
+def load_expert_state(
+    model: MoETransformer, full_state_dict: Mapping[str, Tensor], groups: ParallelGroups
+) -> None:
+    """Loads a FULL (single-process format) state dict into an EP model: this rank's expert rows
+    and every dense tensor, strictly (unknown or missing keys raise). No communication: every rank
+    reads the same full checkpoint, whatever EP size wrote it.
+    """
+    model.load_state_dict(shard_expert_state(model, full_state_dict, groups), strict=True)
