@@ -13,20 +13,52 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.bench.compression_runs import compression_section
+from tests.bench.compression_runs import VARIANTS, compression_section
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _selection(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.selection import selection_section
+
+    return selection_section()
+
+
+def _moe(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.moe_vs_dense import moe_section
+
+    return moe_section(**({"steps": args.steps} if args.steps else {}))
+
+
+def _projection(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.projection import projection_section
+
+    return projection_section()
+
+
+SECTIONS = {
+    "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants),
+    "selection": _selection,
+    "moe": _moe,
+    "projection": _projection,
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tests.bench")
     p.add_argument("--steps", type=int, default=None, help="override train.steps of every run")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="scratch folder for the runs")
+    p.add_argument("--variants", nargs="*", choices=[label for label, _ in VARIANTS],
+                   help="compression variants to run beside dense (default: all)")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     args = p.parse_args()
     scratch = Path(args.out)
     shutil.rmtree(scratch, ignore_errors=True)
     started = time.time()
-    sections = [compression_section(scratch, args.steps)]
+    sections = []
+    for name in args.sections:
+        print(f"== bench section: {name}", flush=True)
+        sections.append(SECTIONS[name](scratch, args))
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
            "date": time.strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - started)}
     (ROOT / "BENCHMARKS.json").write_text(json.dumps({"env": env, "sections": [s["data"] for s in sections]},

@@ -11,12 +11,19 @@ VARIANTS = [
     ("dense", ["compression.method=none"]),
     ("topk 1% + EF", ["compression.method=topk", "compression.density=0.01", "compression.error_feedback=true"]),
     ("topk 1%, no EF", ["compression.method=topk", "compression.density=0.01", "compression.error_feedback=false"]),
+    ("topk 0.1% + EF", ["compression.method=topk", "compression.density=0.001", "compression.error_feedback=true"]),
+    ("topk 0.1%, no EF", ["compression.method=topk", "compression.density=0.001", "compression.error_feedback=false"]),
+    ("PowerSGD rank 1", ["compression.method=powersgd", "compression.powersgd_rank=1"]),
+    ("PowerSGD rank 2", ["compression.method=powersgd", "compression.powersgd_rank=2"]),
+    ("PowerSGD rank 4", ["compression.method=powersgd", "compression.powersgd_rank=4"]),
 ]
 
 
-def compression_section(scratch: Path, steps: int | None) -> dict:
+def compression_section(scratch: Path, steps: int | None, only: list[str] | None = None) -> dict:
     rows = []
     for label, sets in VARIANTS:
+        if only and label != "dense" and label not in only:
+            continue
         out = scratch / label.replace(" ", "_").replace("%", "pct").replace(",", "").replace("+", "")
         extra = sets + ([f"train.steps={steps}"] if steps else [])
         args = ["--spec", str(DEMO), "--out", str(out), "--no-sample"] + [a for s in extra for a in ("--set", s)]
