@@ -73,6 +73,7 @@ class Controller:
         self.ray_reachable: bool | None = None
         self.last_pass_at: float | None = None
         self._metrics_read_at: dict[str, float] = {}
+        self._stop_sent_at: dict[str, float] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -212,8 +213,18 @@ class Controller:
             self.store.update_attempt(job.id, attempt.number, ended_at=time.time())
             self.store.transition(job.id, S.CANCELLED, "cancelled by user; Ray had no job to stop")
         elif not view.terminal:
-            self.ray.stop(attempt.submission_id)  # asynchronous in Ray; the next pass sees STOPPED
+            # Asynchronous in Ray: a later pass sees STOPPED. A job Ray still holds PENDING (its
+            # driver not yet scheduled) keeps the stop queued until it is; after the grace we stop
+            # waiting for Ray to confirm, and say so.
+            first = self._stop_sent_at.setdefault(job.id, self.clock())
+            self.ray.stop(attempt.submission_id)
+            if view.status == "PENDING" and self.clock() - first >= self.settings.cancel_grace_s:
+                self._stop_sent_at.pop(job.id, None)
+                self.store.update_attempt(job.id, attempt.number, ray_status=view.status, ray_message=view.message)
+                self.store.transition(job.id, S.CANCELLED, "cancelled by user; Ray still held the job PENDING, "
+                                                           "its stop is queued until the driver is scheduled")
         else:
+            self._stop_sent_at.pop(job.id, None)
             self.store.update_attempt(job.id, attempt.number, ended_at=time.time(), ray_status=view.status,
                                       ray_message=view.message, exit_code=view.exit_code)
             if view.status == "SUCCEEDED":

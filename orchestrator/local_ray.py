@@ -42,7 +42,8 @@ def _ray_binary() -> str:
 
 class LocalRayHead:
     def __init__(self, temp_dir: Path | None = None, num_cpus: int | None = None, auth_token: str | None = None,
-                 env: dict[str, str] | None = None, resources: dict[str, float] | None = None):
+                 env: dict[str, str] | None = None, resources: dict[str, float] | None = None,
+                 gcs_port: int | None = None, dashboard_port: int | None = None):
         if temp_dir is None or len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
             temp_dir = Path(tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp"))
         self.temp_dir = temp_dir
@@ -50,8 +51,13 @@ class LocalRayHead:
         self.auth_token = auth_token
         self.extra_env = env or {}
         self.resources = resources
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        # Fixed ports let a restarted head take the place of a dead one (same address, new cluster).
+        self.gcs_port = gcs_port or free_port()
+        self.dashboard_port = dashboard_port or free_port()
+        # Fixed defaults (Ray Client 10001, the dashboard agent's HTTP 52365) clash with any other
+        # Ray cluster on the machine: an agent that cannot bind means "No available agent to submit job".
+        self.client_port = free_port()
+        self.agent_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = self.temp_dir / "ray-head.log"
 
@@ -80,6 +86,7 @@ class LocalRayHead:
             _ray_binary(), "start", "--head", "--block", "--disable-usage-stats",
             "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--include-dashboard=true", "--temp-dir", str(self.temp_dir),
+            "--ray-client-server-port", str(self.client_port), "--dashboard-agent-listen-port", str(self.agent_port),
         ]
         if self.num_cpus is not None:
             argv += ["--num-cpus", str(self.num_cpus)]
@@ -125,6 +132,17 @@ class LocalRayHead:
             except ProcessLookupError:
                 pass
             self.proc.wait(10)
+
+    def kill(self) -> None:
+        """A crash of the head node: SIGKILL its process group, no draining. Workers exit when their
+        raylet dies, and each job driver is killed by its supervisor's watchdog."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
 
     def __enter__(self) -> LocalRayHead:
         self.start()

@@ -7,6 +7,7 @@ dashboard, so a remote cluster works exactly like a local one. Tests replace ``R
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -106,7 +107,11 @@ class SdkRayJobs:
                 raise
             if "already exists" in str(e):
                 return
-            raise RayRefused(_short(e)) from None
+            code = _status_code(e)
+            if code is not None and 400 <= code < 500:
+                raise RayRefused(_short(e)) from None
+            # 5xx, e.g. "No available agent to submit job, please try again later": transient.
+            raise RayUnavailable(_short(e)) from None
 
     def status(self, submission_id: str) -> RayJobView | None:
         try:
@@ -186,6 +191,12 @@ def _make_client(address: str, headers: dict[str, str], timeout_s: float) -> Any
             return super()._do_request(method, endpoint, **kwargs)
 
     return _TimedClient(address, headers=dict(headers))
+
+
+def _status_code(e: BaseException) -> int | None:
+    # The SDK raises RuntimeError(f"Request failed with status code {code}: {text}.")
+    m = re.search(r"status code (\d{3})", str(e))
+    return int(m.group(1)) if m else None
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

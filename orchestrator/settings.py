@@ -64,8 +64,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # Longest a `logs?follow=true` stream stays open.
     follow_max_s: float = Field(3600.0, gt=0.0, le=7 * 24 * 3600.0)
+    # How long a cancelled job that Ray still holds PENDING (its driver unschedulable) waits for Ray to
+    # confirm the stop before it is marked CANCELLED anyway.
+    cancel_grace_s: float = Field(30.0, ge=0.0, le=3600.0)
     # Seconds each Ray SDK HTTP call may take before the controller gives up on this iteration.
-    ray_timeout_s: float = Field(10.0, gt=0.0, le=300.0)
+    ray_timeout_s: float = Field(30.0, gt=0.0, le=300.0)
     # Run the reconcile loop inside the API process (off only for API-only benchmarks and tests).
     controller_enabled: bool = True
 

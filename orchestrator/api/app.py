@@ -10,8 +10,10 @@ from fastapi import Depends, FastAPI
 
 from orchestrator.api.middleware import HttpMetrics
 from orchestrator.api.routes import cluster, jobs, system
+from orchestrator.api.schemas import Problem
 from orchestrator.api.security import TokenGuard, require_token
 from orchestrator.controller import Controller
+from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS
 from orchestrator.ray_client import NoRay, RayJobs, SdkRayJobs
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
@@ -28,13 +30,16 @@ def make_ray_client(settings: Settings) -> RayJobs:
     return SdkRayJobs(settings.ray_address, token=token, timeout_s=settings.ray_timeout_s)
 
 
-def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStore | None = None) -> FastAPI:
-    """Build the service. ``ray`` and ``store`` are injectable for tests; the controller thread starts
-    with the app's lifespan when ``settings.controller_enabled``."""
+def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStore | None = None,
+               entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS) -> FastAPI:
+    """Build the service. ``ray``, ``store`` and the entry-point allow-list are injectable for tests
+    (clients only ever choose a job kind); the controller thread starts with the app's lifespan when
+    ``settings.controller_enabled``."""
     store = store or JobStore(settings.database_url)
     ray = ray or make_ray_client(settings)
     telemetry = Telemetry(store.count_by_state)
-    controller = Controller(store, ray, settings, telemetry) if settings.controller_enabled else None
+    controller = (Controller(store, ray, settings, telemetry, entrypoints=entrypoints)
+                  if settings.controller_enabled else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,10 +63,11 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     app.state.telemetry = telemetry
     app.state.controller = controller
 
+    unauthorized = {401: {"model": Problem, "description": "missing or invalid bearer token"}}
     app.include_router(system.public)
-    app.include_router(system.private)
+    app.include_router(system.private, responses=unauthorized)
     for router in (jobs.router, cluster.router):
-        app.include_router(router, dependencies=[Depends(require_token)])
+        app.include_router(router, dependencies=[Depends(require_token)], responses=unauthorized)
     app.add_middleware(TokenGuard, token=settings.token)
     app.add_middleware(HttpMetrics, telemetry=telemetry)
     return app

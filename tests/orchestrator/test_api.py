@@ -157,7 +157,7 @@ def test_idempotency_key_with_another_body_is_refused(client, app):
     headers = {**AUTH, "Idempotency-Key": "k-1"}
     assert client.post("/v1/jobs", json={"spec": {"name": "a"}}, headers=headers).status_code == 202
     r = client.post("/v1/jobs", json={"spec": {"name": "b"}}, headers=headers)
-    assert r.status_code == 422 and "Idempotency-Key" in r.json()["detail"]
+    assert r.status_code == 409 and "Idempotency-Key" in r.json()["detail"]
     assert app.state.store.list()[1] == 1
 
 

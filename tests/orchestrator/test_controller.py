@@ -222,3 +222,24 @@ def test_latest_progress_takes_the_last_line():
     assert latest_progress("a\n[progress] step=1/5 loss=2\n[progress] step=2/5 loss=1.5\nb") == {
         "step": 2, "total_steps": 5, "loss": 1.5}
     assert latest_progress("nothing here") is None
+
+
+def test_cancel_of_a_job_ray_never_schedules_ends_after_the_grace(env):
+    store, ray, ctl, settings = env
+    now = [0.0]
+    ctl.clock = lambda: now[0]
+
+    def stop_does_nothing(submission_id):  # Ray queues the stop until the driver is scheduled
+        ray.stops.append(submission_id)
+
+    ray.stop = stop_does_nothing
+    jid = _job(store)
+    for _ in range(2):
+        ctl.reconcile_once()
+    store.request_cancel(jid)
+    ctl.reconcile_once()
+    assert store.get(jid).state is S.STARTING
+    now[0] = settings.cancel_grace_s + 1
+    ctl.reconcile_once()
+    job = store.get(jid)
+    assert job.state is S.CANCELLED and "PENDING" in job.message and len(ray.stops) == 2

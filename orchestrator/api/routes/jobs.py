@@ -49,8 +49,10 @@ def _get(store: JobStore, job_id: str) -> JobRecord:
 
 @router.post(
     "", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
-    responses={422: {"description": "invalid spec (the field is named), or an Idempotency-Key reused "
-                                    "with a different body"}},
+    responses={422: {"description": "invalid spec (the field is named); nothing is stored"},
+               409: {"model": Problem, "description": "the Idempotency-Key was used with a different body"},
+               400: {"model": Problem, "description": "the body is not decodable text"},
+               413: {"model": Problem, "description": "request body over ORCH_MAX_BODY_BYTES"}},
 )
 def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, response: Response,
                idempotency_key: IdempotencyKey = None) -> JobPublic:
@@ -63,7 +65,8 @@ def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, resp
             idempotency_key=idempotency_key, request_hash=request_hash if idempotency_key else None,
         )
     except IdempotencyConflict as e:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+        # 409, not 422: the body is valid; it conflicts with the request first made under this key.
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     elif controller is not None:

@@ -1,0 +1,203 @@
+"""Against a real local Ray cluster (one per module, token auth on): end to end with the real
+jobs.train, a controller SIGKILLed between storing and submitting, cancel while STARTING, and a
+retry after the whole cluster restarts. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from jobs.specs import validate_spec
+from orchestrator.api.app import create_app
+from orchestrator.local_ray import LocalRayHead
+from orchestrator.server import BackgroundServer, free_port
+from orchestrator.settings import Settings
+from orchestrator.states import JobState
+from orchestrator.store import JobStore, submission_id_for
+from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "jobs" / "examples" / "demo.yaml"
+TOKEN = "integration-token-0123456789"
+RAY_TOKEN = "ray-token-" + "0123456789abcdef" * 2
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TINY = ["train.steps=4", "train.batch_size=2", "train.log_every=1", "data.max_bytes=200000",
+        "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
+TRAIN_TIMEOUT_S = 400.0  # the real 4-step job takes ~1.5 min on 2 busy cores
+FAKE_TIMEOUT_S = 120.0
+
+
+def _head(**kw) -> LocalRayHead:
+    # PYTHONPATH: drivers import `tests.orchestrator.fake_train` (jobs/ and workers/ are pip-installed).
+    return LocalRayHead(num_cpus=4, auth_token=RAY_TOKEN, env={"PYTHONPATH": str(REPO)}, **kw)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = _head()
+    head.start()
+    yield head
+    head.stop()
+
+
+def _settings(tmp_path: Path, head: LocalRayHead, **kw) -> Settings:
+    kw = {"reconcile_interval_s": 0.25, "metrics_interval_s": 1.0} | kw
+    return Settings(api_token=TOKEN, state_dir=tmp_path / "state", ray_address=head.dashboard_url,
+                    ray_auth_token=RAY_TOKEN, **kw)
+
+
+def _spec(tmp_path: Path, extra: list[str] = ()) -> dict:
+    raw = yaml.safe_load(DEMO.read_text())
+    return validate_spec(raw, [*TINY, f"data.path={tmp_path / 'data'}", *extra]).model_dump(mode="json")
+
+
+def _ray_jobs_of(head: LocalRayHead, job_id: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers)
+    return [j for j in client.list_jobs() if (j.metadata or {}).get("orch_job_id") == job_id]
+
+
+def _wait(c: httpx.Client, job_id: str, states: set[str], timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    job = {}
+    while time.monotonic() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} is {job.get('state')} ({job.get('message')}), wanted {states}")
+
+
+def test_end_to_end_demo_spec_over_rest_with_the_real_entry_point(ray_head, tmp_path):
+    app = create_app(_settings(tmp_path, ray_head))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        r = c.post("/v1/jobs", json={"spec": _spec(tmp_path)})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        text = ""
+        with c.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"},
+                      timeout=httpx.Timeout(30, read=TRAIN_TIMEOUT_S)) as s:
+            for chunk in s.iter_text():
+                text += chunk
+        job = _wait(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 60)
+    assert job["state"] == "SUCCEEDED", (job["message"], text[-3000:])
+    assert "[progress] step=4/4" in text and "python -m jobs.train --spec" in text
+    assert [h["to_state"] for h in job["history"]] == ["PENDING", "QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+    m = job["metrics"]
+    assert m["step"] == 4 and m["total_steps"] == 4 and m["loss"] > 0 and m["final_loss"] > 0 and m["wire_bytes"] > 0
+    [ray_job] = _ray_jobs_of(ray_head, job_id)
+    assert ray_job.submission_id == job["ray_submission_id"] == submission_id_for(job_id, 1)
+    assert ray_job.status == "SUCCEEDED"
+    assert (tmp_path / "state" / "jobs" / job_id / "out" / "summary.json").exists()
+
+
+def _start_service(tmp_path: Path, head: LocalRayHead, port: int, crash: bool) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "RAY_"))}
+    env.update(ORCH_API_TOKEN=TOKEN, ORCH_STATE_DIR=str(tmp_path / "state"), ORCH_PORT=str(port),
+               ORCH_RAY_ADDRESS=head.dashboard_url, ORCH_RAY_AUTH_TOKEN=RAY_TOKEN, ORCH_RECONCILE_INTERVAL_S="0.25",
+               PYTHONPATH=str(REPO))
+    if crash:
+        env["ORCH_TEST_CRASH_AT"] = "before_submit"
+    log_path = tmp_path / f"service-{int(crash)}.log"
+    log = open(log_path, "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "tests.orchestrator.serve_app"], env=env, cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"service exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("service did not start")
+
+
+def test_controller_sigkilled_between_storing_and_submitting_runs_the_job_exactly_once(ray_head, tmp_path):
+    port = free_port()
+    proc = _start_service(tmp_path, ray_head, port, crash=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=10) as c:
+            job_id = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["train.steps=3"])}).json()["id"]
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    store = JobStore(f"sqlite:///{tmp_path / 'state' / 'orch.db'}")
+    job = store.get(job_id)
+    store.close()
+    assert job.state is JobState.STARTING and job.current_attempt.submitted_at is None  # intent stored, no call
+    assert _ray_jobs_of(ray_head, job_id) == []
+
+    proc = _start_service(tmp_path, ray_head, port, crash=False)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=10) as c:
+            job = _wait(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, FAKE_TIMEOUT_S)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert job["state"] == "SUCCEEDED", job["message"]
+    ray_jobs = _ray_jobs_of(ray_head, job_id)
+    assert [(j.submission_id, j.status) for j in ray_jobs] == [(submission_id_for(job_id, 1), "SUCCEEDED")]
+    assert job["attempts"] == 1 and job["metrics"]["step"] == 3
+
+
+def test_cancel_while_starting_ends_cancelled_and_stops_the_ray_job(ray_head, tmp_path):
+    app = create_app(_settings(tmp_path, ray_head, reconcile_interval_s=0.05), entrypoints=FAKE_ENTRYPOINTS)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        job_id = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["train.steps=60"])}).json()["id"]
+        deadline = time.monotonic() + FAKE_TIMEOUT_S
+        while c.get(f"/v1/jobs/{job_id}").json()["state"] != "STARTING" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # STARTING lasts at least the submit call and Ray's PENDING phase (seconds), so this lands in it.
+        r = c.post(f"/v1/jobs/{job_id}/cancel")
+        assert r.status_code == 202 and r.json()["state"] == "STARTING"
+        job = _wait(c, job_id, {"CANCELLED", "SUCCEEDED", "FAILED"}, FAKE_TIMEOUT_S)
+    assert job["state"] == "CANCELLED", job["message"]
+    assert [h["to_state"] for h in job["history"]][-2:] in (["STARTING", "CANCELLED"], ["RUNNING", "CANCELLED"])
+    [ray_job] = _ray_jobs_of(ray_head, job_id)
+    assert ray_job.status == "STOPPED" and job["attempt_history"][0]["ray_status"] == "STOPPED"
+
+
+def test_job_is_retried_from_its_checkpoint_after_the_cluster_restarts(ray_head, tmp_path):
+    """Last in this module: it replaces the module's cluster by a new one at the same address (two
+    clusters at once would overload 2 cores)."""
+    settings = _settings(tmp_path, ray_head)
+    app = create_app(settings, entrypoints=FAKE_ENTRYPOINTS)
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        body = {"spec": _spec(tmp_path, ["train.steps=12"]), "max_retries": 2}
+        job_id = c.post("/v1/jobs", json=body).json()["id"]
+        _wait(c, job_id, {"RUNNING"}, FAKE_TIMEOUT_S)
+        ckpt = settings.job_root / job_id / "out" / "checkpoint.json"
+        deadline = time.monotonic() + FAKE_TIMEOUT_S
+        while not ckpt.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ray_head.kill()  # the head crashes; the driver dies with the cluster
+        second = _head(gcs_port=ray_head.gcs_port, dashboard_port=ray_head.dashboard_port)
+        second.start()
+        try:
+            job = _wait(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, FAKE_TIMEOUT_S)
+        finally:
+            second.stop()
+    assert job["state"] == "SUCCEEDED", job["message"]
+    states = [h["to_state"] for h in job["history"]]
+    assert "RETRYING" in states and job["attempts"] == 2
+    retry = next(h for h in job["history"] if h["to_state"] == "RETRYING")
+    assert "lost" in retry["reason"]
+    summary = json.loads((settings.job_root / job_id / "out" / "summary.json").read_text())
+    assert summary["resumed_from"] > 0  # attempt 2 continued after attempt 1's checkpoint
