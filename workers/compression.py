@@ -32,6 +32,37 @@ Deep Gradient Compression (Lin et al., ICLR 2018) adds what makes this converge 
   start density to ``density``, ``d(t) = d0 * (density / d0) ** (t / T)`` for hook step ``t < T``,
   ``density`` after (DGC: 25%, 6.25%, 1.5625%, 0.39%, 0.1% with ``T = 4``, one stage per epoch there,
   a smooth per-step curve here). The hook counts its own steps (``CommState.steps``).
+- **Preconditioned top-k** (``precondition: adam``; ``adam_beta1``, ``adam_beta2``, ``adam_eps``). Top-k
+  with error feedback feeding AdamW converges badly: a coordinate is sent in bursts (its accumulated
+  residual, every ~1/density steps), Adam's second moment grows with the bursts and its normalisation
+  shrinks them, so the total movement falls far short of dense AdamW's (1-bit Adam, Tang et al. 2021,
+  makes the same observation: Adam's non-linear update does not commute with compression). Here each
+  rank instead applies Adam's preconditioner to its OWN gradient first, with its own moments, which
+  never leave the rank (as 1-bit Adam keeps the variance out of the compressed path), and error
+  feedback compresses the resulting update direction, the quantity that is linear in what is applied
+  (compress the update, not the gradient: as in DGC's momentum correction and 1-bit/0-1 Adam's
+  compressed momentum). Per rank, per bucket, at hook step ``t = steps + 1``::
+
+      g = local gradient (clipped locally with clip_norm, if set)
+      m = b1 * m + (1 - b1) * g;   s = b2 * s + (1 - b2) * g^2        # exp_avg, exp_avg_sq
+      d = (m / (1 - b1^t)) / (sqrt(s / (1 - b2^t)) + eps)              # torch.optim.Adam's direction
+      r = r + d;  send top-k of r, zero r at the sent indices            # error feedback on d
+
+  The averaged sparse ``d`` that arrives is the update, so the hook has already done Adam's work.
+  CONTRACT with the training loop when ``precondition == "adam"``: use
+  ``torch.optim.SGD(param_groups, lr=<the AdamW lr schedule>, momentum=0, nesterov=False,
+  weight_decay=<AdamW's weight_decay per group>)``. SGD without momentum applies ``p -= lr * (d + wd *
+  p)``, which is AdamW's decoupled decay ``p *= 1 - lr * wd; p -= lr * d`` exactly, so use the same lr,
+  schedule and weight decay (and no-decay groups) as AdamW would; betas and eps live in this config.
+  A global ``clip_grad_norm_`` after the sync must be OFF (it would rescale an Adam direction, whose
+  scale is already ~1 per coordinate); clip the raw gradient locally with ``clip_norm`` instead
+  (before the moments; ``clip_norm * sqrt(N)`` reproduces a whole-model clip at that value on one
+  bucket). With ``density`` 1 (or a dense fallback) and one rank this is AdamW exactly; on N ranks it
+  is the average of the ranks' local Adam directions (each normalised by its own half-batch second
+  moment), not Adam of the averaged gradient. Needs ``method: topk``, ``error_feedback``, ``momentum
+  0``. Measured on the demo model (2 simulated ranks, 150 steps, density 1%, 50x fewer bytes): final
+  training loss 2.18 against 1.92 for dense AdamW (+14%), where top-k + error feedback into AdamW
+  ends at 2.78 (+45%); it does not reach dense AdamW at equal steps.
 - **Selection by a sampled threshold** (``selection: sampled``) instead of a full ``torch.topk``:
   see ``sampled_topk_indices``. The sent count is within 10% of k and never above k.
 
@@ -80,8 +111,8 @@ ratio ``dense_bytes / wire_bytes``); ``wire_bytes`` is what the registered hook 
 ``method: none`` both are the dense figure.
 
 Checkpoints: world-size independent, keyed by PARAMETER NAME. ``CommState.export_state()`` is a
-collective (every rank of the group calls it): it all-reduces each parameter's residual (and velocity)
-to the MEAN over the N ranks and returns the same dict on every rank, so one rank saves it.
+collective (every rank of the group calls it): it all-reduces each parameter's residual (and velocity,
+and with ``precondition: adam`` the moments ``exp_avg`` and ``exp_avg_sq``) to the MEAN over the N ranks and returns the same dict on every rank, so one rank saves it.
 ``CommState.import_state(state)`` gives every one of the M new ranks that mean as its starting
 residual/velocity. Rule: the next dense-equivalent update averages over ranks, so
 ``(1/M) * sum over the M new ranks of mean = mean = (1/N) * sum of the N old residuals``: the unsent
@@ -140,12 +171,23 @@ class CompressionConfig(Config):
     value_dtype: Literal["float32", "bfloat16"] = "float32"
     # PowerSGD: rank of the low-rank approximation (method powersgd only).
     powersgd_rank: int = Field(1, ge=1, le=64)
+    # adam: each rank turns its OWN gradient into Adam's bias-corrected direction m / (sqrt(v) + eps)
+    # with its own moments (kept in the hook, never sent), and top-k with error feedback compresses
+    # that direction. The optimizer must then be plain SGD without momentum: see the module docstring
+    # ("Preconditioned top-k") for the exact contract. Needs topk, error_feedback, momentum 0.
+    precondition: Literal["none", "adam"] = "none"
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> "CompressionConfig":
         if self.momentum > 0 and (self.method != "topk" or not self.error_feedback):
             raise ValueError("momentum correction needs method 'topk' with error_feedback on "
                              "(with other methods use the optimizer's momentum)")
+        if self.precondition == "adam" and (self.method != "topk" or not self.error_feedback or self.momentum > 0):
+            raise ValueError("precondition 'adam' needs method 'topk' with error_feedback on and momentum 0 "
+                             "(Adam's first moment is the momentum)")
         if self.warmup_steps > 0 and self.warmup_start_density < self.density:
             raise ValueError(f"warmup_start_density ({self.warmup_start_density}) must be >= density "
                              f"({self.density}): the warm-up decreases the density")
@@ -337,6 +379,22 @@ def accumulate(
     return residual.add_(grad)  # (n,)
 
 
+def adam_direction(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+    beta1: float, beta2: float, eps: float,
+) -> torch.Tensor:
+    """Adam's update direction from this rank's gradient, moments updated in place: a new (n,) tensor.
+
+    ``m = b1 * m + (1 - b1) * g``, ``v = b2 * v + (1 - b2) * g^2``, returns
+    ``(m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` for step ``t >= 1`` -- the same arithmetic as
+    ``torch.optim.Adam`` (non-fused), without lr and weight decay.
+    """
+    exp_avg.lerp_(grad, 1.0 - beta1)  # (n,) m
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # (n,) v
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)  # (n,)
+    return exp_avg.div(denom).div_(1.0 - beta1**step)  # (n,)
+
+
 def select_and_mask(
     acc: torch.Tensor,
     k: int,
@@ -431,7 +489,7 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Per-rank state: bucket-flat buffers during a run, parameter names in checkpoints.
 
-_KINDS = ("residual", "velocity")
+_KINDS = ("residual", "velocity", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -524,7 +582,9 @@ class CommState:
         c = self.config
         if c.method != "topk" or not c.error_feedback:
             return ()
-        return _KINDS if c.momentum > 0 else ("residual",)
+        if c.precondition == "adam":
+            return ("residual", "exp_avg", "exp_avg_sq")
+        return ("residual", "velocity") if c.momentum > 0 else ("residual",)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -588,7 +648,8 @@ class CommState:
 
         Every rank of the group must call it (it is one allreduce when the group has more than one
         rank); every rank gets the same dict, on CPU, so one rank can save it. Keys:
-        ``residual/<param name>`` and ``velocity/<param name>`` (flat tensors, one per trainable
+        ``residual/<param name>`` and ``velocity/<param name>`` (with ``precondition: adam``:
+        ``exp_avg/<param name>`` and ``exp_avg_sq/<param name>`` instead of velocity) (flat tensors, one per trainable
         parameter ``register`` recorded, zeros where this rank holds nothing), and ``steps`` (the hook's
         step count, so a resumed run continues the density warm-up). Sums are taken in float64.
         process_group None means the hook's group.
@@ -713,6 +774,9 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
         grad.mul_(torch.clamp(limit / (norm + 1e-12), max=1.0))  # (n,) no host sync
     flats = state._store(bucket, n, acc_dtype, buffer.device).flats if config.error_feedback else {}
     residual, velocity = flats.get("residual"), flats.get("velocity")
+    if config.precondition == "adam":
+        grad = adam_direction(grad, flats["exp_avg"], flats["exp_avg_sq"], state.steps + 1, config.adam_beta1,
+                              config.adam_beta2, config.adam_eps)  # (n,) new tensor
     acc = accumulate(grad, residual, velocity, config.momentum) if residual is not None else grad  # (n,)
 
     if fallback:
