@@ -12,6 +12,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".orch")
     # Any SQLAlchemy URL; None means SQLite (WAL mode) at <state_dir>/orch.db.
     db_url: str | None = None
+    # FULL: every stored job survives power loss; NORMAL: it survives a crash of the service (WAL), and
+    # submissions are faster (no fsync per commit).
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     # Per-job folders (spec.json, out/). Ray drivers read and write here, so on a remote cluster this
     # must be a path every node sees at the same place (NFS); s3:// outputs come later.
     jobs_dir: Path | None = None

@@ -35,7 +35,7 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     """Build the service. ``ray``, ``store`` and the entry-point allow-list are injectable for tests
     (clients only ever choose a job kind); the controller thread starts with the app's lifespan when
     ``settings.controller_enabled``."""
-    store = store or JobStore(settings.database_url)
+    store = store or JobStore(settings.database_url, settings.sqlite_synchronous)
     ray = ray or make_ray_client(settings)
     telemetry = Telemetry(store.count_by_state)
     controller = (Controller(store, ray, settings, telemetry, entrypoints=entrypoints)
@@ -71,3 +71,10 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     app.add_middleware(TokenGuard, token=settings.token)
     app.add_middleware(HttpMetrics, telemetry=telemetry)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """For ``uvicorn --factory orchestrator.api.app:app_from_env``: settings from ORCH_* variables."""
+    from orchestrator.settings import load_settings
+
+    return create_app(load_settings())

@@ -54,7 +54,7 @@ class TokenGuard:
 _bearer = HTTPBearer(auto_error=False, description="ORCH_API_TOKEN")
 
 
-def require_token(
+async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     expected = request.app.state.settings.token
