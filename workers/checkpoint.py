@@ -5,7 +5,8 @@ One folder per checkpoint, written by world rank 0 after collectives on every ra
     model.pt        the full single-process state dict: experts by global id (E, ...), router biases
     optim.pt        {"step": int, "state": {moment: {parameter name: full tensor}}}: AdamW moments
                     keyed like model.pt (expert moments gathered by global id); empty for SGD
-    compression.pt  error-feedback state keyed "residual/<name>" / "velocity/<name>" (flat), plus
+    compression.pt  the hook's per-parameter state keyed "<kind>/<name>" (flat: residual, velocity,
+                    and with precondition adam the local moments exp_avg / exp_avg_sq), plus
                     "steps"; the MEAN over the ranks that averaged each tensor (dense parameters: all
                     ranks; experts: their replicas, gathered by global id)
     meta.json       step, data position (sequences consumed in the epoch, over all workers), byte
@@ -32,7 +33,11 @@ from workers.moe.model import MoETransformer
 from workers.moe.parallel import ExpertGradSync, ParallelGroups, gather_expert_state, shard_expert_state
 
 FORMAT_VERSION = 2
-_KINDS = ("residual", "velocity")
+
+
+def _kinds(state: Mapping[str, Tensor]) -> list[str]:
+    """Per-parameter kinds in a compression state ("residual", "velocity", "exp_avg", ...)."""
+    return sorted({key.partition("/")[0] for key in state if "/" in key})
 
 
 def _gather(model: MoETransformer, groups: ParallelGroups | None, state: Mapping[str, Tensor]) -> dict | None:
@@ -67,7 +72,7 @@ def _compression_state(model: MoETransformer, comm: CommState, esync: ExpertGrad
         return state
     experts = esync.state.export_state(groups.expert_dp_group)  # mean over each expert's replicas
     shapes = dict((name, p.shape) for name, p in model.named_parameters())
-    for kind in _KINDS:
+    for kind in _kinds(experts):
         local = {k.partition("/")[2]: v.view(shapes[k.partition("/")[2]])
                  for k, v in experts.items() if k.startswith(kind + "/")}
         full = _gather(model, groups, local)
@@ -124,7 +129,7 @@ def load_compression(path: Path, *, model: MoETransformer, comm: CommState, esyn
     dense = {k: v for k, v in saved.items() if k == "steps" or k.partition("/")[2] not in expert_full}
     comm.import_state(dense)
     experts: dict[str, Tensor] = {"steps": saved["steps"]}
-    for kind in _KINDS:
+    for kind in _kinds(saved):
         full = {k.partition("/")[2]: v.view(full_shapes[k.partition("/")[2]])
                 for k, v in saved.items() if k.startswith(kind + "/") and k.partition("/")[2] in expert_full}
         experts.update({f"{kind}/{name}": t.reshape(-1) for name, t in _shard(model, groups, full).items()})
