@@ -1,0 +1,53 @@
+"""The training loop's pure pieces: optimizer contract, schedule, data position across a resize."""
+
+import pytest
+import torch
+
+from workers.compression import CompressionConfig
+from workers.loop import LoopConfig, _Position, build_optimizer, final_window, lr_at
+from workers.moe.model import ModelConfig, MoETransformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MoETransformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, n_routed_experts=2, top_k=1, expert_hidden=8))
+
+
+@pytest.mark.parametrize(
+    ("comp", "kind"),
+    [
+        (CompressionConfig(method="none"), torch.optim.AdamW),
+        (CompressionConfig(method="topk"), torch.optim.AdamW),
+        (CompressionConfig(method="topk", precondition="adam"), torch.optim.SGD),
+        (CompressionConfig(method="topk", momentum=0.9), torch.optim.SGD),
+    ],
+)
+def test_optimizer_follows_the_hook_contract(model, comp, kind):
+    opt = build_optimizer(model, LoopConfig(weight_decay=0.1), comp)
+    assert type(opt) is kind
+    if kind is torch.optim.SGD:  # the hook owns momentum / moments; AdamW's decoupled decay stays
+        assert all(g["momentum"] == 0 for g in opt.param_groups)
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 0.1]
+    matrices = next(g for g in opt.param_groups if g["weight_decay"] == 0.1)["params"]
+    assert all(p.dim() >= 2 for p in matrices)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = LoopConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_final_window_is_ten_percent_capped():
+    assert [final_window(s) for s in (1, 30, 300, 5000)] == [1, 3, 30, 50]
+
+
+def test_data_position_is_global_across_a_resize():
+    # 2 workers x batch 4 consumed 12 batches each = 96 sequences; on 1 worker that is 24 batches.
+    saved = {"epoch": 1, "sequences_in_epoch": 12 * 2 * 4}
+    assert _Position.from_meta(saved, world=1, batch_size=4).batch_in_epoch == 24
+    assert _Position.from_meta(saved, world=4, batch_size=4).batch_in_epoch == 6
+    assert _Position.from_meta(saved, world=4, batch_size=4).epoch == 1
