@@ -216,7 +216,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import secrets
 
-    from orchestrator.settings import SettingsError, load_settings
+    from orchestrator.settings import SettingsError, load_settings, write_secret
 
     overrides: dict[str, Any] = {"port": args.port} if args.port else {}
     if args.local:
@@ -231,11 +231,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         from orchestrator.local_ray import LocalRayHead
 
         ray_token = secrets.token_hex(32)
+        token_file = settings.state_dir / "ray_auth_token"
+        write_secret(token_file, ray_token)
         head = LocalRayHead(settings.state_dir / "ray", num_cpus=args.num_cpus, auth_token=ray_token)
         print(f"starting a local Ray head (logs: {head.log_path}) ...", file=sys.stderr)
         head.start()
         settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
-        print(f"Ray dashboard {head.dashboard_url} (token auth on)", file=sys.stderr)
+        print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "
+              f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
+              file=sys.stderr)
     try:
         from orchestrator.api.app import create_app
         from orchestrator.server import serve

@@ -6,6 +6,7 @@ dashboard, so a remote cluster works exactly like a local one. Tests replace ``R
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -150,12 +151,12 @@ class SdkRayJobs:
             raise RayUnavailable(_short(e)) from None
 
     async def tail(self, submission_id: str) -> AsyncIterator[str]:
-        client = self._jobs()
         try:
+            client = await asyncio.to_thread(self._jobs)
             async for chunk in client.tail_job_logs(submission_id):
                 yield chunk
-        except RuntimeError as e:
-            # The websocket closes with an error when the job is unknown or the head goes away.
+        except Exception as e:  # noqa: BLE001 - any failure (unknown job, head gone, auth) ends this tail
+            # The caller decides whether to reopen it.
             log.info("log tail for %s ended: %s", submission_id, _short(e))
 
     def nodes(self) -> list[NodeView]:

@@ -121,12 +121,17 @@ def local_token(state_dir: Path, *, create: bool) -> str:
             return token
     if not create:
         raise SettingsError(f"no API token: set ORCH_API_TOKEN (or run `orch up --local` to make {path})")
-    state_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
+    write_secret(path, token)
+    return token
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write a secret readable by its owner only (created 0600, never world-readable in between)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+        f.write(value + "\n")
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -231,3 +231,25 @@ def test_metrics_are_prometheus_text(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'orch_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in r.text
     assert "orch_jobs{state=" in r.text and "orch_reconcile_iterations_total" in r.text
+
+
+def test_follow_reopens_a_broken_tail_without_repeating_output(client, fake_ray):
+    """A tail that breaks while the attempt runs is reopened; what was sent is not sent again."""
+    fake_ray.auto_run = False
+    job_id = client.post("/v1/jobs", json={"spec": TINY_SPEC}, headers=AUTH).json()["id"]
+    sid = _wait_state(client, job_id, {"STARTING"})["ray_submission_id"]
+    fake_ray.set(sid, "RUNNING")
+    calls = []
+
+    async def flaky_tail(submission_id):
+        calls.append(submission_id)
+        if len(calls) == 1:
+            yield "line 1\n"  # then the websocket drops while the job still runs
+            return
+        fake_ray.set(sid, "SUCCEEDED", exit_code=0)
+        yield "line 1\nline 2\n"
+
+    fake_ray.tail = flaky_tail
+    with client.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, headers=AUTH) as s:
+        text = "".join(s.iter_text())
+    assert text == "line 1\nline 2\n" and len(calls) >= 2

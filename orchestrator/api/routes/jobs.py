@@ -139,20 +139,30 @@ async def job_logs(
 
 
 async def _follow(store: JobStore, ray, job_id: str, first_attempt: int, max_s: float) -> AsyncIterator[str]:
+    """Tail each attempt from ``first_attempt`` on until the job ends or ``max_s`` passes. A tail that
+    breaks while its attempt still runs is reopened, skipping what was already sent."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_s
-    next_attempt = first_attempt
+    sent: dict[int, int] = {}  # attempt -> characters already streamed
+    done: set[int] = set()
     while loop.time() < deadline:
         job = await run_in_threadpool(store.get, job_id)
         for a in job.attempt_records:
-            if a.number < next_attempt or a.submitted_at is None:
+            if a.number < first_attempt or a.number in done or a.submitted_at is None:
                 continue
-            if a.number > 1:
+            if a.number > 1 and a.number not in sent:
                 yield f"--- attempt {a.number} ({a.submission_id}) ---\n"
+            skip = sent.setdefault(a.number, 0)
             async for chunk in _bounded(ray.tail(a.submission_id), deadline):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+                sent[a.number] += len(chunk)
                 yield chunk
-            next_attempt = a.number + 1
-        if job.state.terminal and all(a.number < next_attempt or a.submitted_at is None
+            if a.ended_at is not None or job.state.terminal or a.number < job.attempts:
+                done.add(a.number)
+        if job.state.terminal and all(a.number in done or a.number < first_attempt or a.submitted_at is None
                                       for a in job.attempt_records):
             return
         await asyncio.sleep(FOLLOW_POLL_S)
