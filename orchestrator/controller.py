@@ -90,9 +90,14 @@ class Controller:
                 try:
                     started = self._reconcile(job, active_slots=self.settings.max_active_jobs - active)
                     active += started
+                except RayUnavailable:
+                    raise
                 except (IllegalTransition, RayRefused) as e:
                     self.telemetry.reconcile_errors.labels("job").inc()
                     log.warning("job %s: %s", job.id, e)
+                except Exception:  # one job's trouble (a full disk, a bad row) must not stall the others
+                    self.telemetry.reconcile_errors.labels("job").inc()
+                    log.exception("job %s: reconcile failed", job.id)
             self.ray_reachable = True
         except RayUnavailable as e:
             # Nothing can be learned this pass; every job keeps its state until Ray answers.

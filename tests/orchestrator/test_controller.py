@@ -243,3 +243,19 @@ def test_cancel_of_a_job_ray_never_schedules_ends_after_the_grace(env):
     ctl.reconcile_once()
     job = store.get(jid)
     assert job.state is S.CANCELLED and "PENDING" in job.message and len(ray.stops) == 2
+
+
+def test_one_broken_job_does_not_stall_the_others(env, monkeypatch):
+    store, ray, ctl, settings = env
+    bad, good = _job(store, name="bad"), _job(store, name="good")
+    ctl.reconcile_once()
+    real_write = __import__("orchestrator.entrypoints", fromlist=["JobPaths"]).JobPaths.write_spec
+
+    def write_spec(self, spec):
+        if bad in str(self.root):
+            raise OSError("No space left on device")
+        real_write(self, spec)
+
+    monkeypatch.setattr("orchestrator.entrypoints.JobPaths.write_spec", write_spec)
+    ctl.reconcile_once()
+    assert store.get(bad).state is S.QUEUED and store.get(good).state is S.STARTING
