@@ -7,15 +7,19 @@ from pathlib import Path
 
 from tests.conftest import DEMO, run_train
 
+# The demo spec compresses Adam-preconditioned directions; the other variants go back to AdamW
+# on the synced gradient with its global clip.
+ADAMW = ["compression.precondition=none", "compression.clip_norm=null", "train.grad_clip=1.0"]
 VARIANTS = [
-    ("dense", ["compression.method=none"]),
-    ("topk 1% + EF", ["compression.method=topk", "compression.density=0.01", "compression.error_feedback=true"]),
-    ("topk 1%, no EF", ["compression.method=topk", "compression.density=0.01", "compression.error_feedback=false"]),
-    ("topk 0.1% + EF", ["compression.method=topk", "compression.density=0.001", "compression.error_feedback=true"]),
-    ("topk 0.1%, no EF", ["compression.method=topk", "compression.density=0.001", "compression.error_feedback=false"]),
-    ("PowerSGD rank 1", ["compression.method=powersgd", "compression.powersgd_rank=1"]),
-    ("PowerSGD rank 2", ["compression.method=powersgd", "compression.powersgd_rank=2"]),
-    ("PowerSGD rank 4", ["compression.method=powersgd", "compression.powersgd_rank=4"]),
+    ("dense", ["compression.method=none", *ADAMW]),
+    ("topk 1% + EF, Adam-preconditioned", ["compression.density=0.01"]),
+    ("topk 1% + EF into AdamW", ["compression.density=0.01", *ADAMW]),
+    ("topk 1%, no EF", ["compression.density=0.01", "compression.error_feedback=false", *ADAMW]),
+    ("topk 0.1% + EF, Adam-preconditioned", ["compression.density=0.001"]),
+    ("topk 0.1%, no EF", ["compression.density=0.001", "compression.error_feedback=false", *ADAMW]),
+    ("PowerSGD rank 1", ["compression.method=powersgd", "compression.powersgd_rank=1", *ADAMW]),
+    ("PowerSGD rank 2", ["compression.method=powersgd", "compression.powersgd_rank=2", *ADAMW]),
+    ("PowerSGD rank 4", ["compression.method=powersgd", "compression.powersgd_rank=4", *ADAMW]),
 ]
 
 
