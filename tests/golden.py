@@ -9,19 +9,18 @@ after an intended change with ``python -m tests.golden --update`` and say why in
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
-import os
 import random
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.distributed import run_scenarios, scenario_values
 from workers import compression
 from workers.compression import CompressionConfig
 from workers.moe.model import ModelConfig, MoETransformer
@@ -39,6 +38,7 @@ VARIANTS = {
 }
 LR = 1e-2
 COLLECTIVE_TIMEOUT_S = 120
+JOIN_TIMEOUT_S = 600
 
 
 def corpus(seed: int = 0, n_lines: int = 4000) -> bytes:
@@ -62,12 +62,8 @@ def batches(rank: int) -> torch.Tensor:
     return per_step[:, rank]  # (STEPS, BATCH, SEQ + 1)
 
 
-def _worker(rank: int, store_path: str, name: str, out_path: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+def _train(name: str, rank: int) -> list[float]:
+    """One rank of the golden run (inside tests.distributed's process group): the loss curve."""
     torch.manual_seed(0)
     model = MoETransformer(MODEL)
     ddp = DistributedDataParallel(model, forward_sync_buffers=False)
@@ -86,33 +82,24 @@ def _worker(rank: int, store_path: str, name: str, out_path: str) -> None:
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         curve.append(round(mean.item() / WORLD, 5))
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(curve))
-    dist.destroy_process_group()
+    return curve
 
 
-def run_curve(name: str) -> list[float]:
+SCENARIOS = {name: functools.partial(_train, name) for name in VARIANTS}
+
+
+def run_curves() -> dict[str, list[float]]:
+    """Every variant's curve, from one spawn of WORLD gloo ranks."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "curve.json"
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, str(Path(tmp) / "store"), name, str(out))) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=COLLECTIVE_TIMEOUT_S * 2)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"golden run {name!r} failed: exit codes {[p.exitcode for p in procs]}")
-        return json.loads(out.read_text())
+        results = run_scenarios(__name__, Path(tmp), WORLD, COLLECTIVE_TIMEOUT_S, JOIN_TIMEOUT_S)
+    return {name: scenario_values(results, name)[0] for name in VARIANTS}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tests.golden")
     p.add_argument("--update", action="store_true", help=f"rewrite {CURVES.name}")
     args = p.parse_args()
-    curves = {name: run_curve(name) for name in VARIANTS}
+    curves = run_curves()
     for name, curve in curves.items():
         print(f"{name}: {curve[0]:.3f} -> {curve[-1]:.3f}")
     if args.update:

@@ -6,18 +6,14 @@ slow part; each scenario records its own result or traceback so that each test f
 """
 
 import copy
-import datetime
 import math
-import multiprocessing
-import os
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tests.distributed import run_scenarios, scenario_values
 from workers.compression import (
     SAMPLED_MIN_NUMEL,
     CommState,
@@ -856,62 +852,17 @@ SCENARIOS = {
 }
 
 
-def _rank_main(rank: int, store_path: str, out_dir: str) -> None:
-    # Gloo picks its interface from the hostname; keep all traffic on loopback.
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD_SIZE)
-    dist.init_process_group(
-        "gloo",
-        store=store,
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    results: dict[str, dict] = {}
-    try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                results[name] = {"ok": True, "value": scenario(rank)}
-            except Exception:
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-            # Keep the ranks in step so one scenario's failure cannot desynchronise the next.
-            dist.barrier()
-    finally:
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("compression_dist")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_rank_main, args=(rank, str(tmp / "store"), str(tmp)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=RANKS_JOIN_TIMEOUT_S)
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join()
-    if hung:
-        pytest.fail(f"{len(hung)} rank(s) still running after {RANKS_JOIN_TIMEOUT_S} s; killed")
-    codes = [proc.exitcode for proc in procs]
-    files = [tmp / f"rank{rank}.pt" for rank in range(WORLD_SIZE)]
-    if any(code != 0 for code in codes) or not all(f.exists() for f in files):
-        pytest.fail(f"ranks exited with codes {codes}")
-    return [torch.load(f, weights_only=False) for f in files]
+    try:
+        return run_scenarios(__name__, tmp_path_factory.mktemp("compression_dist"), WORLD_SIZE, COLLECTIVE_TIMEOUT_S,
+                             RANKS_JOIN_TIMEOUT_S)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def _values(dist_results: list[dict], name: str) -> list[dict]:
-    for rank, results in enumerate(dist_results):
-        if not results[name]["ok"]:
-            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{results[name]['error']}")
-    return [results[name]["value"] for results in dist_results]
+    return scenario_values(dist_results, name)
 
 
 @pytest.mark.timeout(300)
