@@ -72,3 +72,17 @@ def scenario_values(results: list[dict], name: str) -> list:
         if not by_name[name]["ok"]:
             pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{by_name[name]['error']}")
     return [by_name[name]["value"] for by_name in results]
+
+
+def results_fixture(module: str, world: int, collective_timeout_s: float, join_timeout_s: float):
+    """A module-scoped ``dist_results`` fixture running ``module``'s SCENARIOS once."""
+
+    @pytest.fixture(scope="module")
+    def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+        try:
+            return run_scenarios(module, tmp_path_factory.mktemp(module.rpartition(".")[2]), world,
+                                 collective_timeout_s, join_timeout_s)
+        except RuntimeError as e:
+            pytest.fail(str(e))
+
+    return dist_results

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.distributed import run_scenarios, scenario_values
+from tests.distributed import results_fixture, scenario_values
 from workers.compression import (
     SAMPLED_MIN_NUMEL,
     CommState,
@@ -852,22 +852,12 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    try:
-        return run_scenarios(__name__, tmp_path_factory.mktemp("compression_dist"), WORLD_SIZE, COLLECTIVE_TIMEOUT_S,
-                             RANKS_JOIN_TIMEOUT_S)
-    except RuntimeError as e:
-        pytest.fail(str(e))
-
-
-def _values(dist_results: list[dict], name: str) -> list[dict]:
-    return scenario_values(dist_results, name)
+dist_results = results_fixture(__name__, WORLD_SIZE, COLLECTIVE_TIMEOUT_S, RANKS_JOIN_TIMEOUT_S)
 
 
 @pytest.mark.timeout(300)
 def test_full_density_matches_dense_ddp_exactly(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "exact"):
+    for value in scenario_values(dist_results, "exact"):
         assert value["averaged"], "hook output equals the local gradient: nothing was averaged"
         assert value["equal"] == [True, True, True], value["max_diff"]
         assert value["params_equal"]
@@ -879,7 +869,7 @@ def test_full_density_matches_dense_ddp_exactly(dist_results: list[dict]) -> Non
 
 @pytest.mark.timeout(300)
 def test_dense_fallback_when_sparse_would_not_be_smaller(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "fallback"):
+    for value in scenario_values(dist_results, "fallback"):
         # sparse_pays says no for every bucket at density 0.6, N = 2 (checked with the bucket sizes
         # DDP used: before and after its rebuild, all parameters together are ~12.5k elements).
         n = sum(value["numels"].values())
@@ -895,7 +885,7 @@ def test_dense_fallback_when_sparse_would_not_be_smaller(dist_results: list[dict
 
 @pytest.mark.timeout(300)
 def test_sparse_nonzeros_and_byte_model(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "sparse")
+    values = scenario_values(dist_results, "sparse")
     for value in values:
         records = value["records"]
         assert value["steps"] == SPARSE_STEPS
@@ -933,7 +923,7 @@ def test_sparse_nonzeros_and_byte_model(dist_results: list[dict]) -> None:
 
 @pytest.mark.timeout(300)
 def test_group_of_one_compresses_without_sending(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "singleton"):
+    for value in scenario_values(dist_results, "singleton"):
         assert value["world_size"] == 1
         assert (value["wire_bytes"], value["dense_bytes"]) == (0, 0)
         assert value["agree"]
@@ -942,7 +932,7 @@ def test_group_of_one_compresses_without_sending(dist_results: list[dict]) -> No
 
 @pytest.mark.timeout(300)
 def test_export_state_is_mean_by_name_and_resizes_without_losing_mass(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "export")
+    values = scenario_values(dist_results, "export")
     exported = [v["exported"] for v in values]
     # The same dict on every rank ...
     assert exported[0].keys() == exported[1].keys()
@@ -978,7 +968,7 @@ def test_export_state_is_mean_by_name_and_resizes_without_losing_mass(dist_resul
 
 @pytest.mark.timeout(300)
 def test_error_feedback_makes_sparse_sgd_converge(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "converge")
+    values = scenario_values(dist_results, "converge")
     assert values[0]["losses"] == values[1]["losses"], "ranks must hold the same model"
     losses, initial = values[0]["losses"], values[0]["initial"]
     assert losses["dense"] < 0.6 * initial
@@ -993,7 +983,7 @@ def test_error_feedback_makes_sparse_sgd_converge(dist_results: list[dict]) -> N
 
 @pytest.mark.timeout(300)
 def test_dgc_recipe_trains_at_extreme_ratio_with_exact_byte_count(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "dgc")
+    values = scenario_values(dist_results, "dgc")
     assert torch.equal(values[0]["dgc"]["weight"], values[1]["dgc"]["weight"]), "ranks must hold the same model"
     dense, dgc = values[0]["dense_momentum"], values[0]["dgc"]
     n = dense["weight"].numel()
@@ -1015,7 +1005,7 @@ def test_dgc_recipe_trains_at_extreme_ratio_with_exact_byte_count(dist_results: 
 
 @pytest.mark.timeout(300)
 def test_powersgd_runs_under_ddp_and_sends_less_than_dense(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "powersgd")
+    values = scenario_values(dist_results, "powersgd")
     for value in values:
         assert value["steps"] == POWERSGD_STEPS
         n = value["n"]
@@ -1035,7 +1025,7 @@ def test_powersgd_runs_under_ddp_and_sends_less_than_dense(dist_results: list[di
 
 @pytest.mark.timeout(300)
 def test_adam_precondition_trains_like_adamw_with_exact_bytes_and_mean_export(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "adam")
+    values = scenario_values(dist_results, "adam")
     assert torch.equal(values[0]["adam"]["weight"], values[1]["adam"]["weight"]), "ranks must hold the same model"
     dense, adam = values[0]["dense_adamw"], values[0]["adam"]
     n = dense["weight"].numel()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.distributed import run_scenarios, scenario_values
+from tests.distributed import results_fixture, scenario_values
 from workers.compression import (
     CompressionConfig,
     dense_allreduce_bytes,
@@ -471,22 +471,12 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    try:
-        return run_scenarios(__name__, tmp_path_factory.mktemp("parallel_dist"), WORLD_SIZE, COLLECTIVE_TIMEOUT_S,
-                             RANKS_JOIN_TIMEOUT_S)
-    except RuntimeError as e:
-        pytest.fail(str(e))
-
-
-def _values(dist_results: list[dict], name: str) -> list[dict]:
-    return scenario_values(dist_results, name)
+dist_results = results_fixture(__name__, WORLD_SIZE, COLLECTIVE_TIMEOUT_S, RANKS_JOIN_TIMEOUT_S)
 
 
 @pytest.mark.timeout(300)
 def test_dispatch_matches_full_experts_forward_and_backward(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "dispatch")
+    values = scenario_values(dist_results, "dispatch")
     assert [c["rows"] for c in values[1]["cases"]] == [0, 7]
     for value in values:
         for case in value["cases"]:
@@ -505,7 +495,7 @@ def _check_grads(value: dict) -> None:
 
 @pytest.mark.timeout(300)
 def test_ep2_loss_and_gradients_equal_single_process(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "grads_ep2"):
+    for value in scenario_values(dist_results, "grads_ep2"):
         _check_grads(value)
         names = value["expert_names"]
         assert len(names) == 3 * 2 and all(".moe.experts.local." in n for n in names)
@@ -522,7 +512,7 @@ def test_ep2_loss_and_gradients_equal_single_process(dist_results: list[dict]) -
 
 @pytest.mark.timeout(300)
 def test_ep1_expert_replicas_synced_by_topk_hook(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "grads_ep1_topk"):
+    for value in scenario_values(dist_results, "grads_ep1_topk"):
         _check_grads(value)
         assert value["expert_dp_size"] == 2
         # One bucket per MoE layer, counted by the hook's byte model. At density 1.0 the hook may
@@ -536,7 +526,7 @@ def test_ep1_expert_replicas_synced_by_topk_hook(dist_results: list[dict]) -> No
 
 @pytest.mark.timeout(300)
 def test_ep1_sparse_expert_sync_loses_nothing(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "grads_ep1_sparse")
+    values = scenario_values(dist_results, "grads_ep1_sparse")
     for value in values:
         # Error feedback: applied + mean residual == reference gradient, to float rounding.
         assert max(value["rel_diffs"]) <= GRAD_RTOL, value["rel_diffs"]
@@ -553,7 +543,7 @@ def test_ep1_sparse_expert_sync_loses_nothing(dist_results: list[dict]) -> None:
 
 @pytest.mark.timeout(300)
 def test_ep1_expert_replicas_synced_dense(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "grads_ep1_dense"):
+    for value in scenario_values(dist_results, "grads_ep1_dense"):
         _check_grads(value)
         assert value["all_to_all_bytes"] == 0  # EP size 1: experts called directly
         n = value["expert_numel"]
@@ -562,7 +552,7 @@ def test_ep1_expert_replicas_synced_dense(dist_results: list[dict]) -> None:
 
 @pytest.mark.timeout(300)
 def test_ep2_training_tracks_single_process(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "train_ep2")
+    values = scenario_values(dist_results, "train_ep2")
     assert values[0]["losses"] == values[1]["losses"]
     value = values[0]
     for step, (loss, ref) in enumerate(zip(value["losses"], value["ref_losses"], strict=True)):
@@ -578,7 +568,7 @@ def test_ep2_training_tracks_single_process(dist_results: list[dict]) -> None:
 
 @pytest.mark.timeout(300)
 def test_checkpoint_by_global_expert_id(dist_results: list[dict]) -> None:
-    values = _values(dist_results, "checkpoint")
+    values = scenario_values(dist_results, "checkpoint")
     assert [v["is_root"] for v in values] == [True, False]
     assert values[0]["init_equal"]
     assert values[0]["regathered_equal"]
@@ -592,7 +582,7 @@ def test_checkpoint_by_global_expert_id(dist_results: list[dict]) -> None:
 
 @pytest.mark.timeout(300)
 def test_expert_sync_over_group_of_one_is_a_noop(dist_results: list[dict]) -> None:
-    for value in _values(dist_results, "singleton_sync"):
+    for value in scenario_values(dist_results, "singleton_sync"):
         assert value["n_expert_params"] == 6
         assert value["unchanged"]
         assert (value["wire_bytes"], value["dense_bytes"]) == (0, 0)
