@@ -44,7 +44,9 @@ class LocalRayHead:
     def __init__(self, temp_dir: Path | None = None, num_cpus: int | None = None, auth_token: str | None = None,
                  env: dict[str, str] | None = None, resources: dict[str, float] | None = None,
                  gcs_port: int | None = None, dashboard_port: int | None = None):
-        if temp_dir is None or len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
+        # A temp dir made here (none given, or too long) is removed by stop(); a given one keeps its logs.
+        self._owns_temp_dir = temp_dir is None or len(str(temp_dir)) > MAX_TEMP_DIR_CHARS
+        if self._owns_temp_dir:
             temp_dir = Path(tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp"))
         self.temp_dir = temp_dir
         self.num_cpus = num_cpus
@@ -101,7 +103,7 @@ class LocalRayHead:
         try:
             self._wait_ready(timeout_s)
         except BaseException:
-            self.stop()
+            self._end(HEAD_STOP_TIMEOUT_S)  # the temp dir stays: its log says why
             raise
         return self.dashboard_url
 
@@ -120,6 +122,11 @@ class LocalRayHead:
         raise TimeoutError(f"the Ray head did not serve its Jobs API within {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = HEAD_STOP_TIMEOUT_S) -> None:
+        self._end(timeout_s)
+        if self._owns_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _end(self, timeout_s: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
