@@ -13,11 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from workers.compression import CompressionConfig
-from workers.config import Config
-from workers.data import VOCAB_SIZE, DataConfig
-from workers.loop import LoopConfig
-from workers.moe.model import ModelConfig
+from workers.config import VOCAB_SIZE, CompressionConfig, Config, DataConfig, LoopConfig, ModelConfig
 
 
 class ResourcesSpec(Config):

@@ -137,64 +137,13 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
-from workers.config import Config
+from workers.config import CompressionConfig
 
 logger = logging.getLogger(__name__)
 
 
-class CompressionConfig(Config):
-    # none: dense allreduce (still byte-counted); topk: sparse (index, value) allgather with the DGC
-    # tricks below; powersgd: PyTorch's PowerSGD hook (low-rank), for comparison.
-    method: Literal["none", "topk", "powersgd"] = "topk"
-    # Fraction of each bucket's elements sent per step (after the warm-up).
-    density: float = Field(0.01, gt=0.0, le=1.0)
-    # Keep what was not sent and add it to the next step's gradient (Stich et al. 2018).
-    error_feedback: bool = True
-    # DGC momentum correction, 0 = off (e.g. 0.9). The optimizer must then be plain SGD without
-    # momentum: see the module docstring for the exact contract. Needs topk and error_feedback.
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    # DGC local clipping: each rank's bucket gradient to L2 norm clip_norm / sqrt(N), before
-    # accumulation; None = off.
-    clip_norm: float | None = Field(None, gt=0.0, le=1e6)
-    # Density warm-up over the first warmup_steps hook steps, 0 = off: exponential decrease from
-    # warmup_start_density to density (DGC: 25% -> 0.1% over 4 stages).
-    warmup_steps: int = Field(0, ge=0, le=10_000_000)
-    warmup_start_density: float = Field(0.25, gt=0.0, le=1.0)
-    # exact: torch.topk on the whole bucket; sampled: threshold from the top-k of a ~1% sample,
-    # then one pass (sent count within 10% of k, never above).
-    selection: Literal["exact", "sampled"] = "sampled"
-    # Per bucket, all-reduce densely (residual flushed into it) when the sparse allgather would send
-    # at least as many bytes as the dense ring allreduce (about density >= 1 / N).
-    dense_fallback: bool = True
-    # Dtype of the values on the wire (indices stay int32). bfloat16: 6 bytes per pair instead of 8;
-    # the rounding error stays in the residual when error_feedback is on.
-    value_dtype: Literal["float32", "bfloat16"] = "float32"
-    # PowerSGD: rank of the low-rank approximation (method powersgd only).
-    powersgd_rank: int = Field(1, ge=1, le=64)
-    # adam: each rank turns its OWN gradient into Adam's bias-corrected direction m / (sqrt(v) + eps)
-    # with its own moments (kept in the hook, never sent), and top-k with error feedback compresses
-    # that direction. The optimizer must then be plain SGD without momentum: see the module docstring
-    # ("Preconditioned top-k") for the exact contract. Needs topk, error_feedback, momentum 0.
-    precondition: Literal["none", "adam"] = "none"
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "CompressionConfig":
-        if self.momentum > 0 and (self.method != "topk" or not self.error_feedback):
-            raise ValueError("momentum correction needs method 'topk' with error_feedback on "
-                             "(with other methods use the optimizer's momentum)")
-        if self.precondition == "adam" and (self.method != "topk" or not self.error_feedback or self.momentum > 0):
-            raise ValueError("precondition 'adam' needs method 'topk' with error_feedback on and momentum 0 "
-                             "(Adam's first moment is the momentum)")
-        if self.warmup_steps > 0 and self.warmup_start_density < self.density:
-            raise ValueError(f"warmup_start_density ({self.warmup_start_density}) must be >= density "
-                             f"({self.density}): the warm-up decreases the density")
-        return self
 
 
 # Float32 indices are int32 on the wire: a bucket must have fewer elements than this (the padding

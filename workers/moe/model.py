@@ -28,47 +28,12 @@ Shape suffixes used in names and comments:
 """
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from workers.config import Config
-
-
-class ModelConfig(Config):
-    vocab_size: int = Field(256, ge=2, le=1_000_000)
-    d_model: int = Field(128, ge=8, le=16384)
-    n_layers: int = Field(4, ge=1, le=256)
-    n_heads: int = Field(4, ge=1, le=256)
-    max_seq_len: int = Field(256, ge=8, le=131072)
-    # Fine-grained routed experts (DeepSeekMoE): many narrow experts, top_k of them per token.
-    n_routed_experts: int = Field(8, ge=1, le=1024)
-    n_shared_experts: int = Field(1, ge=0, le=64)
-    expert_hidden: int = Field(128, ge=4, le=65536)
-    top_k: int = Field(2, ge=1, le=64)
-    score_func: Literal["softmax", "sigmoid"] = "sigmoid"
-    # bias: auxiliary-loss-free balancing by a per-expert routing bias (DeepSeek-V3);
-    # aux: the classic Switch/GShard auxiliary loss; none: no balancing.
-    balance: Literal["bias", "aux", "none"] = "bias"
-    # Bias step per optimizer step. DeepSeek-V3 used 1e-3 over trillions of tokens; in short runs
-    # at lr ~3e-3 the router collapses faster than that can correct (measured on the demo model,
-    # 120 steps: MaxVio 1.0-2.9 and up to 50% dropped at 1e-3; 0.05-0.12 and < 1% at 1e-2).
-    bias_update_rate: float = Field(1e-2, ge=0.0, le=1.0)
-    aux_loss_coef: float = Field(1e-2, ge=0.0, le=10.0)
-    # Per-expert capacity = ceil(capacity_factor * tokens * top_k / n_routed_experts); None: no cap.
-    capacity_factor: float | None = Field(1.25, ge=1.0, le=64.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
-        if self.top_k > self.n_routed_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be <= n_routed_experts ({self.n_routed_experts})")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        return self
-
+from workers.config import ModelConfig
 
 # Std of every weight at init (GPT-2 / nanoGPT); residual output projections get
 # INIT_STD / sqrt(2 * n_layers) so the residual stream's variance does not grow with depth.
