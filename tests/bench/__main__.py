@@ -36,11 +36,22 @@ def _projection(scratch: Path, args: argparse.Namespace) -> dict:
     return projection_section()
 
 
+def _control_plane(scratch: Path, args: argparse.Namespace) -> dict:
+    from orchestrator.bench import markdown, run_bench
+
+    results = run_bench()
+    return {"data": {"name": "control_plane", **results},
+            "markdown": ["## Control plane (loopback; API rows exclude Ray submission)", "",
+                         "`python -m orchestrator.bench`: a bounded load (fixed count, fixed time).", "",
+                         *markdown(results).splitlines()]}
+
+
 SECTIONS = {
     "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants),
     "selection": _selection,
     "moe": _moe,
     "projection": _projection,
+    "control-plane": _control_plane,
 }
 
 
