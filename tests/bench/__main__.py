@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from tests.bench.compression_runs import VARIANTS, compression_section
 
 ROOT = Path(__file__).resolve().parents[2]
+JSON_PATH, MD_PATH = ROOT / "BENCHMARKS.json", ROOT / "BENCHMARKS.md"
 
 
 def _selection(scratch: Path, args: argparse.Namespace) -> dict:
@@ -70,16 +72,24 @@ def main() -> None:
     for name in args.sections:
         print(f"== bench section: {name}", flush=True)
         sections.append(SECTIONS[name](scratch, args))
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
-           "date": time.strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - started)}
-    (ROOT / "BENCHMARKS.json").write_text(json.dumps({"env": env, "sections": [s["data"] for s in sections]},
-                                                     indent=2))
-    md = ["# Benchmarks", "",
-          f"Written by `make bench` on {env['date']} ({env['cpus']} CPUs, {env['machine']}, Python {env['python']}); "
-          f"the whole run took {env['wall_time_s']} s. Figures in one table come from one run, side by side.", ""]
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(time.time() - started)}
     for s in sections:
-        md += s["markdown"] + [""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(md))
+        s["data"]["markdown"], s["data"]["env"] = s["markdown"], env
+    fresh = {s["data"]["name"]: s["data"] for s in sections}
+    # A run of some sections keeps the others from the previous run (each says when it ran).
+    previous = json.loads(JSON_PATH.read_text())["sections"] if JSON_PATH.exists() else []
+    merged = [fresh.pop(old["name"], old) for old in previous if "markdown" in old] + list(fresh.values())
+    JSON_PATH.write_text(json.dumps({"sections": merged}, indent=2))
+    md = ["# Benchmarks", "",
+          "Written by `make bench` (`python -m tests.bench [--sections ...]`). Figures in one table come from "
+          "one run, side by side; each section says when and where it ran. This machine is shared and noisy: "
+          "read ratios, not absolute times.", ""]
+    for s in merged:
+        e = s["env"]
+        md += s["markdown"] + ["", f"_{e['date']}, {e['cpus']} CPUs ({e['machine']}), Python {e['python']}; "
+                                   f"that bench run took {e['wall_time_s']} s._", ""]
+    MD_PATH.write_text("\n".join(md))
     print("\n".join(md))
 
 
