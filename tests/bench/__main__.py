@@ -49,7 +49,7 @@ def _control_plane(scratch: Path, args: argparse.Namespace) -> dict:
 
 
 SECTIONS = {
-    "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants),
+    "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants, args.reuse),
     "selection": _selection,
     "moe": _moe,
     "projection": _projection,
@@ -64,9 +64,11 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", choices=[label for label, _ in VARIANTS],
                    help="compression variants to run beside dense (default: all)")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--reuse", action="store_true", help="keep finished runs in --out (resume an interrupted bench)")
     args = p.parse_args()
     scratch = Path(args.out)
-    shutil.rmtree(scratch, ignore_errors=True)
+    if not args.reuse:
+        shutil.rmtree(scratch, ignore_errors=True)
     started = time.time()
     sections = []
     for name in args.sections:

@@ -23,7 +23,7 @@ VARIANTS = [
 ]
 
 
-def compression_section(scratch: Path, steps: int | None, only: list[str] | None = None) -> dict:
+def compression_section(scratch: Path, steps: int | None, only: list[str] | None = None, reuse: bool = False) -> dict:
     rows = []
     for label, sets in VARIANTS:
         if only and label != "dense" and label not in only:
@@ -31,10 +31,13 @@ def compression_section(scratch: Path, steps: int | None, only: list[str] | None
         out = scratch / label.replace(" ", "_").replace("%", "pct").replace(",", "").replace("+", "")
         extra = sets + ([f"train.steps={steps}"] if steps else [])
         args = ["--spec", str(DEMO), "--out", str(out), "--no-sample"] + [a for s in extra for a in ("--set", s)]
-        print(f"bench: {label} ...", flush=True)
-        r = run_train(*args, timeout=3600)
-        if r.returncode != 0:
-            raise SystemExit(f"bench run {label!r} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        if reuse and (out / "summary.json").exists():
+            print(f"bench: {label}: reusing {out / 'summary.json'}", flush=True)
+        else:
+            print(f"bench: {label} ...", flush=True)
+            r = run_train(*args, timeout=3600)
+            if r.returncode != 0:
+                raise SystemExit(f"bench run {label!r} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         s = json.loads((out / "summary.json").read_text())
         rows.append({"variant": label, **{k: s[k] for k in ("final_loss", "eval_loss", "steps", "tokens_per_s",
                                                               "wire_bytes", "dense_bytes", "compression")}})
