@@ -459,7 +459,32 @@ def _scenario_singleton_sync(rank: int) -> dict:
     }
 
 
+def _scenario_singleton_preconditioned(rank: int) -> dict:
+    """With precondition adam the optimizer is plain SGD: a group of one must still deliver Adam
+    directions to the experts (first step: m_hat / sqrt(v_hat) = g / |g|, so +-1 where g != 0)."""
+    singles = [dist.new_group([r], timeout=_timeout()) for r in range(WORLD_SIZE)]
+    torch.manual_seed(3)
+    model = MoETransformer(tiny_config())
+    apply_expert_parallel(model, singles[rank])
+    sync = ExpertGradSync(model, singles[rank], CompressionConfig(method="topk", density=0.01, precondition="adam"))
+    _lm_loss(model, _half(_batch(0), rank)).backward()
+    names = set(expert_param_names(model))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+    sync.sync()
+    after = {n: p.grad for n, p in model.named_parameters() if n in names}
+    nonzero = torch.cat([g.flatten() for g in grads.values()]).abs() > 1e-4  # eps (1e-8) negligible
+    directions = torch.cat([a.flatten() for a in after.values()])
+    return {
+        "counted": int(nonzero.sum()),
+        "unit_where_nonzero": bool(torch.allclose(directions[nonzero].abs(), torch.ones(int(nonzero.sum())),
+                                                  atol=1e-3)),
+        "sign_kept": bool(torch.equal(directions[nonzero].sign(), torch.cat([g.flatten() for g in grads.values()])[nonzero].sign())),
+        "wire_bytes": sync.wire_bytes,
+    }
+
+
 SCENARIOS = {
+    "singleton_preconditioned": _scenario_singleton_preconditioned,
     "dispatch": _scenario_dispatch,
     "grads_ep2": _scenario_grads_ep2,
     "grads_ep1_topk": _scenario_grads_ep1_topk,
@@ -586,3 +611,9 @@ def test_expert_sync_over_group_of_one_is_a_noop(dist_results: list[dict]) -> No
         assert value["n_expert_params"] == 6
         assert value["unchanged"]
         assert (value["wire_bytes"], value["dense_bytes"]) == (0, 0)
+
+
+def test_expert_sync_over_group_of_one_still_preconditions(dist_results: list[dict]) -> None:
+    for value in scenario_values(dist_results, "singleton_preconditioned"):
+        assert value["counted"] > 100 and value["unit_where_nonzero"] and value["sign_kept"]
+        assert value["wire_bytes"] == 0

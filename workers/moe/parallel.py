@@ -380,7 +380,8 @@ class ExpertGradSync:
     equal per-rank batch sizes, as DDP's average does.
 
     A group of one (W == P) sends nothing and counts 0 bytes; only the 1 / P scaling is applied
-    (a true no-op when P == 1), and no compression: with no replica there is nothing to send, so
+    (a true no-op when P == 1), and no compression, unless the hook owns optimizer state (momentum
+    correction, precondition adam): then the hook still runs, at density 1, to produce the update: with no replica there is nothing to send, so
     compressing would only delay gradient mass. Otherwise each MoE layer is one bucket (its
     experts' w1, w3, w2 gradients, flat), compressed and averaged by ``topk_hook`` (or
     ``allreduce_hook`` for method "none") from workers/compression.py, driven through the same
@@ -400,8 +401,15 @@ class ExpertGradSync:
         self.modules = _expert_modules(model)
         expert_ids = {id(p) for module in self.modules for p in module.parameters()}
         named = {name: p for name, p in model.named_parameters() if id(p) in expert_ids}
-        self.state = _comm_state(compression_config, expert_dp_group, named)
         self.group_size = dist.get_world_size(expert_dp_group)
+        # With momentum correction or precondition adam the hook owns the optimizer state and the
+        # optimizer only applies what arrives: even with no replica to send to, the hook must turn
+        # the gradient into that update. Nothing is sent, so nothing needs sparsifying: density 1.
+        self.hook_owns_state = compression_config.method == "topk" and (
+            compression_config.momentum > 0 or compression_config.precondition == "adam")
+        if self.group_size == 1 and self.hook_owns_state:
+            compression_config = compression_config.model_copy(update={"density": 1.0, "warmup_steps": 0})
+        self.state = _comm_state(compression_config, expert_dp_group, named)
         self._hook = topk_hook if compression_config.method == "topk" else allreduce_hook
 
     @property
@@ -429,7 +437,7 @@ class ExpertGradSync:
         for index, module in enumerate(self.modules):
             scale = 1.0 / getattr(module, "ep_size", 1)
             pairs = self._grads(module)
-            if self.group_size == 1:
+            if self.group_size == 1 and not self.hook_owns_state:
                 if scale != 1.0:
                     for _, grad in pairs:
                         grad.mul_(scale)
