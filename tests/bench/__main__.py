@@ -70,29 +70,33 @@ def main() -> None:
     if not args.reuse:
         shutil.rmtree(scratch, ignore_errors=True)
     started = time.time()
-    sections = []
     for name in args.sections:
         print(f"== bench section: {name}", flush=True)
-        sections.append(SECTIONS[name](scratch, args))
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(time.time() - started)}
-    for s in sections:
-        s["data"]["markdown"], s["data"]["env"] = s["markdown"], env
-    fresh = {s["data"]["name"]: s["data"] for s in sections}
-    # A run of some sections keeps the others from the previous run (each says when it ran).
+        t0 = time.time()
+        section = SECTIONS[name](scratch, args)
+        env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(time.time() - t0)}
+        print("\n".join(write_section(section, env)[-len(section["markdown"]) - 3:]))  # after every section: an interrupted bench keeps what it measured
+    print(f"bench: {round(time.time() - started)} s")
+
+
+def write_section(section: dict, env: dict) -> list[str]:
+    """Merge one section into BENCHMARKS.json / BENCHMARKS.md (the others stay as they were)."""
+    data = {**section["data"], "markdown": section["markdown"], "env": env}
     previous = json.loads(JSON_PATH.read_text())["sections"] if JSON_PATH.exists() else []
-    merged = [fresh.pop(old["name"], old) for old in previous if "markdown" in old] + list(fresh.values())
+    merged = [s for s in previous if "markdown" in s and s["name"] != data["name"]] + [data]
     JSON_PATH.write_text(json.dumps({"sections": merged}, indent=2))
     md = ["# Benchmarks", "",
           "Written by `make bench` (`python -m tests.bench [--sections ...]`). Figures in one table come from "
-          "one run, side by side; each section says when and where it ran. This machine is shared and noisy: "
-          "read ratios, not absolute times.", ""]
+          "one run, side by side; each section says when it ran and how long it took. This machine is shared "
+          "and noisy: read ratios, not absolute times.", ""]
     for s in merged:
         e = s["env"]
         md += s["markdown"] + ["", f"_{e['date']}, {e['cpus']} CPUs ({e['machine']}), Python {e['python']}; "
-                                   f"that bench run took {e['wall_time_s']} s._", ""]
+                                   f"this section took {e['wall_time_s']} s._", ""]
     MD_PATH.write_text("\n".join(md))
-    print("\n".join(md))
+    return md
+
 
 
 if __name__ == "__main__":
