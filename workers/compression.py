@@ -663,10 +663,9 @@ class CommState:
         self.steps = steps
 
     def residual_state(self) -> dict[str, torch.Tensor]:
-        """Transitional: THIS rank's state by parameter name (not averaged; no collective).
+        """THIS rank's state by parameter name (not averaged; no collective), for inspection.
 
-        World-size dependent; use ``export_state`` / ``import_state`` instead. Kept until the
-        training loop moves to them.
+        World-size dependent: checkpoints use ``export_state`` / ``import_state`` (workers/checkpoint.py).
         """
         state = {f"{kind}/{name}": t.detach().clone().cpu()
                  for kind in self._kinds() for name, t in self._named(kind).items()}
@@ -674,7 +673,7 @@ class CommState:
         return state
 
     def load_residual_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Transitional: restore ``residual_state`` (same world size); see ``import_state``."""
+        """Restore ``residual_state`` on the same rank and world size (checkpoints: ``import_state``)."""
         self.import_state(state)
 
     def _count(self, bucket: dist.GradBucket, dense: int, wire: int, fallback: bool = False) -> None:
