@@ -72,12 +72,14 @@ def _compression_state(model: MoETransformer, comm: CommState, esync: ExpertGrad
         return state
     experts = esync.state.export_state(groups.expert_dp_group)  # mean over each expert's replicas
     shapes = dict((name, p.shape) for name, p in model.named_parameters())
-    for kind in _kinds(experts):
+    gathered = {}
+    for kind in _kinds(experts):  # every rank takes part in every gather, root or not
         local = {k.partition("/")[2]: v.view(shapes[k.partition("/")[2]])
                  for k, v in experts.items() if k.startswith(kind + "/")}
-        full = _gather(model, groups, local)
-        if full is None:
-            return None
+        gathered[kind] = _gather(model, groups, local)
+    if any(full is None for full in gathered.values()):
+        return None  # not the EP group's root
+    for kind, full in gathered.items():
         state.update({f"{kind}/{name}": t.reshape(-1) for name, t in full.items()})
     return state
 
