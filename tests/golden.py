@@ -76,7 +76,7 @@ def _train(name: str, rank: int) -> list[float]:
         opt.zero_grad(set_to_none=True)
         (loss + model.aux_loss()).backward()
         opt.step()
-        counts = model.router_counts()  # (layers, experts + 2)
+        counts = model.router_counts()  # (layers, 2 * experts + 2)
         dist.all_reduce(counts)
         model.update_router_bias(counts)
         mean = loss.detach().clone()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.moe.model import (
+    CENTER_MOMENTUM,
     GroupedExperts,
     ModelConfig,
     MoE,
@@ -68,7 +69,7 @@ def reference_moe(moe: MoE, x_TD: torch.Tensor, keep_TK: torch.Tensor | None = N
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_router_k_distinct_experts_and_gates_sum_to_one(score_func):
     torch.manual_seed(0)
-    router = TopKRouter(D_MODEL, n_experts=8, top_k=3, score_func=score_func)
+    router = TopKRouter(D_MODEL, n_experts=8, top_k=3, score_func=score_func, centering=False)
     scores, experts, gates = router(torch.randn(64, D_MODEL))
     assert scores.shape == (64, 8) and experts.shape == (64, 3) and gates.shape == (64, 3)
     assert all(len(set(row)) == 3 for row in experts.tolist())
@@ -79,7 +80,7 @@ def test_router_k_distinct_experts_and_gates_sum_to_one(score_func):
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_router_bias_changes_selection_not_gate_source(score_func):
     torch.manual_seed(0)
-    router = TopKRouter(D_MODEL, n_experts=8, top_k=2, score_func=score_func)
+    router = TopKRouter(D_MODEL, n_experts=8, top_k=2, score_func=score_func, centering=False)
     x = torch.randn(32, D_MODEL)
     scores0, experts0, _ = router(x)
     router.expert_bias[5] = 10.0  # far above any score range: expert 5 wins every token
@@ -93,7 +94,8 @@ def test_router_bias_changes_selection_not_gate_source(score_func):
 
 def test_bias_moves_toward_balance_on_skewed_batch():
     torch.manual_seed(0)
-    model = MoETransformer(tiny_config(n_layers=1, bias_update_rate=0.05, capacity_factor=None))
+    model = MoETransformer(tiny_config(n_layers=1, bias_update_rate=0.05, capacity_factor=None,
+                                       router_centering=False))
     moe = model.layers[0].moe
     u = F.normalize(torch.randn(D_MODEL), dim=0)
     with torch.no_grad():
@@ -113,10 +115,56 @@ def test_bias_moves_toward_balance_on_skewed_batch():
 
 
 def test_update_router_bias_noop_unless_bias_balance():
-    model = MoETransformer(tiny_config(balance="aux"))
-    counts = torch.tensor([[10.0, 0, 0, 0, 0, 10]] * 2)
+    model = MoETransformer(tiny_config(balance="aux", router_centering=False))
+    counts = torch.tensor([[10.0, 0, 0, 0, 1, 2, 3, 4, 0, 10]] * 2)
     model.update_router_bias(counts)
     assert all((m.router.expert_bias == 0).all() for m in model.moe_layers())
+    assert all((m.router.logit_center == 0).all() for m in model.moe_layers())
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_centering_splits_tokens_that_share_an_offset(score_func):
+    """Every token = a large common direction + a small own part: uncentred, all rank the experts
+    alike and pick the same top_k; centred on the batch mean, the own parts decide."""
+    torch.manual_seed(0)
+    u = F.normalize(torch.randn(D_MODEL), dim=0)
+    x = 5.0 * u + 0.2 * torch.randn(256, D_MODEL)  # (T, D)
+    picks = {}
+    for centering in (False, True):
+        torch.manual_seed(1)
+        router = TopKRouter(D_MODEL, n_experts=8, top_k=2, score_func=score_func, centering=centering)
+        scores, experts, gates = router(x)
+        picks[centering] = (scores, torch.bincount(experts.flatten(), minlength=8))
+        chosen = scores.gather(1, experts)
+        assert torch.allclose(gates, chosen / chosen.sum(-1, keepdim=True))  # gates: uncentred scores
+    assert torch.equal(picks[False][0], picks[True][0])  # centering never enters the scores
+    assert picks[False][1].max() == 256  # one expert takes every token
+    assert picks[True][1].max() < 2 * 256 * 2 / 8  # centred: under twice the mean load
+
+
+def test_centering_in_eval_uses_the_running_center():
+    torch.manual_seed(0)
+    router = TopKRouter(D_MODEL, n_experts=8, top_k=2, score_func="sigmoid", centering=True)
+    x = 3.0 * F.normalize(torch.randn(D_MODEL), dim=0) + 0.2 * torch.randn(64, D_MODEL)
+    _, train_experts, _ = router(x)
+    batch_mean = router.last_logit_sum / 64
+    router.eval()
+    _, eval_experts, _ = router(x)  # logit_center is still 0: uncentred
+    assert not torch.equal(eval_experts, train_experts)
+    router.update_center(batch_mean)
+    assert torch.allclose(router.logit_center, CENTER_MOMENTUM * batch_mean)
+    router.logit_center.copy_(batch_mean)
+    assert torch.equal(router(x)[1], train_experts)
+
+
+def test_update_router_bias_moves_the_center_by_the_global_mean_logit():
+    model = MoETransformer(tiny_config(balance="none"))  # E=4, top_k=2
+    # as if summed over ranks: 10 tokens (20 assignments), logits summed over those tokens
+    counts = torch.tensor([[5.0, 5, 5, 5, 10, -20, 0, 30, 0, 20]] * 2)
+    model.update_router_bias(counts)
+    for m in model.moe_layers():
+        assert torch.allclose(m.router.logit_center, CENTER_MOMENTUM * torch.tensor([1.0, -2, 0, 3]))
+        assert (m.router.expert_bias == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +283,8 @@ def test_capacity_drops_lowest_gates_and_counts_them():
     # Experts 0 and 1 each get all 8 tokens; each keeps 4, so 4 + 4 assignments are dropped.
     expected_dropped = sum(max(load - capacity, 0) for load in [8, 8, 0, 0])
     counts = moe.last_counts
-    assert counts.tolist() == [8.0, 8.0, 0.0, 0.0, float(expected_dropped), 16.0]
+    assert counts[:4].tolist() == [8.0, 8.0, 0.0, 0.0] and counts[-2:].tolist() == [float(expected_dropped), 16.0]
+    assert torch.allclose(counts[4:8], moe.router.gate(x).sum(0))  # logits summed over tokens
     assert routing_stats(counts[None])[0]["drop_frac"] == pytest.approx(8 / 16)
 
     # Score priority: each expert keeps the 4 tokens with the highest gate for it.
@@ -271,11 +320,11 @@ def test_forward_shapes_and_counts():
     torch.manual_seed(0)
     cfg = tiny_config()
     model = MoETransformer(cfg)
-    assert model.router_counts().shape == (2, 6) and model.router_counts().sum() == 0
+    assert model.router_counts().shape == (2, 10) and model.router_counts().sum() == 0
     logits = model(torch.randint(0, 16, (3, 7)))
     assert logits.shape == (3, 7, 16)
     counts = model.router_counts()
-    assert counts.shape == (cfg.n_layers, cfg.n_routed_experts + 2) and not counts.requires_grad
+    assert counts.shape == (cfg.n_layers, 2 * cfg.n_routed_experts + 2) and not counts.requires_grad
     assert (counts[:, :4].sum(-1) == 3 * 7 * 2).all() and (counts[:, -1] == 3 * 7 * 2).all()
     assert model.lm_head.weight is model.tok_emb.weight
     with pytest.raises(ValueError):
@@ -324,8 +373,9 @@ def test_generate_length_context_crop_and_mode():
 def test_routing_stats_by_hand():
     counts = torch.tensor(
         [
-            [6.0, 2.0, 0.0, 0.0, 1.0, 8.0],  # mean load 2, max 6 -> max_vio 2
-            [2.0, 2.0, 2.0, 2.0, 0.0, 8.0],  # perfectly balanced
+            # loads (4), logit sums (4: ignored), dropped, total
+            [6.0, 2.0, 0.0, 0.0, 9.0, -9.0, 9.0, 9.0, 1.0, 8.0],  # mean load 2, max 6 -> max_vio 2
+            [2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 8.0],  # perfectly balanced
         ]
     )
     s0, s1 = routing_stats(counts)

@@ -7,8 +7,8 @@ slow part; each scenario records its own result or traceback so that each test f
 
 Reference: every rank also builds the single-process model from the same seed and runs it on the
 FULL batch (the union of the ranks' halves); the EP model on 2 ranks must match it. Routing is the
-same token by token (capacity_factor=None, so no capacity dropping depends on how the batch is
-split; balance="bias", whose bias does not enter the loss, where the aux loss's product of batch
+same token by token (capacity_factor=None and router_centering=False, so neither capacity dropping
+nor the batch-mean logit centre depends on how the batch is split; balance="bias", whose bias does not enter the loss, where the aux loss's product of batch
 means would differ between halves and the whole).
 """
 
@@ -90,6 +90,7 @@ def tiny_config(**overrides) -> ModelConfig:
         expert_hidden=8,
         top_k=2,
         capacity_factor=None,
+        router_centering=False,
         balance="bias",
     )
     base.update(overrides)
@@ -354,7 +355,7 @@ def _scenario_train_ep2(rank: int) -> dict:
         sync.sync()
         norms.append(clip_grad_norm_(model, CLIP_MAX_NORM, groups).item())
         opt.step()
-        counts = model.router_counts()  # (N, E + 2)
+        counts = model.router_counts()  # (N, 2E + 2)
         dist.all_reduce(counts)
         model.update_router_bias(counts)
         mean = loss.detach().clone()

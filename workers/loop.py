@@ -209,8 +209,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     batches = _batches(train_shard, cfg.batch_size, seed, pos, device)
     n_layers, n_experts = model_cfg.n_layers, model_cfg.n_routed_experts
-    window_counts = torch.zeros(n_layers, n_experts + 2)  # routing counts since the last progress line
-    tail_counts = torch.zeros(n_layers, n_experts + 2)  # routing counts over the final window
+    window_counts = torch.zeros(n_layers, 2 * n_experts + 2)  # routing counts since the last progress line
+    tail_counts = torch.zeros(n_layers, 2 * n_experts + 2)  # routing counts over the final window
     tail = final_window(cfg.steps)
     losses: list[float] = []
     tokens_per_step = world * cfg.batch_size * model_cfg.max_seq_len
@@ -248,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        counts = model.router_counts()  # (layers, experts + 2)
+        counts = model.router_counts()  # (layers, 2 * experts + 2)
         dist.all_reduce(counts)  # every rank applies the same bias update
         model.update_router_bias(counts)
         window_counts += counts.cpu()

@@ -7,8 +7,10 @@ variants train in lock step on the SAME deterministic batches from the standard-
 optimizer step of each per batch, in a rotating order, so the step times of the variants are taken
 side by side under the same load (this machine is shared and noisy; ratios hold, absolute times move):
 
-- ``moe-bias``: the demo model (auxiliary-loss-free balancing by a per-expert bias, DeepSeek-V3);
-- ``moe-aux``: the same with ``balance="aux"`` (Switch/GShard auxiliary loss, default coefficient);
+- ``moe-bias``: the demo model (auxiliary-loss-free balancing by a per-expert bias, DeepSeek-V3,
+  selecting on batch-centred router logits: ``router_centering``);
+- ``moe-aux``: the same with ``balance="aux"`` (Switch/GShard auxiliary loss, default coefficient)
+  and the classic router (no centering);
 - ``dense``: every block's MoE replaced by one SwiGLU FFN of width top_k * F + n_shared * F = 384,
   the MoE's active FFN width per token (see ``DENSE_NOTE`` for why not a ``ModelConfig``).
 
@@ -151,7 +153,7 @@ def load_batches(steps: int, data_dir: Path = DATA_DIR) -> tuple[list[torch.Tens
 @torch.no_grad()
 def evaluate(model: MoETransformer, batches: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
     """Mean next-token loss over the held-out batches (eval mode: no capacity dropping), and the
-    routing counts (N, E + 2) summed over them."""
+    routing counts (N, 2E + 2) summed over them."""
     model.eval()
     loss_sum, count = 0.0, 0
     counts = None
@@ -159,20 +161,20 @@ def evaluate(model: MoETransformer, batches: list[torch.Tensor]) -> tuple[float,
         logits = model(x[:, :-1])  # (B, L, V)
         loss_sum += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         count += x[:, 1:].numel()
-        c = model.router_counts()  # (N, E + 2)
+        c = model.router_counts()  # (N, 2E + 2)
         counts = c if counts is None else counts + c
     model.train()
     return loss_sum / count, counts
 
 
 def max_vio(counts: np.ndarray) -> np.ndarray:
-    """MaxVio = max load / mean load - 1 over the experts, from router counts (..., E + 2) -> (...)."""
-    load = counts[..., :-2]  # (..., E)
+    """MaxVio = max load / mean load - 1 over the experts, from router counts (..., 2E + 2) -> (...)."""
+    load = counts[..., :(counts.shape[-1] - 2) // 2]  # (..., E)
     return load.max(axis=-1) / load.mean(axis=-1) - 1.0
 
 
 def routing_summary(counts: np.ndarray, held_out: np.ndarray, tail: int) -> dict[str, Any]:
-    """From per-step router counts (S, N, E + 2) and held-out counts (N, E + 2)."""
+    """From per-step router counts (S, N, 2E + 2) and held-out counts (N, 2E + 2)."""
     steps = counts.shape[0]
     vio = max_vio(counts)  # (S, N) per step and layer
     dropped, assigned = counts[..., -2], counts[..., -1]  # (S, N)
@@ -226,12 +228,12 @@ def train_side_by_side(models: dict[str, MoETransformer], batches: list[torch.Te
             if loop.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
             opt.step()
-            counts = model.router_counts()  # (N, E + 2)
+            counts = model.router_counts()  # (N, 2E + 2)
             model.update_router_bias(counts)
             rec[name]["time"].append(time.perf_counter() - t0)
             rec[name]["loss"].append(loss.item())
             if not isinstance(model.layers[0].moe, DenseFFN):
-                rec[name]["counts"].append(counts.numpy().copy())  # (N, E + 2)
+                rec[name]["counts"].append(counts.numpy().copy())  # (N, 2E + 2)
         done = step + 1
         if done % PROGRESS_EVERY == 0 or done == len(batches):
             parts = []
@@ -240,7 +242,7 @@ def train_side_by_side(models: dict[str, MoETransformer], batches: list[torch.Te
                 part = (f"{n} loss {statistics.fmean(r['loss'][-PROGRESS_EVERY:]):.3f} "
                         f"{1e3 * statistics.median(r['time'][-PROGRESS_EVERY:]):.0f} ms/step")
                 if r["counts"]:
-                    recent = np.stack(r["counts"][-PROGRESS_EVERY:])  # (S, N, E + 2)
+                    recent = np.stack(r["counts"][-PROGRESS_EVERY:])  # (S, N, 2E + 2)
                     part += (f" MaxVio {max_vio(recent).mean(axis=0).max():.2f} dropped "
                              f"{100 * recent[..., -2].sum() / recent[..., -1].sum():.1f}%")
                 parts.append(part)
@@ -310,7 +312,7 @@ def moe_section(steps: int = 300) -> dict:
         torch.manual_seed(SEED)
         models["moe-bias"] = MoETransformer(DEMO)
         torch.manual_seed(SEED)
-        models["moe-aux"] = MoETransformer(DEMO.model_copy(update={"balance": "aux"}))
+        models["moe-aux"] = MoETransformer(DEMO.model_copy(update={"balance": "aux", "router_centering": False}))
         torch.manual_seed(SEED)
         models["dense"] = dense_model(DEMO, DENSE_WIDTH)
         params = {n: param_counts(m) for n, m in models.items()}
@@ -377,7 +379,8 @@ def moe_section(steps: int = 300) -> dict:
            f"{tokens_per_step * DEMO.top_k} assignments, {BATCH} sequences), averaged over the last "
            f"{bias['balance_window']} steps ({BALANCE_TAIL:.0%}) -- the goal's measure; beside it, for reference, the "
            "MaxVio of the loads summed over those steps, and over the whole held-out set with the final biases "
-           f"(eval mode). Bias rate {DEMO.bias_update_rate:g}, aux coefficient {DEMO.aux_loss_coef:g} (the defaults). "
+           f"(eval mode). Bias rate {DEMO.bias_update_rate:g} with router centering, aux coefficient "
+           f"{DEMO.aux_loss_coef:g} with the classic uncentred router (the defaults otherwise). "
            f"Final LM loss: bias {bias['final_loss']:.4f}, aux {aux['final_loss']:.4f}; eval: bias "
            f"{bias['eval_loss']:.4f}, aux {aux['eval_loss']:.4f}. Dropped = assignments (token, expert) over "
            "capacity, whole run; a token loses one of its top-2 experts, never the shared expert.", "",
