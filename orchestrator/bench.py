@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.server import free_port
+from orchestrator.server import free_port, wait_until_healthy
 
 TOKEN = "bench-token-" + "0123456789abcdef" * 2
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -49,18 +49,9 @@ def _start_api(state_dir: Path, port: int, extra_env: dict[str, str] | None = No
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the API did not start")
+    wait_until_healthy(proc, f"http://127.0.0.1:{port}", lambda: proc.stderr.read().decode(),
+                       timeout_s=SERVER_START_TIMEOUT_S)
+    return proc
 
 
 def _request_bytes(port: int, body: dict) -> bytes:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -16,6 +19,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, output: Callable[[], str],
+                       timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    """Polls ``url``/healthz until it answers 200. Raises RuntimeError with the tail of ``output()``
+    if ``proc`` (the server's process) exits first, and kills it if the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: {output()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the server did not answer {url}/healthz within {timeout_s:.0f} s")
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:

@@ -19,7 +19,7 @@ import yaml
 from jobs.specs import validate_spec
 from orchestrator.api.app import create_app
 from orchestrator.local_ray import LocalRayHead
-from orchestrator.server import BackgroundServer, free_port
+from orchestrator.server import BackgroundServer, free_port, wait_until_healthy
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore, submission_id_for
@@ -117,18 +117,8 @@ def _start_service(tmp_path: Path, head: LocalRayHead, port: int, crash: bool) -
     log = open(log_path, "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "tests.orchestrator.serve_app"], env=env, cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"service exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("service did not start")
+    wait_until_healthy(proc, f"http://127.0.0.1:{port}", log_path.read_text, timeout_s=60)
+    return proc
 
 
 def test_controller_sigkilled_between_storing_and_submitting_runs_the_job_exactly_once(ray_head, tmp_path):
