@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.bench.compression_runs import VARIANTS, compression_section
+from tests.bench.compression_runs import VARIANTS, compression_section, horizon_section
 
 ROOT = Path(__file__).resolve().parents[2]
 JSON_PATH, MD_PATH = ROOT / "BENCHMARKS.json", ROOT / "BENCHMARKS.md"
@@ -50,6 +50,7 @@ def _control_plane(scratch: Path, args: argparse.Namespace) -> dict:
 
 SECTIONS = {
     "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants, args.reuse),
+    "horizon": lambda scratch, args: horizon_section(scratch, args.steps, args.reuse),
     "selection": _selection,
     "moe": _moe,
     "projection": _projection,
