@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.distributed import results_fixture, scenario_values
+from tests.test_model import tiny_config as model_tiny_config
 from workers.compression import (
     CompressionConfig,
     dense_allreduce_bytes,
@@ -79,22 +80,9 @@ SEQ = 12
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=32,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        max_seq_len=16,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        expert_hidden=8,
-        top_k=2,
-        capacity_factor=None,
-        router_centering=False,
-        balance="bias",
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
+    """test_model's tiny model, with routing that does not depend on how the batch is split."""
+    base = dict(vocab_size=32, capacity_factor=None, router_centering=False, balance="bias")
+    return model_tiny_config(**(base | overrides))
 
 
 # ----------------------------------------------------------------------------------------------
