@@ -133,23 +133,22 @@ class LocalRayHead:
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            # Draining hung: end the head's own process group (we made it with start_new_session).
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
+            self._kill_group(wait_s=10)  # draining hung
 
     def kill(self) -> None:
         """A crash of the head node: SIGKILL its process group, no draining. Workers exit when their
         raylet dies, and each job driver is killed by its supervisor's watchdog."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        self._kill_group(wait_s=30)
+
+    def _kill_group(self, wait_s: float) -> None:
+        """SIGKILL the head's own process group (we made it with start_new_session), then reap it."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait(30)
+        self.proc.wait(wait_s)
 
     def __enter__(self) -> LocalRayHead:
         self.start()

@@ -7,6 +7,7 @@ slow part; each scenario records its own result or traceback so that each test f
 
 import copy
 import math
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -712,6 +713,34 @@ def _lsq_data() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     return xs, ys, w0
 
 
+def _lsq_loss(weight: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    """Mean over the ranks' data of the least-squares loss of ``weight`` (out, in)."""
+    with torch.no_grad():
+        return sum(torch.nn.functional.mse_loss(x @ weight.T, y).item() for x, y in zip(xs, ys, strict=True)) / len(xs)
+
+
+def _lsq_train(
+    rank: int, config: CompressionConfig, make_opt: Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer],
+    steps: int,
+) -> tuple[torch.Tensor, CommState, list[float]]:
+    """Full-batch training from ``_lsq_data``'s w0 on this rank's data, under DDP with ``config``'s hook:
+    (final weight, hook state, the density the hook used at each step)."""
+    xs, ys, w0 = _lsq_data()
+    model = torch.nn.Linear(32, 8, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w0)
+    ddp = DDP(model)
+    state = register(ddp, config)
+    opt = make_opt(ddp.parameters())
+    densities = []
+    for _ in range(steps):
+        densities.append(state.density)
+        torch.nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.weight.detach().clone(), state, densities
+
+
 def _scenario_converge(rank: int) -> dict:
     """Full-batch GD on least squares: dense vs top-k with EF vs top-k without EF."""
     xs, ys, w0 = _lsq_data()
@@ -722,26 +751,10 @@ def _scenario_converge(rank: int) -> dict:
     }
     losses, bytes_ = {}, {}
     for name, config in configs.items():
-        model = torch.nn.Linear(32, 8, bias=False)
-        with torch.no_grad():
-            model.weight.copy_(w0)
-        ddp = DDP(model)
-        state = register(ddp, config)
-        opt = torch.optim.SGD(ddp.parameters(), lr=LSQ_LR)
-        for _ in range(LSQ_STEPS):
-            torch.nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
-            opt.step()
-            opt.zero_grad()
-        with torch.no_grad():
-            losses[name] = sum(
-                torch.nn.functional.mse_loss(model(x), y).item() for x, y in zip(xs, ys, strict=True)
-            ) / len(xs)
+        weight, state, _ = _lsq_train(rank, config, lambda ps: torch.optim.SGD(ps, lr=LSQ_LR), LSQ_STEPS)
+        losses[name] = _lsq_loss(weight, xs, ys)
         bytes_[name] = (state.wire_bytes, state.dense_bytes)
-    with torch.no_grad():
-        initial = sum(
-            torch.nn.functional.mse_loss(x @ w0.T, y).item() for x, y in zip(xs, ys, strict=True)
-        ) / len(xs)
-    return {"losses": losses, "initial": initial, "bytes": bytes_, "n": w0.numel()}
+    return {"losses": losses, "initial": _lsq_loss(w0, xs, ys), "bytes": bytes_, "n": w0.numel()}
 
 
 def _scenario_dgc(rank: int) -> dict:
@@ -750,30 +763,14 @@ def _scenario_dgc(rank: int) -> dict:
     dgc = CompressionConfig(method="topk", density=DGC_DENSITY, momentum=0.9, warmup_steps=DGC_WARMUP_STEPS,
                             clip_norm=DGC_CLIP_NORM, value_dtype="bfloat16")
     runs = {"dense_momentum": (CompressionConfig(method="none"), 0.9), "dgc": (dgc, 0.0)}
-    out: dict = {}
+    out: dict = {"initial": _lsq_loss(w0, xs, ys)}
     for name, (config, optimizer_momentum) in runs.items():
-        model = torch.nn.Linear(32, 8, bias=False)
-        with torch.no_grad():
-            model.weight.copy_(w0)
-        ddp = DDP(model)
-        state = register(ddp, config)
         # With momentum correction the optimizer is plain SGD (the hook applies the momentum).
-        opt = torch.optim.SGD(ddp.parameters(), lr=DGC_LR, momentum=optimizer_momentum)
-        densities = []
-        for _ in range(DGC_STEPS):
-            densities.append(state.density)
-            torch.nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
-            opt.step()
-            opt.zero_grad()
-        with torch.no_grad():
-            loss = sum(torch.nn.functional.mse_loss(model(x), y).item() for x, y in zip(xs, ys, strict=True))
-        out[name] = {"loss": loss / len(xs), "wire_bytes": state.wire_bytes, "dense_bytes": state.dense_bytes,
-                     "densities": densities, "weight": model.weight.detach().clone(),
+        weight, state, densities = _lsq_train(
+            rank, config, lambda ps, m=optimizer_momentum: torch.optim.SGD(ps, lr=DGC_LR, momentum=m), DGC_STEPS)
+        out[name] = {"loss": _lsq_loss(weight, xs, ys), "wire_bytes": state.wire_bytes,
+                     "dense_bytes": state.dense_bytes, "densities": densities, "weight": weight,
                      "fallback_calls": state.dense_fallback_calls}
-    with torch.no_grad():
-        out["initial"] = sum(
-            torch.nn.functional.mse_loss(x @ w0.T, y).item() for x, y in zip(xs, ys, strict=True)
-        ) / len(xs)
     return out
 
 
@@ -806,36 +803,23 @@ def _scenario_powersgd(rank: int) -> dict:
         "steps": state.steps,
     }
 
+
 def _scenario_adam(rank: int) -> dict:
     """Least squares: dense AdamW vs precondition adam (top-k of each rank's Adam direction) + plain SGD."""
     xs, ys, w0 = _lsq_data()
     sparse = CompressionConfig(method="topk", density=ADAM_DENSITY, precondition="adam", clip_norm=10.0)
-    out: dict = {}
+    optimizers = {  # the contract for adam: SGD without momentum, AdamW's weight decay, no global clip
+        "dense_adamw": lambda ps: torch.optim.AdamW(ps, lr=ADAM_LR, betas=(0.9, 0.95), weight_decay=ADAM_WD),
+        "adam": lambda ps: torch.optim.SGD(ps, lr=ADAM_LR, momentum=0.0, weight_decay=ADAM_WD),
+    }
+    out: dict = {"initial": _lsq_loss(w0, xs, ys)}
     for name, config in {"dense_adamw": CompressionConfig(method="none"), "adam": sparse}.items():
-        model = torch.nn.Linear(32, 8, bias=False)
-        with torch.no_grad():
-            model.weight.copy_(w0)
-        ddp = DDP(model)
-        state = register(ddp, config)
-        if name == "adam":  # the contract: SGD without momentum, AdamW's weight decay, no global clip
-            opt = torch.optim.SGD(ddp.parameters(), lr=ADAM_LR, momentum=0.0, weight_decay=ADAM_WD)
-        else:
-            opt = torch.optim.AdamW(ddp.parameters(), lr=ADAM_LR, betas=(0.9, 0.95), weight_decay=ADAM_WD)
-        for _ in range(ADAM_STEPS):
-            torch.nn.functional.mse_loss(ddp(xs[rank]), ys[rank]).backward()
-            opt.step()
-            opt.zero_grad()
-        with torch.no_grad():
-            loss = sum(torch.nn.functional.mse_loss(model(x), y).item() for x, y in zip(xs, ys, strict=True))
-        out[name] = {"loss": loss / len(xs), "wire_bytes": state.wire_bytes, "dense_bytes": state.dense_bytes,
-                     "weight": model.weight.detach().clone(), "fallback_calls": state.dense_fallback_calls}
+        weight, state, _ = _lsq_train(rank, config, optimizers[name], ADAM_STEPS)
+        out[name] = {"loss": _lsq_loss(weight, xs, ys), "wire_bytes": state.wire_bytes,
+                     "dense_bytes": state.dense_bytes, "weight": weight, "fallback_calls": state.dense_fallback_calls}
         if name == "adam":
             out["own"] = state.residual_state()
             out["exported"] = state.export_state()
-    with torch.no_grad():
-        out["initial"] = sum(
-            torch.nn.functional.mse_loss(x @ w0.T, y).item() for x, y in zip(xs, ys, strict=True)
-        ) / len(xs)
     return out
 
 
