@@ -791,7 +791,23 @@ def _scenario_powersgd(rank: int) -> dict:
         opt.zero_grad()
         wire.append(state.wire_bytes)
     _, before, after = state.powersgd.compression_stats()
+    own, exported = state.residual_state(), state.export_state()
+    # Resume (same world size, fresh buckets and PowerSGD state) from the export; a zero gradient and
+    # SGD at lr 1 make the first update exactly what the flush applies: the saved mean error.
+    resumed = _mlp()
+    resumed.load_state_dict(model.state_dict())
+    ddp2 = DDP(resumed)
+    state2 = register(ddp2, CompressionConfig(method="powersgd", powersgd_rank=1))
+    state2.import_state(exported)
+    before_flush = {name: p.detach().clone() for name, p in resumed.named_parameters()}
+    (0.0 * ddp2(_batch(rank, 0)[0]).sum()).backward()
+    torch.optim.SGD(ddp2.parameters(), lr=1.0).step()
+    flushed = {name: before_flush[name] - p.detach() for name, p in resumed.named_parameters()}
     return {
+        "own": own,
+        "exported": exported,
+        "flushed": flushed,
+        "pending_after_flush": sum(len(v) for v in state2._pending.values()),
         "losses": losses,
         "wire": wire,
         "wire_bytes": state.wire_bytes,
@@ -1005,6 +1021,27 @@ def test_powersgd_runs_under_ddp_and_sends_less_than_dense(dist_results: list[di
         assert value["wire"][-1] - value["wire"][-2] < 0.1 * dense_step
         assert value["losses"][-1] < value["losses"][0]
     assert all(torch.equal(a, b) for a, b in zip(values[0]["params"], values[1]["params"], strict=True))
+
+
+@pytest.mark.timeout(300)
+def test_powersgd_error_memory_is_exported_by_name_and_flushed_on_resume(dist_results: list[dict]) -> None:
+    values = scenario_values(dist_results, "powersgd")
+    names = [name for name, _ in _mlp().named_parameters()]
+    exported = values[0]["exported"]
+    assert set(exported) == {"steps"} | {f"residual/{name}" for name in names}
+    assert all(torch.equal(exported[key], values[1]["exported"][key]) for key in exported)
+    for name in names:
+        key = f"residual/{name}"
+        own = [v["own"][key] for v in values]
+        # PowerSGD's error memory differs by rank (each rank's gradient minus the shared approximation).
+        assert not torch.allclose(own[0], own[1])
+        assert torch.allclose(exported[key], (own[0] + own[1]) / 2, rtol=0, atol=1e-7), key
+        if _mlp().get_parameter(name).dim() == 2:  # compressed; 1-d tensors are all-reduced as they are
+            assert torch.count_nonzero(exported[key]) > 0.5 * exported[key].numel(), key
+        # Resumed: the first update (dense, PowerSGD starts at its third iteration) applies the saved mean.
+        for value in values:
+            assert torch.allclose(value["flushed"][name].reshape(-1), exported[key], rtol=0, atol=1e-6), name
+    assert all(v["pending_after_flush"] == 0 for v in values)
 
 
 @pytest.mark.timeout(300)

@@ -6,7 +6,8 @@ One folder per checkpoint, written by world rank 0 after collectives on every ra
     optim.pt        {"step": int, "state": {moment: {parameter name: full tensor}}}: AdamW moments
                     keyed like model.pt (expert moments gathered by global id); empty for SGD
     compression.pt  the hook's per-parameter state keyed "<kind>/<name>" (flat: residual, velocity,
-                    and with precondition adam the local moments exp_avg / exp_avg_sq), plus
+                    and with precondition adam the local moments exp_avg / exp_avg_sq; PowerSGD's
+                    error memory as residual), plus
                     "steps"; the MEAN over the ranks that averaged each tensor (dense parameters: all
                     ranks; experts: their replicas, gathered by global id)
     meta.json       step, data position (sequences consumed in the epoch, over all workers), byte

@@ -486,6 +486,9 @@ class CommState:
         self._pending: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in _KINDS}  # kind -> name -> flat
         self._generators: dict[torch.device, torch.Generator] = {}
         self.powersgd: PowerSGDState | None = None
+        # PowerSGD: bucket index -> (names, numels) of its parameters when the hook last saw it, so
+        # the error memories (PyTorch keeps them flat per bucket index) can be exported by name.
+        self._psgd_layouts: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
         # Bytes sent by this rank (see the module docstring): by the hook, and by a dense allreduce.
         self.wire_bytes = 0
         self.dense_bytes = 0
@@ -532,6 +535,8 @@ class CommState:
 
     def _kinds(self) -> tuple[str, ...]:
         c = self.config
+        if c.method == "powersgd":
+            return ("residual",)  # PowerSGD's error memory (always on: use_error_feedback=True)
         if c.method != "topk" or not c.error_feedback:
             return ()
         if c.precondition == "adam":
@@ -593,6 +598,10 @@ class CommState:
         for store in self._stores.values():
             if kind in store.flats:
                 out.update(zip(store.names, store.flats[kind].split(store.numels), strict=True))
+        if kind == "residual" and self.powersgd is not None:
+            for index, error in self.powersgd.error_dict.items():
+                names, numels = self._psgd_layouts[index]
+                out.update(zip(names, error.split(numels), strict=True))
         return out
 
     def export_state(self, process_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
@@ -660,6 +669,8 @@ class CommState:
                                len(pending[kind]), kind)
                 pending[kind] = {}
         self._stores, self._owner, self._pending = {}, {}, pending
+        if self.powersgd is not None:
+            self.powersgd.error_dict.clear()
         self.steps = steps
 
     def residual_state(self) -> dict[str, torch.Tensor]:
@@ -813,10 +824,27 @@ def powersgd_wire_numels(bucket: dist.GradBucket, psgd: PowerSGDState) -> list[i
 
 
 def powersgd_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: PyTorch's ``powerSGD_hook`` on ``state.powersgd``, with byte counting."""
+    """DDP comm hook: PyTorch's ``powerSGD_hook`` on ``state.powersgd``, with byte counting.
+
+    Error memories restored by ``import_state`` (the mean over the old ranks, by name) are flushed
+    into the bucket the first time it is seen: added to this rank's gradient before PowerSGD runs,
+    which is where PowerSGD adds its own error memory, so nothing of them is lost. After a resume
+    that first step is a dense allreduce (PowerSGD compresses from iteration POWERSGD_START_ITER),
+    so the saved error is applied whole on the first update.
+    """
     if state.powersgd is None:
         raise RuntimeError("CommState.powersgd is not set; use register(..., method='powersgd')")
     buffer = bucket.buffer()  # (n,)
+    params = bucket.parameters()
+    names = tuple(state._name(p) for p in params)
+    numels = tuple(p.numel() for p in params)
+    state._psgd_layouts[bucket.index()] = (names, numels)
+    pending = state._pending["residual"]
+    if pending:
+        for name, part in zip(names, buffer.split(numels), strict=True):
+            saved = pending.pop(name, None)
+            if saved is not None:
+                part.add_(saved.to(part))
     world_size = state.world_size
     elem_size = buffer.element_size()
     wire = sum(dense_allreduce_bytes(m, elem_size, world_size) for m in powersgd_wire_numels(bucket, state.powersgd))
