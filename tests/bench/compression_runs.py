@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from jobs.specs import load_spec
 from tests.conftest import DEMO, run_train
+from workers.moe.model import MoETransformer
 from workers.progress import parse_progress
 
 # The demo spec compresses Adam-preconditioned directions; the other variants go back to AdamW
@@ -26,6 +30,32 @@ VARIANTS = [
 
 HORIZON_VARIANTS = ["dense", "topk 0.1% + EF, Adam-preconditioned"]
 HORIZON_STEPS = 900
+
+
+def updated_share(run_dir: Path, sets: list[str]) -> float:
+    """Share of the model's parameters that any synced update ever moved, from the final checkpoint.
+
+    The model is rebuilt at its initial values (the spec's seed, as the training loop does). An entry
+    no update ever reached has only been decayed: it equals its initial value (no-decay tensors), or
+    its initial value times the decay factor the whole tensor shares (found as the median ratio; at
+    least half the entries are untouched wherever this matters). Anything else counts as updated.
+    """
+    spec = load_spec(DEMO, sets)
+    torch.manual_seed(spec.seed)
+    init = MoETransformer(spec.model).state_dict()
+    final_dir = max((run_dir / "ray-train").glob("step-*"))
+    final = torch.load(final_dir / "model.pt", map_location="cpu")
+    updated = total = 0
+    for name, p in MoETransformer(spec.model).named_parameters():
+        p0, p1 = init[name].float(), final[name].float()
+        if p.dim() >= 2:  # decayed by (1 - lr * wd) each step, like every entry of its tensor
+            decay = (p1 / p0)[p0.abs() > 1e-3].median()
+            moved = (p1 - p0 * decay).abs() > 1e-4 * p0.abs() + 1e-7
+        else:
+            moved = p1 != p0
+        updated += int(moved.sum())
+        total += p0.numel()
+    return updated / total
 
 
 def _run(scratch: Path, label: str, steps: int | None, reuse: bool) -> dict:
@@ -51,6 +81,7 @@ def _run(scratch: Path, label: str, steps: int | None, reuse: bool) -> dict:
     row = {"variant": label, **{k: s[k] for k in ("final_loss", "eval_loss", "steps", "tokens_per_s",
                                                    "wire_bytes", "dense_bytes", "compression")}}
     row["loss_curve"] = json.loads((out / "loss_curve.json").read_text())  # [[step, loss], ...]
+    row["updated_share"] = updated_share(out, sets)
     return row
 
 
@@ -69,13 +100,16 @@ def compression_section(scratch: Path, steps: int | None, only: list[str] | None
     dense = rows[0]
     md = ["## Compressed vs dense gradient sync (demo spec, 2 CPU workers, gloo)", "",
           f"`make bench` (or `python -m tests.bench`): `jobs/examples/demo.yaml`, {dense['steps']} steps each, same "
-          "seed and data. final loss = mean training loss over the last 10% of steps; eval loss on held-out files.", "",
-          "| variant | final loss | gap vs dense | eval loss | gap vs dense | bytes sent | dense / sent | tokens/s vs dense |",
-          "|---|---|---|---|---|---|---|---|"]
+          "seed and data. final loss = mean training loss over the last 10% of steps; eval loss on held-out files; "
+          "params updated = share of the model's parameters that any synced update ever moved (final checkpoint "
+          "against the initial model; the rest have only been decayed).", "",
+          "| variant | final loss | gap vs dense | eval loss | gap vs dense | bytes sent | dense / sent | "
+          "tokens/s vs dense | params updated |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['variant']} | {r['final_loss']:.4f} | {r['loss_gap_pct']:+.2f}% | {r['eval_loss']:.4f} | "
                   f"{r['eval_gap_pct']:+.2f}% | {r['wire_bytes'] / 1e6:.1f} MB | {r['compression']:.1f}x | "
-                  f"{r['throughput_vs_dense']:.2f} |")
+                  f"{r['throughput_vs_dense']:.2f} | {100 * r['updated_share']:.1f}% |")
     for r in rows:
         r.pop("loss_curve")
     return {"data": {"name": "compression", "rows": rows}, "markdown": md}
@@ -100,8 +134,9 @@ def horizon_section(scratch: Path, steps: int | None, reuse: bool = False) -> di
         if at:
             d, t = (sum(c[s] for s in at) / len(at) for c in curves)
             md.append(f"| {lo + 1}-{hi} | {d:.4f} | {t:.4f} | {100 * (t / d - 1):+.2f}% |")
-    md += ["", "| variant | final loss | gap vs dense | eval loss | gap vs dense | dense / sent |", "|---|---|---|---|---|---|"]
+    md += ["", "| variant | final loss | gap vs dense | eval loss | gap vs dense | dense / sent | params updated |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['variant']} | {r['final_loss']:.4f} | {r['loss_gap_pct']:+.2f}% | {r['eval_loss']:.4f} | "
-                  f"{r['eval_gap_pct']:+.2f}% | {r['compression']:.1f}x |")
+                  f"{r['eval_gap_pct']:+.2f}% | {r['compression']:.1f}x | {100 * r['updated_share']:.1f}% |")
     return {"data": {"name": "horizon", "rows": rows}, "markdown": md}

@@ -56,6 +56,9 @@ GOAL_SPEED = 0.7
 GOAL_MAXVIO = 0.1
 GOAL_MAXVIO_RATIO = 5.0
 GOAL_DROP = 0.01
+# MaxVio of loads summed over windows of this many consecutive tail steps (a batch w times larger)
+WINDOWS = (1, 2, 4, 8, 16)
+FLOOR_REPS = 400  # draws of the independent-routing floor (see max_vio_floor)
 
 DEMO = ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=128, n_routed_experts=8, n_shared_experts=1,
                    expert_hidden=128, top_k=2, balance="bias", capacity_factor=1.25)
@@ -173,6 +176,27 @@ def max_vio(counts: np.ndarray) -> np.ndarray:
     return load.max(axis=-1) / load.mean(axis=-1) - 1.0
 
 
+def max_vio_floor(tokens: int, n_experts: int, top_k: int, reps: int = FLOOR_REPS) -> float:
+    """Mean MaxVio of a batch of ``tokens`` whose tokens each pick top_k distinct experts uniformly at
+    random and independently: the per-batch floor of any per-token router with perfectly balanced
+    expected loads (what is left is sampling noise, ~sqrt(mean load) per expert)."""
+    rng = np.random.default_rng(SEED)
+    vio = []
+    for _ in range(reps):
+        picks = rng.random((tokens, n_experts)).argsort(axis=1)[:, :top_k]  # (T, K) distinct, uniform
+        load = np.bincount(picks.ravel(), minlength=n_experts)  # (E,)
+        vio.append(load.max() / load.mean() - 1.0)
+    return float(np.mean(vio))
+
+
+def windowed_max_vio(counts: np.ndarray, window: int) -> float:
+    """Mean over layers and over consecutive windows of ``window`` steps of the MaxVio of the loads
+    summed in each window, from per-step counts (S, N, 2E + 2)."""
+    whole = counts.shape[0] // window * window
+    summed = counts[counts.shape[0] - whole:].reshape(-1, window, *counts.shape[1:]).sum(axis=1)  # (S/w, N, .)
+    return float(max_vio(summed).mean())
+
+
 def routing_summary(counts: np.ndarray, held_out: np.ndarray, tail: int) -> dict[str, Any]:
     """From per-step router counts (S, N, 2E + 2) and held-out counts (N, 2E + 2)."""
     steps = counts.shape[0]
@@ -189,6 +213,8 @@ def routing_summary(counts: np.ndarray, held_out: np.ndarray, tail: int) -> dict
         "max_vio_tail": vio[-tail:].mean(axis=0).tolist(),  # (N,) per-step MaxVio, averaged
         # MaxVio of the loads summed over the tail steps (what a progress line over a window reports)
         "max_vio_tail_summed": max_vio(counts[-tail:].sum(axis=0)).tolist(),  # (N,)
+        # mean over layers, loads summed over windows of w tail steps: MaxVio at w times the batch
+        "max_vio_by_window": {w: windowed_max_vio(counts[-tail:], w) for w in WINDOWS},
         "max_vio_held_out": max_vio(held_out).tolist(),  # (N,) over the whole eval set, final biases
         "drop_frac_all": (dropped.sum(0) / assigned.sum(0)).tolist(),  # (N,)
         "drop_frac_all_pooled": float(dropped.sum() / assigned.sum()),
@@ -393,6 +419,18 @@ def moe_section(steps: int = 300) -> dict:
                   f"{bias['max_vio_tail_summed'][i]:.3f} / {aux['max_vio_tail_summed'][i]:.3f} | "
                   f"{bias['max_vio_held_out'][i]:.3f} / {aux['max_vio_held_out'][i]:.3f} | "
                   f"{100 * bias['drop_frac_all'][i]:.2f}% / {100 * aux['drop_frac_all'][i]:.2f}% |")
+    assignments = tokens_per_step * DEMO.top_k
+    floors = {w: max_vio_floor(tokens_per_step * w, DEMO.n_routed_experts, DEMO.top_k) for w in WINDOWS}
+    md += ["", f"MaxVio by batch size: the loads of w consecutive steps of the last {bias['balance_window']} summed "
+           f"(a batch w times larger), mean over windows and layers. Floor: the mean MaxVio of a batch whose "
+           f"tokens each pick {DEMO.top_k} distinct experts uniformly and independently ({FLOOR_REPS} draws): "
+           "sampling noise alone, the least any router that routes each token on its own can reach. At one "
+           f"step ({assignments} assignments) the floor is {floors[1]:.3f}, so no per-token router can be "
+           f"{GOAL_MAXVIO_RATIO:g}x below aux's {mean_a:.3f} there; the ratio grows with the batch.", "",
+           "| w | assignments | MaxVio bias | MaxVio aux | aux / bias | floor |", "|---|---|---|---|---|---|"]
+    for w in WINDOWS:
+        vb, va = bias["max_vio_by_window"][w], aux["max_vio_by_window"][w]
+        md.append(f"| {w} | {assignments * w} | {vb:.3f} | {va:.3f} | {va / vb:.1f}x | {floors[w]:.3f} |")
     md += ["", "Over the run (mean over layers of the per-step MaxVio; dropped share of all assignments):", "",
            "| steps | MaxVio bias | MaxVio aux | dropped bias | dropped aux |", "|---|---|---|---|---|"]
     for fb_, fa in zip(bias["fifths"], aux["fifths"], strict=True):
@@ -405,7 +443,7 @@ def moe_section(steps: int = 300) -> dict:
         "model": DEMO.model_dump(), "dense_width": DENSE_WIDTH, "params": params,
         "speed_ratio": ratio, "speed_windows": windows, "median_step_s": med, "fwd_bwd_s": fb,
         "runs": {n: {k: v for k, v in r.items() if k != "step_times"} for n, r in runs.items()},
-        "max_vio": vio_rows,
+        "max_vio": vio_rows, "max_vio_floor": floors,
         "goals": {"speed": {"goal": GOAL_SPEED, "ok": speed_ok}, "eval_loss": {"ok": loss_ok},
                   "max_vio": {"goal": GOAL_MAXVIO, "ratio": GOAL_MAXVIO_RATIO, "ok": vio_ok},
                   "drop": {"goal": GOAL_DROP, "ok": drop_ok}},
