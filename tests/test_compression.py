@@ -276,6 +276,29 @@ class _FakeBucket:
         return self._index == 0
 
 
+def test_error_feedback_is_weighted_by_the_lr_schedule() -> None:
+    """With lr_scale s_t set per step, the residual holds movement: lr x (what arrives) summed over the
+    steps, plus peak lr x the residual, equals the sum over steps of lr_t x g_t, exactly as dense SGD
+    at the scheduled lr would have moved; nothing is lost to an lr that changed while a coordinate waited."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.zeros(200)]
+    state = _SoloState(CompressionConfig(density=0.05, momentum=0.0), parameters={"w": params[0]})
+    scales = [0.1, 0.5, 1.0, 0.8, 0.3, 0.05]
+    moved, owed = torch.zeros(200, dtype=torch.float64), torch.zeros(200, dtype=torch.float64)
+    for s in scales:
+        g = torch.randn(200, generator=gen)  # (n,)
+        state.lr_scale = s
+        out = topk_hook(state, _FakeBucket(0, params, g.clone())).wait()  # (n,) what the optimizer gets
+        assert 0 < torch.count_nonzero(out) <= 10
+        moved += s * out.double()  # the optimizer applies lr_t = s * peak lr
+        owed += s * g.double()
+    residual = state.residual_state()["residual/w"].double()
+    assert torch.allclose(moved + residual, owed, rtol=0, atol=1e-5)
+    state.lr_scale = 0.0
+    with pytest.raises(ValueError, match="lr_scale"):
+        topk_hook(state, _FakeBucket(0, params, torch.zeros(200)))
+
+
 def test_single_rank_hook_compresses_keeps_residuals_and_sends_nothing() -> None:
     gen = torch.Generator().manual_seed(3)
     params = [torch.zeros(30, 10), torch.zeros(30)]

@@ -235,8 +235,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         x = next(batches)  # (batch, seq_len + 1)
         inputs, targets = x[:, :-1], x[:, 1:]  # (batch, seq_len) each
         tokens_per_step = world * inputs.numel()
+        lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
+        if hook_owns_optimizer_state(comp_cfg):  # the hook weights error feedback by the schedule
+            comm.lr_scale = lr / cfg.lr
+            if esync is not None:
+                esync.state.lr_scale = lr / cfg.lr
         logits = ddp(inputs)  # (batch, seq_len, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
