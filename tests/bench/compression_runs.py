@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -82,6 +83,7 @@ def _run(scratch: Path, label: str, steps: int | None, reuse: bool) -> dict:
                                                    "wire_bytes", "dense_bytes", "compression")}}
     row["loss_curve"] = json.loads((out / "loss_curve.json").read_text())  # [[step, loss], ...]
     row["updated_share"] = updated_share(out, sets)
+    row["ran_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime((out / "summary.json").stat().st_mtime))
     return row
 
 
@@ -102,14 +104,15 @@ def compression_section(scratch: Path, steps: int | None, only: list[str] | None
           f"`make bench` (or `python -m tests.bench`): `jobs/examples/demo.yaml`, {dense['steps']} steps each, same "
           "seed and data. final loss = mean training loss over the last 10% of steps; eval loss on held-out files; "
           "params updated = share of the model's parameters that any synced update ever moved (final checkpoint "
-          "against the initial model; the rest have only been decayed).", "",
+          "against the initial model; the rest have only been decayed); finished = when the run ended (`--reuse` "
+          "keeps finished runs).", "",
           "| variant | final loss | gap vs dense | eval loss | gap vs dense | bytes sent | dense / sent | "
-          "tokens/s vs dense | params updated |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "tokens/s vs dense | params updated | finished |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['variant']} | {r['final_loss']:.4f} | {r['loss_gap_pct']:+.2f}% | {r['eval_loss']:.4f} | "
                   f"{r['eval_gap_pct']:+.2f}% | {r['wire_bytes'] / 1e6:.1f} MB | {r['compression']:.1f}x | "
-                  f"{r['throughput_vs_dense']:.2f} | {100 * r['updated_share']:.1f}% |")
+                  f"{r['throughput_vs_dense']:.2f} | {100 * r['updated_share']:.1f}% | {r['ran_at']} |")
     for r in rows:
         r.pop("loss_curve")
     return {"data": {"name": "compression", "rows": rows}, "markdown": md}
