@@ -96,6 +96,13 @@ class CompressionConfig(Config):
     adam_beta2: float = Field(0.95, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
 
+    @property
+    def hook_owns_optimizer_state(self) -> bool:
+        """The hook keeps the momentum (DGC momentum correction) or Adam's moments (precondition adam)
+        and sends the update direction: the optimizer then only applies it, as SGD without momentum
+        (with AdamW's decoupled weight decay, lr and schedule), and no global clip rescales it."""
+        return self.method == "topk" and (self.momentum > 0 or self.precondition == "adam")
+
     @model_validator(mode="after")
     def _check(self) -> CompressionConfig:
         if self.momentum > 0 and (self.method != "topk" or not self.error_feedback):

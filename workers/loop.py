@@ -57,19 +57,12 @@ def final_window(steps: int) -> int:
     return max(1, min(50, steps // 10))
 
 
-def hook_owns_optimizer_state(comp: CompressionConfig) -> bool:
-    """The hook keeps the momentum (DGC momentum correction) or Adam's moments (precondition: adam)
-    and sends the update direction: the optimizer then only applies it, as SGD without momentum
-    (with AdamW's decoupled weight decay, lr and schedule), and no global clip rescales it."""
-    return comp.method == "topk" and (comp.momentum > 0 or comp.precondition == "adam")
-
-
 def build_optimizer(model: torch.nn.Module, cfg: LoopConfig, comp: CompressionConfig) -> torch.optim.Optimizer:
     # Matrices decay; norms and other vectors do not (the usual GPT recipe).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if hook_owns_optimizer_state(comp):
+    if comp.hook_owns_optimizer_state:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -203,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _say(f"resuming from step {start} (saved by {meta['world_size']} workers, EP {meta['expert_parallel']}; "
                      f"now {world} workers, EP {ep})")
     state = {"model": model, "optimizer": optimizer, "comm": comm, "esync": esync, "groups": groups}
-    clip = None if hook_owns_optimizer_state(comp_cfg) or comp_cfg.clip_norm else cfg.grad_clip
+    clip = None if comp_cfg.hook_owns_optimizer_state or comp_cfg.clip_norm else cfg.grad_clip
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -238,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if hook_owns_optimizer_state(comp_cfg):  # the hook weights error feedback by the schedule
+        if comp_cfg.hook_owns_optimizer_state:  # the hook weights error feedback by the schedule
             comm.lr_scale = lr / cfg.lr
             if esync is not None:
                 esync.state.lr_scale = lr / cfg.lr

@@ -381,12 +381,12 @@ class ExpertGradSync:
 
     A group of one (W == P) sends nothing and counts 0 bytes; only the 1 / P scaling is applied
     (a true no-op when P == 1), and no compression, unless the hook owns optimizer state (momentum
-    correction, precondition adam): then the hook still runs, at density 1, to produce the update: with no replica there is nothing to send, so
-    compressing would only delay gradient mass. Otherwise each MoE layer is one bucket (its
-    experts' w1, w3, w2 gradients, flat), compressed and averaged by ``topk_hook`` (or
-    ``allreduce_hook`` for method "none") from workers/compression.py, driven through the same
-    bucket interface DDP uses, so error feedback, density schedule, fallback and byte model are
-    the DDP hook's, kept in ``self.state`` (a ``CommState`` of its own, whose checkpoint methods
+    correction, precondition adam): then the hook still runs, at density 1, to produce the update.
+    With no replica there is nothing to send, so compressing would only delay gradient mass.
+    Otherwise each MoE layer is one bucket (its experts' w1, w3, w2 gradients, flat), compressed
+    and averaged by ``topk_hook`` (or ``allreduce_hook`` for method "none") from
+    workers/compression.py, driven through the same bucket interface DDP uses, so error feedback,
+    density schedule, fallback and byte model are the DDP hook's, kept in ``self.state`` (a ``CommState`` of its own, whose checkpoint methods
     apply to the expert residuals; their per-name shapes depend on the EP size). PowerSGD needs
     DDP's own buckets: with method "powersgd" the experts are all-reduced densely.
     Call ``sync()`` on every rank after backward, before clipping and the optimizer step.
@@ -405,8 +405,7 @@ class ExpertGradSync:
         # With momentum correction or precondition adam the hook owns the optimizer state and the
         # optimizer only applies what arrives: even with no replica to send to, the hook must turn
         # the gradient into that update. Nothing is sent, so nothing needs sparsifying: density 1.
-        self.hook_owns_state = compression_config.method == "topk" and (
-            compression_config.momentum > 0 or compression_config.precondition == "adam")
+        self.hook_owns_state = compression_config.hook_owns_optimizer_state
         if self.group_size == 1 and self.hook_owns_state:
             compression_config = compression_config.model_copy(update={"density": 1.0, "warmup_steps": 0})
         self.state = _comm_state(compression_config, expert_dp_group, named)
