@@ -1049,7 +1049,8 @@ def test_powersgd_runs_under_ddp_and_sends_less_than_dense(dist_results: list[di
 @pytest.mark.timeout(300)
 def test_powersgd_error_memory_is_exported_by_name_and_flushed_on_resume(dist_results: list[dict]) -> None:
     values = scenario_values(dist_results, "powersgd")
-    names = [name for name, _ in _mlp().named_parameters()]
+    params = dict(_mlp().named_parameters())
+    names = list(params)
     exported = values[0]["exported"]
     assert set(exported) == {"steps"} | {f"residual/{name}" for name in names}
     assert all(torch.equal(exported[key], values[1]["exported"][key]) for key in exported)
@@ -1059,7 +1060,7 @@ def test_powersgd_error_memory_is_exported_by_name_and_flushed_on_resume(dist_re
         # PowerSGD's error memory differs by rank (each rank's gradient minus the shared approximation).
         assert not torch.allclose(own[0], own[1])
         assert torch.allclose(exported[key], (own[0] + own[1]) / 2, rtol=0, atol=1e-7), key
-        if _mlp().get_parameter(name).dim() == 2:  # compressed; 1-d tensors are all-reduced as they are
+        if params[name].dim() == 2:  # compressed; 1-d tensors are all-reduced as they are
             assert torch.count_nonzero(exported[key]) > 0.5 * exported[key].numel(), key
         # Resumed: the first update (dense, PowerSGD starts at its third iteration) applies the saved mean.
         for value in values:

@@ -43,12 +43,12 @@ def updated_share(run_dir: Path, sets: list[str]) -> float:
     """
     spec = load_spec(DEMO, sets)
     torch.manual_seed(spec.seed)
-    init = MoETransformer(spec.model).state_dict()
+    initial = MoETransformer(spec.model)
     final_dir = max((run_dir / "ray-train").glob("step-*"))
     final = torch.load(final_dir / "model.pt", map_location="cpu")
     updated = total = 0
-    for name, p in MoETransformer(spec.model).named_parameters():
-        p0, p1 = init[name].float(), final[name].float()
+    for name, p in initial.named_parameters():
+        p0, p1 = p.detach().float(), final[name].float()
         if p.dim() >= 2:  # decayed by (1 - lr * wd) each step, like every entry of its tensor
             decay = (p1 / p0)[p0.abs() > 1e-3].median()
             moved = (p1 - p0 * decay).abs() > 1e-4 * p0.abs() + 1e-7

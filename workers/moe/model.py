@@ -175,8 +175,9 @@ class MoE(nn.Module):
     Records in each forward the raw routing counts (``last_counts``, detached float (2E + 2,):
     tokens per expert before capacity dropping, router logits summed over tokens per expert,
     dropped assignments, total assignments) so a caller can all-reduce them by SUM across ranks,
-    and the auxiliary loss (``last_aux_loss``) when balance == "aux". ``self.experts`` may be replaced by any module with the call signature
-    of ``GroupedExperts.forward`` (expert parallelism).
+    and the auxiliary loss (``last_aux_loss``) when balance == "aux". ``self.experts`` may be
+    replaced by any module with the call signature of ``GroupedExperts.forward`` (expert
+    parallelism).
     """
 
     def __init__(self, config: ModelConfig):

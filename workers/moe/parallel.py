@@ -386,9 +386,10 @@ class ExpertGradSync:
     Otherwise each MoE layer is one bucket (its experts' w1, w3, w2 gradients, flat), compressed
     and averaged by ``topk_hook`` (or ``allreduce_hook`` for method "none") from
     workers/compression.py, driven through the same bucket interface DDP uses, so error feedback,
-    density schedule, fallback and byte model are the DDP hook's, kept in ``self.state`` (a ``CommState`` of its own, whose checkpoint methods
-    apply to the expert residuals; their per-name shapes depend on the EP size). PowerSGD needs
-    DDP's own buckets: with method "powersgd" the experts are all-reduced densely.
+    density schedule, fallback and byte model are the DDP hook's, kept in ``self.state`` (a
+    ``CommState`` of its own, whose checkpoint methods apply to the expert residuals; their
+    per-name shapes depend on the EP size). PowerSGD needs DDP's own buckets: with method
+    "powersgd" the experts are all-reduced densely.
     Call ``sync()`` on every rank after backward, before clipping and the optimizer step.
     """
 
