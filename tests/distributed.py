@@ -8,12 +8,14 @@ the expensive part), a barrier after each so one failure cannot desynchronise th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import multiprocessing
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,14 +45,34 @@ def _rank_main(rank: int, module: str, world: int, collective_timeout_s: float, 
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set, restored after; spawned children copy it when they start."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_scenarios(module: str, tmp: Path, world: int, collective_timeout_s: float,
-                  join_timeout_s: float) -> list[dict]:
-    """Every rank's {scenario: {"ok", "value" | "error", "seconds"}}; hung ranks are killed."""
+                  join_timeout_s: float, env: dict[str, str] | None = None) -> list[dict]:
+    """Every rank's {scenario: {"ok", "value" | "error", "seconds"}}; hung ranks are killed.
+
+    ``env`` is set in the ranks' environment from their start (variables that torch, MKL or gloo
+    read once, when first used).
+    """
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(rank, module, world, collective_timeout_s, str(tmp)), daemon=True)
              for rank in range(world)]
-    for proc in procs:
-        proc.start()
+    with _environ(env or {}):
+        for proc in procs:
+            proc.start()
     for proc in procs:
         proc.join(timeout=join_timeout_s)
     hung = [proc for proc in procs if proc.is_alive()]

@@ -4,6 +4,20 @@ Two gloo processes train the MoE under DDP on fixed, generated batches (no Ray, 
 order), so a fresh run reproduces the checked-in curve up to float noise; a change that silently
 hurts convergence (of the model, the router, the hook or error feedback) moves it. Regenerate
 after an intended change with ``python -m tests.golden --update`` and say why in the commit.
+
+Why float64 and pinned kernels: the run is chaotic. In float32, a last-bit difference between two
+CPUs' math kernels (MKL's AVX-512 path on AMD vs Intel, say) flips a near-tie in the router's or the
+compressor's top-k within a few steps, and the curves then part by up to 0.1 (measured: 0.059 for
+dense between an AMD EPYC and the machine that wrote the curves; 0.11 for top-k without error
+feedback between ATen's AVX-512 and its scalar kernels on one machine). In float64 the same
+perturbations are ~1e-9 times smaller and no tie flips: ATen's AVX-512, AVX2 and scalar kernels,
+each with MKL's own or its conditional-numerical-reproducibility path, give curves equal to 5
+decimals on one machine. The kernels are pinned as well (``NUMERICS_ENV``), so a CPU that picks yet
+another path in some library still runs the same code.
+
+``MUTATIONS`` are deliberate small regressions (error feedback off, half the density, twice the
+learning rate, a frozen router bias): each must move its base curve by far more than the tolerance,
+which shows the tolerance is tight enough to catch them.
 """
 
 from __future__ import annotations
@@ -37,6 +51,18 @@ VARIANTS = {
     "topk_5pct_no_ef": CompressionConfig(method="topk", density=0.05, error_feedback=False, selection="exact"),
 }
 LR = 1e-2
+# name -> (the variant whose golden curve it is compared with, what changes)
+MUTATIONS = {
+    "ef_off": ("topk_5pct_ef", {"config": VARIANTS["topk_5pct_no_ef"]}),
+    "half_density": ("topk_5pct_ef", {"config": CompressionConfig(method="topk", density=0.025, error_feedback=True,
+                                                                  selection="exact")}),
+    "double_lr": ("dense", {"lr": 2 * LR}),
+    "frozen_router_bias": ("dense", {"update_router_bias": False}),
+}
+# Set in every rank before torch starts: MKL's conditional numerical reproducibility (the same code
+# path on any x86 CPU, Intel or AMD) and ATen's scalar kernels (no AVX-512 vs AVX2 choice).
+NUMERICS_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}
+DTYPE = torch.float64
 COLLECTIVE_TIMEOUT_S = 120
 JOIN_TIMEOUT_S = 600
 
@@ -62,13 +88,14 @@ def batches(rank: int) -> torch.Tensor:
     return per_step[:, rank]  # (STEPS, BATCH, SEQ + 1)
 
 
-def _train(name: str, rank: int) -> list[float]:
+def _train(rank: int, config: CompressionConfig, lr: float = LR, update_router_bias: bool = True) -> list[float]:
     """One rank of the golden run (inside tests.distributed's process group): the loss curve."""
+    torch.set_default_dtype(DTYPE)
     torch.manual_seed(0)
     model = MoETransformer(MODEL)
     ddp = DistributedDataParallel(model, forward_sync_buffers=False)
-    compression.register(ddp, VARIANTS[name])
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95))
+    compression.register(ddp, config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
     curve = []
     for x in batches(rank):  # (BATCH, SEQ + 1)
         logits = ddp(x[:, :-1])  # (BATCH, SEQ, vocab)
@@ -78,21 +105,24 @@ def _train(name: str, rank: int) -> list[float]:
         opt.step()
         counts = model.router_counts()  # (layers, 2 * experts + 2)
         dist.all_reduce(counts)
-        model.update_router_bias(counts)
+        if update_router_bias:
+            model.update_router_bias(counts)
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         curve.append(round(mean.item() / WORLD, 5))
     return curve
 
 
-SCENARIOS = {name: functools.partial(_train, name) for name in VARIANTS}
+SCENARIOS = {name: functools.partial(_train, config=config) for name, config in VARIANTS.items()} | {
+    name: functools.partial(_train, **({"config": VARIANTS[base]} | change))
+    for name, (base, change) in MUTATIONS.items()}
 
 
 def run_curves() -> dict[str, list[float]]:
-    """Every variant's curve, from one spawn of WORLD gloo ranks."""
+    """Every variant's and mutation's curve, from one spawn of WORLD gloo ranks."""
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_scenarios(__name__, Path(tmp), WORLD, COLLECTIVE_TIMEOUT_S, JOIN_TIMEOUT_S)
-    return {name: scenario_values(results, name)[0] for name in VARIANTS}
+        results = run_scenarios(__name__, Path(tmp), WORLD, COLLECTIVE_TIMEOUT_S, JOIN_TIMEOUT_S, NUMERICS_ENV)
+    return {name: scenario_values(results, name)[0] for name in SCENARIOS}
 
 
 def main() -> None:
@@ -103,7 +133,8 @@ def main() -> None:
     for name, curve in curves.items():
         print(f"{name}: {curve[0]:.3f} -> {curve[-1]:.3f}")
     if args.update:
-        CURVES.write_text(json.dumps({"steps": STEPS, "curves": curves}, indent=1) + "\n")
+        golden = {name: curves[name] for name in VARIANTS}
+        CURVES.write_text(json.dumps({"steps": STEPS, "dtype": str(DTYPE), "curves": golden}, indent=1) + "\n")
         print(f"wrote {CURVES}")
 
 
