@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.distributed import results_fixture, scenario_values
+from workers import compression
 from workers.compression import (
     SAMPLED_MIN_NUMEL,
     CommState,
@@ -35,7 +36,7 @@ from workers.compression import (
     topk_with_feedback,
     unpack,
 )
-from workers.compression import _mask_positions as mask_positions
+from workers.compression.selection import _mask_positions as mask_positions
 
 WORLD_SIZE = 2
 # Collectives fail instead of hanging past this; the parent kills the ranks after its own limit.
@@ -73,6 +74,9 @@ ADAM_STEPS = 150
 ADAM_LR = 0.02
 ADAM_WD = 0.1
 ADAM_MAX_LOSS_RATIO = 1.5
+# DESIGN.md's counter example: one 32 x 32 weight (one bucket), k = 11 of 1024 per rank and step.
+COUNTER_DENSITY = 0.01
+COUNTER_STEPS = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,9 +383,6 @@ def test_bucket_rebuild_and_import_apply_residuals_by_name_not_position() -> Non
         topk_hook(bad, _FakeBucket(0, [a], torch.zeros(40))).wait()
     with pytest.raises(ValueError, match="unknown"):
         bad.import_state({"residuals/a": torch.zeros(40)})
-    # A checkpoint of the former per-bucket-index format cannot be mapped to names: dropped.
-    bad.import_state({0: torch.ones(100), "steps": torch.tensor(3)})
-    assert bad.steps == 3 and not any(bad._pending.values())
 
 
 def test_momentum_hook_masks_and_keeps_exact_bookkeeping() -> None:
@@ -725,6 +726,24 @@ def _scenario_export(rank: int) -> dict:
     return {"own": own, "exported": state.export_state(), "after": state.residual_state()}
 
 
+def _scenario_counters(rank: int) -> dict:
+    """DESIGN.md's example: a user registers the hook on their own DDP model and reads the counters."""
+    torch.manual_seed(5)
+    model = torch.nn.Linear(32, 32, bias=False)
+    ddp = DDP(model)
+    comm = compression.register(ddp, CompressionConfig(method="topk", density=COUNTER_DENSITY))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    nnz = []
+    for step in range(COUNTER_STEPS):
+        x, y = _batch(rank, step)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        nnz.append(int(torch.count_nonzero(model.weight.grad)))
+        opt.step()
+        opt.zero_grad()
+    return {"report": comm.report(), "attrs": (comm.wire_bytes, comm.dense_bytes), "n": model.weight.numel(),
+            "nnz": nnz}
+
+
 def _lsq_data() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Per-rank least-squares data with different local optima, and a shared initial weight."""
     gen = torch.Generator().manual_seed(0)
@@ -868,6 +887,7 @@ SCENARIOS = {
     "sparse": _scenario_sparse,
     "singleton": _scenario_singleton_group,
     "export": _scenario_export,
+    "counters": _scenario_counters,
     "converge": _scenario_converge,
     "dgc": _scenario_dgc,
     "powersgd": _scenario_powersgd,
@@ -987,6 +1007,22 @@ def test_export_state_is_mean_by_name_and_resizes_without_losing_mass(dist_resul
     for name in names:
         expected = sum(own_r[f"residual/{name}"] + 0.9 * own_r[f"velocity/{name}"] for own_r in own) / 2
         assert torch.allclose(parts[name], expected, rtol=0, atol=1e-6), name
+
+
+@pytest.mark.timeout(300)
+def test_register_on_plain_ddp_exposes_byte_counters(dist_results: list[dict]) -> None:
+    for value in scenario_values(dist_results, "counters"):
+        n = value["n"]
+        k = math.ceil(COUNTER_DENSITY * n)
+        report = value["report"]
+        assert report["steps"] == COUNTER_STEPS and report["density"] == COUNTER_DENSITY
+        # The byte model by hand: int32 index + float32 value per pair, float32 ring allreduce.
+        assert report["wire_bytes"] == COUNTER_STEPS * (WORLD_SIZE - 1) * k * 8
+        assert report["dense_bytes"] == COUNTER_STEPS * 2 * (WORLD_SIZE - 1) * n * 4 // WORLD_SIZE
+        assert value["attrs"] == (report["wire_bytes"], report["dense_bytes"])
+        assert report["dense_fallback_buckets"] == [] and report["dense_fallback_calls"] == 0
+        # The hook really ran: what arrived holds at most the two ranks' k entries each.
+        assert all(0 < nnz <= WORLD_SIZE * k for nnz in value["nnz"])
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,78 @@
+"""Gradient compression as DDP communication hooks: top-k with error feedback (DGC), or PowerSGD.
+
+Why: cross-node gradient sync is bandwidth bound; sending the k largest entries of each DDP bucket
+as (index, value) pairs, and keeping the rest per rank for the next step (error feedback), cuts the
+bytes on the wire by about ``1 / (2 * density)``. The design, the exact optimizer contracts for
+momentum correction and ``precondition: adam``, the wire format, the byte model and the
+checkpoint rule are in DESIGN.md beside this file; measured figures are in BENCHMARKS.md.
+
+Use on any DDP model (``register`` returns the state that carries this rank's byte counters)::
+
+    from workers import compression
+    from workers.compression import CompressionConfig
+
+    comm = compression.register(ddp_model, CompressionConfig(method="topk", density=0.01))
+    ...  # train as usual
+    comm.report()  # {"wire_bytes": ..., "dense_bytes": ..., "steps": ..., ...}
+
+Modules: ``selection`` (k, warm-up, exact or sampled top-k), ``wire`` (payload format, byte
+model), ``feedback`` (error feedback, momentum correction, Adam preconditioner), ``state``
+(``CommState``, ``export_state`` / ``import_state``), ``hooks`` (the hooks and ``register``).
+"""
+
+from workers.compression.feedback import accumulate, adam_direction, select_and_mask, topk_with_feedback
+from workers.compression.hooks import POWERSGD_START_ITER, allreduce_hook, powersgd_hook, register, topk_hook
+from workers.compression.selection import (
+    SAMPLED_MIN_NUMEL,
+    compress,
+    num_selected,
+    sampled_topk_indices,
+    scheduled_density,
+)
+from workers.compression.state import CommState
+from workers.compression.wire import (
+    INDEX_BYTES,
+    INDEX_DTYPE,
+    MAX_BUCKET_NUMEL_INT32_INDEX,
+    VALUE_DTYPES,
+    decompress,
+    dense_allreduce_bytes,
+    pack,
+    payload_dtype_for,
+    powersgd_wire_numels,
+    sparse_allgather_bytes,
+    sparse_pays,
+    unpack,
+)
+from workers.config import CompressionConfig
+
+__all__ = [
+    "INDEX_BYTES",
+    "INDEX_DTYPE",
+    "MAX_BUCKET_NUMEL_INT32_INDEX",
+    "POWERSGD_START_ITER",
+    "SAMPLED_MIN_NUMEL",
+    "VALUE_DTYPES",
+    "CommState",
+    "CompressionConfig",
+    "accumulate",
+    "adam_direction",
+    "allreduce_hook",
+    "compress",
+    "decompress",
+    "dense_allreduce_bytes",
+    "num_selected",
+    "pack",
+    "payload_dtype_for",
+    "powersgd_hook",
+    "powersgd_wire_numels",
+    "register",
+    "sampled_topk_indices",
+    "scheduled_density",
+    "select_and_mask",
+    "sparse_allgather_bytes",
+    "sparse_pays",
+    "topk_hook",
+    "topk_with_feedback",
+    "unpack",
+]
