@@ -1,6 +1,7 @@
 """`orch`: start the service, submit and watch jobs. Readable tables by default, ``--json`` for scripts.
 
-    orch up [--port 8080] [--local]        local Ray head (unless RAY_ADDRESS) + the API on 127.0.0.1
+    orch up [--port 8080] [--local]        local Ray head (unless RAY_ADDRESS) + the API on 127.0.0.1;
+                                           SIGINT, SIGTERM or SIGHUP stop both
     orch submit SPEC [--set k=v] [--follow] validate locally, POST /v1/jobs
     orch list | status ID | logs ID [-f] | cancel ID | cluster
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import uuid
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -213,6 +216,40 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 # -- the service -----------------------------------------------------------------------------------
 
 
+# Service managers stop with SIGTERM (systemd, Docker, Kubernetes), a terminal with SIGINT, a closed
+# terminal or session with SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _StopSignal(BaseException):
+    """A stop signal, raised in `orch up`'s main thread so its ``finally`` stops the local Ray head.
+    The head runs in its own session, so no signal sent to `orch up` reaches it: a process killed by
+    a signal's default action would leave it running."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    # While uvicorn serves, SIGINT and SIGTERM go to its own handlers: it shuts the API down gracefully,
+    # puts this handler back and raises the signal again. A SIGHUP takes the same path.
+    on_term = signal.getsignal(signal.SIGTERM)
+    if signum == signal.SIGHUP and callable(on_term) and on_term is not _on_stop_signal:
+        on_term(signum, frame)
+        return
+    raise _StopSignal(signum)
+
+
+def _die_of(signum: int) -> None:
+    """Ends this process by ``signum``'s default action, so whoever sent it sees that it worked (Python
+    does the same after an uncaught KeyboardInterrupt); systemd counts that as a clean stop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import secrets
 
@@ -226,21 +263,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     except SettingsError as e:
         raise CliError(f"refusing to start: {e}", 2) from None
     settings.token  # noqa: B018 - local mode: made (or read) now, so the CLI on this machine finds it
+    previous_handlers = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
     head = None
-    if not settings.ray_address:
-        from orchestrator.local_ray import LocalRayHead
-
-        ray_token = secrets.token_hex(32)
-        token_file = settings.state_dir / "ray_auth_token"
-        write_secret(token_file, ray_token)
-        head = LocalRayHead(settings.state_dir / "ray", num_cpus=args.num_cpus, auth_token=ray_token)
-        print(f"starting a local Ray head (logs: {head.log_path}) ...", file=sys.stderr)
-        head.start()
-        settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
-        print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "
-              f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
-              file=sys.stderr)
+    stopped_by: int | None = None
     try:
+        if not settings.ray_address:
+            from orchestrator.local_ray import LocalRayHead
+
+            ray_token = secrets.token_hex(32)
+            token_file = settings.state_dir / "ray_auth_token"
+            write_secret(token_file, ray_token)
+            head = LocalRayHead(settings.state_dir / "ray", num_cpus=args.num_cpus, auth_token=ray_token)
+            print(f"starting a local Ray head (logs: {head.log_path}) ...", file=sys.stderr)
+            head.start()
+            settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
+            print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "
+                  f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
+                  file=sys.stderr)
         from orchestrator.api.app import create_app
         from orchestrator.server import serve
 
@@ -248,10 +287,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         where = f"token in {settings.state_dir / 'api_token'}" if settings.api_token is None else "token from ORCH_API_TOKEN"
         print(f"orch API on {url} ({where}); Ray at {settings.ray_address}", file=sys.stderr)
         serve(create_app(settings), settings.host, settings.port)
+    except _StopSignal as e:
+        stopped_by = e.signum
     finally:
-        if head is not None:
-            print("stopping the local Ray head ...", file=sys.stderr)
-            head.stop()
+        # A repeated signal must not cut the head's stop short (it is bounded: drain, then SIGKILL).
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if head is not None:
+                print("stopping the local Ray head ...", file=sys.stderr)
+                head.stop()
+        finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+    if stopped_by is not None:
+        _die_of(stopped_by)
+        return 128 + stopped_by  # the shell's convention, should the signal's action not end us
     return 0
 
 
