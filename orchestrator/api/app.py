@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 
+from orchestrator.api.errors import validation_error_response
 from orchestrator.api.middleware import HttpMetrics
 from orchestrator.api.routes import cluster, jobs, system
 from orchestrator.api.schemas import Problem
@@ -56,6 +58,8 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
         # Served behind the token by routes/system.py; no CDN-backed docs pages.
         openapi_url=None, docs_url=None, redoc_url=None,
         max_body_size=settings.max_body_bytes,
+        # One formatter for every 422: it echoes inputs only in a form that always encodes.
+        exception_handlers={RequestValidationError: validation_error_response},
     )
     app.state.settings = settings
     app.state.store = store

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from jobs.specs import TrainSpec
+from orchestrator.api.errors import MAX_REPORTED_ERRORS, json_safe, unencodable
 from orchestrator.states import JobState
 from orchestrator.store import AttemptRecord, JobRecord, submission_id_for
 
@@ -23,6 +26,10 @@ class _Schema(BaseModel):
 # -- jobs ------------------------------------------------------------------------------------------
 
 
+_SURROGATE_ERROR = PydanticCustomError(
+    "string_surrogate", "String should not hold a lone UTF-16 surrogate (it has no UTF-8 encoding)")
+
+
 class JobCreate(_Schema):
     """A job to run: the spec (same schema as the YAML files) and control-plane options."""
 
@@ -31,6 +38,20 @@ class JobCreate(_Schema):
     # New attempts after the driver dies for a reason outside the job (cluster restart, node loss).
     # Ray Train's own worker restarts inside one attempt are spec.resources.max_failures.
     max_retries: int = Field(2, ge=0, le=MAX_RETRIES_LIMIT)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        """Every string valid Unicode and every number finite, anywhere in the body: checked on the
+        decoded JSON before the fields, so that a value that could be neither stored nor echoed (see
+        errors.py) is a 422 at its own location, even in a field that takes any string."""
+        errors: list[InitErrorDetails] = [
+            {"type": _SURROGATE_ERROR if kind == "surrogate" else "finite_number", "loc": loc, "input": value}
+            for loc, kind, value in islice(unencodable(data), MAX_REPORTED_ERRORS)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
 
 class JobEventPublic(_Schema):
@@ -88,7 +109,7 @@ class JobPublic(JobSummary):
     @classmethod
     def of(cls, job: JobRecord) -> JobPublic:
         return cls(
-            **_summary_fields(job), spec=job.spec, metrics_at=job.metrics_at,
+            **_summary_fields(job), spec=json_safe(job.spec), metrics_at=job.metrics_at,
             history=[JobEventPublic(from_state=e.from_state, to_state=e.to_state, reason=e.reason, at=e.at)
                      for e in job.events],
             attempt_history=[AttemptPublic.of(a) for a in job.attempt_records],
@@ -101,7 +122,8 @@ def _summary_fields(job: JobRecord) -> dict[str, Any]:
         "attempts": job.attempts, "max_retries": job.max_retries, "cancel_requested": job.cancel_requested,
         # Derived from the job id (list rows carry no attempt records).
         "ray_submission_id": submission_id_for(job.id, job.attempts) if job.attempts else None,
-        "metrics": job.metrics, "created_at": job.created_at, "updated_at": job.updated_at,
+        # Workers report what they measure: a NaN loss is written back as the string "NaN".
+        "metrics": json_safe(job.metrics), "created_at": job.created_at, "updated_at": job.updated_at,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -13,6 +14,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from orchestrator.api.app import create_app
+from orchestrator.api.errors import MAX_REPORTED_ERRORS
 from orchestrator.server import BackgroundServer
 from orchestrator.states import JobState
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
@@ -90,6 +92,85 @@ def test_malformed_spec_is_422_naming_the_field_and_stores_nothing(client, app, 
     assert r.status_code == 422
     assert loc in [e["loc"] for e in r.json()["detail"]]
     assert app.state.store.list()[1] == 0
+
+
+def strict_json(response: httpx.Response):
+    """The body as RFC 8259 JSON: UTF-8 without lone surrogates, no NaN or Infinity tokens."""
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(response.content.decode("utf-8"), parse_constant=refuse)
+
+
+JSON_CT = {**AUTH, "content-type": "application/json"}
+
+
+# Raw bodies: Python's json decodes these escapes and tokens into values it cannot encode again.
+@pytest.mark.parametrize(("raw", "loc"), [
+    (rb'{"spec": {"name": "\udfff"}}', ["body", "spec", "name"]),
+    (rb'{"spec": {"train": {"lr": NaN}}}', ["body", "spec", "train", "lr"]),
+    (rb'{"spec": {"train": {"lr": Infinity}}}', ["body", "spec", "train", "lr"]),
+    (rb'{"spec": {"train": {"steps": -Infinity}}}', ["body", "spec", "train", "steps"]),
+    (rb'{"spec": {"data": {"val_fraction": 1e999}}}', ["body", "spec", "data", "val_fraction"]),  # overflows
+    # Fields that take any string or an unbounded number: rejected before they could be stored.
+    (rb'{"spec": {"data": {"source": "/data/\ud800x"}}}', ["body", "spec", "data", "source"]),
+    (rb'{"spec": {"data": {"extensions": [".py", "\udc80"]}}}', ["body", "spec", "data", "extensions", 1]),
+    (rb'{"spec": {"data": {"max_bytes": NaN}}}', ["body", "spec", "data", "max_bytes"]),
+    (rb'{"spec": {}, "max_retries": NaN}', ["body", "max_retries"]),
+    (rb'{"spec": {"name": "ok", "extra": [1, {"x": -Infinity}]}}', ["body", "spec", "extra", 1, "x"]),
+])
+def test_unencodable_json_values_are_422_naming_the_field_and_store_nothing(client, app, raw, loc):
+    r = client.post("/v1/jobs", content=raw, headers=JSON_CT)
+    assert r.status_code == 422
+    assert loc in [e["loc"] for e in strict_json(r)["detail"]]
+    assert app.state.store.list()[1] == 0
+
+
+def test_a_lone_surrogate_in_a_key_is_422_with_a_printable_location(client):
+    r = client.post("/v1/jobs", content=rb'{"spec": {"na\udfffme": "x"}}', headers=JSON_CT)
+    assert r.status_code == 422
+    [error] = strict_json(r)["detail"]
+    assert error["loc"][:2] == ["body", "spec"] and error["loc"][2].startswith("na") and "\ufffd" in error["loc"][2]
+
+
+def test_the_422_echoes_inputs_only_as_encodable_json(client):
+    detail = strict_json(client.post("/v1/jobs", content=rb'{"spec": {"train": {"lr": NaN, "steps": "\udfff"}}}',
+                                     headers=JSON_CT))["detail"]
+    assert {e["input"] for e in detail} == {"NaN", "\ufffd"}
+    # Not JSON at all: the raw bytes are the input, decoded with replacement.
+    r = client.post("/v1/jobs", content=b"\xff\xfe{", headers={**AUTH, "content-type": "text/plain"})
+    assert r.status_code == 422 and strict_json(r)["detail"][0]["input"] == "\ufffd\ufffd{"
+
+
+def test_a_422_lists_a_bounded_number_of_errors(client):
+    raw = b'{"spec": {"data": {"extensions": [' + b", ".join([b"NaN"] * 5000) + b"]}}}"
+    r = client.post("/v1/jobs", content=raw, headers=JSON_CT)
+    assert r.status_code == 422 and len(strict_json(r)["detail"]) == MAX_REPORTED_ERRORS
+
+
+def test_a_deeply_nested_input_is_422_without_its_echo(client):
+    depth = 500  # within json's recursion limit: decoded, then too deep to copy into the error
+    r = client.post("/v1/jobs", content=b'{"spec": ' + b"[" * depth + b"]" * depth + b"}", headers=JSON_CT)
+    assert r.status_code == 422
+    [error] = strict_json(r)["detail"]
+    assert error["loc"] == ["body", "spec"] and "input" not in error
+
+
+def test_stored_non_finite_metrics_and_bad_strings_are_returned_as_json(client, app, fake_ray):
+    """Metrics come from the workers' logs (a NaN loss is real) and a spec from before this check
+    could hold a lone surrogate: reading such a job is still a 200 in standard JSON."""
+    fake_ray.reachable = False  # the controller leaves the job and its metrics alone
+    job, _ = app.state.store.create(kind="train", name="old", spec={"data": {"source": "/d/\udfff"}},
+                                    max_retries=0, idempotency_key=None, request_hash=None)
+    app.state.store.set_metrics(job.id, {"loss": float("nan"), "grad_norm": float("inf"), "note": "\ud800"})
+    r = client.get(f"/v1/jobs/{job.id}", headers=AUTH)
+    assert r.status_code == 200
+    body = strict_json(r)
+    assert body["metrics"] == {"loss": "NaN", "grad_norm": "Infinity", "note": "\ufffd"}
+    assert body["spec"]["data"]["source"] == "/d/\ufffd"
+    listed = client.get("/v1/jobs", headers=AUTH)
+    assert listed.status_code == 200 and strict_json(listed)["data"][0]["metrics"]["loss"] == "NaN"
 
 
 def test_bad_control_fields_are_422(client, app):

@@ -3,22 +3,36 @@ matches the OpenAPI document (status codes, content types, bodies).
 
 The schema is the app's own document, loaded at import (schemathesis' lazy fixture loader does not
 work with pytest 9); the requests go to a live server started once for the module.
+
+Schemathesis only generates what JSON can carry (no lone surrogates, no NaN), so a second,
+Hypothesis-driven test posts raw bodies that do: ``\\udXXX`` escapes of lone surrogates and the
+``NaN`` / ``Infinity`` / ``-Infinity`` tokens that Python's json module accepts.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+
+import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 from schemathesis.checks import allow_header_conformance, negative_data_rejection, positive_data_acceptance
 
+from jobs.specs import TrainSpec
 from orchestrator.api.app import create_app
 from orchestrator.server import BackgroundServer
 from orchestrator.settings import Settings
-from tests.orchestrator.conftest import AUTH, TOKEN
+from tests.orchestrator.conftest import AUTH, TINY_SPEC, TOKEN
 from tests.orchestrator.fakes import FakeRay
 
 MAX_EXAMPLES = 30  # per operation
+MAX_RAW_EXAMPLES = 150
+REQUEST_TIMEOUT_S = 30.0
 # Checks left out, each a framework convention rather than a fault of this service:
 # - negative_data_rejection: FastAPI ignores undeclared query parameters instead of answering 4xx;
 # - allow_header_conformance: Starlette's 405 lists only the methods of the route it matched first
@@ -62,3 +76,65 @@ def test_api_never_answers_5xx_and_matches_its_schema(case, live_url):
     submit = case.method.upper() == "POST" and case.path == "/v1/jobs"
     case.call_and_validate(base_url=live_url, headers=AUTH, timeout=30,
                            excluded_checks=EXCLUDED_FOR_SUBMIT if submit else EXCLUDED)
+
+
+# -- raw bodies with values JSON cannot carry ------------------------------------------------------
+
+
+def _field_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every field of the spec, sections and leaves, as body locations."""
+    paths = []
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        paths.append(path)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            paths.extend(_field_paths(field.annotation, path))
+    return paths
+
+
+BODY_PATHS = [("max_retries",), ("kind",), ("spec",), *_field_paths(TrainSpec, ("spec",))]
+LONE_SURROGATES = st.integers(0xD800, 0xDFFF).map(chr)
+UNENCODABLE = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.tuples(st.text(max_size=4), LONE_SURROGATES, st.text(max_size=4)).map("".join),
+)
+JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), st.text(max_size=8),
+                        UNENCODABLE)
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=6) | LONE_SURROGATES, inner, max_size=3), max_leaves=8)
+
+
+def _put(body: dict, path: tuple[str, ...], value) -> None:
+    node = body
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[path[-1]] = value
+
+
+def _strict_json(response: httpx.Response):
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token} in a response")
+
+    return json.loads(response.content.decode("utf-8"), parse_constant=refuse)
+
+
+@given(noise=st.lists(st.tuples(st.sampled_from(BODY_PATHS), JSON_VALUES), max_size=3),
+       path=st.sampled_from(BODY_PATHS), bad=UNENCODABLE)
+@settings(max_examples=MAX_RAW_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_unencodable_values_anywhere_in_a_body_are_422_naming_them(live_url, noise, path, bad):
+    """A valid spec with random values (some unencodable) in random fields, then one unencodable
+    value at ``path``: always a 422 in standard JSON that names ``path``, and no job stored."""
+    body = {"spec": copy.deepcopy(TINY_SPEC)}
+    for noise_path, value in noise:
+        _put(body, noise_path, value)
+    _put(body, path, bad)
+    raw = json.dumps(body, allow_nan=True).encode()  # ASCII, with \udXXX escapes and bare NaN tokens
+    with httpx.Client(base_url=live_url, headers=AUTH, timeout=REQUEST_TIMEOUT_S) as client:
+        before = client.get("/v1/jobs", params={"limit": 1}).json()["count"]
+        r = client.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (raw, r.status_code, r.text)
+        assert ["body", *path] in [e["loc"] for e in _strict_json(r)["detail"]]
+        assert client.get("/v1/jobs", params={"limit": 1}).json()["count"] == before
