@@ -16,7 +16,18 @@ One folder per checkpoint, written by world rank 0 after collectives on every ra
 Why the mean carries error feedback across a resize: every step applies the average of what the
 workers send, so the unsent gradient mass of the whole job is the average of their residuals.
 Giving each of the M new workers that average keeps the next applied update's share of it exact
-((1/M) * M * mean = mean), whatever N and M are (see workers/compression.py, export_state).
+((1/M) * M * mean = mean), whatever N and M are (see workers/compression/state.py, export_state).
+
+Why experts are saved by global id: with expert parallelism (workers/moe/parallel.py) each rank
+holds only rows [ep_rank * G, (ep_rank + 1) * G) of every stacked expert weight, under the EP
+model's names (``...experts.local.w1``). ``gather_expert_state`` concatenates those slices back
+into the single-process state dict (``...experts.w1`` of shape (E, ...)), for weights, optimizer
+moments and residuals alike, and ``shard_expert_state`` cuts them again for whatever EP size
+loads them, so the files never depend on the layout that wrote them.
+
+Shape suffixes used in comments:
+    E  routed experts in the model (global ids)
+    G  experts owned by one rank (E / EP size)
 """
 
 from __future__ import annotations
@@ -27,13 +38,101 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from workers.compression import CommState
+from workers.moe.dispatch import ExpertParallelExperts
+from workers.moe.grad_sync import ExpertGradSync
+from workers.moe.groups import ParallelGroups
 from workers.moe.model import MoETransformer
-from workers.moe.parallel import ExpertGradSync, ParallelGroups, gather_expert_state, shard_expert_state
 
 FORMAT_VERSION = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert-parallel state by global expert id
+
+
+def _sharded_keys(model: MoETransformer) -> dict[str, tuple[str, ExpertParallelExperts]]:
+    """EP state-dict key -> (key in a single-process state dict, its EP module)."""
+    keys = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            for name, _ in module.local.named_parameters():
+                keys[f"{path}.local.{name}"] = (f"{path}.{name}", module)
+    return keys
+
+
+def gather_expert_state(
+    model: MoETransformer, groups: ParallelGroups, state: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor] | None:
+    """The full single-process state dict, experts concatenated back to (E, ...) by global id.
+
+    ``state`` (default: the model's state dict) may be any dict keyed like the EP model's state
+    dict, e.g. one optimizer moment or error-feedback residual per parameter: its expert entries
+    are gathered the same way, so optimizer and compression state are saved by global id too.
+
+    Collective over the EP group (every rank calls it); returned on EP rank 0 of each EP group,
+    None elsewhere. World rank 0 is EP rank 0 of the first group: save what it gets. The result
+    loads into a plain ``MoETransformer`` with ``load_state_dict``, or into an EP model of any EP
+    size with ``load_expert_state``.
+    """
+    sharded = _sharded_keys(model)
+    root = groups.ep_rank == 0
+    out: dict[str, Tensor] = {}
+    for key, value in (model.state_dict() if state is None else state).items():
+        if key not in sharded:
+            out[key] = value
+            continue
+        full_key, module = sharded[key]
+        if module.ep_size != groups.ep_size:
+            raise ValueError(f"{key} is sharded over {module.ep_size} ranks, groups say {groups.ep_size}")
+        if groups.ep_size == 1:
+            out[full_key] = value
+            continue
+        value = value.contiguous()  # (G, ...)
+        parts = [torch.empty_like(value) for _ in range(groups.ep_size)] if root else None
+        dist.gather(value, parts, group=groups.ep_group, group_dst=0)
+        if root:
+            out[full_key] = torch.cat(parts, dim=0)  # (E, ...)
+    return out if root else None
+
+
+def shard_expert_state(
+    model: MoETransformer, full_state_dict: Mapping[str, Tensor], groups: ParallelGroups
+) -> dict[str, Tensor]:
+    """The inverse of ``gather_expert_state``: a FULL (single-process keyed) dict -> this rank's
+    EP-keyed dict, expert entries cut to rows [ep_rank * G, (ep_rank + 1) * G). No communication."""
+    sharded = _sharded_keys(model)
+    by_full_key = {full_key: (key, module) for key, (full_key, module) in sharded.items()}
+    local: dict[str, Tensor] = {}
+    for full_key, value in full_state_dict.items():
+        if full_key not in by_full_key:
+            local[full_key] = value
+            continue
+        key, module = by_full_key[full_key]
+        if module.ep_rank != groups.ep_rank or module.ep_size != groups.ep_size:
+            raise ValueError(f"{key} was sharded for another EP layout than {groups}")
+        if value.shape[0] != module.n_experts:
+            raise ValueError(f"{full_key} has {value.shape[0]} experts, the model {module.n_experts}")
+        lo = module.first_expert
+        local[key] = value[lo : lo + module.n_local_experts]  # (G, ...)
+    return local
+
+
+def load_expert_state(
+    model: MoETransformer, full_state_dict: Mapping[str, Tensor], groups: ParallelGroups
+) -> None:
+    """Loads a FULL (single-process format) state dict into an EP model: this rank's expert rows
+    and every dense tensor, strictly (unknown or missing keys raise). No communication: every rank
+    reads the same full checkpoint, whatever EP size wrote it.
+    """
+    model.load_state_dict(shard_expert_state(model, full_state_dict, groups), strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint folders
 
 
 def _kinds(state: Mapping[str, Tensor]) -> list[str]:
