@@ -1,7 +1,8 @@
 """Golden loss curves: a small fixed run of the real model and the real compression hook.
 
-Two gloo processes train the MoE under DDP on fixed, generated batches (no Ray, no streaming
-order), so a fresh run reproduces the checked-in curve up to float noise; a change that silently
+Two gloo processes train the MoE with the product's training step (``workers.step``: DDP, the
+compression hook, expert parallelism, the optimizer and the router-bias update, as a Ray job runs
+them) on fixed, generated batches (no Ray, no streaming order), so a fresh run reproduces the checked-in curve up to float noise; a change that silently
 hurts convergence (of the model, the router, the hook or error feedback) moves it. Regenerate
 after an intended change with ``python -m tests.golden --update`` and say why in the commit.
 
@@ -31,13 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from tests.distributed import run_scenarios, scenario_values
-from workers import compression
 from workers.compression import CompressionConfig
-from workers.moe.model import ModelConfig, MoETransformer
+from workers.config import LoopConfig, ModelConfig
+from workers.step import build_step
 
 CURVES = Path(__file__).with_name("golden_curves.json")
 WORLD = 2
@@ -45,19 +44,25 @@ STEPS = 40
 SEQ, BATCH = 32, 8
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=SEQ, n_routed_experts=4, top_k=2,
                     n_shared_experts=1, expert_hidden=32)
-VARIANTS = {
-    "dense": CompressionConfig(method="none"),
-    "topk_5pct_ef": CompressionConfig(method="topk", density=0.05, error_feedback=True, selection="exact"),
-    "topk_5pct_no_ef": CompressionConfig(method="topk", density=0.05, error_feedback=False, selection="exact"),
+LOOP = LoopConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, warmup_steps=5)
+TOPK = CompressionConfig(method="topk", density=0.05, error_feedback=True, selection="exact")
+# The demo's own compression (jobs/examples/demo.yaml) at this model's density: Adam-preconditioned
+# top-k with local clipping, the optimizer plain SGD.
+DEMO_TOPK = TOPK.model_copy(update={"precondition": "adam", "clip_norm": 1.0})
+# name -> the changes to build_step's arguments from (MODEL, dense, LOOP, EP 1)
+VARIANTS: dict[str, dict] = {
+    "dense": {"comp": CompressionConfig(method="none")},
+    "topk_5pct_ef": {"comp": TOPK},
+    "topk_5pct_no_ef": {"comp": TOPK.model_copy(update={"error_feedback": False})},
+    "demo_adam": {"comp": DEMO_TOPK},
+    "demo_adam_ep2": {"comp": DEMO_TOPK, "expert_parallel": 2},
 }
-LR = 1e-2
 # name -> (the variant whose golden curve it is compared with, what changes)
-MUTATIONS = {
-    "ef_off": ("topk_5pct_ef", {"config": VARIANTS["topk_5pct_no_ef"]}),
-    "half_density": ("topk_5pct_ef", {"config": CompressionConfig(method="topk", density=0.025, error_feedback=True,
-                                                                  selection="exact")}),
-    "double_lr": ("dense", {"lr": 2 * LR}),
-    "frozen_router_bias": ("dense", {"update_router_bias": False}),
+MUTATIONS: dict[str, tuple[str, dict]] = {
+    "ef_off": ("topk_5pct_ef", VARIANTS["topk_5pct_no_ef"]),
+    "half_density": ("topk_5pct_ef", {"comp": TOPK.model_copy(update={"density": TOPK.density / 2})}),
+    "double_lr": ("dense", {"loop": LOOP.model_copy(update={"lr": 2 * LOOP.lr})}),
+    "frozen_router_bias": ("dense", {"model": MODEL.model_copy(update={"bias_update_rate": 0.0})}),
 }
 # Set in every rank before torch starts: MKL's conditional numerical reproducibility (the same code
 # path on any x86 CPU, Intel or AMD) and ATen's scalar kernels (no AVX-512 vs AVX2 choice).
@@ -88,34 +93,22 @@ def batches(rank: int) -> torch.Tensor:
     return per_step[:, rank]  # (STEPS, BATCH, SEQ + 1)
 
 
-def _train(rank: int, config: CompressionConfig, lr: float = LR, update_router_bias: bool = True) -> list[float]:
-    """One rank of the golden run (inside tests.distributed's process group): the loss curve."""
+def _train(rank: int, change: dict) -> list[float]:
+    """One rank of the golden run (inside tests.distributed's process group): the loss curve of the
+    product's training step (workers/step.py)."""
     torch.set_default_dtype(DTYPE)
-    torch.manual_seed(0)
-    model = MoETransformer(MODEL)
-    ddp = DistributedDataParallel(model, forward_sync_buffers=False)
-    compression.register(ddp, config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    args = {"model": MODEL, "comp": CompressionConfig(method="none"), "loop": LOOP} | change
+    step = build_step(args.pop("model"), args.pop("comp"), args.pop("loop"), **args)
     curve = []
-    for x in batches(rank):  # (BATCH, SEQ + 1)
-        logits = ddp(x[:, :-1])  # (BATCH, SEQ, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        (loss + model.aux_loss()).backward()
-        opt.step()
-        counts = model.router_counts()  # (layers, 2 * experts + 2)
-        dist.all_reduce(counts)
-        if update_router_bias:
-            model.update_router_bias(counts)
-        mean = loss.detach().clone()
+    for i, x in enumerate(batches(rank)):  # (BATCH, SEQ + 1)
+        mean = step(i, x).loss.clone()
         dist.all_reduce(mean)
         curve.append(round(mean.item() / WORLD, 5))
     return curve
 
 
-SCENARIOS = {name: functools.partial(_train, config=config) for name, config in VARIANTS.items()} | {
-    name: functools.partial(_train, **({"config": VARIANTS[base]} | change))
-    for name, (base, change) in MUTATIONS.items()}
+SCENARIOS = {name: functools.partial(_train, change=change) for name, change in VARIANTS.items()} | {
+    name: functools.partial(_train, change=VARIANTS[base] | change) for name, (base, change) in MUTATIONS.items()}
 
 
 def run_curves() -> dict[str, list[float]]:

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.compression import CompressionConfig
+from workers.config import LoopConfig
 from workers.data import DataConfig, build_shards, pack_sequences, shard_paths
-from workers.loop import LoopConfig, build_optimizer, final_window, lr_at
 from workers.moe.model import INIT_STD, FeedForward, ModelConfig, MoETransformer
+from workers.moe.stats import max_vio
+from workers.step import TrainStep, build_optimizer, evaluate, final_window
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT / "runs" / "bench" / "moe_vs_dense_data"
@@ -153,29 +155,6 @@ def load_batches(steps: int, data_dir: Path = DATA_DIR) -> tuple[list[torch.Tens
 # Training
 
 
-@torch.no_grad()
-def evaluate(model: MoETransformer, batches: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
-    """Mean next-token loss over the held-out batches (eval mode: no capacity dropping), and the
-    routing counts (N, 2E + 2) summed over them."""
-    model.eval()
-    loss_sum, count = 0.0, 0
-    counts = None
-    for x in batches:  # (B, L + 1)
-        logits = model(x[:, :-1])  # (B, L, V)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-        c = model.router_counts()  # (N, 2E + 2)
-        counts = c if counts is None else counts + c
-    model.train()
-    return loss_sum / count, counts
-
-
-def max_vio(counts: np.ndarray) -> np.ndarray:
-    """MaxVio = max load / mean load - 1 over the experts, from router counts (..., 2E + 2) -> (...)."""
-    load = counts[..., :(counts.shape[-1] - 2) // 2]  # (..., E)
-    return load.max(axis=-1) / load.mean(axis=-1) - 1.0
-
-
 def max_vio_floor(tokens: int, n_experts: int, top_k: int, reps: int = FLOOR_REPS) -> float:
     """Mean MaxVio of a batch of ``tokens`` whose tokens each pick top_k distinct experts uniformly at
     random and independently: the per-batch floor of any per-token router with perfectly balanced
@@ -228,38 +207,26 @@ def train_side_by_side(models: dict[str, MoETransformer], batches: list[torch.Te
                        val: list[torch.Tensor], loop: LoopConfig) -> dict[str, dict[str, Any]]:
     """Trains every model on the same batches, one step each per batch in a rotating order.
 
-    The step as the training loop takes it (workers/loop.py, one worker): lr schedule, forward,
-    LM loss + aux loss, backward, global-norm clip, AdamW step, router-bias update from this step's
-    counts. Timed per model per step; routing counts are read outside the timer.
+    The product's step (workers/step.py, one process, no DDP): lr schedule, forward, LM loss + aux
+    loss, backward, global-norm clip, AdamW step, router-bias update from this step's counts.
+    Timed per model per step.
     """
     names = list(models)
     comp = CompressionConfig(method="none")
-    opts = {n: build_optimizer(m, loop, comp) for n, m in models.items()}
+    steps_of = {n: TrainStep(model=m, forward=m, optimizer=build_optimizer(m, loop, comp), loop=loop, compression=comp)
+                for n, m in models.items()}
     rec: dict[str, dict[str, list]] = {n: {"time": [], "loss": [], "counts": []}
                                        for n in names}
     started = time.perf_counter()
-    for step, x in enumerate(batches):
-        inputs, targets = x[:, :-1], x[:, 1:]  # (B, L) each
-        lr = lr_at(step, loop)
+    for step, x in enumerate(batches):  # (B, L + 1)
         for j in range(len(names)):
             name = names[(step + j) % len(names)]
-            model, opt = models[name], opts[name]
             t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr
-            logits = model(inputs)  # (B, L, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            opt.zero_grad(set_to_none=True)
-            (loss + model.aux_loss()).backward()
-            if loop.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-            opt.step()
-            counts = model.router_counts()  # (N, 2E + 2)
-            model.update_router_bias(counts)
+            result = steps_of[name](step, x)
             rec[name]["time"].append(time.perf_counter() - t0)
-            rec[name]["loss"].append(loss.item())
-            if not isinstance(model.layers[0].moe, DenseFFN):
-                rec[name]["counts"].append(counts.numpy().copy())  # (N, 2E + 2)
+            rec[name]["loss"].append(result.loss.item())
+            if not isinstance(models[name].layers[0].moe, DenseFFN):
+                rec[name]["counts"].append(result.counts.numpy().copy())  # (N, 2E + 2)
         done = step + 1
         if done % PROGRESS_EVERY == 0 or done == len(batches):
             parts = []
@@ -280,13 +247,13 @@ def train_side_by_side(models: dict[str, MoETransformer], batches: list[torch.Te
     bal = max(1, round(BALANCE_TAIL * steps))
     for n in names:
         r = rec[n]
-        eval_loss, held_out = evaluate(models[n], val)
+        held_out = evaluate(models[n], val, len(val))
         res: dict[str, Any] = {
-            "final_loss": statistics.fmean(r["loss"][-tail:]), "final_loss_window": tail, "eval_loss": eval_loss,
+            "final_loss": statistics.fmean(r["loss"][-tail:]), "final_loss_window": tail, "eval_loss": held_out.loss,
             "step_times": r["time"], "loss_curve": [round(v, 4) for v in r["loss"]],
         }
         if r["counts"]:
-            res |= routing_summary(np.stack(r["counts"]), held_out.numpy(), bal)
+            res |= routing_summary(np.stack(r["counts"]), held_out.counts.numpy(), bal)
         out[n] = res
     return out
 
