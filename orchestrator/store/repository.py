@@ -2,169 +2,37 @@
 
 SQLite (WAL mode, ``synchronous=FULL`` unless ORCH_SQLITE_SYNCHRONOUS=NORMAL) by default; any SQLAlchemy URL works. Every write runs in one
 transaction that takes the write lock first (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE``
-elsewhere), so a state check and the move it allows cannot interleave with another writer's.
+elsewhere), so a state check and the move it allows cannot interleave with another writer's. Opening
+a store migrates its database to the newest schema first (``schema.py``).
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    Boolean,
-    Column,
-    Connection,
-    Engine,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    func,
-    select,
-)
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError
 
-from orchestrator.migrations import migrate
 from orchestrator.states import JobState, check_transition
-
-# Query-side view of the schema that orchestrator/migrations.py creates (keep the two in step).
-_md = MetaData()
-jobs_t = Table(
-    "jobs", _md,
-    Column("id", String(32), primary_key=True),
-    Column("kind", String(16)),
-    Column("name", String(64)),
-    Column("state", String(16)),
-    Column("spec", Text),
-    Column("max_retries", Integer),
-    Column("attempts", Integer),
-    Column("cancel_requested", Boolean),
-    Column("idempotency_key", String(255)),
-    Column("request_hash", String(64)),
-    Column("metrics", Text),
-    Column("metrics_at", Float),
-    Column("message", Text),
-    Column("created_at", Float),
-    Column("updated_at", Float),
+from orchestrator.store.records import (
+    EventRecord,
+    IdempotencyConflict,
+    JobNotFound,
+    JobRecord,
+    job_from_rows,
+    new_job_id,
+    submission_id_for,
 )
-events_t = Table(
-    "job_events", _md,
-    Column("job_id", String(32), primary_key=True),
-    Column("seq", Integer, primary_key=True),
-    Column("from_state", String(16)),
-    Column("to_state", String(16)),
-    Column("reason", Text),
-    Column("at", Float),
-)
-attempts_t = Table(
-    "attempts", _md,
-    Column("job_id", String(32), primary_key=True),
-    Column("number", Integer, primary_key=True),
-    Column("submission_id", String(128)),
-    Column("created_at", Float),
-    Column("submitted_at", Float),
-    Column("ended_at", Float),
-    Column("ray_status", String(16)),
-    Column("ray_message", Text),
-    Column("exit_code", Integer),
-)
+from orchestrator.store.schema import upgrade_to_head
+from orchestrator.store.tables import attempts_t, events_t, jobs_t
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other this long before failing
-
-
-def submission_id_for(job_id: str, attempt: int) -> str:
-    """Ray's submission id for one attempt, derived from the job id: a resubmission after a crash
-    reuses it, and Ray refuses a second job under the same id."""
-    return f"orch-{job_id}-{attempt}"
-
-
-def new_job_id() -> str:
-    return secrets.token_hex(6)  # 48 random bits, 12 characters; the primary key catches a clash
-
-
-class JobNotFound(KeyError):
-    pass
-
-
-class IdempotencyConflict(ValueError):
-    """An Idempotency-Key reused with a different request body."""
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    seq: int
-    from_state: JobState | None
-    to_state: JobState
-    reason: str
-    at: float
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    number: int
-    submission_id: str
-    created_at: float
-    submitted_at: float | None
-    ended_at: float | None
-    ray_status: str | None
-    ray_message: str | None
-    exit_code: int | None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str
-    kind: str
-    name: str
-    state: JobState
-    spec: dict[str, Any]
-    max_retries: int
-    attempts: int
-    cancel_requested: bool
-    idempotency_key: str | None
-    request_hash: str | None
-    metrics: dict[str, Any] | None
-    metrics_at: float | None
-    message: str | None
-    created_at: float
-    updated_at: float
-    events: tuple[EventRecord, ...] = ()
-    attempt_records: tuple[AttemptRecord, ...] = ()
-
-    @property
-    def current_attempt(self) -> AttemptRecord | None:
-        return self.attempt_records[-1] if self.attempt_records else None
-
-    @property
-    def retries_left(self) -> int:
-        return self.max_retries - max(self.attempts - 1, 0)
-
-
-def _job(row: Any, events: Iterable[Any] = (), attempts: Iterable[Any] = ()) -> JobRecord:
-    m = row._mapping
-    return JobRecord(
-        id=m["id"], kind=m["kind"], name=m["name"], state=JobState(m["state"]), spec=json.loads(m["spec"]),
-        max_retries=m["max_retries"], attempts=m["attempts"], cancel_requested=bool(m["cancel_requested"]),
-        idempotency_key=m["idempotency_key"], request_hash=m["request_hash"],
-        metrics=json.loads(m["metrics"]) if m["metrics"] else None, metrics_at=m["metrics_at"],
-        message=m["message"], created_at=m["created_at"], updated_at=m["updated_at"],
-        events=tuple(
-            EventRecord(e.seq, JobState(e.from_state) if e.from_state else None, JobState(e.to_state), e.reason, e.at)
-            for e in events
-        ),
-        attempt_records=tuple(AttemptRecord(**{k: a._mapping[k] for k in AttemptRecord.__annotations__}) for a in attempts),
-    )
 
 
 def _sqlite_engine(url: str, synchronous: str) -> Engine:
@@ -202,8 +70,27 @@ class JobStore:
         self.is_sqlite = url.startswith("sqlite")
         self._write_lock = threading.Lock()
         self.engine = _sqlite_engine(url, sqlite_synchronous) if self.is_sqlite else create_engine(url, pool_pre_ping=True)
-        with self._tx() as conn:
-            migrate(conn)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Upgrade the schema to head in one write transaction. On SQLite foreign keys are off meanwhile
+        (SQLite's own recipe for schema changes: a revision that rebuilds ``jobs`` by copy would
+        otherwise cascade-check its children) and checked before the commit."""
+        if not self.is_sqlite:
+            with self._tx() as conn:
+                upgrade_to_head(conn)
+            return
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection  # the pragma is a no-op inside a transaction
+            raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with self._write_lock, conn.execution_options(write=True).begin():
+                    upgrade_to_head(conn)
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"the migrated database breaks foreign keys: {broken[:5]}")
+            finally:
+                raw.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -229,7 +116,7 @@ class JobStore:
             raise JobNotFound(job_id)
         events = conn.execute(select(events_t).where(events_t.c.job_id == job_id).order_by(events_t.c.seq))
         attempts = conn.execute(select(attempts_t).where(attempts_t.c.job_id == job_id).order_by(attempts_t.c.number))
-        return _job(row, events.all(), attempts.all())
+        return job_from_rows(row, events.all(), attempts.all())
 
     def get(self, job_id: str) -> JobRecord:
         with self._tx(write=False) as conn:
@@ -244,7 +131,7 @@ class JobStore:
         if cond is not None:
             q, count_q = q.where(cond), count_q.where(cond)
         with self._tx(write=False) as conn:
-            return [_job(r) for r in conn.execute(q)], conn.execute(count_q).scalar_one()
+            return [job_from_rows(r) for r in conn.execute(q)], conn.execute(count_q).scalar_one()
 
     def unfinished(self) -> list[JobRecord]:
         """Every non-terminal job with its attempts, oldest first: the controller's work list."""

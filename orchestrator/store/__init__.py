@@ -1,0 +1,36 @@
+"""The durable job store: ``JobStore`` and the records it hands out.
+
+Split by concern: ``tables`` (the one schema definition), ``records`` (immutable job records),
+``repository`` (``JobStore``: reads and the one transition function), ``schema`` and ``migrations/``
+(Alembic revisions, applied at every open).
+"""
+
+from orchestrator.store.records import (
+    AttemptRecord,
+    EventRecord,
+    IdempotencyConflict,
+    JobNotFound,
+    JobRecord,
+    new_job_id,
+    submission_id_for,
+)
+from orchestrator.store.repository import SQLITE_BUSY_TIMEOUT_MS, JobStore
+from orchestrator.store.schema import SchemaTooNew
+from orchestrator.store.tables import attempts_t, events_t, jobs_t, metadata
+
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "AttemptRecord",
+    "EventRecord",
+    "IdempotencyConflict",
+    "JobNotFound",
+    "JobRecord",
+    "JobStore",
+    "SchemaTooNew",
+    "attempts_t",
+    "events_t",
+    "jobs_t",
+    "metadata",
+    "new_job_id",
+    "submission_id_for",
+]

@@ -1,0 +1,96 @@
+"""What the job store hands out: immutable records of a job, its state history and its attempts."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.states import JobState
+
+
+def submission_id_for(job_id: str, attempt: int) -> str:
+    """Ray's submission id for one attempt, derived from the job id: a resubmission after a crash
+    reuses it, and Ray refuses a second job under the same id."""
+    return f"orch-{job_id}-{attempt}"
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(6)  # 48 random bits, 12 characters; the primary key catches a clash
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key reused with a different request body."""
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    seq: int
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    number: int
+    submission_id: str
+    created_at: float
+    submitted_at: float | None
+    ended_at: float | None
+    ray_status: str | None
+    ray_message: str | None
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    kind: str
+    name: str
+    state: JobState
+    spec: dict[str, Any]
+    max_retries: int
+    attempts: int
+    cancel_requested: bool
+    idempotency_key: str | None
+    request_hash: str | None
+    metrics: dict[str, Any] | None
+    metrics_at: float | None
+    message: str | None
+    created_at: float
+    updated_at: float
+    events: tuple[EventRecord, ...] = ()
+    attempt_records: tuple[AttemptRecord, ...] = ()
+
+    @property
+    def current_attempt(self) -> AttemptRecord | None:
+        return self.attempt_records[-1] if self.attempt_records else None
+
+    @property
+    def retries_left(self) -> int:
+        return self.max_retries - max(self.attempts - 1, 0)
+
+
+def job_from_rows(row: Any, events: Iterable[Any] = (), attempts: Iterable[Any] = ()) -> JobRecord:
+    """A job record from its jobs row and (optionally) its job_events and attempts rows, in order."""
+    m = row._mapping
+    return JobRecord(
+        id=m["id"], kind=m["kind"], name=m["name"], state=JobState(m["state"]), spec=json.loads(m["spec"]),
+        max_retries=m["max_retries"], attempts=m["attempts"], cancel_requested=bool(m["cancel_requested"]),
+        idempotency_key=m["idempotency_key"], request_hash=m["request_hash"],
+        metrics=json.loads(m["metrics"]) if m["metrics"] else None, metrics_at=m["metrics_at"],
+        message=m["message"], created_at=m["created_at"], updated_at=m["updated_at"],
+        events=tuple(
+            EventRecord(e.seq, JobState(e.from_state) if e.from_state else None, JobState(e.to_state), e.reason, e.at)
+            for e in events
+        ),
+        attempt_records=tuple(AttemptRecord(**{k: a._mapping[k] for k in AttemptRecord.__annotations__}) for a in attempts),
+    )
