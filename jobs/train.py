@@ -9,23 +9,31 @@ corpus, corrupt shard, training error), each with a one-paragraph message instea
 
 With ``--out DIR``, checkpoints go under DIR and the run resumes from DIR's latest checkpoint when
 there is one, so rerunning the same command continues an interrupted job.
+
+Output: one live progress bar on a terminal, else one ``[progress] ...`` line per report (which the
+control plane parses from the job's log); see jobs/display.py. The logs of Ray's own processes and
+of the workers reach the driver only with ``--verbose``; a failed worker's error is printed either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from jobs.display import RunDisplay, follow
 from jobs.specs import SpecError, TrainSpec, load_spec
 
 PROMPTS = ("def ", "import ", "class ")
 SAMPLE_BYTES = 160
 RUN_NAME = "ray-train"  # Ray Train's run folder inside --out; fixed so a rerun finds the checkpoints
+# Python processes the embedded cluster's raylet starts at once (and a quarter of the count it warns at).
+STARTUP_CONCURRENCY = 8
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a spec field, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--out", help="output folder: summary.json and checkpoints; resumes if it holds some")
     p.add_argument("--no-sample", action="store_true", help="skip generating text from the final checkpoint")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the logs of the workers and of Ray (Train, Data, raylet) as they come")
     return p.parse_args(argv)
 
 
@@ -42,24 +52,36 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def init_ray(spec: TrainSpec) -> None:
+def init_ray(spec: TrainSpec, verbose: bool) -> None:
+    """Join RAY_ADDRESS's cluster or start an embedded one.
+
+    Without ``verbose`` the workers' and Ray actors' stdout/stderr stay in the session's log files
+    (log_to_driver) and the driver's "ray" logger shows errors only (token set-up, "Started a local
+    Ray instance"): progress comes over the display's queue and failures in fit()'s exception.
+    """
     import ray
     from ray.data import DataContext
 
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
         # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
         # training workers, which otherwise take every core of a small machine and starve the input.
         cpus = max(os.cpu_count() or 1, int(spec.resources.num_workers * spec.resources.cpus_per_worker) + 2)
         # The dashboard (loopback only) serves Ray's state API, which Ray Train's controller polls.
+        # worker_maximum_startup_concurrency: the raylet warns the driver each time the Python
+        # processes it started reach 4x this (default: the cores, 2 on a small machine), which a
+        # run's ~14 (workers, Train controller, Ray Data actors and tasks) does; it also caps how
+        # many of them start at once.
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       log_to_driver=True)
+                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **quiet)
         print(f"ray: embedded local cluster; dashboard at http://{ctx.dashboard_url}", flush=True)
     DataContext.get_current().enable_progress_bars = False
 
 
-def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path) -> Any:
+def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path, progress: Any, verbose: bool) -> Any:
+    """Ray Train's fit(); rank 0 sends its progress to ``progress`` (a ray.util.queue.Queue)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -74,15 +96,15 @@ def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path) -> Any:
         train_loop_config={
             "model": spec.model.model_dump(), "compression": spec.compression.model_dump(),
             "loop": spec.train.model_dump(), "seed": spec.seed, "device": res.device, "has_val": "val" in datasets,
-            "expert_parallel": res.expert_parallel,
+            "expert_parallel": res.expert_parallel, "progress": progress,
         },
         torch_config=TorchConfig(backend=backend_for(res.device)),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "cuda",
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
                                      resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
                              failure_config=FailureConfig(max_failures=res.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         datasets=datasets,
     )
     return trainer.fit()
@@ -150,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
          + (f" density {spec.compression.density} error_feedback {spec.compression.error_feedback}"
             if spec.compression.method == "topk" else "") + f"; output in {out}")
 
-    init_ray(spec)
+    init_ray(spec, args.verbose)
     try:
-        result = run_training(spec, manifest, out)
+        with follow(RunDisplay(spec.train.steps, live=sys.stdout.isatty())) as progress:
+            result = run_training(spec, manifest, out, progress, args.verbose)
     except Exception as e:  # Ray Train raises its own error types; the cause is what a user needs
-        print(f"error: training failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(training_error(e, args.verbose), file=sys.stderr)
         return 1
 
     ckpt_path = Path(result.checkpoint.path)
@@ -164,6 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, out)
     return 0
+
+
+def training_error(e: Exception, verbose: bool) -> str:
+    """What fit() raised, for a user: each worker's exception in one line (Ray's text with the workers'
+    tracebacks with ``verbose``, or when the failure is not a worker's)."""
+    failures: dict[int, BaseException] = getattr(e, "worker_failures", None) or {}
+    if verbose or not failures:
+        return f"error: training failed: {type(e).__name__}: {e}"
+    by_cause: dict[str, list[str]] = {}
+    for rank, exc in sorted(failures.items()):
+        by_cause.setdefault(f"{type(exc).__name__}: {exc}", []).append(str(rank))
+    lines = [f"error: training failed on worker {','.join(ranks)}: {cause}" for cause, ranks in by_cause.items()]
+    return "\n".join(lines + ["(rerun with --verbose for the workers' tracebacks and logs)"])
 
 
 def print_summary(s: dict[str, Any], out: Path) -> None:

@@ -1,9 +1,21 @@
-"""Bad input to `python -m jobs.train`: a clear message and a non-zero exit, no traceback, no Ray."""
+"""`python -m jobs.train` without a cluster: bad input (a clear message and a non-zero exit, no
+traceback, no Ray), the driver's progress display and its message for a failed worker."""
+
+import io
 
 import pytest
+from rich.console import Console
 
+from jobs.display import RunDisplay
+from jobs.train import training_error
+from orchestrator.controller import latest_progress
 from tests.conftest import DEMO, run_train
 from workers.data import DataConfig, build_shards, shard_paths
+from workers.progress import NOTE, PROGRESS
+
+REPORTS = [(PROGRESS, {"step": f"{s}/300", "loss": 3.0 - s / 100, "lr": 0.003, "tokens_per_s": 15519.25,
+                       "wire_bytes": 1000 * s, "dense_bytes": 50_000 * s, "compression": 50.0})
+           for s in (110, 120)]
 
 
 @pytest.mark.parametrize(
@@ -47,3 +59,43 @@ def test_corrupt_shard_exits_1_naming_the_file(tmp_path):
                   "--set", "data.shard_tokens=2048", timeout=60)
     assert r.returncode == 1
     assert f"shard {victim} is corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plain_display_prints_lines_the_control_plane_parses():
+    out = io.StringIO()
+    with RunDisplay(300, live=False, console=Console(file=out)) as display:
+        for event in [(NOTE, "resuming from step 100 (saved by 2 workers, EP 1; now 2 workers, EP 1)"), *REPORTS]:
+            display.handle(event)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("resuming from step 100") and len(lines) == 3
+    assert all(line.startswith("[progress] step=") for line in lines[1:])
+    latest = latest_progress(out.getvalue())  # what the controller reads from the job's log
+    assert latest["step"] == 120 and latest["total_steps"] == 300 and latest["loss"] == pytest.approx(1.8)
+    assert latest["wire_bytes"] == 120_000 and latest["compression"] == 50
+
+
+def test_live_display_redraws_one_bar_and_prints_notes_above_it():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    with RunDisplay(300, live=True, console=console) as display:
+        for event in [(NOTE, "resuming from step 100"), *REPORTS]:
+            display.handle(event)
+    text = out.getvalue()
+    assert "[progress]" not in text
+    assert text.count("\n") == 2  # the note's line and the bar's last frame; every other frame is redrawn
+    last = text.rsplit("\r", 1)[-1]
+    assert "120/300" in last and "loss 1.800" in last and "15,519 tok/s" in last and "50.0x fewer bytes" in last
+    assert "ETA -:--:--" not in last  # a rate once two reports are in
+    assert "resuming from step 100\n" in text
+
+
+def test_worker_failure_message_names_each_cause_once():
+    from ray.train import WorkerGroupError
+
+    cause = RuntimeError("the training data yields no batch of 65536 sequences per worker")
+    e = WorkerGroupError("[Rank 0,1 Error Snippet]:\nTraceback (most recent call last): ...", {0: cause, 1: cause})
+    message = training_error(e, verbose=False)
+    assert message.splitlines()[0] == f"error: training failed on worker 0,1: RuntimeError: {cause}"
+    assert "Traceback" not in message and "--verbose" in message
+    assert "Traceback" in training_error(e, verbose=True)  # Ray's text with the workers' tracebacks
+    assert training_error(ValueError("bad"), verbose=False) == "error: training failed: ValueError: bad"

@@ -5,6 +5,7 @@ One chain of runs on the tiny spec (each a separate `python -m jobs.train` proce
   B: A's folder rerun with steps=40 on 2 workers: resumes at 30 (the reference continuation)
   C: a copy of A taken before B, run with steps=40 on 1 worker (resize 2 -> 1)
   D: C's folder run with steps=50 on 2 workers with expert_parallel=2 (resize 1 -> 2, EP 1 -> 2)
+B runs with --verbose. Apart from the chain, a run whose workers raise.
 """
 
 import json
@@ -23,13 +24,18 @@ pytestmark = pytest.mark.ray
 # weights, optimizer moments and residuals. A run that lost its state restarts near 5.5 instead.
 CONTINUATION_RTOL = 0.10
 
+# Output of Ray's processes that reaches the driver only with --verbose.
+RAY_CHATTER = ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "(DatasetManager", "(raylet)",
+               "Reporting training result", "core_worker", "RayDeprecationWarning", "Started a local Ray instance")
+
 
 def _sets(*pairs: str) -> list[str]:
     return [a for p in pairs for a in ("--set", p)]
 
 
-def _train(out, *sets, sample=False):
-    args = ["--spec", str(DEMO), "--out", str(out), *([] if sample else ["--no-sample"])]
+def _train(out, *sets, sample=False, verbose=False):
+    args = ["--spec", str(DEMO), "--out", str(out), *([] if sample else ["--no-sample"]),
+            *(["--verbose"] if verbose else [])]
     r = run_train(*args, *_sets(*TINY, "train.checkpoint_every=10", *sets))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = {p["step"]: p["loss"] for p in map(parse_progress, r.stdout.splitlines()) if p}
@@ -48,7 +54,7 @@ def run_a(tmp_path_factory, shards_dir):
 @pytest.fixture(scope="module")
 def run_b(run_a, shards_dir):
     out = run_a[0]
-    return _train(out, f"data.path={shards_dir}", "train.steps=40")
+    return _train(out, f"data.path={shards_dir}", "train.steps=40", verbose=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +75,9 @@ def test_loss_decreases_with_topk_sync_on_two_workers(run_a):
     assert summary["compression"] == pytest.approx(summary["dense_bytes"] / summary["wire_bytes"])
     assert len(summary["moe"]["max_vio"]) == 1 and summary["moe"]["drop_frac"][0] >= 0
     assert len(summary["samples"]) == 3 and summary["samples"][0].startswith("def ")
+    output = r.stdout + r.stderr
+    assert [noise for noise in RAY_CHATTER if noise in output] == []
+    assert sum(line.startswith("[progress] ") for line in r.stdout.splitlines()) == 6  # from the driver, once each
 
 
 def test_rerun_with_same_out_resumes_from_latest_checkpoint(run_a, run_b):
@@ -76,6 +85,7 @@ def test_rerun_with_same_out_resumes_from_latest_checkpoint(run_a, run_b):
     assert "resuming from step 30 (saved by 2 workers, EP 1; now 2 workers, EP 1)" in r.stdout
     assert sorted(losses) == [35, 40]
     assert summary["steps"] == 40 and summary["wire_bytes"] > run_a[4]["wire_bytes"]  # totals carried on
+    assert "(RayTrainWorker pid=" in r.stdout + r.stderr  # --verbose: the workers' own logs too
 
 
 def test_resize_two_to_one_worker_continues_the_curve(run_a, run_b, run_c):
@@ -96,3 +106,14 @@ def test_resize_one_to_two_workers_with_expert_parallelism(run_c, shards_dir):
     assert summary["world_size"] == 2 and summary["steps"] == 50
     assert losses[45] == pytest.approx(run_c[1][40], rel=CONTINUATION_RTOL)
     assert summary["dense_bytes"] / summary["wire_bytes"] >= 40  # experts synced over no replica: 0 bytes
+
+
+def test_failing_workers_error_reaches_the_user_without_verbose(tmp_path, shards_dir):
+    # No batch of that size fits this corpus: each worker raises on its first step.
+    args = ["--spec", str(DEMO), "--out", str(tmp_path), "--no-sample"]
+    r = run_train(*args, *_sets(*TINY, f"data.path={shards_dir}", "train.batch_size=65536",
+                                "resources.max_failures=0"))
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ("error: training failed on worker 0,1: RuntimeError: the training data yields no batch of 65536 "
+            "sequences per worker") in r.stderr
+    assert "Traceback" not in r.stderr and "(RayTrainWorker" not in r.stdout + r.stderr

@@ -2,8 +2,8 @@
 
 Runs inside each Ray Train worker. Ray Train has already initialized the process group (gloo, nccl
 or hccl); this loop wraps the plain model in DDP, registers the compression hook, streams packed
-batches from its Ray Data shard, prints a progress line every ``log_every`` steps and checkpoints
-every ``checkpoint_every`` steps and at the end.
+batches from its Ray Data shard, sends rank 0's progress to the driver every ``log_every`` steps
+(workers/progress.py) and checkpoints every ``checkpoint_every`` steps and at the end.
 
 With ``expert_parallel`` > 1 the routed experts are sharded over expert-parallel groups and
 tokens reach them by all-to-all (workers/moe/parallel.py); dense parameters stay data-parallel
@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,8 +36,9 @@ from workers.compression import CompressionConfig
 from workers.config import LoopConfig
 from workers.device import torch_device
 from workers.moe import parallel
-from workers.moe.model import ModelConfig, MoETransformer, routing_stats
-from workers.progress import format_progress
+from workers.moe.model import ModelConfig, MoETransformer
+from workers.moe.stats import routing_stats
+from workers.progress import ProgressChannel
 
 # Collective timeout of the expert-parallel groups (torch's default for new groups is 30 minutes).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -127,16 +127,6 @@ def _evaluate(model: MoETransformer, shard: Any, cfg: LoopConfig, device: torch.
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
-def _say(line: str) -> None:
-    """One line to the worker's stdout, which Ray forwards to the driver and the job logs.
-
-    Written directly: Ray Train's patched print() also routes through its logger and would show
-    every line twice.
-    """
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def _layer_stats(counts: torch.Tensor) -> dict[str, Any]:
     stats = routing_stats(counts)
     return {"max_vio": [round(s["max_vio"], 4) for s in stats],
@@ -155,7 +145,7 @@ def _save(state: dict[str, Any], meta: dict[str, Any], metrics: dict[str, Any], 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: config = {"model", "compression", "loop": dicts; "seed", "device", "has_val",
-    "expert_parallel"}."""
+    "expert_parallel"; "progress": the driver's ray.util.queue.Queue}."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -166,6 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed = config["seed"]
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = torch_device(config["device"])
+    channel = ProgressChannel(config["progress"])
 
     ep = config["expert_parallel"]
     groups = parallel.build_groups(world, rank, ep, timeout=COLLECTIVE_TIMEOUT) if ep > 1 else None
@@ -193,8 +184,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if saved_dir:
             checkpoint.load_compression(saved_dir, model=model, comm=comm, esync=esync, groups=groups)
             if rank == 0:
-                _say(f"resuming from step {start} (saved by {meta['world_size']} workers, EP {meta['expert_parallel']}; "
-                     f"now {world} workers, EP {ep})")
+                channel.note(f"resuming from step {start} (saved by {meta['world_size']} workers, "
+                             f"EP {meta['expert_parallel']}; now {world} workers, EP {ep})")
     state = {"model": model, "optimizer": optimizer, "comm": comm, "esync": esync, "groups": groups}
     clip = None if comp_cfg.hook_owns_optimizer_state or comp_cfg.clip_norm else cfg.grad_clip
 
@@ -265,14 +256,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 now = time.perf_counter()
                 layer = _layer_stats(window_counts)
-                _say(format_progress({
+                channel.progress({
                     "step": f"{done}/{cfg.steps}", "loss": (stats[0] / stats[1]).item(), "lr": lr_at(step, cfg),
                     "tokens_per_s": tokens_per_step * (done - step_last) / (now - t_last),
                     "wire_bytes": int(totals[0]), "dense_bytes": int(totals[1]),
                     "compression": (totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
                     "max_vio": max(layer["max_vio"]), "drop_frac": max(layer["drop_frac"]),
                     "dense_fallback_buckets": len(comm.dense_fallback_buckets),
-                }))
+                })
                 t_last = now
             step_last = done
             window_counts.zero_()
