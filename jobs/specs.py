@@ -8,19 +8,28 @@ raises ``SpecError`` whose message names the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from workers.config import VOCAB_SIZE, CompressionConfig, Config, DataConfig, LoopConfig, ModelConfig
+from workers.config import (  # noqa: F401  (DeviceKind: re-exported for the control plane)
+    VOCAB_SIZE,
+    CompressionConfig,
+    Config,
+    DataConfig,
+    DeviceKind,
+    LoopConfig,
+    ModelConfig,
+    device_kind,
+)
 
 
 class ResourcesSpec(Config):
     # An int is a fixed size; elastic (min, max) sizes arrive with the elastic-training work.
     num_workers: int = Field(2, ge=1, le=4096)
-    # cpu -> gloo, cuda -> nccl, npu -> hccl (see workers/device.py).
-    device: Literal["cpu", "cuda", "npu"] = "cpu"
+    # cpu -> gloo, gpu -> nccl, npu -> hccl (see workers/device.py); "cuda" is read as "gpu".
+    device: Annotated[DeviceKind, BeforeValidator(device_kind)] = "cpu"
     cpus_per_worker: float = Field(1.0, gt=0.0, le=512.0)
     # Experts sharded over groups of this many workers (tokens travel by all-to-all); 1: every
     # worker holds every expert. Must divide num_workers and model.n_routed_experts.

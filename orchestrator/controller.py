@@ -18,16 +18,16 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from jobs.kinds import job_kind
 from jobs.progress import parse_progress
-from jobs.specs import TrainSpec
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
 from orchestrator.settings import Settings
@@ -38,9 +38,6 @@ from orchestrator.telemetry import Telemetry
 log = logging.getLogger(__name__)
 S = JobState
 
-# Test-only fault injection: ORCH_TEST_CRASH_AT=before_submit makes the process SIGKILL itself after
-# the attempt is stored and before Ray is called (tests/orchestrator/test_ray_integration.py).
-CRASH_ENV = "ORCH_TEST_CRASH_AT"
 # Ray error types that mean the driver died from outside the job, so a new attempt may succeed.
 RETRYABLE_RAY_ERRORS = frozenset({
     "JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE", "JOB_SUPERVISOR_ACTOR_START_FAILURE",
@@ -61,15 +58,25 @@ def _retryable(view: RayJobView) -> bool:
     return view.exit_code is not None and (view.exit_code < 0 or view.exit_code > 128)
 
 
+def no_fault(point: str) -> None:
+    """The default ``fault_hook``: every named point passes."""
+
+
 class Controller:
+    """``fault_hook`` is called with the name of each point where a crash matters to correctness
+    ("before_submit": the attempt is stored, Ray not yet called); a test injects one that kills the
+    process there, and checks that the next controller recovers."""
+
     def __init__(self, store: JobStore, ray: RayJobs, settings: Settings, telemetry: Telemetry | None = None,
-                 entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS, clock=time.monotonic):
+                 entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS, clock=time.monotonic,
+                 fault_hook: Callable[[str], None] = no_fault):
         self.store = store
         self.ray = ray
         self.settings = settings
         self.telemetry = telemetry or Telemetry()
         self.entrypoints = entrypoints
         self.clock = clock
+        self.fault_hook = fault_hook
         self.ray_reachable: bool | None = None
         self.last_pass_at: float | None = None
         self._metrics_read_at: dict[str, float] = {}
@@ -129,7 +136,7 @@ class Controller:
 
     def _accept(self, job: JobRecord) -> None:
         try:
-            TrainSpec.model_validate(job.spec)  # the stored spec still validates under this code
+            job_kind(job.kind).spec.model_validate(job.spec)  # the stored spec still validates under this code
         except ValidationError as e:
             self.store.transition(job.id, S.FAILED, f"spec no longer valid: {e.errors()[0]['msg']}")
             return
@@ -140,9 +147,7 @@ class Controller:
         paths.write_spec(job.spec)
         reason = "submitting to Ray" if job.attempts == 0 else f"submitting attempt {job.attempts + 1}"
         job = self.store.transition(job.id, S.STARTING, reason, new_attempt=True)
-        if os.environ.get(CRASH_ENV) == "before_submit":
-            log.warning("%s=before_submit: killing this process before submitting %s", CRASH_ENV, job.id)
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.fault_hook("before_submit")
         self._submit(job)
 
     def _submit(self, job: JobRecord) -> None:

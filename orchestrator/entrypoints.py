@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Job kind -> module run with `python -m`. jobs.sweep and jobs.serve join when they exist.
-ALLOWED_ENTRYPOINTS: dict[str, str] = {"train": "jobs.train"}
+from jobs.kinds import KINDS
+
+# Job kind -> module run with `python -m`, from the registry of job kinds (jobs/kinds.py).
+ALLOWED_ENTRYPOINTS: dict[str, str] = {name: kind.module for name, kind in KINDS.items()}
 
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 

@@ -15,21 +15,29 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-from orchestrator.server import free_port
+from orchestrator.waiting import wait_until
 
 HEAD_START_TIMEOUT_S = 180.0
+HEAD_READY_POLL_S = 0.5
 HEAD_STOP_TIMEOUT_S = 60.0
 # Ray puts unix sockets under <temp_dir>/session_<timestamp>_<pid>/sockets/...; AF_UNIX paths end at 107
 # bytes, so a longer temp dir is swapped for a short one under /tmp.
 MAX_TEMP_DIR_CHARS = 40
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now on ``host`` (the OS picks it); the head's ports, so it never meets another cluster's."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _ray_binary() -> str:
@@ -108,18 +116,17 @@ class LocalRayHead:
         return self.dashboard_url
 
     def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def serving() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                r = httpx.get(f"{self.dashboard_url}/api/jobs/", headers=self.auth_headers, timeout=5.0)
-                if r.status_code == 200:
-                    return
+                return httpx.get(f"{self.dashboard_url}/api/jobs/", headers=self.auth_headers,
+                                 timeout=5.0).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"the Ray head did not serve its Jobs API within {timeout_s:.0f} s; see {self.log_path}")
+                return False
+
+        wait_until(serving, timeout_s=timeout_s, interval_s=HEAD_READY_POLL_S,
+                   what=f"the Ray head to serve its Jobs API (see {self.log_path})")
 
     def stop(self, timeout_s: float = HEAD_STOP_TIMEOUT_S) -> None:
         self._end(timeout_s)

@@ -24,7 +24,7 @@ def test_demo_spec_is_valid():
         ({"compression": {"method": "gzip"}}, "compression.method", "'topk' or 'powersgd'"),
         ({"model": {"n_experts": 8}}, "model.n_experts", "unknown field"),
         ({"trainer": {}}, "trainer", "unknown field"),
-        ({"resources": {"device": "tpu"}}, "resources.device", "'cpu', 'cuda' or 'npu'"),
+        ({"resources": {"device": "tpu"}}, "resources.device", "'cpu', 'gpu' or 'npu'"),
         ({"model": {"top_k": 9, "n_routed_experts": 8}}, "top_k", "n_routed_experts"),
         ({"model": {"max_seq_len": 64}, "data": {"seq_len": 128}}, "model.max_seq_len", "data.seq_len"),
     ],
@@ -66,3 +66,11 @@ def test_expert_parallel_must_divide_workers_and_experts():
     with pytest.raises(SpecError, match="resources.expert_parallel"):
         validate_spec({"resources": {"num_workers": 2, "expert_parallel": 3}})
     assert validate_spec({"resources": {"num_workers": 4, "expert_parallel": 2}}).resources.expert_parallel == 2
+
+
+@pytest.mark.parametrize("word, kind", [("cpu", "cpu"), ("gpu", "gpu"), ("npu", "npu"), ("cuda", "gpu")])
+def test_device_vocabulary_with_cuda_alias(word, kind):
+    """One vocabulary (cpu | gpu | npu) for specs and node pools; specs written with 'cuda' still parse."""
+    spec = validate_spec({"resources": {"device": word}})
+    assert spec.resources.device == kind
+    assert spec.model_dump()["resources"]["device"] == kind  # what the controller stores and workers get

@@ -8,14 +8,13 @@ The driver picks the backend and the resources each worker asks Ray for from the
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
 
 import torch
 
-DeviceKind = Literal["cpu", "cuda", "npu"]
+from workers.config import DeviceKind
 
 # Collective backend per device kind: gloo runs on host memory, nccl on NVIDIA GPUs, hccl on Ascend NPUs.
-BACKENDS: dict[str, str] = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+BACKENDS: dict[str, str] = {"cpu": "gloo", "gpu": "nccl", "npu": "hccl"}
 
 
 class DeviceUnavailable(RuntimeError):
@@ -29,7 +28,7 @@ def backend_for(kind: DeviceKind) -> str:
 def worker_resources(kind: DeviceKind, cpus_per_worker: float) -> dict[str, float]:
     """Ray resources one training worker reserves."""
     resources = {"CPU": cpus_per_worker}
-    if kind == "cuda":
+    if kind == "gpu":
         resources["GPU"] = 1
     elif kind == "npu":
         resources["NPU"] = 1
@@ -40,13 +39,14 @@ def check_available(kind: DeviceKind) -> None:
     """Fail early, in the driver, when the local software cannot drive the device kind at all."""
     if kind == "npu" and importlib.util.find_spec("torch_npu") is None:
         raise DeviceUnavailable("resources.device is 'npu' but torch_npu is not installed")
-    if kind == "cuda" and not torch.backends.cuda.is_built():
-        raise DeviceUnavailable("resources.device is 'cuda' but this torch build has no CUDA support")
+    if kind == "gpu" and not torch.backends.cuda.is_built():
+        raise DeviceUnavailable("resources.device is 'gpu' but this torch build has no CUDA support "
+                                "(install the CUDA build of torch: README, 'GPU machines')")
 
 
 def torch_device(kind: DeviceKind) -> torch.device:
     """The device for this worker process (after Ray has set the visible-device variables)."""
-    if kind == "cuda":
+    if kind == "gpu":
         if not torch.cuda.is_available():
             raise DeviceUnavailable("worker was given a GPU but torch.cuda.is_available() is False")
         torch.cuda.set_device(0)

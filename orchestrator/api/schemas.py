@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from jobs.specs import TrainSpec
+from jobs.kinds import KINDS, AnySpec, KindName
+from jobs.specs import DeviceKind
 from orchestrator.api.errors import MAX_REPORTED_ERRORS, json_safe, unencodable
 from orchestrator.states import JobState
 from orchestrator.store import AttemptRecord, JobRecord, submission_id_for
@@ -33,8 +34,8 @@ _SURROGATE_ERROR = PydanticCustomError(
 class JobCreate(_Schema):
     """A job to run: the spec (same schema as the YAML files) and control-plane options."""
 
-    kind: Literal["train"] = "train"
-    spec: TrainSpec
+    kind: KindName = "train"  # a registered job kind (jobs/kinds.py)
+    spec: AnySpec  # validated by the kind's spec model
     # New attempts after the driver dies for a reason outside the job (cluster restart, node loss).
     # Ray Train's own worker restarts inside one attempt are spec.resources.max_failures.
     max_retries: int = Field(2, ge=0, le=MAX_RETRIES_LIMIT)
@@ -52,6 +53,13 @@ class JobCreate(_Schema):
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
+
+    @model_validator(mode="after")
+    def _spec_of_kind(self) -> JobCreate:
+        expected = KINDS[self.kind].spec
+        if not isinstance(self.spec, expected):
+            raise ValueError(f"spec is not a {self.kind} spec ({expected.__name__})")
+        return self
 
 
 class JobEventPublic(_Schema):
@@ -147,7 +155,7 @@ class NodePublic(_Schema):
     ip: str
     is_head: bool
     state: str
-    kind: Literal["cpu", "gpu", "npu"]
+    kind: DeviceKind  # the node's pool, in the specs' device vocabulary
     resources: dict[str, float]
 
 

@@ -39,12 +39,13 @@ def _projection(scratch: Path, args: argparse.Namespace) -> dict:
 
 
 def _control_plane(scratch: Path, args: argparse.Namespace) -> dict:
-    from orchestrator.bench import markdown, run_bench
+    from tests.bench.control_plane import markdown, run_bench
 
     results = run_bench()
     return {"data": {"name": "control_plane", **results},
             "markdown": ["## Control plane (loopback; API rows exclude Ray submission)", "",
-                         "`python -m orchestrator.bench`: a bounded load (fixed count, fixed time).", "",
+                         "`python -m tests.bench --sections control-plane`: a bounded load (fixed count, "
+                         "fixed time).", "",
                          *markdown(results).splitlines()]}
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import threading
-import time
 
 import httpx
 import pytest
@@ -15,11 +14,13 @@ from starlette.routing import Route
 
 from orchestrator.api.app import create_app
 from orchestrator.api.errors import MAX_REPORTED_ERRORS
-from orchestrator.server import BackgroundServer
 from orchestrator.states import JobState
+from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
+from tests.servers import BackgroundServer
 
 DEADLINE_S = 20.0
+POLL_S = 0.05
 
 
 def _walk(routes, prefix=""):
@@ -188,13 +189,14 @@ def test_body_size_is_limited(client, app):
 
 
 def _wait_state(client, job_id, states, deadline_s=DEADLINE_S):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} stayed {job['state']}")
+    job: dict = {}
+
+    def reached():
+        job.update(client.get(f"/v1/jobs/{job_id}", headers=AUTH).json())
+        return job if job["state"] in states else None
+
+    return wait_until(reached, timeout_s=deadline_s, interval_s=POLL_S,
+                      what=lambda: f"job {job_id} to reach {states} (it stayed {job.get('state')})")
 
 
 def test_submit_runs_through_the_controller_to_succeeded(client, fake_ray):
@@ -227,9 +229,8 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job_and_one_submissi
         assert len(ids) == 1
         assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 7
         [job_id] = ids
-        deadline = time.monotonic() + DEADLINE_S
-        while app.state.store.get(job_id).state is not JobState.SUCCEEDED and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: app.state.store.get(job_id).state is JobState.SUCCEEDED, timeout_s=DEADLINE_S,
+                   interval_s=POLL_S, what=f"job {job_id} to succeed")
     assert app.state.store.list()[1] == 1
     assert [s["metadata"]["orch_job_id"] for s in fake_ray.submissions] == [job_id]
 

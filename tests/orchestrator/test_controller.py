@@ -81,6 +81,24 @@ def test_crash_between_storing_and_submitting_submits_once(env):
     assert [s["submission_id"] for s in ray.submissions] == [submission_id_for(jid, 1)]
 
 
+def test_fault_hook_runs_before_submit_with_the_attempt_stored_and_ray_not_called(env):
+    """The point test_ray_integration kills the service at: what the hook sees is what a crash leaves."""
+    store, ray, _, settings = env
+    seen = []
+
+    def hook(point):
+        job = store.get(jid)
+        seen.append((point, job.state, job.current_attempt.submitted_at, len(ray.submissions)))
+
+    ctl = Controller(store, ray, settings, fault_hook=hook)
+    jid = _job(store)
+    ctl.reconcile_once()  # accepted: no attempt yet, no hook
+    assert seen == []
+    ctl.reconcile_once()
+    assert seen == [("before_submit", S.STARTING, None, 0)]
+    assert [s["submission_id"] for s in ray.submissions] == [submission_id_for(jid, 1)]
+
+
 def test_crash_after_submitting_before_recording_does_not_submit_again(env):
     store, ray, ctl, settings = env
     jid = _job(store)

@@ -25,10 +25,10 @@ from schemathesis.checks import allow_header_conformance, negative_data_rejectio
 
 from jobs.specs import TrainSpec
 from orchestrator.api.app import create_app
-from orchestrator.server import BackgroundServer
 from orchestrator.settings import Settings
 from tests.orchestrator.conftest import AUTH, TINY_SPEC, TOKEN
 from tests.orchestrator.fakes import FakeRay
+from tests.servers import BackgroundServer
 
 MAX_EXAMPLES = 30  # per operation
 MAX_RAW_EXAMPLES = 150

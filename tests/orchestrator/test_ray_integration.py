@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,11 +18,12 @@ import yaml
 from jobs.specs import validate_spec
 from orchestrator.api.app import create_app
 from orchestrator.local_ray import LocalRayHead
-from orchestrator.server import BackgroundServer, free_port, wait_until_healthy
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore, submission_id_for
+from orchestrator.waiting import wait_until
 from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
+from tests.servers import BackgroundServer, free_port, wait_until_healthy
 
 pytestmark = pytest.mark.ray
 
@@ -39,6 +39,7 @@ FAKE_TIMEOUT_S = 120.0
 # A restarted head's job agent can take minutes to accept submissions on 2 starved cores (seen:
 # "No available agent to submit job" past 120 s at load 12); still bounded.
 RESTART_TIMEOUT_S = 360.0
+STATE_POLL_S = 0.25
 
 
 def _head(**kw) -> LocalRayHead:
@@ -72,15 +73,15 @@ def _ray_jobs_of(head: LocalRayHead, job_id: str) -> list:
     return [j for j in client.list_jobs() if (j.metadata or {}).get("orch_job_id") == job_id]
 
 
-def _wait(c: httpx.Client, job_id: str, states: set[str], timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    job = {}
-    while time.monotonic() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id} is {job.get('state')} ({job.get('message')}), wanted {states}")
+def _wait(c: httpx.Client, job_id: str, states: set[str], timeout_s: float, interval_s: float = STATE_POLL_S) -> dict:
+    job: dict = {}
+
+    def reached() -> dict | None:
+        job.update(c.get(f"/v1/jobs/{job_id}").json())
+        return job if job["state"] in states else None
+
+    return wait_until(reached, timeout_s=timeout_s, interval_s=interval_s,
+                      what=lambda: f"job {job_id} to reach {states} (it is {job.get('state')}: {job.get('message')})")
 
 
 def test_end_to_end_demo_spec_over_rest_with_the_real_entry_point(ray_head, tmp_path):
@@ -111,12 +112,10 @@ def _start_service(tmp_path: Path, head: LocalRayHead, port: int, crash: bool) -
     env.update(ORCH_API_TOKEN=TOKEN, ORCH_STATE_DIR=str(tmp_path / "state"), ORCH_PORT=str(port),
                ORCH_RAY_ADDRESS=head.dashboard_url, ORCH_RAY_AUTH_TOKEN=RAY_TOKEN, ORCH_RECONCILE_INTERVAL_S="0.25",
                PYTHONPATH=str(REPO))
-    if crash:
-        env["ORCH_TEST_CRASH_AT"] = "before_submit"
+    argv = [sys.executable, "-m", "tests.orchestrator.serve_app", *(["--crash-at", "before_submit"] if crash else [])]
     log_path = tmp_path / f"service-{int(crash)}.log"
     log = open(log_path, "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "tests.orchestrator.serve_app"], env=env, cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wait_until_healthy(proc, f"http://127.0.0.1:{port}", log_path.read_text, timeout_s=60)
     return proc
 
@@ -154,9 +153,7 @@ def test_cancel_while_starting_ends_cancelled_and_stops_the_ray_job(ray_head, tm
     app = create_app(_settings(tmp_path, ray_head, reconcile_interval_s=0.05), entrypoints=FAKE_ENTRYPOINTS)
     with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
         job_id = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["train.steps=60"])}).json()["id"]
-        deadline = time.monotonic() + FAKE_TIMEOUT_S
-        while c.get(f"/v1/jobs/{job_id}").json()["state"] != "STARTING" and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait(c, job_id, {"STARTING"}, FAKE_TIMEOUT_S, interval_s=0.02)
         # STARTING lasts at least the submit call and Ray's PENDING phase (seconds), so this lands in it.
         r = c.post(f"/v1/jobs/{job_id}/cancel")
         assert r.status_code == 202 and r.json()["state"] == "STARTING"
@@ -177,9 +174,7 @@ def test_job_is_retried_from_its_checkpoint_after_the_cluster_restarts(ray_head,
         job_id = c.post("/v1/jobs", json=body).json()["id"]
         _wait(c, job_id, {"RUNNING"}, FAKE_TIMEOUT_S)
         ckpt = settings.job_root / job_id / "out" / "checkpoint.json"
-        deadline = time.monotonic() + FAKE_TIMEOUT_S
-        while not ckpt.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(ckpt.exists, timeout_s=FAKE_TIMEOUT_S, interval_s=0.1, what=f"attempt 1 to write {ckpt}")
         ray_head.kill()  # the head crashes; the driver dies with the cluster
         second = _head(gcs_port=ray_head.gcs_port, dashboard_port=ray_head.dashboard_port)
         second.start()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.server import free_port, wait_until_healthy
+from tests.servers import free_port, wait_until_healthy
 
 pytestmark = pytest.mark.ray
 

@@ -1,7 +1,8 @@
 """Control-plane benchmark: POST /v1/jobs latency and throughput, and POST -> RUNNING on a real cluster.
 
-``run_bench()`` returns the figures as a dict and prints a markdown table; ``python -m orchestrator.bench``
-does the same. Every phase is bounded (a fixed count, a fixed time), then stops.
+``run_bench()`` returns the figures as a dict and prints a markdown table; ``python -m tests.bench
+--sections control-plane`` records them in BENCHMARKS.md, ``python -m tests.bench.control_plane`` only
+prints them. Every phase is bounded (a fixed count, a fixed time), then stops.
 
 1. Latency: the API alone (controller off, so Ray submission is excluded) in its own process on
    loopback; ``requests`` POSTs of the demo spec from ``concurrency`` keep-alive clients.
@@ -25,13 +26,16 @@ from typing import Any
 
 import httpx
 
-from orchestrator.server import free_port, wait_until_healthy
+from orchestrator.waiting import wait_until
+from tests.servers import BackgroundServer, free_port, wait_until_healthy
 
 TOKEN = "bench-token-" + "0123456789abcdef" * 2
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-DEMO = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "jobs" / "examples" / "demo.yaml"
 SERVER_START_TIMEOUT_S = 60.0
 RUNNING_TIMEOUT_S = 300.0
+RUNNING_POLL_S = 0.02  # the figure is POST -> RUNNING: poll finely
+CANCELLED_POLL_S = 0.1
 WARMUP_REQUESTS = 50
 
 
@@ -150,38 +154,43 @@ def bench_api(requests: int = 1000, concurrency: int = 8, sustain_s: float = 10.
     }
 
 
+def _time_to_running(c: httpx.Client, body: dict) -> float:
+    """Seconds from POST to RUNNING for one job, which is then cancelled (and awaited CANCELLED)."""
+    t0 = time.perf_counter()
+    job_id = c.post("/v1/jobs", json=body).json()["id"]
+
+    def state() -> str:
+        return c.get(f"/v1/jobs/{job_id}").json()["state"]
+
+    def running() -> bool:
+        now = state()
+        if now in ("FAILED", "CANCELLED", "SUCCEEDED"):
+            raise RuntimeError(f"demo job {job_id} ended {now} before RUNNING")
+        return now == "RUNNING"
+
+    wait_until(running, timeout_s=RUNNING_TIMEOUT_S, interval_s=RUNNING_POLL_S, what=f"demo job {job_id} to run")
+    elapsed_s = time.perf_counter() - t0
+    c.post(f"/v1/jobs/{job_id}/cancel")
+    wait_until(lambda: state() == "CANCELLED", timeout_s=RUNNING_TIMEOUT_S, interval_s=CANCELLED_POLL_S,
+               what=f"demo job {job_id} to be CANCELLED")
+    return elapsed_s
+
+
 def bench_post_to_running(runs: int = 3, num_cpus: int = 4) -> dict[str, Any]:
     """Seconds from POST /v1/jobs of the demo spec to RUNNING (Ray reports the driver running)."""
     from orchestrator.api.app import create_app
     from orchestrator.local_ray import LocalRayHead
-    from orchestrator.server import BackgroundServer
     from orchestrator.settings import Settings
 
     body = _demo_body()
     ray_token = "bench-ray-" + "0123456789abcdef" * 2
-    times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as d, \
             LocalRayHead(num_cpus=num_cpus, auth_token=ray_token) as head:
         settings = Settings(api_token=TOKEN, state_dir=Path(d), ray_address=head.dashboard_url,
                             ray_auth_token=ray_token, reconcile_interval_s=0.1)
         app = create_app(settings)
         with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                job_id = c.post("/v1/jobs", json=body).json()["id"]
-                state = "PENDING"
-                while state != "RUNNING" and time.perf_counter() - t0 < RUNNING_TIMEOUT_S:
-                    state = c.get(f"/v1/jobs/{job_id}").json()["state"]
-                    if state in ("FAILED", "CANCELLED", "SUCCEEDED"):
-                        raise RuntimeError(f"demo job {job_id} ended {state} before RUNNING")
-                    time.sleep(0.02)
-                if state != "RUNNING":
-                    raise RuntimeError(f"demo job {job_id} not RUNNING after {RUNNING_TIMEOUT_S:.0f} s")
-                times.append(time.perf_counter() - t0)
-                c.post(f"/v1/jobs/{job_id}/cancel")
-                deadline = time.perf_counter() + RUNNING_TIMEOUT_S
-                while c.get(f"/v1/jobs/{job_id}").json()["state"] != "CANCELLED" and time.perf_counter() < deadline:
-                    time.sleep(0.1)
+            times = [_time_to_running(c, body) for _ in range(runs)]
         app.state.store.close()
     return {"runs_s": times, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
