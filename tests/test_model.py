@@ -13,8 +13,8 @@ from workers.moe.model import (
     MoE,
     MoETransformer,
     TopKRouter,
-    routing_stats,
 )
+from workers.moe.stats import routing_stats
 
 D_MODEL = 16
 
