@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from orchestrator import cli
-from orchestrator.server import BackgroundServer
-from tests.orchestrator.conftest import TOKEN
+from orchestrator.cli import render
+from tests.orchestrator.conftest import AUTH, TOKEN
+from tests.servers import BackgroundServer
 
 DEMO = Path(__file__).resolve().parents[2] / "jobs" / "examples" / "demo.yaml"
 TINY = ["--set", "train.steps=4", "--set", "model.n_layers=1"]
@@ -80,7 +82,69 @@ def test_wrong_token(api, capsys, monkeypatch):
 
 def test_cluster_table(api, capsys):
     code, out, _ = run(capsys, "cluster")
-    assert code == 0 and "gpu" in out and "CPU=8" in out
+    assert code == 0
+    # One line per pool, in the specs' device vocabulary (FakeRay: a CPU-only head and a GPU node).
+    assert [line.split()[:2] for line in out.splitlines()] == [["KIND", "NODES"], ["cpu", "1"], ["gpu", "1"]]
+    assert "CPU=8, GPU=1" in out
+
+
+def test_json_is_the_api_answer_byte_for_byte(api, capsys):
+    code, out, _ = run(capsys, "submit", str(DEMO), *TINY, "--follow", "--json")
+    assert code == 0
+    job = json.loads(out[out.index("\n{") + 1:])  # the logs, then the finished job
+    assert job["state"] == "SUCCEEDED"
+
+    def api_json(path: str) -> str:
+        return json.dumps(httpx.get(api + path, headers=AUTH).json(), indent=2) + "\n"
+
+    for argv, path in [(["list"], "/v1/jobs?limit=50"), (["status", job["id"]], f"/v1/jobs/{job['id']}"),
+                       (["cluster"], "/v1/cluster")]:
+        code, out, _ = run(capsys, *argv, "--json")
+        assert code == 0 and out == api_json(path), argv
+
+
+def test_tables_off_a_terminal_are_plain_columns(api, capsys):
+    run(capsys, "submit", str(DEMO), *TINY, "--follow")
+    [job] = json.loads(run(capsys, "list", "--json")[1])["data"]
+    for argv in (["list"], ["status", job["id"]], ["cluster"]):
+        code, out, _ = run(capsys, "--url", api, *argv)
+        assert code == 0 and out.endswith("\n")
+        assert "\x1b" not in out and "\u2500" not in out, argv  # no colour, no rules
+        assert all(line == line.rstrip() for line in out.splitlines()), argv
+    lines = run(capsys, "list")[1].splitlines()
+    assert len(lines) == 2 and lines[1].split()[:4] == [job["id"], "demo", "SUCCEEDED", "1"]
+    out = run(capsys, "status", job["id"])[1]
+    assert out.splitlines()[0].split() == ["FIELD", "VALUE"]
+    assert ["state", "SUCCEEDED"] in [line.split() for line in out.splitlines()]
+    assert "\nhistory\nAT" in out and "\nmetrics\nMETRIC" in out
+
+
+def test_tables_on_a_terminal_have_colour_and_a_header_rule(api, capsys, monkeypatch):
+    run(capsys, "submit", str(DEMO), *TINY, "--follow")
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats stdout as a terminal
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "\x1b[" in out and "\u2500" in out and "SUCCEEDED" in out
+
+
+def test_cells_are_text_never_markup_and_never_wrapped(capsys):
+    long = "x" * 300
+    render.emit(render.table(["A", "B"], [["[bold]b[/bold] :smile:", long], [None, 1.5]]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["A                       B", f"[bold]b[/bold] :smile:  {long}", "-                       1.5"]
+
+
+def test_usage_errors_exit_2_and_help_exits_0(capsys):
+    code, out, _ = run(capsys)  # no command: the help, as a usage error
+    assert code == 2 and "Usage: orch" in out and "submit" in out
+    for argv in (["bogus"], ["list", "--state", "DONE"], ["list", "--limit", "many"], ["status"],
+                 ["submit", "x.yaml", "--no-such-option"], ["list", "--url", "http://127.0.0.1:9"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "Usage: orch" in err, argv
+    for command in ([], ["up"], ["submit"], ["list"], ["status"], ["logs"], ["cancel"], ["cluster"]):
+        code, out, _ = run(capsys, *command, "--help")
+        assert code == 0 and "Usage: orch" in out, command
+    assert "cpu | gpu | npu" in run(capsys, "cluster", "-h")[1]
 
 
 def test_up_refuses_to_start_without_a_token(monkeypatch, tmp_path, capsys):

@@ -1,0 +1,148 @@
+"""Client commands: submit, list, status, logs, cancel, cluster. Each is one request (or a log stream)
+to the API; ``--json`` prints the API's answer as it came."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.cli import render
+from orchestrator.cli.client import api, check, request_with_retries
+from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, api_url, app
+from orchestrator.states import JobState
+
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT: only the following stopped, not the job
+
+JobId = Annotated[str, typer.Argument(metavar="ID", help="the job's id (orch list)")]
+
+
+@app.command(help="submit a job spec (YAML or JSON)")
+def submit(
+    ctx: typer.Context,
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="e.g. jobs/examples/demo.yaml")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="override a spec field (repeatable)")] = None,
+    max_retries: Annotated[int, typer.Option(help="new attempts after a lost driver (0-10)")] = 2,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="resubmitting with the same key returns the same job")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the logs until the job ends")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    from jobs.specs import SpecError, load_spec  # validated here, before anything is sent
+
+    try:
+        loaded = load_spec(spec, set_ or [])
+    except SpecError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    body = {"spec": loaded.model_dump(mode="json"), "max_retries": max_retries}
+    # A key per invocation makes the client's own retries safe; --idempotency-key makes reruns safe.
+    headers = {"Idempotency-Key": idempotency_key or f"cli-{uuid.uuid4()}"}
+    with api(api_url(ctx)) as c:
+        job = request_with_retries(c, "POST", "/v1/jobs", json=body, headers=headers)
+    if json_out and not follow:
+        render.print_json(job)
+    else:
+        print(f"submitted {job['id']} ({job['name']}): {job['state']}", file=sys.stderr if follow else sys.stdout)
+    if follow:
+        _follow(api_url(ctx), job["id"], json_out)
+
+
+def _follow(url: str, job_id: str, json_out: bool) -> None:
+    """Streams the job's logs until it ends; exits 0 only if it SUCCEEDED. The final state goes to
+    stderr (stdout is the logs), or as the job's JSON to stdout with ``--json``."""
+    with api(url) as c:
+        try:
+            with c.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
+                if not r.is_success:
+                    r.read()
+                    check(r)
+                for chunk in r.iter_text():
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            print(f"\nstopped following; the job goes on (orch cancel {job_id} to stop it)", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        job = check(c.get(f"/v1/jobs/{job_id}"))
+    if json_out:
+        render.print_json(job)
+    else:
+        print(f"\njob {job_id}: {job['state']} ({job['message']})", file=sys.stderr)
+    if job["state"] != JobState.SUCCEEDED.value:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("list", help="list jobs, newest first")
+def list_jobs(
+    ctx: typer.Context,
+    state: Annotated[list[JobState] | None, typer.Option(help="only jobs in this state (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(help="most jobs to show")] = 50,
+    json_out: JsonFlag = False,
+) -> None:
+    with api(api_url(ctx)) as c:
+        data = check(c.get("/v1/jobs", params={"state": [s.value for s in state or []], "limit": limit}))
+    if json_out:
+        render.print_json(data)
+        return
+    rows = [_job_row(j) for j in data["data"]]
+    out: list[Any] = [render.table(["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE"], rows)]
+    if data["count"] > len(rows):
+        out.append(f"({len(rows)} of {data['count']}; --limit to see more)")
+    render.emit(*out)
+
+
+def _job_row(j: dict[str, Any]) -> list[Any]:
+    m = j["metrics"] or {}
+    return [j["id"], j["name"], render.state(j["state"]), j["attempts"],
+            f"{m.get('step', '-')}/{m.get('total_steps', '-')}", render.fmt(m.get("loss", "-")),
+            render.age(j["created_at"])]
+
+
+@app.command(help="one job: state, history, attempts, metrics")
+def status(ctx: typer.Context, job_id: JobId, json_out: JsonFlag = False) -> None:
+    with api(api_url(ctx)) as c:
+        job = check(c.get(f"/v1/jobs/{job_id}"))
+    if json_out:
+        render.print_json(job)
+    else:
+        render.emit(*render.job_detail(job))
+
+
+@app.command(help="a job's driver logs")
+def logs(
+    ctx: typer.Context,
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+    attempt: Annotated[int | None, typer.Option(help="attempt number (default: the latest)")] = None,
+) -> None:
+    if follow:
+        _follow(api_url(ctx), job_id, json_out=False)
+        return
+    params = {"attempt": attempt} if attempt else {}
+    with api(api_url(ctx)) as c:
+        data = check(c.get(f"/v1/jobs/{job_id}/logs", params=params))
+    sys.stdout.write(data["logs"])
+
+
+@app.command(help="cancel a job")
+def cancel(ctx: typer.Context, job_id: JobId, json_out: JsonFlag = False) -> None:
+    with api(api_url(ctx)) as c:
+        job = check(c.post(f"/v1/jobs/{job_id}/cancel"))
+    if json_out:
+        render.print_json(job)
+    else:
+        print(f"cancel requested for {job['id']} (now {job['state']})")
+
+
+@app.command(help="alive nodes and their resources by pool (cpu | gpu | npu)")
+def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    with api(api_url(ctx)) as c:
+        data = check(c.get("/v1/cluster"))
+    if json_out:
+        render.print_json(data)
+        return
+    rows = [[pool, v["nodes"], ", ".join(f"{r}={render.fmt(a)}" for r, a in sorted(v["resources"].items()))]
+            for pool, v in sorted(data["by_kind"].items())]
+    render.emit(render.table(["KIND", "NODES", "RESOURCES"], rows))

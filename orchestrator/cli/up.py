@@ -1,0 +1,111 @@
+"""`orch up`: the API in the foreground, with a local Ray head first unless RAY_ADDRESS names a cluster.
+
+SIGINT, SIGTERM and SIGHUP stop both. The head runs in its own session, so no signal sent to `orch up`
+reaches it: each stop signal is turned into an exception in the main thread, whose ``finally`` stops the
+head; then `orch up` dies of that signal, as its sender expects.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.cli.core import EXIT_USAGE, CliError, app
+
+# Service managers stop with SIGTERM (systemd, Docker, Kubernetes), a terminal with SIGINT, a closed
+# terminal or session with SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _StopSignal(BaseException):
+    """A stop signal, raised in `orch up`'s main thread so its ``finally`` stops the local Ray head.
+    The head runs in its own session, so no signal sent to `orch up` reaches it: a process killed by
+    a signal's default action would leave it running."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    # While uvicorn serves, SIGINT and SIGTERM go to its own handlers: it shuts the API down gracefully,
+    # puts this handler back and raises the signal again. A SIGHUP takes the same path.
+    on_term = signal.getsignal(signal.SIGTERM)
+    if signum == signal.SIGHUP and callable(on_term) and on_term is not _on_stop_signal:
+        on_term(signum, frame)
+        return
+    raise _StopSignal(signum)
+
+
+def _die_of(signum: int) -> None:
+    """Ends this process by ``signum``'s default action, so whoever sent it sees that it worked (Python
+    does the same after an uncaught KeyboardInterrupt); systemd counts that as a clean stop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
+@app.command(rich_help_panel="Service", help="start the API (and a local Ray head unless RAY_ADDRESS is set); "
+                  "SIGINT, SIGTERM or SIGHUP stop both")
+def up(
+    port: Annotated[int | None, typer.Option(help="API port (default 8080, ORCH_PORT)")] = None,
+    local: Annotated[bool, typer.Option("--local", help="local mode: make an API token if none is set")] = False,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the local Ray head offers (default: all)")] = None,
+) -> None:
+    import secrets
+
+    from orchestrator.settings import SettingsError, load_settings, write_secret
+
+    overrides: dict[str, Any] = {"port": port} if port else {}
+    if local:
+        overrides["local"] = True
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as e:
+        raise CliError(f"refusing to start: {e}", EXIT_USAGE) from None
+    settings.token  # noqa: B018 - local mode: made (or read) now, so the CLI on this machine finds it
+    previous_handlers = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+    head = None
+    stopped_by: int | None = None
+    try:
+        if not settings.ray_address:
+            from orchestrator.local_ray import LocalRayHead
+
+            ray_token = secrets.token_hex(32)
+            token_file = settings.state_dir / "ray_auth_token"
+            write_secret(token_file, ray_token)
+            head = LocalRayHead(settings.state_dir / "ray", num_cpus=num_cpus, auth_token=ray_token)
+            print(f"starting a local Ray head (logs: {head.log_path}) ...", file=sys.stderr)
+            head.start()
+            settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
+            print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "
+                  f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
+                  file=sys.stderr)
+        from orchestrator.api.app import create_app
+        from orchestrator.server import serve
+
+        url = f"http://{settings.host}:{settings.port}"
+        where = f"token in {settings.state_dir / 'api_token'}" if settings.api_token is None else "token from ORCH_API_TOKEN"
+        print(f"orch API on {url} ({where}); Ray at {settings.ray_address}", file=sys.stderr)
+        serve(create_app(settings), settings.host, settings.port)
+    except _StopSignal as e:
+        stopped_by = e.signum
+    finally:
+        # A repeated signal must not cut the head's stop short (it is bounded: drain, then SIGKILL).
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if head is not None:
+                print("stopping the local Ray head ...", file=sys.stderr)
+                head.stop()
+        finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+    if stopped_by is not None:
+        _die_of(stopped_by)
+        raise typer.Exit(128 + stopped_by)  # the shell's convention, should the signal's action not end us
