@@ -31,7 +31,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from workers.progress import NOTE, PROGRESS, format_progress
+from jobs.contracts import ProgressRecord
+from workers.progress import NOTE, PROGRESS
 
 # How long the reader thread waits on the queue before checking whether training has ended.
 POLL_S = 0.5
@@ -55,7 +56,7 @@ class _EtaColumn(ProgressColumn):
 
 
 class RunDisplay:
-    """Shows the events of one run: ``(PROGRESS, metrics)`` and ``(NOTE, text)``.
+    """Shows the events of one run: ``(PROGRESS, ProgressRecord)`` and ``(NOTE, text)``.
 
     ``live``: a rich progress bar (step/total, loss, tokens/s, gradient bytes saved, ETA) with notes
     printed above it; otherwise one plain line per event on ``console``'s file.
@@ -94,18 +95,18 @@ class RunDisplay:
         else:
             print(line, file=self.console.file, flush=True)
 
-    def _progress(self, m: dict[str, Any]) -> None:
+    def _progress(self, m: ProgressRecord) -> None:
         if not self.live:
-            self._print(format_progress(m))
+            self._print(m.to_line())
             return
-        step, total_steps = (int(n) for n in str(m["step"]).split("/"))  # "done/total"
+        step, total_steps = m.step, m.total_steps
         now = time.monotonic()
         if self._first is None:
             self._first = (now, step)
         t0, step0 = self._first
         finish_at = now + (total_steps - step) * (now - t0) / (step - step0) if step > step0 else None
         self._bar.update(self._task, completed=step, total=total_steps, finish_at=finish_at,
-                         loss=f"{m['loss']:.3f}", speed=f"{m['tokens_per_s']:,.0f}", ratio=f"{m['compression']:.1f}")
+                         loss=f"{m.loss:.3f}", speed=f"{m.tokens_per_s:,.0f}", ratio=f"{m.compression:.1f}")
 
 
 @contextlib.contextmanager

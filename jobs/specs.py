@@ -7,6 +7,7 @@ raises ``SpecError`` whose message names the field.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,15 +65,16 @@ class SpecError(ValueError):
     """A spec that does not parse or validate; the message names the field."""
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def field_errors(errors: Iterable[Mapping[str, Any]], *, skip: int = 0, root: str = "<spec>") -> list[str]:
+    """The one human rendering of pydantic validation errors, ``field.path: message`` per error
+    (specs here, settings, the CLI's view of an API 422). ``skip`` leading location parts are
+    dropped (the API's "body")."""
     lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<spec>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+    for e in errors:
+        field = ".".join(str(p) for p in list(e.get("loc", ()))[skip:]) or root
+        msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg")
         lines.append(f"{field}: {msg}")
-    return "invalid spec:\n  " + "\n  ".join(lines)
+    return lines
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -103,7 +105,7 @@ def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Trai
     try:
         return TrainSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(_format_validation_error(e)) from None
+        raise SpecError("invalid spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:

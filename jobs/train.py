@@ -18,22 +18,16 @@ of the workers reach the driver only with ``--verbose``; a failed worker's error
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from jobs.contracts import TrainSummary
 from jobs.display import RunDisplay, follow
 from jobs.specs import SpecError, TrainSpec, load_spec
-
-PROMPTS = ("def ", "import ", "class ")
-SAMPLE_BYTES = 160
-RUN_NAME = "ray-train"  # Ray Train's run folder inside --out; fixed so a rerun finds the checkpoints
-# Python processes the embedded cluster's raylet starts at once (and a quarter of the count it warns at).
-STARTUP_CONCURRENCY = 8
+from jobs.trainer import build_trainer, init_ray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,97 +46,26 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def init_ray(spec: TrainSpec, verbose: bool) -> None:
-    """Join RAY_ADDRESS's cluster or start an embedded one.
-
-    Without ``verbose`` the workers' and Ray actors' stdout/stderr stay in the session's log files
-    (log_to_driver) and the driver's "ray" logger shows errors only (token set-up, "Started a local
-    Ray instance"): progress comes over the display's queue and failures in fit()'s exception.
-    """
-    import ray
-    from ray.data import DataContext
-
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
-    else:
-        # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
-        # training workers, which otherwise take every core of a small machine and starve the input.
-        cpus = max(os.cpu_count() or 1, int(spec.resources.num_workers * spec.resources.cpus_per_worker) + 2)
-        # The dashboard (loopback only) serves Ray's state API, which Ray Train's controller polls.
-        # worker_maximum_startup_concurrency: the raylet warns the driver each time the Python
-        # processes it started reach 4x this (default: the cores, 2 on a small machine), which a
-        # run's ~14 (workers, Train controller, Ray Data actors and tasks) does; it also caps how
-        # many of them start at once.
-        ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **quiet)
-        print(f"ray: embedded local cluster; dashboard at http://{ctx.dashboard_url}", flush=True)
-    DataContext.get_current().enable_progress_bars = False
-
-
-def run_training(spec: TrainSpec, manifest: dict[str, Any], out: Path, progress: Any, verbose: bool) -> Any:
-    """Ray Train's fit(); rank 0 sends its progress to ``progress`` (a ray.util.queue.Queue)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.data import make_datasets
-    from workers.device import backend_for, worker_resources
-    from workers.loop import train_loop_per_worker
-
-    datasets = make_datasets(manifest, spec.data.seq_len, spec.seed)
-    res = spec.resources
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "model": spec.model.model_dump(), "compression": spec.compression.model_dump(),
-            "loop": spec.train.model_dump(), "seed": spec.seed, "device": res.device, "has_val": "val" in datasets,
-            "expert_parallel": res.expert_parallel, "progress": progress,
-        },
-        torch_config=TorchConfig(backend=backend_for(res.device)),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
-                                     resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
-                             failure_config=FailureConfig(max_failures=res.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
-        datasets=datasets,
-    )
-    return trainer.fit()
-
-
-def sample_text(checkpoint_dir: Path, spec: TrainSpec) -> list[str]:
-    """Generate a few lines from the final checkpoint in this process, on the CPU."""
-    import torch
-
-    from workers.data import EOS_TOKEN
-    from workers.moe.model import MoETransformer
-
-    model = MoETransformer(spec.model)
-    model.load_state_dict(torch.load(checkpoint_dir / "model.pt", map_location="cpu"))
-    model.eval()
-    torch.manual_seed(spec.seed)
-    samples = []
-    for prompt in PROMPTS:
-        idx = torch.tensor([list(prompt.encode())], dtype=torch.long)  # (1, prompt_len)
-        with torch.no_grad():
-            out = model.generate(idx, max_new_tokens=SAMPLE_BYTES, temperature=0.8)[0].tolist()
-        if EOS_TOKEN in out:
-            out = out[: out.index(EOS_TOKEN)]
-        samples.append(bytes(out).decode("utf-8", errors="replace"))
-    return samples
-
-
-def summarize(spec: TrainSpec, metrics: dict[str, Any], checkpoint: str, elapsed_s: float) -> dict[str, Any]:
-    keys = ("final_loss", "eval_loss", "steps", "tokens_per_s", "wire_bytes", "dense_bytes", "compression",
-            "final_loss_window", "world_size", "moe")
-    summary = {k: metrics.get(k) for k in keys}
-    summary.update({
-        "name": spec.name,
-        "method": spec.compression.method, "density": spec.compression.density,
-        "error_feedback": spec.compression.error_feedback,
-        "wall_time_s": round(elapsed_s, 1), "checkpoint": checkpoint, "spec": spec.model_dump(mode="json"),
+def summarize(spec: TrainSpec, metrics: dict[str, Any], checkpoint: str, elapsed_s: float) -> TrainSummary:
+    """summary.json: the loop's final metrics (RunMetrics) and what the run was."""
+    return TrainSummary.model_validate({
+        **metrics, "name": spec.name, "method": spec.compression.method, "density": spec.compression.density,
+        "error_feedback": spec.compression.error_feedback, "wall_time_s": round(elapsed_s, 1),
+        "checkpoint": checkpoint, "spec": spec.model_dump(mode="json"),
     })
-    return summary
+
+
+def _checkpoint_on_sigterm(out: Path) -> None:
+    """Ray Jobs stops a driver with SIGTERM and SIGKILL 3 s later (and the workers with it): ask the
+    loop for a checkpoint at the end of its current step (workers/control.py), then stop as asked."""
+    from workers.control import ControlChannel
+
+    def handler(signum: int, frame: Any) -> None:
+        ControlChannel(out).request_checkpoint("the driver got SIGTERM (job stopping)")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             if spec.compression.method == "topk" else "") + f"; output in {out}")
 
     init_ray(spec, args.verbose)
+    _checkpoint_on_sigterm(out)
     try:
         with follow(RunDisplay(spec.train.steps, live=sys.stdout.isatty())) as progress:
-            result = run_training(spec, manifest, out, progress, args.verbose)
+            result = build_trainer(spec, manifest, out, progress=progress, verbose=args.verbose).fit()
     except Exception as e:  # Ray Train raises its own error types; the cause is what a user needs
         print(training_error(e, args.verbose), file=sys.stderr)
         return 1
@@ -183,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = Path(result.checkpoint.path)
     summary = summarize(spec, result.metrics, str(ckpt_path), time.perf_counter() - started)
     if not args.no_sample:
-        summary["samples"] = sample_text(ckpt_path, spec)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from workers.checkpoint import load_model
+        from workers.sampling import sample_text
+
+        summary.samples = sample_text(load_model(ckpt_path, spec.model), seed=spec.seed)
+    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     print_summary(summary, out)
     return 0
 
@@ -202,20 +129,21 @@ def training_error(e: Exception, verbose: bool) -> str:
     return "\n".join(lines + ["(rerun with --verbose for the workers' tracebacks and logs)"])
 
 
-def print_summary(s: dict[str, Any], out: Path) -> None:
+def print_summary(s: TrainSummary, out: Path) -> None:
     mb = 1e6
+    final = f"{s.final_loss:.4f}" if s.final_loss is not None else "n/a"
     lines = [
         "",
-        f"== {s['name']}: {s['steps']} steps on {s['world_size']} workers in {s['wall_time_s']:.0f} s ==",
-        f"final loss {s['final_loss']:.4f} (mean of last {s['final_loss_window']} steps)"
-        + (f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""),
-        f"throughput {s['tokens_per_s']:.0f} tokens/s",
-        f"gradient bytes sent {s['wire_bytes'] / mb:.1f} MB vs {s['dense_bytes'] / mb:.1f} MB dense "
-        f"({s['compression']:.1f}x less)",
-        f"MoE MaxVio per layer {s['moe']['max_vio']}, dropped {s['moe']['drop_frac']}",
+        f"== {s.name}: {s.steps} steps on {s.world_size} workers in {s.wall_time_s:.0f} s ==",
+        f"final loss {final} (mean of last {s.final_loss_window} steps)"
+        + (f", eval loss {s.eval_loss:.4f}" if s.eval_loss is not None else ""),
+        f"throughput {s.tokens_per_s:.0f} tokens/s",
+        f"gradient bytes sent {s.wire_bytes / mb:.1f} MB vs {s.dense_bytes / mb:.1f} MB dense "
+        f"({s.compression:.1f}x less)",
+        f"MoE MaxVio per layer {s.moe.max_vio}, dropped {s.moe.drop_frac}",
         f"summary: {out / 'summary.json'}",
     ]
-    for prompt_sample in s.get("samples", []):
+    for prompt_sample in s.samples:
         lines += ["", "--- sample ---", prompt_sample]
     print("\n".join(lines), flush=True)
 

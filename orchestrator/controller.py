@@ -15,7 +15,6 @@ latest checkpoint. Exit codes 1 and 2 (training error, invalid spec) are the job
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -26,8 +25,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobs.contracts import CheckpointRequest, ControlChannel, ProgressRecord, TrainSummary
 from jobs.kinds import job_kind
-from jobs.progress import parse_progress
+from jobs.specs import field_errors
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
 from orchestrator.settings import Settings
@@ -42,9 +42,6 @@ S = JobState
 RETRYABLE_RAY_ERRORS = frozenset({
     "JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE", "JOB_SUPERVISOR_ACTOR_START_FAILURE",
 })
-# summary.json keys copied into a finished job's metrics.
-SUMMARY_KEYS = ("final_loss", "eval_loss", "steps", "tokens_per_s", "wire_bytes", "dense_bytes", "compression",
-                "train_time_s", "wall_time_s", "world_size")
 
 
 class ControllerBusy(RuntimeError):
@@ -81,6 +78,8 @@ class Controller:
         self.last_pass_at: float | None = None
         self._metrics_read_at: dict[str, float] = {}
         self._stop_sent_at: dict[str, float] = {}
+        self._checkpoint_asked: dict[str, tuple[CheckpointRequest, float]] = {}  # job id -> (request, when)
+        self._stop_notes: dict[str, str] = {}  # job id -> what the checkpoint before its stop did
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,7 +137,7 @@ class Controller:
         try:
             job_kind(job.kind).spec.model_validate(job.spec)  # the stored spec still validates under this code
         except ValidationError as e:
-            self.store.transition(job.id, S.FAILED, f"spec no longer valid: {e.errors()[0]['msg']}")
+            self.store.transition(job.id, S.FAILED, "spec no longer valid: " + "; ".join(field_errors(e.errors())))
             return
         self.store.transition(job.id, S.QUEUED, "accepted by the controller")
 
@@ -223,6 +222,8 @@ class Controller:
             self.store.update_attempt(job.id, attempt.number, ended_at=time.time())
             self.store.transition(job.id, S.CANCELLED, "cancelled by user; Ray had no job to stop")
         elif not view.terminal:
+            if view.status == "RUNNING" and not self._checkpointed_before_stop(job):
+                return  # a later pass stops it, once the loop has checkpointed or the wait is over
             # Asynchronous in Ray: a later pass sees STOPPED. A job Ray still holds PENDING (its
             # driver not yet scheduled) keeps the stop queued until it is; after the grace we stop
             # waiting for Ray to confirm, and say so.
@@ -241,7 +242,28 @@ class Controller:
                 self._read_metrics(job, view.submission_id, final=True)
                 self.store.transition(job.id, S.SUCCEEDED, "finished before the cancel took effect")
             else:
-                self.store.transition(job.id, S.CANCELLED, f"cancelled by user; Ray job {view.status}")
+                note = self._stop_notes.pop(job.id, None)
+                self.store.transition(job.id, S.CANCELLED, f"cancelled by user; {note + '; ' if note else ''}"
+                                                           f"Ray job {view.status}")
+
+    def _checkpointed_before_stop(self, job: JobRecord) -> bool:
+        """Whether a running job may be stopped now: the first pass asks its loop for a checkpoint
+        (workers/control.py), later passes wait for the confirmation, at most stop_checkpoint_timeout_s.
+        Ray Jobs gives a stopping driver 3 s before SIGKILL, so without this up to a checkpoint
+        interval of steps would be lost."""
+        channel = ControlChannel(job_paths(self.settings.job_root, job.id).out)
+        asked = self._checkpoint_asked.get(job.id)
+        if asked is None:
+            self._checkpoint_asked[job.id] = (channel.request_checkpoint("cancelled by user"), self.clock())
+            return self.settings.stop_checkpoint_timeout_s == 0
+        request, at = asked
+        done = channel.confirmation(request)
+        if done is None and self.clock() - at < self.settings.stop_checkpoint_timeout_s:
+            return False
+        self._checkpoint_asked.pop(job.id, None)
+        self._stop_notes[job.id] = (f"checkpoint at step {done.step} first" if done else
+                                    f"no checkpoint confirmed within {self.settings.stop_checkpoint_timeout_s:.0f} s")
+        return True
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -305,17 +327,17 @@ class Controller:
 
 
 def latest_progress(logs: str) -> dict[str, Any] | None:
-    """The metrics of the last progress line in a log."""
+    """The last progress record in a log, as a job's metrics."""
     for line in reversed(logs.splitlines()):
-        parsed = parse_progress(line)
-        if parsed:
-            return parsed
+        record = ProgressRecord.from_line(line)
+        if record is not None:
+            return record.model_dump()
     return None
 
 
 def read_summary(path: Path) -> dict[str, Any]:
+    """A finished run's scalar figures from its summary.json; {} if it is missing or unreadable."""
     try:
-        summary = json.loads(path.read_text())
+        return TrainSummary.model_validate_json(path.read_text()).numbers()
     except (OSError, ValueError):
         return {}
-    return {k: summary[k] for k in SUMMARY_KEYS if isinstance(summary.get(k), (int, float))}

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # How long a cancelled job that Ray still holds PENDING (its driver unschedulable) waits for Ray to
     # confirm the stop before it is marked CANCELLED anyway.
     cancel_grace_s: float = Field(30.0, ge=0.0, le=3600.0)
+    # How long a cancel of a RUNNING job waits for its training loop to confirm the "checkpoint now"
+    # request (workers/control.py) before Ray stops it; the loop answers within one step once it runs.
+    stop_checkpoint_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
     # Seconds each Ray SDK HTTP call may take before the controller gives up on this iteration.
     ray_timeout_s: float = Field(30.0, gt=0.0, le=300.0)
     # Run the reconcile loop inside the API process (off only for API-only benchmarks and tests).
@@ -138,9 +141,11 @@ def load_settings(**overrides: object) -> Settings:
     """Settings from the environment (and explicit overrides), or SettingsError naming the problem."""
     from pydantic import ValidationError
 
+    from jobs.specs import field_errors
+
     try:
         return Settings(**overrides)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(field_errors(e.errors(), root="settings"))
         raise SettingsError(problems) from None
 

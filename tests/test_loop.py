@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from workers.compression import CompressionConfig
-from workers.loop import LoopConfig, _Position, build_optimizer, final_window, lr_at
+from workers.config import LoopConfig
+from workers.loop import _Position
 from workers.moe.model import ModelConfig, MoETransformer
+from workers.step import build_optimizer, final_window, lr_at
 
 
 @pytest.fixture(scope="module")

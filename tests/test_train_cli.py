@@ -11,10 +11,11 @@ from jobs.train import training_error
 from orchestrator.controller import latest_progress
 from tests.conftest import DEMO, run_train
 from workers.data import DataConfig, build_shards, shard_paths
-from workers.progress import NOTE, PROGRESS
+from workers.progress import NOTE, PROGRESS, ProgressRecord
 
-REPORTS = [(PROGRESS, {"step": f"{s}/300", "loss": 3.0 - s / 100, "lr": 0.003, "tokens_per_s": 15519.25,
-                       "wire_bytes": 1000 * s, "dense_bytes": 50_000 * s, "compression": 50.0})
+REPORTS = [(PROGRESS, ProgressRecord(step=s, total_steps=300, loss=3.0 - s / 100, lr=0.003, tokens_per_s=15519.25,
+                                     wire_bytes=1000 * s, dense_bytes=50_000 * s, compression=50.0, max_vio=0.1,
+                                     drop_frac=0.01))
            for s in (110, 120)]
 
 
@@ -72,6 +73,8 @@ def test_plain_display_prints_lines_the_control_plane_parses():
     latest = latest_progress(out.getvalue())  # what the controller reads from the job's log
     assert latest["step"] == 120 and latest["total_steps"] == 300 and latest["loss"] == pytest.approx(1.8)
     assert latest["wire_bytes"] == 120_000 and latest["compression"] == 50
+    parsed = ProgressRecord.from_line(lines[-1]).model_dump()  # the line carries the whole record (4 digits)
+    assert parsed == pytest.approx(REPORTS[-1][1].model_dump(), rel=1e-3)
 
 
 def test_live_display_redraws_one_bar_and_prints_notes_above_it():

@@ -5,17 +5,23 @@ One chain of runs on the tiny spec (each a separate `python -m jobs.train` proce
   B: A's folder rerun with steps=40 on 2 workers: resumes at 30 (the reference continuation)
   C: a copy of A taken before B, run with steps=40 on 1 worker (resize 2 -> 1)
   D: C's folder run with steps=50 on 2 workers with expert_parallel=2 (resize 1 -> 2, EP 1 -> 2)
-B runs with --verbose. Apart from the chain, a run whose workers raise.
+B runs with --verbose. Apart from the chain, a run whose workers raise, and one asked for a
+checkpoint while it runs.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO, TINY, run_train
-from workers.progress import parse_progress
+from tests.conftest import DEMO, ROOT, TINY, run_train
+from workers.control import ControlChannel
+from workers.progress import ProgressRecord, parse_progress
 
 pytestmark = pytest.mark.ray
 
@@ -24,6 +30,7 @@ pytestmark = pytest.mark.ray
 # weights, optimizer moments and residuals. A run that lost its state restarts near 5.5 instead.
 CONTINUATION_RTOL = 0.10
 
+RUN_TIMEOUT_S = 420
 # Output of Ray's processes that reaches the driver only with --verbose.
 RAY_CHATTER = ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "(DatasetManager", "(raylet)",
                "Reporting training result", "core_worker", "RayDeprecationWarning", "Started a local Ray instance")
@@ -117,3 +124,36 @@ def test_failing_workers_error_reaches_the_user_without_verbose(tmp_path, shards
     assert ("error: training failed on worker 0,1: RuntimeError: the training data yields no batch of 65536 "
             "sequences per worker") in r.stderr
     assert "Traceback" not in r.stderr and "(RayTrainWorker" not in r.stdout + r.stderr
+
+
+def test_checkpoint_now_request_is_honoured_within_a_step(tmp_path, shards_dir):
+    """A "checkpoint now" request (workers/control.py) written while the loop runs: the loop
+    checkpoints at the end of the step in flight and confirms; no periodic checkpoint is due."""
+    args = ["--spec", str(DEMO), "--out", str(tmp_path), "--no-sample",
+            *_sets(*TINY, f"data.path={shards_dir}", "train.steps=60", "train.log_every=1",
+                   "train.checkpoint_every=1000")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    channel, request, seen, output = ControlChannel(tmp_path), None, 0, []
+    watchdog = threading.Timer(RUN_TIMEOUT_S, proc.kill)  # a hung run ends the read loop
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            record = ProgressRecord.from_line(line)
+            if record is not None:
+                seen = record.step
+                if request is None and seen >= 10:
+                    request, asked_after = channel.request_checkpoint("test: checkpoint now"), seen
+        assert proc.wait(timeout=60) == 0, "".join(output)[-3000:]
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert request is not None, "".join(output)[-3000:]
+    done = channel.confirmation(request)
+    assert done is not None and done.reason == "test: checkpoint now"
+    # Rank 0 polls after every step; the driver's display lags the loop by at most a few records.
+    assert asked_after < done.step <= asked_after + 5 < 60
+    assert (tmp_path / "ray-train" / f"step-{done.step:08d}" / "meta.json").exists()
+    assert f"checkpoint at step {done.step} on request (test: checkpoint now)" in "".join(output)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from workers.compression import CommState
+from workers.config import ModelConfig
 from workers.moe.dispatch import ExpertParallelExperts
 from workers.moe.grad_sync import ExpertGradSync
 from workers.moe.groups import ParallelGroups
@@ -205,9 +206,24 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def load_model(path: Path, config: ModelConfig | None = None, device: str | torch.device = "cpu") -> MoETransformer:
+    """The checkpoint's model in one process, in eval mode, for sampling and serving: whatever
+    world and EP sizes wrote it (model.pt holds every expert by global id). ``config`` defaults to
+    the one saved in meta.json."""
+    meta = read_meta(path)
+    if config is None:
+        if "model" not in meta:
+            raise RuntimeError(f"checkpoint {path} does not record its model config; pass the spec's model section")
+        config = ModelConfig.model_validate(meta["model"])
+    model = MoETransformer(config).to(device)
+    model.load_state_dict(torch.load(path / "model.pt", map_location=device), strict=True)
+    return model.eval()
+
+
 def load_model_and_optimizer(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer,
                              groups: ParallelGroups | None, device: torch.device) -> None:
-    """Before DDP wraps the model: weights and optimizer moments, sliced for this rank's experts."""
+    """Weights and optimizer moments in place, sliced for this rank's experts (every rank loads the
+    same files, so DDP's replicas stay equal)."""
     model.load_state_dict(_shard(model, groups, torch.load(path / "model.pt", map_location=device)), strict=True)
     saved = torch.load(path / "optim.pt", map_location=device)
     params = dict(model.named_parameters())

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from jobs.specs import field_errors
 from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError
 
 REQUEST_TIMEOUT_S = 30.0
@@ -55,7 +56,7 @@ def check(r: httpx.Response) -> Any:
     except ValueError:
         detail = r.text
     if isinstance(detail, list):  # FastAPI validation errors: name each field
-        detail = "\n  ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+        detail = "\n  ".join(field_errors(detail, skip=1, root="<body>"))
     code = EXIT_USAGE if r.status_code == 422 else EXIT_FAILED
     raise CliError(f"{r.request.method} {r.request.url.path}: {r.status_code} {detail}", code)
 

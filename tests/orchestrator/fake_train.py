@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.orchestrator.fakes import progress_line, summary_json
+
 STEP_S = 0.5
 
 
@@ -34,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(start + 1, steps + 1):
         time.sleep(STEP_S)
         loss = 5.0 / step
-        print(f"[progress] step={step}/{steps} loss={loss:.4f} tokens_per_s=1000", flush=True)
+        print(progress_line(step, steps, loss, tokens_per_s=1000.0), flush=True)
         ckpt.write_text(json.dumps({"step": step}))
-    (out / "summary.json").write_text(json.dumps({"final_loss": loss, "steps": steps, "resumed_from": start}))
+    (out / "summary.json").write_text(summary_json(final_loss=loss, steps=steps, resumed_from=start))
     return 0
 
 

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from orchestrator.ray_client import NodeView, RayJobView, RayRefused, RayUnavailable
+from workers.contracts import TrainSummary
+from workers.progress import ProgressRecord
+
+
+def progress_line(step: int, total: int, loss: float, tokens_per_s: float = 100.0) -> str:
+    """A training driver's progress line (the figures a fake does not model are zero)."""
+    return ProgressRecord(step=step, total_steps=total, loss=loss, lr=1e-3, tokens_per_s=tokens_per_s, wire_bytes=0,
+                          dense_bytes=0, compression=1.0, max_vio=0.0, drop_frac=0.0).to_line()
+
+
+def summary_json(**figures: object) -> str:
+    """A training run's summary.json with ``figures`` set (the rest neutral; keys the contract does
+    not name are kept, as a newer writer's would be)."""
+    summary = {"steps": 1, "final_loss": 1.0, "final_loss_window": 1, "eval_loss": None, "tokens_per_s": 1.0,
+               "wire_bytes": 0, "dense_bytes": 0, "compression": 1.0, "world_size": 1,
+               "moe": {"max_vio": [0.0], "drop_frac": [0.0]}, "name": "fake", "method": "none", "density": 1.0,
+               "error_feedback": False, "wall_time_s": 0.0, "checkpoint": "", "spec": {}} | figures
+    TrainSummary.model_validate(summary)
+    return json.dumps(summary)
 
 
 class FakeRay:
@@ -39,7 +59,7 @@ class FakeRay:
                                      "entrypoint_resources": entrypoint_resources})
             self.jobs[submission_id] = RayJobView(submission_id, "RUNNING" if self.auto_run else "PENDING")
             if self.auto_run:
-                self.job_logs[submission_id] = "[progress] step=1/1 loss=1.5 tokens_per_s=100\n"
+                self.job_logs[submission_id] = progress_line(1, 1, 1.5) + "\n"
 
     def status(self, submission_id):
         self._check()

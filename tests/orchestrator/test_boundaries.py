@@ -31,7 +31,7 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ORCH)))
 def test_orchestrator_imports_no_torch_and_no_workers(path):
     bad = {n for n in _imports(path) if n.split(".")[0] in ("torch", "workers")}
-    assert not bad, f"{path.name} imports {bad}; reach workers through jobs.specs / jobs.progress only"
+    assert not bad, f"{path.name} imports {bad}; reach workers through jobs/ (jobs.specs, jobs.contracts) only"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ORCH)))

@@ -7,11 +7,12 @@ import shlex
 
 import pytest
 
+from jobs.contracts import ControlChannel
 from orchestrator.controller import Controller, latest_progress
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore, submission_id_for
-from tests.orchestrator.fakes import FakeRay
+from tests.orchestrator.fakes import FakeRay, progress_line, summary_json
 
 S = JobState
 TOKEN = "t" * 32
@@ -55,12 +56,12 @@ def test_happy_path_moves_one_step_per_pass(env):
     ctl.reconcile_once()
     assert store.get(jid).state is S.STARTING  # Ray still PENDING
     ray.set(sid, "RUNNING")
-    ray.job_logs[sid] = "noise\n[progress] step=2/4 loss=3.5 tokens_per_s=100\nmore noise\n"
+    ray.job_logs[sid] = f"noise\n{progress_line(2, 4, 3.5)}\nmore noise\n"
     ctl.reconcile_once()
     job = store.get(jid)
     assert job.state is S.RUNNING and job.metrics["step"] == 2 and job.metrics["loss"] == 3.5
-    ray.job_logs[sid] += "[progress] step=4/4 loss=2.0 tokens_per_s=120\n"
-    (settings.job_root / jid / "out" / "summary.json").write_text(json.dumps({"final_loss": 1.9, "samples": ["x"]}))
+    ray.job_logs[sid] += progress_line(4, 4, 2.0) + "\n"
+    (settings.job_root / jid / "out" / "summary.json").write_text(summary_json(final_loss=1.9, samples=["x"]))
     ray.set(sid, "SUCCEEDED", exit_code=0)
     ctl.reconcile_once()
     job = store.get(jid)
@@ -237,9 +238,10 @@ def test_only_one_controller_per_state_dir(env):
 
 
 def test_latest_progress_takes_the_last_line():
-    assert latest_progress("a\n[progress] step=1/5 loss=2\n[progress] step=2/5 loss=1.5\nb") == {
-        "step": 2, "total_steps": 5, "loss": 1.5}
+    latest = latest_progress(f"a\n{progress_line(1, 5, 2.0)}\n{progress_line(2, 5, 1.5)}\nb")
+    assert (latest["step"], latest["total_steps"], latest["loss"]) == (2, 5, 1.5)
     assert latest_progress("nothing here") is None
+    assert latest_progress("[progress] step=2/5") is None  # not a whole record
 
 
 def test_cancel_of_a_job_ray_never_schedules_ends_after_the_grace(env):
@@ -277,3 +279,47 @@ def test_one_broken_job_does_not_stall_the_others(env, monkeypatch):
     monkeypatch.setattr("orchestrator.entrypoints.JobPaths.write_spec", write_spec)
     ctl.reconcile_once()
     assert store.get(bad).state is S.QUEUED and store.get(good).state is S.STARTING
+
+
+def _running_job_cancelled(env):
+    store, ray, ctl, settings = env
+    now = [0.0]
+    ctl.clock = lambda: now[0]
+    jid = _job(store)
+    for _ in range(2):
+        ctl.reconcile_once()
+    sid = submission_id_for(jid, 1)
+    ray.set(sid, "RUNNING")
+    ctl.reconcile_once()
+    assert store.get(jid).state is S.RUNNING
+    store.request_cancel(jid)
+    ctl.reconcile_once()
+    assert ray.stops == []  # asked the loop for a checkpoint; not stopped yet
+    return jid, sid, now
+
+
+def test_cancel_of_a_running_job_checkpoints_before_the_stop(env):
+    store, ray, ctl, settings = env
+    jid, sid, _ = _running_job_cancelled(env)
+    channel = ControlChannel(settings.job_root / jid / "out")
+    request = channel.pending()
+    assert request is not None and request.reason == "cancelled by user"
+    ctl.reconcile_once()
+    assert ray.stops == []  # still waiting for the loop
+    channel.confirm(request, 42)  # what rank 0 does once the checkpoint is reported
+    ctl.reconcile_once()
+    assert ray.stops == [sid]
+    ctl.reconcile_once()
+    job = store.get(jid)
+    assert job.state is S.CANCELLED and "checkpoint at step 42 first" in job.message
+
+
+def test_cancel_of_a_running_job_stops_it_when_no_checkpoint_comes(env):
+    store, ray, ctl, settings = env
+    jid, sid, now = _running_job_cancelled(env)
+    now[0] = settings.stop_checkpoint_timeout_s + 1
+    ctl.reconcile_once()
+    assert ray.stops == [sid]
+    ctl.reconcile_once()
+    job = store.get(jid)
+    assert job.state is S.CANCELLED and "no checkpoint confirmed" in job.message

@@ -1,0 +1,80 @@
+"""The trainer builder: one TorchTrainer from a validated spec, for ``jobs.train`` and for whoever
+else runs training (sweeps, the scheduler), and the driver's connection to Ray.
+
+``build_trainer`` only assembles Ray Train's objects; running it (``fit()``), showing progress and
+writing the summary belong to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from jobs.specs import TrainSpec
+
+RUN_NAME = "ray-train"  # Ray Train's run folder inside the output folder; fixed so a rerun finds the checkpoints
+# Python processes the embedded cluster's raylet starts at once (and a quarter of the count it warns at).
+STARTUP_CONCURRENCY = 8
+
+
+def init_ray(spec: TrainSpec, verbose: bool) -> None:
+    """Join RAY_ADDRESS's cluster or start an embedded one.
+
+    Without ``verbose`` the workers' and Ray actors' stdout/stderr stay in the session's log files
+    (log_to_driver) and the driver's "ray" logger shows errors only (token set-up, "Started a local
+    Ray instance"): progress comes over the display's queue and failures in fit()'s exception.
+    """
+    import ray
+    from ray.data import DataContext
+
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+    else:
+        # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
+        # training workers, which otherwise take every core of a small machine and starve the input.
+        cpus = max(os.cpu_count() or 1, int(spec.resources.num_workers * spec.resources.cpus_per_worker) + 2)
+        # The dashboard (loopback only) serves Ray's state API, which Ray Train's controller polls.
+        # worker_maximum_startup_concurrency: the raylet warns the driver each time the Python
+        # processes it started reach 4x this (default: the cores, 2 on a small machine), which a
+        # run's ~14 (workers, Train controller, Ray Data actors and tasks) does; it also caps how
+        # many of them start at once.
+        ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **quiet)
+        print(f"ray: embedded local cluster; dashboard at http://{ctx.dashboard_url}", flush=True)
+    DataContext.get_current().enable_progress_bars = False
+
+
+def build_trainer(spec: TrainSpec, manifest: dict[str, Any], out: Path, *, progress: Any = None,
+                  run_name: str = RUN_NAME, verbose: bool = False) -> Any:
+    """A TorchTrainer for ``spec`` on the shards of ``manifest``, checkpointing under ``out/run_name``
+    (and resuming from the latest checkpoint there). ``progress``: a ray.util.queue.Queue that rank 0
+    sends its progress records to (jobs/display.py), or None. "Checkpoint now" requests are read from
+    ``out`` (workers/control.py)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.contracts import WorkerConfig
+    from workers.data import make_datasets
+    from workers.device import backend_for, worker_resources
+    from workers.loop import train_loop_per_worker
+
+    datasets = make_datasets(manifest, spec.data.seq_len, spec.seed)
+    res = spec.resources
+    worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
+                          device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,
+                          control_dir=str(out))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress},
+        torch_config=TorchConfig(backend=backend_for(res.device)),
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
+                                     resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
+        run_config=RunConfig(name=run_name, storage_path=str(out),
+                             failure_config=FailureConfig(max_failures=res.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+        datasets=datasets,
+    )
