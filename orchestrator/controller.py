@@ -254,8 +254,7 @@ class Controller:
         channel = ControlChannel(job_paths(self.settings.job_root, job.id).out)
         asked = self._checkpoint_asked.get(job.id)
         if asked is None:
-            self._checkpoint_asked[job.id] = (channel.request_checkpoint("cancelled by user"), self.clock())
-            return self.settings.stop_checkpoint_timeout_s == 0
+            asked = self._checkpoint_asked[job.id] = (channel.request_checkpoint("cancelled by user"), self.clock())
         request, at = asked
         done = channel.confirmation(request)
         if done is None and self.clock() - at < self.settings.stop_checkpoint_timeout_s:
