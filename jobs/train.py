@@ -29,6 +29,9 @@ from jobs.display import RunDisplay, follow
 from jobs.specs import SpecError, TrainSpec, load_spec
 from jobs.trainer import build_trainer, init_ray
 
+# Ray Jobs sends SIGKILL 3 s after SIGTERM; the driver waits for a checkpoint a little less than that.
+SIGTERM_GRACE_S = 2.5
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
@@ -56,12 +59,16 @@ def summarize(spec: TrainSpec, metrics: dict[str, Any], checkpoint: str, elapsed
 
 
 def _checkpoint_on_sigterm(out: Path) -> None:
-    """Ray Jobs stops a driver with SIGTERM and SIGKILL 3 s later (and the workers with it): ask the
-    loop for a checkpoint at the end of its current step (workers/control.py), then stop as asked."""
+    """Ray Jobs stops a driver with SIGTERM and SIGKILL 3 s later, and the workers end with it: ask
+    the loop for a checkpoint at the end of its current step (workers/control.py), wait for it within
+    that grace, then stop as asked. (The controller asks earlier and waits longer before it stops a
+    job; this covers `ray job stop` and anything else that stops the driver.)"""
     from workers.control import ControlChannel
 
     def handler(signum: int, frame: Any) -> None:
-        ControlChannel(out).request_checkpoint("the driver got SIGTERM (job stopping)")
+        channel = ControlChannel(out)
+        channel.wait_for_checkpoint(channel.request_checkpoint("the driver got SIGTERM (job stopping)"),
+                                    SIGTERM_GRACE_S)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
 

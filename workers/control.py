@@ -82,6 +82,16 @@ class ControlChannel:
         done = _read(self.root / DONE_FILE, CheckpointDone)
         return done if isinstance(done, CheckpointDone) and done.request_id == request_id else None
 
+    def wait_for_checkpoint(self, request: CheckpointRequest, timeout_s: float,
+                            poll_s: float = 0.1) -> CheckpointDone | None:
+        """The confirmation, or None if none came within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done = self.confirmation(request)
+            if done is not None or time.monotonic() >= deadline:
+                return done
+            time.sleep(poll_s)
+
     # -- the loop's side -----------------------------------------------------------------------
 
     def pending(self) -> CheckpointRequest | None:
