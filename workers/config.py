@@ -48,9 +48,8 @@ class ModelConfig(Config):
     # bias: auxiliary-loss-free balancing by a per-expert routing bias (DeepSeek-V3);
     # aux: the classic Switch/GShard auxiliary loss; none: no balancing.
     balance: Literal["bias", "aux", "none"] = "bias"
-    # Bias step per optimizer step (DeepSeek-V3: 1e-3 over trillions of tokens). Demo model, 300
-    # steps, with router_centering: 3e-3 drops 0.76% of assignments and keeps the per-batch MaxVio
-    # at 0.10 over the last 60 steps; 1e-2 drops 1.16% and oscillates to 0.13.
+    # Bias step per optimizer step (DeepSeek-V3: 1e-3 over trillions of tokens; a short run needs a
+    # faster bias: BENCHMARKS.md, "MoE vs dense", measures the demo model at 3e-3).
     bias_update_rate: float = Field(3e-3, ge=0.0, le=1.0)
     # Select experts on router logits centred per expert over the batch (in eval: over a running
     # mean of training batches), so an offset shared by every token of the batch cannot send all of
@@ -78,7 +77,7 @@ class CompressionConfig(Config):
     # Keep what was not sent and add it to the next step's gradient (Stich et al. 2018).
     error_feedback: bool = True
     # DGC momentum correction, 0 = off (e.g. 0.9). The optimizer must then be plain SGD without
-    # momentum: see the module docstring for the exact contract. Needs topk and error_feedback.
+    # momentum: see workers/compression/DESIGN.md for the exact contract. Needs topk and error_feedback.
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     # DGC local clipping: each rank's bucket gradient to L2 norm clip_norm / sqrt(N), before
     # accumulation; None = off.
@@ -100,8 +99,8 @@ class CompressionConfig(Config):
     powersgd_rank: int = Field(1, ge=1, le=64)
     # adam: each rank turns its OWN gradient into Adam's bias-corrected direction m / (sqrt(v) + eps)
     # with its own moments (kept in the hook, never sent), and top-k with error feedback compresses
-    # that direction. The optimizer must then be plain SGD without momentum: see the module docstring
-    # ("Preconditioned top-k") for the exact contract. Needs topk, error_feedback, momentum 0.
+    # that direction. The optimizer must then be plain SGD without momentum: see
+    # workers/compression/DESIGN.md ("Preconditioned top-k") for the exact contract. Needs topk, error_feedback, momentum 0.
     precondition: Literal["none", "adam"] = "none"
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.95, ge=0.0, lt=1.0)

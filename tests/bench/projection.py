@@ -5,7 +5,7 @@ From a measured compute time and counted bytes, with a stated alpha-beta network
 - compute: forward + backward of the demo model (``MoETransformer(ModelConfig())``, batch 16 x 128,
   torch on 1 thread, as each of the demo's 2 CPU workers) measured here, or passed in ``measured``;
   and a 1B-parameter dense model on one GPU per worker whose step time is STATED (FLOPs / rate);
-- bytes sent per worker per step, from the byte models in ``workers/compression.py``:
+- bytes sent per worker per step, from the byte models in ``workers/compression/wire.py``:
   dense ring allreduce ``2 (N-1)/N * n * 4``; top-k ring allgather ``(N-1) * k * 8`` (int32 index +
   float32 value), ``k = density * n``; the hook falls back to the dense allreduce per bucket when
   ``sparse_pays`` is false (about ``density * N >= 1``);
@@ -207,7 +207,7 @@ def projection_section(measured: dict | None = None) -> dict:
           "`tests/bench/projection.py`. Model: step time = compute + latency x ring steps + bytes sent per worker / "
           "link bandwidth, with NO overlap of compute and communication; the overlap bound max(compute, comm) is "
           "shown beside it (DDP overlaps the sync of each bucket with the rest of the backward pass, so the truth "
-          "lies between the two). Bytes per worker per step from `workers/compression.py`: dense ring allreduce "
+          "lies between the two). Bytes per worker per step from `workers/compression/wire.py`: dense ring allreduce "
           f"2 (N-1)/N x n x {ELEM} B; top-k ring allgather (N-1) x k x {INDEX_BYTES + ELEM} B (int32 index + float32 "
           "value), k = density x n per bucket. Ring steps per bucket: 2 (N-1) for the allreduce, N-1 for the "
           f"allgather; the collectives run per DDP bucket of {BUCKET_BYTES >> 20} MiB (the latency term is paid "

@@ -109,8 +109,8 @@ class TopKRouter(nn.Module):
     ``logit_center``, a running mean of training batches). Early in training the hidden states
     of a batch share a large common direction, so every token ranks the experts alike and all of
     them go to the same top_k; the bias, one step per update, cannot follow that offset as it moves
-    from batch to batch. Measured on the demo model (150 steps): 8.5% of assignments dropped
-    without centering, 1.4% with it. Like capacity dropping, it makes training-time routing depend
+    from batch to batch, and capacity dropping takes the overflow (the drop rate with centering is
+    in BENCHMARKS.md, "MoE vs dense"). Like capacity dropping, it makes training-time routing depend
     on the (per-rank) batch a token comes in.
     """
 
