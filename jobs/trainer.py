@@ -1,8 +1,8 @@
 """The trainer builder: one TorchTrainer from a validated spec, for ``jobs.train`` and for whoever
 else runs training (sweeps, the scheduler), and the driver's connection to Ray.
 
-``build_trainer`` only assembles Ray Train's objects; running it (``fit()``), showing progress and
-writing the summary belong to the caller.
+``build_trainer`` checks that the cluster can ever run the job, then assembles Ray Train's objects;
+running it (``fit()``), showing progress and writing the summary belong to the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +17,32 @@ from jobs.specs import TrainSpec
 RUN_NAME = "ray-train"  # Ray Train's run folder inside the output folder; fixed so a rerun finds the checkpoints
 # Python processes the embedded cluster's raylet starts at once (and a quarter of the count it warns at).
 STARTUP_CONCURRENCY = 8
+# Logical CPUs Ray Data's read/pack tasks need beside the training workers (one task at a time suffices).
+DATA_TASK_CPUS = 1.0
+
+
+class ClusterTooSmall(RuntimeError):
+    """The cluster can never hold the training workers and Ray Data's tasks together."""
+
+
+def check_room(spec: TrainSpec) -> None:
+    """Raise ClusterTooSmall when the cluster, at its largest, has fewer logical CPUs than the workers
+    and one Ray Data task need. Ray Train would start the workers on every CPU and Ray Data's read
+    tasks would then wait forever ("Cluster resources are not enough to run any task"), the job
+    RUNNING without a step. An autoscaling cluster is judged by the largest size its config allows
+    (Ray Train's own worker check reads the same private state); a fixed one by what it has now."""
+    import ray
+    from ray._private.state import state
+
+    res = spec.resources
+    largest = state.get_max_resources_from_cluster_config() or ray.cluster_resources()
+    have, workers = largest.get("CPU", 0.0), res.num_workers * res.cpus_per_worker
+    if have < workers + DATA_TASK_CPUS:
+        raise ClusterTooSmall(
+            f"the cluster has {have:g} CPUs; {res.num_workers} workers x {res.cpus_per_worker:g} CPUs take "
+            f"{workers:g} and Ray Data's read tasks need {DATA_TASK_CPUS:g} more beside them, so the job "
+            "would wait forever. Lower resources.num_workers or resources.cpus_per_worker, or give the "
+            "cluster more CPUs (orch up --num-cpus N)")
 
 
 def init_ray(spec: TrainSpec, verbose: bool) -> None:
@@ -61,6 +87,7 @@ def build_trainer(spec: TrainSpec, manifest: dict[str, Any], out: Path, *, progr
     from workers.device import backend_for, worker_resources
     from workers.loop import train_loop_per_worker
 
+    check_room(spec)
     datasets = make_datasets(manifest, spec.data.seq_len, spec.seed)
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,

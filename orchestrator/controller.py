@@ -10,6 +10,10 @@ Retries: when Ray (reachable) no longer knows a submitted attempt (the cluster r
 the driver killed from outside (supervisor died, driver killed by a signal), the job moves to
 RETRYING and the next pass starts attempt n+1 with the same --out, so jobs.train resumes from the
 latest checkpoint. Exit codes 1 and 2 (training error, invalid spec) are the job's own failure: FAILED.
+
+Stalls: Ray says RUNNING forever when workers or Ray Data wait for CPUs the cluster never frees. An
+attempt with no new step for ``stall_after_s`` (counted from when this process first sees it RUNNING)
+gets ``stalled`` and ``stalled_for_s`` metrics and counts in ``orch_jobs_stalled`` until a step comes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,16 @@ S = JobState
 RETRYABLE_RAY_ERRORS = frozenset({
     "JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE", "JOB_SUPERVISOR_ACTOR_START_FAILURE",
 })
+STALL_KEYS = frozenset({"stalled", "stalled_for_s"})  # the metrics a stalled attempt carries
+
+
+@dataclass
+class _Progress:
+    """The last step a RUNNING attempt reported (None: none yet) and when (controller clock) it changed."""
+    attempt: int
+    step: int | None
+    since: float
+    stalled: bool = False
 
 
 class ControllerBusy(RuntimeError):
@@ -77,6 +92,7 @@ class Controller:
         self.ray_reachable: bool | None = None
         self.last_pass_at: float | None = None
         self._metrics_read_at: dict[str, float] = {}
+        self._progress: dict[str, _Progress] = {}  # RUNNING job id -> its last step, for stall detection
         self._stop_sent_at: dict[str, float] = {}
         self._checkpoint_asked: dict[str, tuple[CheckpointRequest, float]] = {}  # job id -> (request, when)
         self._stop_notes: dict[str, str] = {}  # job id -> what the checkpoint before its stop did
@@ -91,6 +107,8 @@ class Controller:
         self.telemetry.reconciles.inc()
         jobs = self.store.unfinished()
         active = sum(job.state in ACTIVE for job in jobs)
+        for gone in self._progress.keys() - {job.id for job in jobs if job.state is S.RUNNING}:
+            del self._progress[gone]  # finished, retried or cancelled since the last pass
         try:
             for job in jobs:
                 try:
@@ -112,6 +130,7 @@ class Controller:
                 log.warning("%s", e)
             self.ray_reachable = False
         self.telemetry.ray_reachable.set(1 if self.ray_reachable else 0)
+        self.telemetry.jobs_stalled.set(sum(p.stalled for p in self._progress.values()))
         self.last_pass_at = time.time()
 
     def _reconcile(self, job: JobRecord, active_slots: int) -> int:
@@ -204,6 +223,7 @@ class Controller:
             self.store.transition(job.id, S.FAILED, f"Ray: {view.message or 'driver failed'}{code}"[:1000])
 
     def _lost(self, job: JobRecord, reason: str) -> None:
+        self._clear_stall(job.id)
         retries_used = job.attempts - 1
         if retries_used < job.max_retries:
             self.telemetry.retries.inc()
@@ -242,6 +262,7 @@ class Controller:
                 self._read_metrics(job, view.submission_id, final=True)
                 self.store.transition(job.id, S.SUCCEEDED, "finished before the cancel took effect")
             else:
+                self._clear_stall(job.id)
                 note = self._stop_notes.pop(job.id, None)
                 self.store.transition(job.id, S.CANCELLED, f"cancelled by user; {note + '; ' if note else ''}"
                                                            f"Ray job {view.status}")
@@ -273,13 +294,40 @@ class Controller:
             return
         self._metrics_read_at[job.id] = now
         latest = latest_progress(self.ray.logs(submission_id))
-        metrics: dict[str, Any] = dict(job.metrics or {})
-        metrics.update(latest or {})
+        metrics = _unstalled({**(job.metrics or {}), **(latest or {})})
         if final:
             metrics.update(read_summary(job_paths(self.settings.job_root, job.id).summary))
             self._metrics_read_at.pop(job.id, None)
-        if metrics and metrics != job.metrics:
+        else:
+            metrics.update(self._stall_marks(job, latest["step"] if latest else None, now))
+        if metrics != (job.metrics or {}):
             self.store.set_metrics(job.id, metrics)
+
+    def _stall_marks(self, job: JobRecord, step: int | None, now: float) -> dict[str, Any]:
+        """The stall metrics of a RUNNING attempt whose latest step is ``step`` ({} while it progresses)."""
+        seen = self._progress.get(job.id)
+        was_stalled = seen is not None and seen.stalled
+        if seen is None or seen.attempt != job.attempts or seen.step != step:
+            seen = self._progress[job.id] = _Progress(job.attempts, step, now)
+        idle_s = now - seen.since
+        seen.stalled = idle_s >= self.settings.stall_after_s
+        if not seen.stalled:
+            if was_stalled:
+                log.info("job %s: progress resumed at step %s", job.id, step)
+            return {}
+        where = f"since step {step}" if step is not None else "and no step reported yet"
+        reason = (f"no progress for {idle_s:.0f} s {where}; its workers or Ray Data may be waiting for resources "
+                  "the cluster cannot give (see `orch logs` and `orch cluster`)")
+        if not was_stalled:
+            self.telemetry.stalls.inc()
+            log.warning("job %s: %s", job.id, reason)
+        return {"stalled": reason, "stalled_for_s": int(idle_s)}
+
+    def _clear_stall(self, job_id: str) -> None:
+        """Drop the stall mark of an attempt that ended without a final metrics read (lost, stopped)."""
+        metrics = self.store.get(job_id).metrics or {}
+        if not STALL_KEYS.isdisjoint(metrics):
+            self.store.set_metrics(job_id, _unstalled(metrics))
 
     # -- running it -------------------------------------------------------------------------------
 
@@ -332,6 +380,10 @@ def latest_progress(logs: str) -> dict[str, Any] | None:
         if record is not None:
             return record.model_dump()
     return None
+
+
+def _unstalled(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in STALL_KEYS}
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(1.0, gt=0.0, le=60.0)
     # How often a RUNNING job's logs are read for its latest progress line.
     metrics_interval_s: float = Field(5.0, gt=0.0, le=3600.0)
+    # A RUNNING job whose driver prints no new progress line for this long is marked stalled (its
+    # metrics say so; orch_jobs_stalled counts it) until a new step comes: workers or Ray Data
+    # waiting for CPUs the cluster never frees look exactly like this. Longer than the slowest
+    # start-up (tokenizing a corpus, worker start) plus one log_every of steps.
+    stall_after_s: float = Field(600.0, gt=0.0, le=7 * 24 * 3600.0)
     # Largest accepted request body; a spec is a few KB.
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # Longest a `logs?follow=true` stream stays open.

@@ -42,6 +42,10 @@ class Telemetry:
         self.ray_submissions = Counter("orch_ray_submissions", "Jobs handed to Ray (attempts)", registry=r)
         self.retries = Counter("orch_job_retries", "Attempts started after a lost driver", registry=r)
         self.ray_reachable = Gauge("orch_ray_reachable", "1 when the last reconcile pass reached Ray", registry=r)
+        self.jobs_stalled = Gauge(
+            "orch_jobs_stalled", "RUNNING jobs with no new progress record for stall_after_s", registry=r
+        )
+        self.stalls = Counter("orch_job_stalls", "Times a RUNNING job was found stalled", registry=r)
         if count_by_state is not None:
             r.register(_JobsByState(count_by_state))
 

@@ -55,7 +55,9 @@ def _die_of(signum: int) -> None:
 def up(
     port: Annotated[int | None, typer.Option(help="API port (default 8080, ORCH_PORT)")] = None,
     local: Annotated[bool, typer.Option("--local", help="local mode: make an API token if none is set")] = False,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs the local Ray head offers (default: all)")] = None,
+    num_cpus: Annotated[int | None, typer.Option(
+        help="logical CPUs the local Ray head offers (default: the cores + 2, room for Ray Data's read tasks "
+             "beside the training workers)")] = None,
 ) -> None:
     import secrets
 
@@ -74,13 +76,15 @@ def up(
     stopped_by: int | None = None
     try:
         if not settings.ray_address:
-            from orchestrator.local_ray import LocalRayHead
+            from orchestrator.local_ray import LocalRayHead, default_head_cpus
 
             ray_token = secrets.token_hex(32)
             token_file = settings.state_dir / "ray_auth_token"
             write_secret(token_file, ray_token)
-            head = LocalRayHead(settings.state_dir / "ray", num_cpus=num_cpus, auth_token=ray_token)
-            print(f"starting a local Ray head (logs: {head.log_path}) ...", file=sys.stderr)
+            head = LocalRayHead(settings.state_dir / "ray", num_cpus=num_cpus or default_head_cpus(),
+                                auth_token=ray_token)
+            print(f"starting a local Ray head with {head.num_cpus} logical CPUs (logs: {head.log_path}) ...",
+                  file=sys.stderr)
             head.start()
             settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
             print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "

@@ -8,6 +8,8 @@ import shlex
 import pytest
 
 from jobs.contracts import ControlChannel
+from orchestrator.api.schemas import JobPublic
+from orchestrator.cli import render
 from orchestrator.controller import Controller, latest_progress
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
@@ -281,7 +283,8 @@ def test_one_broken_job_does_not_stall_the_others(env, monkeypatch):
     assert store.get(bad).state is S.QUEUED and store.get(good).state is S.STARTING
 
 
-def _running_job_cancelled(env):
+def _running_at_zero(env, logs=""):
+    """A job its controller first sees RUNNING at t=0 of a fake clock; (job id, submission id, clock)."""
     store, ray, ctl, settings = env
     now = [0.0]
     ctl.clock = lambda: now[0]
@@ -290,7 +293,14 @@ def _running_job_cancelled(env):
         ctl.reconcile_once()
     sid = submission_id_for(jid, 1)
     ray.set(sid, "RUNNING")
+    ray.job_logs[sid] = logs
     ctl.reconcile_once()
+    return jid, sid, now
+
+
+def _running_job_cancelled(env):
+    store, ray, ctl, settings = env
+    jid, sid, now = _running_at_zero(env)
     assert store.get(jid).state is S.RUNNING
     store.request_cancel(jid)
     ctl.reconcile_once()
@@ -323,3 +333,65 @@ def test_cancel_of_a_running_job_stops_it_when_no_checkpoint_comes(env):
     ctl.reconcile_once()
     job = store.get(jid)
     assert job.state is S.CANCELLED and "no checkpoint confirmed" in job.message
+
+
+def _stall_gauges(ctl):
+    sample = ctl.telemetry.registry.get_sample_value
+    return sample("orch_jobs_stalled"), sample("orch_job_stalls_total")
+
+
+def test_a_running_job_without_new_steps_is_marked_stalled_until_a_step_comes(env):
+    store, ray, ctl, settings = env
+    jid, sid, now = _running_at_zero(env, progress_line(2, 4, 3.5) + "\n")
+    now[0] = settings.stall_after_s - 1
+    ctl.reconcile_once()
+    assert "stalled" not in store.get(jid).metrics and _stall_gauges(ctl) == (0, 0)
+    now[0] = settings.stall_after_s + 5
+    ctl.reconcile_once()
+    m = store.get(jid).metrics
+    assert m["stalled"].startswith(f"no progress for {settings.stall_after_s + 5:.0f} s since step 2")
+    assert m["stalled_for_s"] == int(settings.stall_after_s + 5) and m["step"] == 2
+    assert _stall_gauges(ctl) == (1, 1)
+    now[0] += 30
+    ctl.reconcile_once()
+    assert store.get(jid).metrics["stalled_for_s"] == int(settings.stall_after_s + 35)
+    assert _stall_gauges(ctl) == (1, 1)  # still the same stall
+    ray.job_logs[sid] += progress_line(3, 4, 3.0) + "\n"
+    now[0] += 1
+    ctl.reconcile_once()
+    m = store.get(jid).metrics
+    assert m["step"] == 3 and not set(m) & {"stalled", "stalled_for_s"}
+    assert _stall_gauges(ctl) == (0, 1)
+    now[0] += settings.stall_after_s
+    ctl.reconcile_once()
+    assert "since step 3" in store.get(jid).metrics["stalled"] and _stall_gauges(ctl) == (1, 2)
+    ray.set(sid, "SUCCEEDED", exit_code=0)  # the final read leaves no stall mark on a finished job
+    ctl.reconcile_once()
+    job = store.get(jid)
+    assert job.state is S.SUCCEEDED and job.metrics["step"] == 3 and "stalled" not in job.metrics
+    ctl.reconcile_once()
+    assert _stall_gauges(ctl) == (0, 2)
+
+
+def test_a_job_stalled_before_its_first_step_is_cleared_when_its_attempt_is_lost(env, capsys):
+    """The shape of a job whose workers or Ray Data never get CPUs: RUNNING, no progress line at all."""
+    store, ray, ctl, settings = env
+    jid, sid, now = _running_at_zero(env)
+    now[0] = settings.stall_after_s
+    ctl.reconcile_once()
+    job = store.get(jid)
+    assert "no step reported yet" in job.metrics["stalled"] and _stall_gauges(ctl) == (1, 1)
+    render.emit(*render.job_detail(JobPublic.of(job).model_dump(mode="json")))  # what `orch status` prints
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("stalled ")]
+    assert "no step reported yet" in line
+    ray.restart_cluster()
+    ctl.reconcile_once()
+    job = store.get(jid)
+    assert job.state is S.RETRYING and not set(job.metrics or {}) & {"stalled", "stalled_for_s"}
+    ctl.reconcile_once()
+    assert _stall_gauges(ctl) == (0, 1)
+
+
+def test_the_stall_time_is_read_from_orch_stall_after_s(monkeypatch):
+    monkeypatch.setenv("ORCH_STALL_AFTER_S", "42")
+    assert Settings(api_token=TOKEN).stall_after_s == 42.0

@@ -1,6 +1,7 @@
 """Against a real local Ray cluster (one per module, token auth on): end to end with the real
-jobs.train, a controller SIGKILLed between storing and submitting, cancel while STARTING, and a
-retry after the whole cluster restarts. Every wait is bounded."""
+jobs.train, a controller SIGKILLed between storing and submitting, cancel while STARTING, a job the
+cluster can never fit, a job held without CPUs marked stalled, and a retry after the whole cluster
+restarts. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from jobs.specs import validate_spec
+from orchestrator import cli
 from orchestrator.api.app import create_app
 from orchestrator.local_ray import LocalRayHead
 from orchestrator.settings import Settings
@@ -40,11 +42,14 @@ FAKE_TIMEOUT_S = 120.0
 # "No available agent to submit job" past 120 s at load 12); still bounded.
 RESTART_TIMEOUT_S = 360.0
 STATE_POLL_S = 0.25
+HEAD_CPUS = 4
+# The real driver's start on a busy machine (imports, shards, joining the cluster), then a few reads.
+STALL_TIMEOUT_S = 90.0
 
 
 def _head(**kw) -> LocalRayHead:
     # PYTHONPATH: drivers import `tests.orchestrator.fake_train` (jobs/ and workers/ are pip-installed).
-    return LocalRayHead(num_cpus=4, auth_token=RAY_TOKEN, env={"PYTHONPATH": str(REPO)}, **kw)
+    return LocalRayHead(num_cpus=HEAD_CPUS, auth_token=RAY_TOKEN, env={"PYTHONPATH": str(REPO)}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +71,14 @@ def _spec(tmp_path: Path, extra: list[str] = ()) -> dict:
     return validate_spec(raw, [*TINY, f"data.path={tmp_path / 'data'}", *extra]).model_dump(mode="json")
 
 
-def _ray_jobs_of(head: LocalRayHead, job_id: str) -> list:
+def _ray_client(head: LocalRayHead):
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers)
-    return [j for j in client.list_jobs() if (j.metadata or {}).get("orch_job_id") == job_id]
+    return JobSubmissionClient(head.dashboard_url, headers=head.auth_headers)
+
+
+def _ray_jobs_of(head: LocalRayHead, job_id: str) -> list:
+    return [j for j in _ray_client(head).list_jobs() if (j.metadata or {}).get("orch_job_id") == job_id]
 
 
 def _wait(c: httpx.Client, job_id: str, states: set[str], timeout_s: float, interval_s: float = STATE_POLL_S) -> dict:
@@ -162,6 +170,54 @@ def test_cancel_while_starting_ends_cancelled_and_stops_the_ray_job(ray_head, tm
     assert [h["to_state"] for h in job["history"]][-2:] in (["STARTING", "CANCELLED"], ["RUNNING", "CANCELLED"])
     [ray_job] = _ray_jobs_of(ray_head, job_id)
     assert ray_job.status == "STOPPED" and job["attempt_history"][0]["ray_status"] == "STOPPED"
+
+
+def test_a_job_the_cluster_can_never_fit_fails_with_the_reason(ray_head, tmp_path):
+    """2 workers x 2 CPUs on a 4-CPU head leave no CPU for Ray Data's read tasks: jobs.train says so
+    and exits 1 instead of hanging RUNNING."""
+    app = create_app(_settings(tmp_path, ray_head))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        job_id = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["resources.cpus_per_worker=2"])}).json()["id"]
+        job = _wait(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, STALL_TIMEOUT_S)
+    assert job["state"] == "FAILED" and job["attempt_history"][0]["exit_code"] == 1
+    assert f"the cluster has {HEAD_CPUS} CPUs; 2 workers x 2 CPUs take 4" in job["message"], job["message"]
+
+
+def test_a_job_held_without_cpus_is_marked_stalled_in_the_api_orch_status_and_metrics(
+        ray_head, tmp_path, monkeypatch, capsys):
+    """Another Ray job holds every CPU of the head, so the real jobs.train's workers are never
+    scheduled: Ray says RUNNING, no step comes, and the control plane says so."""
+    blocker = _ray_client(ray_head).submit_job(entrypoint="sleep 300", entrypoint_num_cpus=HEAD_CPUS)
+    try:
+        wait_until(lambda: _ray_client(ray_head).get_job_status(blocker) == "RUNNING", timeout_s=FAKE_TIMEOUT_S,
+                   interval_s=STATE_POLL_S, what="the blocker job to hold the head's CPUs")
+        app = create_app(_settings(tmp_path, ray_head, stall_after_s=3.0, stop_checkpoint_timeout_s=0.0))
+        with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            job_id = c.post("/v1/jobs", json={"spec": _spec(tmp_path)}).json()["id"]
+
+            def stalled_in_fit() -> dict | None:  # the driver reached fit(): only CPUs are missing
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                started = "train: 2 workers" in c.get(f"/v1/jobs/{job_id}/logs").json()["logs"]
+                stalled_s = (job["metrics"] or {}).get("stalled_for_s", 0)
+                return job if started and stalled_s >= 10 else None
+
+            job = wait_until(stalled_in_fit, timeout_s=STALL_TIMEOUT_S, interval_s=1.0,
+                             what=f"job {job_id} to be marked stalled in fit()")
+            assert job["state"] == "RUNNING" and "step" not in job["metrics"]
+            assert "no step reported yet" in job["metrics"]["stalled"]
+            assert "orch_jobs_stalled 1.0" in c.get("/metrics").text
+            monkeypatch.setenv("ORCH_URL", url)
+            monkeypatch.setenv("ORCH_API_TOKEN", TOKEN)
+            assert cli.main(["status", job_id]) == 0
+            assert any(line.startswith("stalled ") and "no progress for" in line
+                       for line in capsys.readouterr().out.splitlines())
+            c.post(f"/v1/jobs/{job_id}/cancel")
+            job = _wait(c, job_id, {"CANCELLED", "SUCCEEDED", "FAILED"}, FAKE_TIMEOUT_S)
+            assert job["state"] == "CANCELLED" and "stalled" not in (job["metrics"] or {})
+            wait_until(lambda: "orch_jobs_stalled 0.0" in c.get("/metrics").text, timeout_s=10, interval_s=0.25,
+                       what="the stalled gauge to drop")
+    finally:
+        _ray_client(ray_head).stop_job(blocker)
 
 
 def test_job_is_retried_from_its_checkpoint_after_the_cluster_restarts(ray_head, tmp_path):
