@@ -5,18 +5,12 @@ Expert parallelism replaces ``MoE.experts`` from outside (workers/moe/dispatch.p
 model is in workers/moe/model.py.
 
 Shape suffixes used in names and comments:
-    B  batch size (sequences)
-    L  sequence length
     D  model width (d_model)
-    H  attention heads
-    C  channels per head (D // H)
-    V  vocabulary size
-    T  tokens in the batch (B * L)
+    T  tokens in the batch (batch x sequence length)
     E  routed experts
     K  experts selected per token (top_k)
     A  token-expert assignments (T * K before capacity dropping; the kept ones after)
     F  hidden width of one routed expert (expert_hidden)
-    N  transformer layers (n_layers)
 """
 
 from __future__ import annotations

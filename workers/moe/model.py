@@ -20,12 +20,8 @@ Shape suffixes used in names and comments:
     H  attention heads
     C  channels per head (D // H)
     V  vocabulary size
-    T  tokens in the batch (B * L)
-    E  routed experts
-    K  experts selected per token (top_k)
-    A  token-expert assignments (T * K before capacity dropping; the kept ones after)
-    F  hidden width of one routed expert (expert_hidden)
     N  transformer layers (n_layers)
+(the MoE layer's own suffixes are in workers/moe/layers.py)
 """
 
 import math
