@@ -19,6 +19,9 @@ RUN_NAME = "ray-train"  # Ray Train's run folder inside the output folder; fixed
 STARTUP_CONCURRENCY = 8
 # Logical CPUs Ray Data's read/pack tasks need beside the training workers (one task at a time suffices).
 DATA_TASK_CPUS = 1.0
+# Logical CPUs a local cluster made for training offers beyond what its workers take (the embedded one
+# here, `orch up`'s head): Ray's CPUs are scheduling tokens, and Ray Data's tasks need their own.
+DATA_HEADROOM_CPUS = 2
 
 
 class ClusterTooSmall(RuntimeError):
@@ -61,7 +64,8 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
     else:
         # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
         # training workers, which otherwise take every core of a small machine and starve the input.
-        cpus = max(os.cpu_count() or 1, int(spec.resources.num_workers * spec.resources.cpus_per_worker) + 2)
+        cpus = max(os.cpu_count() or 1,
+                   int(spec.resources.num_workers * spec.resources.cpus_per_worker) + DATA_HEADROOM_CPUS)
         # The dashboard (loopback only) serves Ray's state API, which Ray Train's controller polls.
         # worker_maximum_startup_concurrency: the raylet warns the driver each time the Python
         # processes it started reach 4x this (default: the cores, 2 on a small machine), which a

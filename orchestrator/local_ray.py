@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from jobs.trainer import DATA_HEADROOM_CPUS
 from orchestrator.waiting import wait_until
 
 HEAD_START_TIMEOUT_S = 180.0
@@ -31,15 +32,12 @@ HEAD_STOP_TIMEOUT_S = 60.0
 # Ray puts unix sockets under <temp_dir>/session_<timestamp>_<pid>/sockets/...; AF_UNIX paths end at 107
 # bytes, so a longer temp dir is swapped for a short one under /tmp.
 MAX_TEMP_DIR_CHARS = 40
-# Logical CPUs `orch up`'s head offers beyond the cores. Ray's CPUs are scheduling tokens: a job's
-# training workers take one each (the demo's two take every core of a 2-core machine), and Ray Data's
-# read tasks, which feed them, wait for a token of their own; without one the job never takes a step.
-DATA_HEADROOM_CPUS = 2
 
 
 def default_head_cpus() -> int:
-    """The local head's logical CPUs: the cores plus room for Ray Data's tasks (as jobs.train's embedded
-    cluster has); the OS shares the real cores between workers and the light read tasks."""
+    """The local head's logical CPUs: the cores plus room for Ray Data's tasks beside training workers
+    that take one each (as jobs.train's embedded cluster has); the OS shares the real cores between
+    the workers and the light read tasks."""
     return (os.cpu_count() or 1) + DATA_HEADROOM_CPUS
 
 
