@@ -12,7 +12,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,13 +81,28 @@ class Settings(BaseSettings):
     stop_checkpoint_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
     # Seconds each Ray SDK HTTP call may take before the controller gives up on this iteration.
     ray_timeout_s: float = Field(30.0, gt=0.0, le=300.0)
+    # How long an API process trusts a user token it has looked up before reading the store again: a
+    # revoke reaches other API processes sharing the database within this time (its own at once).
+    token_cache_s: float = Field(10.0, ge=0.0, le=300.0)
+    # What the autoscaler may still add, per pool (JSON: {"gpu-a100": {"GPU": 16, "CPU": 128}}); a job
+    # larger than a pool's nodes plus this is refused at submit. Default: no autoscaler, the nodes are all.
+    autoscaler_max_extra: dict[str, dict[str, Annotated[float, Field(ge=0.0)]]] = Field(default_factory=dict)
     # Run the reconcile loop inside the API process (off only for API-only benchmarks and tests).
     controller_enabled: bool = True
 
-    @field_validator("driver_resources", mode="before")
+    @field_validator("driver_resources", "autoscaler_max_extra", mode="before")
     @classmethod
     def _parse_resources(cls, v: object) -> object:
         return json.loads(v) if isinstance(v, str) else v
+
+    @field_validator("autoscaler_max_extra", mode="after")
+    @classmethod
+    def _pool_names(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        from jobs.pools import check_pool_name
+
+        for name in v:
+            check_pool_name(name)
+        return v
 
     @field_validator("state_dir", "jobs_dir", mode="after")
     @classmethod

@@ -10,6 +10,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from orchestrator.api.security import require_admin, require_token
+from orchestrator.auth import Authenticator, Principal
 from orchestrator.controller import Controller
 from orchestrator.ray_client import RayJobs
 from orchestrator.settings import Settings
@@ -37,8 +39,16 @@ async def get_telemetry(request: Request) -> Telemetry:
     return request.app.state.telemetry
 
 
+async def get_authenticator(request: Request) -> Authenticator:
+    return request.app.state.authenticator
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RayDep = Annotated[RayJobs, Depends(get_ray)]
 ControllerDep = Annotated[Controller | None, Depends(get_controller)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
+AuthenticatorDep = Annotated[Authenticator, Depends(get_authenticator)]
+# Who the request acts for (any valid token), and the same refusing non-admins with 403.
+PrincipalDep = Annotated[Principal, Depends(require_token)]
+AdminDep = Annotated[Principal, Depends(require_admin)]

@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from jobs.kinds import KINDS, AnySpec, KindName
 from jobs.specs import DeviceKind
 from orchestrator.api.errors import MAX_REPORTED_ERRORS, json_safe, unencodable
+from orchestrator.auth import NAME_PATTERN, Role, root_error
+from orchestrator.auth.roots import ROOT_PATTERN
 from orchestrator.states import JobState
-from orchestrator.store import AttemptRecord, JobRecord, submission_id_for
+from orchestrator.store import (
+    AttemptRecord,
+    AuditRecord,
+    JobRecord,
+    TeamRecord,
+    TokenRecord,
+    submission_id_for,
+)
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TOKEN_ID_PATTERN = r"^tok_[0-9a-f]{1,32}$"
 # Printable ASCII without spaces, as in the IETF Idempotency-Key draft's examples.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 MAX_RETRIES_LIMIT = 10
+
+
+Priority = Literal["low", "normal", "high"]
+TeamName = Annotated[str, Field(pattern=NAME_PATTERN)]
+UserName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class _Schema(BaseModel):
@@ -39,6 +54,27 @@ class JobCreate(_Schema):
     # New attempts after the driver dies for a reason outside the job (cluster restart, node loss).
     # Ray Train's own worker restarts inside one attempt are spec.resources.max_failures.
     max_retries: int = Field(2, ge=0, le=MAX_RETRIES_LIMIT)
+    # Queue order and preemption: a high job may stop a low one of any team when the pool is full.
+    priority: Priority = "normal"
+    # The job's team; only an admin may name one other than its own (403 otherwise). Default: own team.
+    team: TeamName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_of_kind(cls, data: Any) -> Any:
+        """(Runs after ``_encodable``: pydantic runs "before" validators last-defined first.) The spec validated by its kind's model alone: a union would try every kind's model and
+        report each one's errors under its class name; a user wants ``spec.train.steps: ...``."""
+        if not isinstance(data, dict) or data.get("kind", "train") not in KINDS or "spec" not in data:
+            return data  # the field validators name what is wrong with kind or spec
+        try:
+            spec = KINDS[data.get("kind", "train")].spec.model_validate(data["spec"])
+        except ValidationError as e:
+            raise ValidationError.from_exception_data(cls.__name__, [
+                {"type": err["type"], "loc": ("spec", *err["loc"]), "input": err["input"],
+                 **({"ctx": err["ctx"]} if "ctx" in err else {})}
+                for err in e.errors()
+            ]) from None
+        return {**data, "spec": spec}
 
     @model_validator(mode="before")
     @classmethod
@@ -54,12 +90,6 @@ class JobCreate(_Schema):
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
 
-    @model_validator(mode="after")
-    def _spec_of_kind(self) -> JobCreate:
-        expected = KINDS[self.kind].spec
-        if not isinstance(self.spec, expected):
-            raise ValueError(f"spec is not a {self.kind} spec ({expected.__name__})")
-        return self
 
 
 class JobEventPublic(_Schema):
@@ -102,6 +132,12 @@ class JobSummary(_Schema):
     metrics: Metrics | None
     created_at: float
     updated_at: float
+    team: str
+    owner: str
+    priority: Priority
+    preemptions: int
+    queue_position: int | None  # 1 = next to start, while QUEUED
+    queue_reason: str | None  # why it waits, while QUEUED
 
     @classmethod
     def of(cls, job: JobRecord) -> JobSummary:
@@ -132,6 +168,8 @@ def _summary_fields(job: JobRecord) -> dict[str, Any]:
         "ray_submission_id": submission_id_for(job.id, job.attempts) if job.attempts else None,
         # Workers report what they measure: a NaN loss is written back as the string "NaN".
         "metrics": json_safe(job.metrics), "created_at": job.created_at, "updated_at": job.updated_at,
+        "team": job.team, "owner": job.owner, "priority": job.priority, "preemptions": job.preemptions,
+        "queue_position": job.queue_position, "queue_reason": job.queue_reason,
     }
 
 
@@ -145,6 +183,98 @@ class JobLogs(_Schema):
     attempt: int | None
     ray_submission_id: str | None
     logs: str
+
+
+# -- tokens, teams, audit (admin.py) ----------------------------------------------------------------
+
+MAX_ROOTS = 64
+MAX_QUOTAS = 64
+MAX_QUOTA_DEVICES = 1_000_000.0
+
+
+def _data_root(value: str) -> str:
+    error = root_error(value)
+    if error is not None:
+        raise ValueError(error)
+    return value
+
+
+DataRoot = Annotated[str, Field(min_length=1, max_length=4096, pattern=ROOT_PATTERN), AfterValidator(_data_root)]
+PoolName = Annotated[str, Field(pattern=NAME_PATTERN)]
+Devices = Annotated[float, Field(ge=0.0, le=MAX_QUOTA_DEVICES)]
+
+
+class TokenCreate(_Schema):
+    user: UserName
+    team: TeamName
+    role: Role = "user"
+
+
+class TokenPublic(_Schema):
+    """A token as listed: never its secret (only its hash is stored)."""
+
+    id: str
+    user: str
+    team: str
+    role: Role
+    created_at: float
+    created_by: str
+    revoked_at: float | None
+
+    @classmethod
+    def of(cls, t: TokenRecord) -> TokenPublic:
+        return cls(id=t.id, user=t.user, team=t.team, role=t.role, created_at=t.created_at,  # type: ignore[arg-type]
+                   created_by=t.created_by, revoked_at=t.revoked_at)
+
+
+class TokenCreated(TokenPublic):
+    token: str  # the secret: shown in this answer only, never again
+
+
+class TokensPublic(_Schema):
+    data: list[TokenPublic]
+
+
+class TeamUpdate(_Schema):
+    """A team's settings; a field left out keeps its stored value."""
+
+    # Absolute local folders or s3://bucket[/prefix] (orchestrator/auth/roots.py).
+    roots: list[DataRoot] | None = Field(None, max_length=MAX_ROOTS)
+    # Pool or kind name -> devices (GPUs/NPUs for gpu/npu pools, CPUs for cpu pools).
+    quotas: dict[PoolName, Devices] | None = Field(None, max_length=MAX_QUOTAS)
+
+
+class TeamPublic(_Schema):
+    name: str
+    roots: list[str]
+    quotas: dict[str, float]
+
+    @classmethod
+    def of(cls, t: TeamRecord) -> TeamPublic:
+        return cls(name=t.name, roots=list(t.roots), quotas=t.quotas)
+
+
+class TeamsPublic(_Schema):
+    data: list[TeamPublic]
+
+
+class AuditEntry(_Schema):
+    seq: int
+    at: float
+    actor: str
+    team: str | None
+    action: str
+    target: str
+    detail: str
+
+    @classmethod
+    def of(cls, a: AuditRecord) -> AuditEntry:
+        return cls(seq=a.seq, at=a.at, actor=a.actor, team=a.team, action=a.action, target=a.target, detail=a.detail)
+
+
+class AuditPublic(_Schema):
+    data: list[AuditEntry]
+    count: int
 
 
 # -- cluster ---------------------------------------------------------------------------------------
@@ -164,12 +294,29 @@ class KindPublic(_Schema):
     resources: dict[str, float]
 
 
+class PoolPublic(_Schema):
+    """One pool (orchestrator/scheduler/pools.py): what its alive nodes have, who holds what, what waits."""
+
+    kind: DeviceKind
+    nodes: int
+    capacity: dict[str, float]
+    max_capacity: dict[str, float]  # with what the autoscaler may add (ORCH_AUTOSCALER_MAX_EXTRA)
+    reserved: dict[str, float]  # held by jobs the scheduler admitted (its own bookkeeping)
+    unmanaged: dict[str, float]  # held by Ray jobs the service did not submit (`ray job submit`)
+    in_use: dict[str, float]  # reserved + unmanaged
+    free: dict[str, float]  # capacity - in_use: what the pool can give now
+    queued_demand: dict[str, float]  # what QUEUED jobs waiting for this pool ask for
+    queued_jobs: int
+
+
 class ClusterPublic(_Schema):
     ray_address: str | None
     alive_nodes: int
     totals: dict[str, float]
     by_kind: dict[str, KindPublic]
     nodes: list[NodePublic]
+    pools: dict[str, PoolPublic] = {}
+    unmanaged_jobs: int = 0  # Ray jobs running beside the service's
 
 
 # -- service ---------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
-"""Bearer-token authentication: one constant-time check, enforced for every path but /healthz.
+"""Bearer-token authentication, enforced for every path but /healthz, and the principal it yields.
 
 The ASGI guard runs before routing and body parsing, so nothing (not even a malformed body or an
-unknown path) reaches the app without the token; the ``require_token`` dependency repeats the check
-per route and declares the scheme in the OpenAPI document.
+unknown path) reaches the app without a valid token: the bootstrap admin's (``ORCH_API_TOKEN``) or a
+user's that is not revoked (``orchestrator.auth.Authenticator``; cached per process, so a request
+costs no database read). It leaves the principal in the request's state; ``require_token`` reads it
+there (or checks again, should the app run without the guard), declares the scheme in the OpenAPI
+document, and ``require_admin`` refuses users with 403.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Annotated
 
@@ -15,21 +17,17 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator.auth import Authenticator, Principal
+
 PUBLIC_PATHS = frozenset({"/healthz"})
+PRINCIPAL_STATE = "principal"  # the key under the request's state
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def token_ok(authorization: str | None, expected: str) -> bool:
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        return False
-    return hmac.compare_digest(given.strip().encode(), expected.encode())
-
-
 class TokenGuard:
-    def __init__(self, app: ASGIApp, token: str):
+    def __init__(self, app: ASGIApp, authenticator: Authenticator):
         self.app = app
-        self.token = token
+        self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
@@ -40,7 +38,10 @@ class TokenGuard:
             if name == b"authorization":
                 auth = value.decode("latin-1")
                 break
-        if token_ok(auth, self.token):
+        principal = await self.authenticator.principal_async(auth)
+        if principal is not None:
+            # A new dict: the server hands each request a copy of the lifespan state, but be sure of it.
+            scope["state"] = {**scope.get("state", {}), PRINCIPAL_STATE: principal}
             await self.app(scope, receive, send)
             return
         body = json.dumps({"detail": "missing or invalid bearer token"}).encode()
@@ -51,13 +52,22 @@ class TokenGuard:
         await send({"type": "http.response.body", "body": body})
 
 
-_bearer = HTTPBearer(auto_error=False, description="ORCH_API_TOKEN")
+_bearer = HTTPBearer(auto_error=False, description="ORCH_API_TOKEN, or a user token from `orch token create`")
 
 
 async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    expected = request.app.state.settings.token
-    given = f"Bearer {credentials.credentials}" if credentials else None
-    if not token_ok(given, expected):
+) -> Principal:
+    principal = getattr(request.state, PRINCIPAL_STATE, None)
+    if principal is None:
+        given = f"Bearer {credentials.credentials}" if credentials else None
+        principal = await request.app.state.authenticator.principal_async(given)
+    if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers=_CHALLENGE)
+    return principal
+
+
+async def require_admin(principal: Annotated[Principal, Depends(require_token)]) -> Principal:
+    if not principal.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin only")
+    return principal

@@ -4,6 +4,9 @@
                                                      127.0.0.1; SIGINT, SIGTERM or SIGHUP stop both
     orch submit SPEC [--set k=v] [--follow]          validate locally, POST /v1/jobs
     orch list | status ID | logs ID [-f] | cancel ID | cluster
+    orch token create --user U --team T [--role user|admin] | token list | token revoke ID   (admin)
+    orch team set TEAM [--root PATH ...] [--quota POOL=N ...] | team show [TEAM]           (admin)
+    orch audit [--team T]
 
 The client reads ORCH_URL (default http://127.0.0.1:8080) and ORCH_API_TOKEN, or in local mode the
 token file ``<ORCH_STATE_DIR>/api_token`` that `orch up --local` wrote.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from orchestrator.cli import jobs, up  # noqa: F401 - each module registers its commands on `app`
+from orchestrator.cli import cluster, jobs, tokens, up  # noqa: F401 - each module registers its commands on `app`
 from orchestrator.cli.core import CliError, app
 
 __all__ = ["CliError", "app", "main"]

@@ -87,7 +87,7 @@ def list_jobs(
         render.print_json(data)
         return
     rows = [_job_row(j) for j in data["data"]]
-    out: list[Any] = [render.table(["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE"], rows)]
+    out: list[Any] = [render.table(["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE", "QUEUE"], rows)]
     if data["count"] > len(rows):
         out.append(f"({len(rows)} of {data['count']}; --limit to see more)")
     render.emit(*out)
@@ -97,7 +97,7 @@ def _job_row(j: dict[str, Any]) -> list[Any]:
     m = j["metrics"] or {}
     return [j["id"], j["name"], render.state(j["state"]), j["attempts"],
             f"{m.get('step', '-')}/{m.get('total_steps', '-')}", render.fmt(m.get("loss", "-")),
-            render.age(j["created_at"])]
+            render.age(j["created_at"]), render.queue(j)]
 
 
 @app.command(help="one job: state, history, attempts, metrics")
@@ -134,15 +134,3 @@ def cancel(ctx: typer.Context, job_id: JobId, json_out: JsonFlag = False) -> Non
         render.print_json(job)
     else:
         print(f"cancel requested for {job['id']} (now {job['state']})")
-
-
-@app.command(help="alive nodes and their resources by pool (cpu | gpu | npu)")
-def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        data = check(c.get("/v1/cluster"))
-    if json_out:
-        render.print_json(data)
-        return
-    rows = [[pool, v["nodes"], ", ".join(f"{r}={render.fmt(a)}" for r, a in sorted(v["resources"].items()))]
-            for pool, v in sorted(data["by_kind"].items())]
-    render.emit(render.table(["KIND", "NODES", "RESOURCES"], rows))

@@ -105,3 +105,10 @@ def job_detail(job: dict[str, Any]) -> list[RenderableType]:
     if job.get("metrics"):
         out += [section("metrics"), table(["METRIC", "VALUE"], [[k, fmt(v)] for k, v in job["metrics"].items()])]
     return out
+
+
+def queue(job: dict[str, Any]) -> str:
+    """`orch list`'s QUEUE cell: ``#3: waiting for 2 GPU in pool gpu-a100; 2 jobs ahead`` while QUEUED."""
+    if job.get("state") != "QUEUED" or job.get("queue_position") is None:
+        return "-"
+    return f"#{job['queue_position']}: {job.get('queue_reason') or 'waiting'}"

@@ -1,11 +1,12 @@
-"""What the job store hands out: immutable records of a job, its state history and its attempts."""
+"""What the job store hands out: immutable records of a job, its state history and its attempts, and of
+teams, user tokens and audit entries."""
 
 from __future__ import annotations
 
 import json
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.states import JobState
@@ -67,6 +68,12 @@ class JobRecord:
     message: str | None
     created_at: float
     updated_at: float
+    team: str = "admin"
+    owner: str = "admin"
+    priority: str = "normal"  # low | normal | high
+    preemptions: int = 0
+    queue_reason: str | None = None
+    queue_position: int | None = None
     events: tuple[EventRecord, ...] = ()
     attempt_records: tuple[AttemptRecord, ...] = ()
 
@@ -76,7 +83,50 @@ class JobRecord:
 
     @property
     def retries_left(self) -> int:
-        return self.max_retries - max(self.attempts - 1, 0)
+        # A preempted attempt was stopped by the scheduler, not lost: it uses up no retry.
+        return self.max_retries - max(self.attempts - 1 - self.preemptions, 0)
+
+
+@dataclass(frozen=True)
+class TeamRecord:
+    """A team's settings: data roots (local folders, ``s3://`` prefixes) its jobs may read and write,
+    and quotas (pool or kind name -> devices: GPUs/NPUs for gpu/npu pools, CPUs for cpu pools)."""
+
+    name: str
+    roots: tuple[str, ...] = ()
+    quotas: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A user's API token as stored: never the secret, only who holds it and whether it still works."""
+
+    id: str
+    user: str
+    team: str
+    role: str  # user | admin
+    created_at: float
+    created_by: str
+    revoked_at: float | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    at: float
+    actor: str
+    team: str | None
+    action: str
+    target: str
+    detail: str
+
+
+class TokenNotFound(KeyError):
+    pass
 
 
 def job_from_rows(row: Any, events: Iterable[Any] = (), attempts: Iterable[Any] = ()) -> JobRecord:
@@ -88,6 +138,8 @@ def job_from_rows(row: Any, events: Iterable[Any] = (), attempts: Iterable[Any] 
         idempotency_key=m["idempotency_key"], request_hash=m["request_hash"],
         metrics=json.loads(m["metrics"]) if m["metrics"] else None, metrics_at=m["metrics_at"],
         message=m["message"], created_at=m["created_at"], updated_at=m["updated_at"],
+        team=m["team"], owner=m["owner"], priority=m["priority"], preemptions=m["preemptions"],
+        queue_reason=m["queue_reason"], queue_position=m["queue_position"],
         events=tuple(
             EventRecord(e.seq, JobState(e.from_state) if e.from_state else None, JobState(e.to_state), e.reason, e.at)
             for e in events

@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.states import JobState, check_transition
+from orchestrator.store.access import AccessRecords
 from orchestrator.store.records import (
     EventRecord,
     IdempotencyConflict,
@@ -62,7 +63,9 @@ def _sqlite_engine(url: str, synchronous: str) -> Engine:
     return engine
 
 
-class JobStore:
+class JobStore(AccessRecords):
+    """Jobs (here) and teams, user tokens and the audit log (``access.AccessRecords``), one database."""
+
     def __init__(self, url: str, sqlite_synchronous: str = "FULL"):
         if sqlite_synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, got {sqlite_synchronous!r}")
@@ -122,14 +125,15 @@ class JobStore:
         with self._tx(write=False) as conn:
             return self._load(conn, job_id)
 
-    def list(self, states: Iterable[JobState] = (), limit: int = 100, offset: int = 0) -> tuple[list[JobRecord], int]:
-        """Jobs newest first (without history), and how many match in all."""
+    def list(self, states: Iterable[JobState] = (), limit: int = 100, offset: int = 0,
+             team: str | None = None) -> tuple[list[JobRecord], int]:
+        """Jobs newest first (without history), and how many match in all; ``team``: that team's only."""
         states = [s.value for s in states]
-        cond = jobs_t.c.state.in_(states) if states else None
+        conds = ([jobs_t.c.state.in_(states)] if states else []) + ([jobs_t.c.team == team] if team is not None else [])
         q = select(jobs_t).order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(limit).offset(offset)
         count_q = select(func.count()).select_from(jobs_t)
-        if cond is not None:
-            q, count_q = q.where(cond), count_q.where(cond)
+        if conds:
+            q, count_q = q.where(*conds), count_q.where(*conds)
         with self._tx(write=False) as conn:
             return [job_from_rows(r) for r in conn.execute(q)], conn.execute(count_q).scalar_one()
 
@@ -164,8 +168,13 @@ class JobStore:
         max_retries: int,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        team: str = "admin",
+        owner: str = "admin",
+        priority: str = "normal",
     ) -> tuple[JobRecord, bool]:
-        """Store a new PENDING job; with an idempotency key already used, the existing job and False."""
+        """Store a new PENDING job; with an idempotency key already used, the existing job and False.
+        (Keys are global: the caller hashes its principal into ``request_hash``, so another user's key
+        is a conflict, never their job.)"""
         now = time.time()
         job_id = new_job_id()
         try:
@@ -178,6 +187,7 @@ class JobStore:
                     id=job_id, kind=kind, name=name, state=JobState.PENDING.value, spec=json.dumps(spec),
                     max_retries=max_retries, attempts=0, cancel_requested=False, idempotency_key=idempotency_key,
                     request_hash=request_hash, created_at=now, updated_at=now, message="accepted",
+                    team=team, owner=owner, priority=priority,
                 ))
                 conn.execute(events_t.insert().values(
                     job_id=job_id, seq=1, from_state=None, to_state=JobState.PENDING.value, reason="accepted", at=now
@@ -187,6 +197,7 @@ class JobStore:
                 id=job_id, kind=kind, name=name, state=JobState.PENDING, spec=spec, max_retries=max_retries,
                 attempts=0, cancel_requested=False, idempotency_key=idempotency_key, request_hash=request_hash,
                 metrics=None, metrics_at=None, message="accepted", created_at=now, updated_at=now,
+                team=team, owner=owner, priority=priority,
                 events=(EventRecord(1, None, JobState.PENDING, "accepted", now),),
             ), True
         except IntegrityError:
@@ -254,3 +265,26 @@ class JobStore:
             conn.execute(
                 jobs_t.update().where(jobs_t.c.id == job_id).values(metrics=json.dumps(metrics), metrics_at=time.time())
             )
+
+    def set_queue(self, job_id: str, position: int | None, reason: str | None) -> None:
+        """A QUEUED job's place and why it waits (None, None: not queued). One UPDATE, no read, and
+        ``updated_at`` is left alone: the scheduler rewrites these on every pass."""
+        self.set_queue_many([(job_id, position, reason)])
+
+    def set_queue_many(self, entries: Iterable[tuple[str, int | None, str | None]]) -> None:
+        """``set_queue`` for many jobs in one transaction (one executemany): a pass over a long queue."""
+        rows = [{"job": j, "position": p, "reason": r} for j, p, r in entries]
+        if not rows:
+            return
+        stmt = (jobs_t.update().where(jobs_t.c.id == bindparam("job"))
+                .values(queue_position=bindparam("position"), queue_reason=bindparam("reason")))
+        with self._tx() as conn:
+            conn.execute(stmt, rows)
+
+    def add_preemption(self, job_id: str) -> JobRecord:
+        """Count one more preemption of the job (the scheduler stopped it for a higher priority)."""
+        with self._tx() as conn:
+            job = self._load(conn, job_id, lock=True)
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id)
+                         .values(preemptions=job.preemptions + 1, updated_at=time.time()))
+            return self._load(conn, job_id)

@@ -40,8 +40,18 @@ jobs_t = Table(
     Column("message", Text),
     Column("created_at", DOUBLE_PRECISION, nullable=False),
     Column("updated_at", DOUBLE_PRECISION, nullable=False),
+    # Who may see the job (its team) and who submitted it; rows from before teams belong to the admin.
+    Column("team", String(64), nullable=False, server_default=text("'admin'")),
+    Column("owner", String(64), nullable=False, server_default=text("'admin'")),
+    Column("priority", String(8), nullable=False, server_default=text("'normal'")),  # low | normal | high
+    Column("preemptions", Integer, nullable=False, server_default=text("0")),
+    # Why a QUEUED job waits and its place in the queue, as the scheduler's last pass saw it.
+    Column("queue_reason", Text),
+    Column("queue_position", Integer),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_created_at", "created_at"),
+    Index("ix_jobs_state_priority", "state", "priority"),
+    Index("ix_jobs_team_created_at", "team", "created_at"),
 )
 
 events_t = Table(
@@ -65,4 +75,41 @@ attempts_t = Table(
     Column("ray_status", String(16)),
     Column("ray_message", Text),
     Column("exit_code", Integer),
+)
+
+# API tokens of users (the bootstrap admin token is a setting, never stored). Only the SHA-256 of the
+# secret is kept: a leaked database grants nothing. ``id`` is the public handle used to revoke.
+tokens_t = Table(
+    "tokens", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user", String(64), nullable=False),
+    Column("team", String(64), nullable=False),
+    Column("role", String(8), nullable=False),  # user | admin
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", DOUBLE_PRECISION, nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("revoked_at", DOUBLE_PRECISION),
+)
+
+# Per-team settings an admin sets: data roots (JSON list of local folders and s3:// prefixes) and
+# quotas (JSON object: pool or kind name -> devices, GPUs/NPUs for gpu/npu pools, CPUs for cpu).
+teams_t = Table(
+    "teams", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("roots", Text, nullable=False, server_default=text("'[]'")),
+    Column("quotas", Text, nullable=False, server_default=text("'{}'")),
+    Column("updated_at", DOUBLE_PRECISION, nullable=False),
+)
+
+# Who did what to which object: submit, cancel, resize, preempt, token and team changes. Append-only.
+audit_t = Table(
+    "audit", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("at", DOUBLE_PRECISION, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("team", String(64)),  # the team whose object it was; None for service-wide actions
+    Column("action", String(32), nullable=False),
+    Column("target", String(128), nullable=False),
+    Column("detail", Text, nullable=False, server_default=text("''")),
+    Index("ix_audit_team_seq", "team", "seq"),
 )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.kinds import KINDS
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
 
 ORCH = Path(__file__).resolve().parents[2] / "orchestrator"
@@ -63,7 +64,9 @@ def test_entrypoint_is_the_allow_listed_module_with_quoted_paths(tmp_path):
     cmd = build_entrypoint("train", job_paths(root, "abc123"), "python")
     assert shlex.split(cmd) == ["python", "-m", "jobs.train", "--spec", str(root / "abc123" / "spec.json"),
                                 "--out", str(root / "abc123" / "out")]
-    assert ALLOWED_ENTRYPOINTS == {"train": "jobs.train"}
+    # Exactly the registered kinds' modules, each a module under jobs/: a client chooses a kind, never a command.
+    assert ALLOWED_ENTRYPOINTS == {name: kind.module for name, kind in KINDS.items()}
+    assert all(module.startswith("jobs.") for module in ALLOWED_ENTRYPOINTS.values())
     with pytest.raises(ValueError):
         build_entrypoint("shell", job_paths(root, "abc123"))
     with pytest.raises(ValueError):

@@ -39,7 +39,7 @@ def test_submit_follow_status_list_logs(api, capsys):
     [job] = json.loads(out)["data"]
     assert job["state"] == "SUCCEEDED" and job["name"] == "demo"
     code, out, _ = run(capsys, "list")
-    assert out.splitlines()[0].split() == ["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE"]
+    assert out.splitlines()[0].split() == ["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE", "QUEUE"]
     assert job["id"] in out
     code, out, _ = run(capsys, "status", job["id"])
     assert code == 0 and "history" in out and "RUNNING" in out and f"orch-{job['id']}-1" in out
@@ -84,7 +84,10 @@ def test_cluster_table(api, capsys):
     code, out, _ = run(capsys, "cluster")
     assert code == 0
     # One line per pool, in the specs' device vocabulary (FakeRay: a CPU-only head and a GPU node).
-    assert [line.split()[:2] for line in out.splitlines()] == [["KIND", "NODES"], ["cpu", "1"], ["gpu", "1"]]
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [["KIND", "NODES"], ["cpu", "1"], ["gpu", "1"]]
+    # Then the scheduler's pools: each node's pool, with what it holds and what waits for it.
+    assert any(line.split()[:2] == ["gpu", "1"] for line in lines[lines.index(next(x for x in lines if "POOL" in x)):])
     assert "CPU=8, GPU=1" in out
 
 

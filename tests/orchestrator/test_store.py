@@ -16,7 +16,14 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.states import IllegalTransition, JobState
-from orchestrator.store import IdempotencyConflict, JobNotFound, JobStore, SchemaTooNew, submission_id_for
+from orchestrator.store import (
+    IdempotencyConflict,
+    JobNotFound,
+    JobStore,
+    SchemaTooNew,
+    TokenNotFound,
+    submission_id_for,
+)
 from orchestrator.store.schema import (
     LEGACY_VERSIONS,
     MIGRATIONS_DIR,
@@ -322,3 +329,72 @@ def test_everything_survives_reopen(tmp_path):
     s.close()
     again = JobStore(url).get(job.id)
     assert again.state is S.QUEUED and again.metrics == {"step": 3, "loss": 2.5} and len(again.events) == 2
+
+
+def test_jobs_carry_team_owner_priority_and_list_filters_by_team(store):
+    a, _ = _create(store, name="a", team="nlp", owner="alice", priority="high")
+    _create(store, name="b", team="cv", owner="bob")
+    assert (a.team, a.owner, a.priority, a.preemptions) == ("nlp", "alice", "high", 0)
+    again = store.get(a.id)
+    assert (again.team, again.owner, again.priority, again.queue_position, again.queue_reason) == (
+        "nlp", "alice", "high", None, None)
+    jobs, total = store.list(team="nlp")
+    assert total == 1 and [j.name for j in jobs] == ["a"]
+    assert store.list()[1] == 2 and store.list(team="nobody")[1] == 0
+
+
+def test_pre_team_jobs_belong_to_the_admin(tmp_path):
+    path = tmp_path / "orch.db"
+    _legacy_db(path)
+    s = JobStore(f"sqlite:///{path}")
+    try:
+        job = s.get("abc123")
+        assert (job.team, job.owner, job.priority, job.preemptions) == ("admin", "admin", "normal", 0)
+        assert s.list(team="admin")[1] == 1
+    finally:
+        s.close()
+
+
+def test_queue_places_and_preemptions(store):
+    a, _ = _create(store, name="a")
+    b, _ = _create(store, name="b")
+    store.set_queue_many([(a.id, 1, "waiting for 2 GPU"), (b.id, 2, "behind a")])
+    assert (store.get(a.id).queue_position, store.get(b.id).queue_reason) == (1, "behind a")
+    store.set_queue(a.id, None, None)
+    assert (store.get(a.id).queue_position, store.get(a.id).queue_reason) == (None, None)
+    store.set_queue_many([])  # nothing to write is not an error
+    assert store.add_preemption(b.id).preemptions == 1
+    assert store.add_preemption(b.id).preemptions == 2 == store.get(b.id).preemptions
+    with pytest.raises(JobNotFound):
+        store.add_preemption("nope")
+
+
+def test_teams_are_upserted_and_keep_what_is_not_given(store):
+    assert store.teams() == {} and store.team("nlp").roots == ()
+    store.set_team("nlp", roots=["/data/nlp", "s3://bucket/nlp"])
+    store.set_team("nlp", quotas={"gpu": 8})
+    nlp = store.teams()["nlp"]
+    assert nlp.roots == ("/data/nlp", "s3://bucket/nlp") and nlp.quotas == {"gpu": 8.0}
+    assert store.set_team("nlp", roots=[]).quotas == {"gpu": 8.0}
+    assert store.team("nlp").roots == ()
+
+
+def test_tokens_are_stored_by_hash_and_revoked(store):
+    t = store.create_token(user="alice", team="nlp", role="user", token_hash="ab" * 32, created_by="admin")
+    assert store.token_by_hash("ab" * 32) == t and store.token_by_hash("cd" * 32) is None
+    revoked, token_hash = store.revoke_token(t.id)
+    assert revoked.revoked and token_hash == "ab" * 32
+    assert store.revoke_token(t.id)[0].revoked_at == revoked.revoked_at  # the first time is kept
+    assert store.tokens() == [] and [x.id for x in store.tokens(include_revoked=True)] == [t.id]
+    with pytest.raises(TokenNotFound):
+        store.revoke_token("tok_nope")
+
+
+def test_audit_log_is_newest_first_and_filters_by_team(store):
+    store.audit("alice", "submit", "j1", team="nlp")
+    store.audit("bob", "submit", "j2", team="cv")
+    store.audit("scheduler", "preempt", "j1", detail="for j3 (high)", team="nlp")
+    entries, total = store.audit_log(team="nlp")
+    assert total == 2 and [(e.actor, e.action) for e in entries] == [("scheduler", "preempt"), ("alice", "submit")]
+    assert entries[0].detail == "for j3 (high)" and entries[0].seq > entries[1].seq
+    assert store.audit_log(limit=1, offset=1)[0][0].actor == "bob" and store.audit_log()[1] == 3

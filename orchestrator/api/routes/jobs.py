@@ -1,5 +1,10 @@
 """/v1/jobs: submit, list, inspect, follow logs, cancel. Handlers touch the store only; Ray is the
-controller's business, except for reading logs."""
+controller's business, except for reading logs.
+
+Every handler acts for a principal (``PrincipalDep``): a user sees only its team's jobs, and another
+team's job is a 404 like a job that does not exist (``_get``, the one way a handler loads a job by
+id); a user's job may name paths only under its team's data roots (422 naming the field).
+Submissions and cancels go to the audit log."""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
-from orchestrator.api.deps import ControllerDep, RayDep, SettingsDep, StoreDep
+from orchestrator.api.deps import ControllerDep, PrincipalDep, RayDep, SettingsDep, StoreDep
 from orchestrator.api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
     JOB_ID_PATTERN,
@@ -23,6 +29,15 @@ from orchestrator.api.schemas import (
     JobsPublic,
     JobSummary,
     Problem,
+)
+from orchestrator.auth import (
+    NAME_PATTERN,
+    Forbidden,
+    Principal,
+    can_see,
+    root_violations,
+    submission_team,
+    visible_team,
 )
 from orchestrator.ray_client import RayUnavailable
 from orchestrator.states import JobState
@@ -37,39 +52,80 @@ IdempotencyKey = Annotated[
            description="repeat a POST safely: the same key and body return the same job"),
 ]
 FOLLOW_POLL_S = 0.5  # how often a follow stream looks for a new attempt or the job's end
-_NOT_FOUND = {404: {"model": Problem, "description": "no such job"}}
+_NOT_FOUND = {404: {"model": Problem, "description": "no such job (or another team's)"}}
 
 
-def _get(store: JobStore, job_id: str) -> JobRecord:
+def _get(store: JobStore, job_id: str, principal: Principal) -> JobRecord:
+    """The job, or 404 if there is none or the principal may not see it (the same answer for both)."""
     try:
-        return store.get(job_id)
+        job = store.get(job_id)
     except JobNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+        job = None
+    if job is None or not can_see(principal, job):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    return job
+
+
+def _forbidden(e: Forbidden) -> HTTPException:
+    return HTTPException(status.HTTP_403_FORBIDDEN, str(e))
+
+
+def _check_roots(store: JobStore, principal: Principal, kind: str, spec: dict) -> None:
+    """422 naming each path field of a user's spec outside its team's data roots (admins: any path)."""
+    if principal.is_admin:
+        return
+    problems = root_violations(kind, spec, store.team(principal.team).roots)
+    if problems:
+        raise RequestValidationError([{"type": "data_root", "loc": _body_loc(f), "msg": m} for f, m in problems])
+
+
+def _body_loc(field: str) -> tuple[str | int, ...]:
+    """``data.source`` -> ("body", "spec", "data", "source"), as pydantic locates a spec field."""
+    if field == "kind":
+        return ("body", "kind")
+    return ("body", "spec", *(int(p) if p.isdigit() else p for p in field.split(".")))
 
 
 @router.post(
     "", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
-    responses={422: {"description": "invalid spec (the field is named); nothing is stored"},
+    responses={422: {"description": "invalid spec, or a path outside the team's data roots (the field is "
+                          "named); nothing is stored"},
+               403: {"model": Problem, "description": "a user named another team"},
                409: {"model": Problem, "description": "the Idempotency-Key was used with a different body"},
                400: {"model": Problem, "description": "the body is not decodable text"},
                413: {"model": Problem, "description": "request body over ORCH_MAX_BODY_BYTES"}},
 )
-def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, response: Response,
-               idempotency_key: IdempotencyKey = None) -> JobPublic:
-    """Store a job (validated, PENDING); the controller hands it to Ray. Nothing is stored on a 422."""
+def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, principal: PrincipalDep,
+               response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    """Store a job (validated, PENDING) in the submitter's team; the controller hands it to Ray.
+    Nothing is stored on a 422 or 403."""
+    try:
+        team = submission_team(principal, body.team)
+    except Forbidden as e:
+        raise _forbidden(e) from None
     payload = body.model_dump(mode="json")
-    request_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    _check_roots(store, principal, body.kind, payload["spec"])
+    # A job no pool can ever hold (even at the autoscaler's maximum) is refused, naming the shortfall.
+    refusal = controller.scheduler.refusal(body.kind, payload["spec"]) if controller is not None else None
+    if refusal:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, refusal)
+    # Keys are global; hashing the submitter in makes another user's key a 409, never their job.
+    signed = {"request": payload, "team": team, "owner": principal.user}
+    request_hash = hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
     try:
         job, created = store.create(
             kind=body.kind, name=body.spec.name, spec=payload["spec"], max_retries=body.max_retries,
             idempotency_key=idempotency_key, request_hash=request_hash if idempotency_key else None,
+            team=team, owner=principal.user, priority=body.priority,
         )
     except IdempotencyConflict as e:
         # 409, not 422: the body is valid; it conflicts with the request first made under this key.
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    elif controller is not None:
+        return JobPublic.of(job)
+    store.audit(principal.user, "submit", job.id, detail=f"{job.kind} {job.name} priority={job.priority}", team=team)
+    if controller is not None:
         controller.wake()
     return JobPublic.of(job)
 
@@ -77,31 +133,37 @@ def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, resp
 @router.get("", response_model=JobsPublic)
 def list_jobs(
     store: StoreDep,
+    principal: PrincipalDep,
     state: Annotated[list[JobState] | None, Query(max_length=len(JobState), description="filter by state")] = None,
+    team: Annotated[str | None, Query(pattern=NAME_PATTERN, description="filter by team (users: own team only)")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> JobsPublic:
-    """Jobs, newest first."""
-    jobs, count = store.list(states=state or (), limit=limit, offset=offset)
+    """Jobs, newest first: a user's team's, or (admin) every team's."""
+    try:
+        team = visible_team(principal, team)
+    except Forbidden as e:
+        raise _forbidden(e) from None
+    jobs, count = store.list(states=state or (), limit=limit, offset=offset, team=team)
     return JobsPublic(data=[JobSummary.of(j) for j in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_NOT_FOUND)
-def get_job(job_id: JobId, store: StoreDep) -> JobPublic:
+def get_job(job_id: JobId, store: StoreDep, principal: PrincipalDep) -> JobPublic:
     """State, state history with reasons, attempts with their Ray submission ids, latest metrics."""
-    return JobPublic.of(_get(store, job_id))
+    return JobPublic.of(_get(store, job_id, principal))
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
              responses={**_NOT_FOUND, 409: {"model": Problem, "description": "the job already finished"}})
-def cancel_job(job_id: JobId, store: StoreDep, controller: ControllerDep) -> JobPublic:
+def cancel_job(job_id: JobId, store: StoreDep, controller: ControllerDep, principal: PrincipalDep) -> JobPublic:
     """Request cancellation; the controller stops the Ray job and moves the job to CANCELLED."""
-    try:
-        job = store.request_cancel(job_id)
-    except JobNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+    before = _get(store, job_id, principal)
+    job = store.request_cancel(job_id)  # a job is never deleted: it still exists
     if job.state.terminal and job.state is not JobState.CANCELLED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.state.value}")
+    if job.cancel_requested and not before.cancel_requested:
+        store.audit(principal.user, "cancel", job_id, detail=f"in state {job.state.value}", team=job.team)
     if controller is not None:
         controller.wake()
     return JobPublic.of(job)
@@ -114,13 +176,13 @@ def cancel_job(job_id: JobId, store: StoreDep, controller: ControllerDep) -> Job
                503: {"model": Problem, "description": "Ray is not reachable"}},
 )
 async def job_logs(
-    job_id: JobId, store: StoreDep, ray: RayDep, settings: SettingsDep,
+    job_id: JobId, store: StoreDep, ray: RayDep, settings: SettingsDep, principal: PrincipalDep,
     follow: Annotated[bool, Query(description="stream text until the job ends")] = False,
     attempt: Annotated[int | None, Query(ge=1, le=1000)] = None,
 ) -> JobLogs | StreamingResponse:
     """The driver's logs of one attempt (the latest by default); ``follow=true`` streams every attempt
     from ``attempt`` on, as text, until the job ends."""
-    job = await run_in_threadpool(_get, store, job_id)
+    job = await run_in_threadpool(_get, store, job_id, principal)
     if follow:
         return StreamingResponse(_follow(store, ray, job_id, attempt or 1, settings.follow_max_s),
                                  media_type="text/plain; charset=utf-8")

@@ -1,0 +1,36 @@
+"""Object-level rules: a user sees (and so cancels, follows, ...) only its team's jobs; an admin sees
+all. A job the principal may not see is reported exactly like a job that does not exist (404), so that
+job ids of other teams cannot be probed."""
+
+from __future__ import annotations
+
+from orchestrator.auth.principals import Principal
+from orchestrator.store import JobRecord
+
+
+class Forbidden(PermissionError):
+    """A valid request the principal may not make (HTTP 403); the message says why."""
+
+
+def can_see(principal: Principal, job: JobRecord) -> bool:
+    return principal.is_admin or job.team == principal.team
+
+
+def visible_team(principal: Principal, requested: str | None = None) -> str | None:
+    """The team filter for listing jobs or audit entries: an admin's choice (None: all teams); a user's
+    own team, or Forbidden for another one."""
+    if principal.is_admin:
+        return requested
+    if requested is not None and requested != principal.team:
+        raise Forbidden(f"team: you may list only team {principal.team!r}")
+    return principal.team
+
+
+def submission_team(principal: Principal, requested: str | None) -> str:
+    """The team a new job belongs to: the submitter's own unless an admin names another. A user naming
+    another team is Forbidden (403, not 422: the body is valid, the principal may not do it)."""
+    if requested is None or requested == principal.team:
+        return principal.team
+    if not principal.is_admin:
+        raise Forbidden(f"team: you may submit only to your own team {principal.team!r}")
+    return requested

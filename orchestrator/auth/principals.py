@@ -1,0 +1,29 @@
+"""Principals: who a request acts for. Two roles: ``admin`` (sees and manages everything) and
+``user`` (sees and cancels its team's jobs; its jobs read and write only under the team's roots)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["user", "admin"]
+ROLES: tuple[Role, ...] = ("user", "admin")
+# User and team names: short, printable, safe in paths, logs and audit lines.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Actors the service itself writes into the audit log; no user token may carry these names.
+RESERVED_USERS = frozenset({"admin", "scheduler", "controller"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: str
+    team: str
+    role: Role = "user"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# The holder of ORCH_API_TOKEN. Its own jobs belong to team "admin" (and so do jobs stored before teams).
+ADMIN = Principal(user="admin", team="admin", role="admin")

@@ -1,0 +1,139 @@
+"""Access commands: ``orch token create|list|revoke`` and ``orch team set|show`` (admin only), and
+``orch audit`` (an admin sees every entry, a user its team's)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from orchestrator.cli import render
+from orchestrator.cli.client import api, check
+from orchestrator.cli.core import EXIT_USAGE, CliError, JsonFlag, api_url, app
+
+token_app = typer.Typer(help="user API tokens (admin only)", no_args_is_help=True)
+team_app = typer.Typer(help="teams: data roots and quotas (admin only)", no_args_is_help=True)
+app.add_typer(token_app, name="token", rich_help_panel="Access")
+app.add_typer(team_app, name="team", rich_help_panel="Access")
+
+
+def _when(at: float | None) -> str | None:
+    return None if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+@token_app.command("create", help="make a token for a user; it is printed once and never again")
+def token_create(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option(help="user name")],
+    team: Annotated[str, typer.Option(help="the team whose jobs the user sees")],
+    role: Annotated[str, typer.Option(help="user | admin")] = "user",
+    json_out: JsonFlag = False,
+) -> None:
+    with api(api_url(ctx)) as c:
+        created = check(c.post("/v1/tokens", json={"user": user, "team": team, "role": role}))
+    if json_out:
+        render.print_json(created)
+        return
+    # The secret alone on stdout (TOKEN=$(orch token create ...)); the rest on stderr.
+    print(f"token {created['id']} for {created['user']} (team {created['team']}, {created['role']}); "
+          "store it now, it cannot be shown again:", file=sys.stderr)
+    print(created["token"])
+
+
+@token_app.command("list", help="tokens (never their secrets)")
+def token_list(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="revoked tokens too")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    with api(api_url(ctx)) as c:
+        data = check(c.get("/v1/tokens", params={"include_revoked": all_}))
+    if json_out:
+        render.print_json(data)
+        return
+    rows = [[t["id"], t["user"], t["team"], t["role"], _when(t["created_at"]), t["created_by"], _when(t["revoked_at"])]
+            for t in data["data"]]
+    render.emit(render.table(["ID", "USER", "TEAM", "ROLE", "CREATED", "BY", "REVOKED"], rows))
+
+
+@token_app.command("revoke", help="revoke a token: its requests get 401 from now on")
+def token_revoke(ctx: typer.Context, token_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    with api(api_url(ctx)) as c:
+        t = check(c.delete(f"/v1/tokens/{token_id}"))
+    print(f"revoked {t['id']} ({t['user']}, team {t['team']})")
+
+
+def _quotas(items: list[str]) -> dict[str, float]:
+    quotas = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            devices = float(value)
+        except ValueError:
+            devices = None
+        if not (sep and name) or devices is None:
+            raise CliError(f"--quota {item!r}: expected POOL=DEVICES, e.g. gpu=8", EXIT_USAGE)
+        quotas[name] = devices
+    return quotas
+
+
+@team_app.command("set", help="set a team's data roots and/or quotas (what is not given is kept)")
+def team_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="TEAM")],
+    root: Annotated[list[str] | None, typer.Option(
+        help="a folder or s3:// prefix the team's jobs may use (repeatable; replaces the roots)")] = None,
+    no_roots: Annotated[bool, typer.Option("--no-roots", help="remove every root")] = False,
+    quota: Annotated[list[str] | None, typer.Option(
+        metavar="POOL=DEVICES", help="devices the team may hold in a pool, e.g. gpu=8 (repeatable; replaces)")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    body: dict = {}
+    if root or no_roots:
+        body["roots"] = [] if no_roots else root
+    if quota:
+        body["quotas"] = _quotas(quota)
+    if not body:
+        raise CliError("nothing to set: give --root, --no-roots or --quota", EXIT_USAGE)
+    with api(api_url(ctx)) as c:
+        team = check(c.put(f"/v1/teams/{name}", json=body))
+    _show([team], json_out, single=True)
+
+
+@team_app.command("show", help="a team's data roots and quotas (every team without TEAM)")
+def team_show(ctx: typer.Context, name: Annotated[str | None, typer.Argument(metavar="[TEAM]")] = None,
+              json_out: JsonFlag = False) -> None:
+    with api(api_url(ctx)) as c:
+        data = check(c.get(f"/v1/teams/{name}" if name else "/v1/teams"))
+    _show([data] if name else data["data"], json_out, single=bool(name))
+
+
+def _show(teams: list[dict], json_out: bool, single: bool) -> None:
+    if json_out:
+        render.print_json(teams[0] if single else {"data": teams})
+        return
+    rows = [[t["name"], ", ".join(t["roots"]) or "-",
+             ", ".join(f"{k}={render.fmt(v)}" for k, v in sorted(t["quotas"].items())) or "-"] for t in teams]
+    render.emit(render.table(["TEAM", "ROOTS", "QUOTAS"], rows))
+
+
+@app.command(rich_help_panel="Access", help="who submitted, cancelled, resized or preempted what, newest first")
+def audit(
+    ctx: typer.Context,
+    team: Annotated[str | None, typer.Option(help="only this team's entries (admin)")] = None,
+    limit: Annotated[int, typer.Option(help="most entries to show")] = 50,
+    json_out: JsonFlag = False,
+) -> None:
+    params: dict = {"limit": limit} | ({"team": team} if team else {})
+    with api(api_url(ctx)) as c:
+        data = check(c.get("/v1/audit", params=params))
+    if json_out:
+        render.print_json(data)
+        return
+    rows = [[_when(e["at"]), e["actor"], e["team"], e["action"], e["target"], e["detail"]] for e in data["data"]]
+    out: list = [render.table(["AT", "ACTOR", "TEAM", "ACTION", "TARGET", "DETAIL"], rows)]
+    if data["count"] > len(rows):
+        out.append(f"({len(rows)} of {data['count']}; --limit to see more)")
+    render.emit(*out)
