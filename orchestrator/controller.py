@@ -11,9 +11,10 @@ the driver killed from outside (supervisor died, driver killed by a signal), the
 RETRYING and the next pass starts attempt n+1 with the same --out, so jobs.train resumes from the
 latest checkpoint. Exit codes 1 and 2 (training error, invalid spec) are the job's own failure: FAILED.
 
-Stalls: Ray says RUNNING forever when workers or Ray Data wait for CPUs the cluster never frees. An
-attempt with no new step for ``stall_after_s`` (counted from when this process first sees it RUNNING)
-gets ``stalled`` and ``stalled_for_s`` metrics and counts in ``orch_jobs_stalled`` until a step comes.
+Scheduling: QUEUED jobs are admitted by the scheduler (orchestrator/scheduler/) once per pass, after
+every other job moved; a job it preempts goes RUNNING -> PREEMPTING (its loop checkpoints, Ray stops
+it) -> QUEUED, and its next attempt resumes from that checkpoint. Reading progress, summaries and
+stalls is orchestrator/observe.py's.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
-from jobs.contracts import CheckpointRequest, ControlChannel, ProgressRecord, TrainSummary
+from jobs.contracts import CheckpointRequest, ControlChannel
 from jobs.kinds import job_kind
 from jobs.specs import field_errors
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
+from orchestrator.observe import AttemptReader, latest_progress  # noqa: F401 (re-exported)
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
+from orchestrator.scheduler.schedule import Decisions, Policies
+from orchestrator.scheduler.service import Scheduler
 from orchestrator.settings import Settings
-from orchestrator.states import ACTIVE, IllegalTransition, JobState
+from orchestrator.states import IllegalTransition, JobState
 from orchestrator.store import JobRecord, JobStore
 from orchestrator.telemetry import Telemetry
 
@@ -47,16 +48,6 @@ S = JobState
 RETRYABLE_RAY_ERRORS = frozenset({
     "JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE", "JOB_SUPERVISOR_ACTOR_START_FAILURE",
 })
-STALL_KEYS = frozenset({"stalled", "stalled_for_s"})  # the metrics a stalled attempt carries
-
-
-@dataclass
-class _Progress:
-    """The last step a RUNNING attempt reported (None: none yet) and when (controller clock) it changed."""
-    attempt: int
-    step: int | None
-    since: float
-    stalled: bool = False
 
 
 class ControllerBusy(RuntimeError):
@@ -81,7 +72,7 @@ class Controller:
 
     def __init__(self, store: JobStore, ray: RayJobs, settings: Settings, telemetry: Telemetry | None = None,
                  entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS, clock=time.monotonic,
-                 fault_hook: Callable[[str], None] = no_fault):
+                 fault_hook: Callable[[str], None] = no_fault, policies: Policies | None = None):
         self.store = store
         self.ray = ray
         self.settings = settings
@@ -91,8 +82,8 @@ class Controller:
         self.fault_hook = fault_hook
         self.ray_reachable: bool | None = None
         self.last_pass_at: float | None = None
-        self._metrics_read_at: dict[str, float] = {}
-        self._progress: dict[str, _Progress] = {}  # RUNNING job id -> its last step, for stall detection
+        self.reader = AttemptReader(store, ray, settings, self.telemetry, lambda: self.clock())
+        self.scheduler = Scheduler(settings, policies)
         self._stop_sent_at: dict[str, float] = {}
         self._checkpoint_asked: dict[str, tuple[CheckpointRequest, float]] = {}  # job id -> (request, when)
         self._stop_notes: dict[str, str] = {}  # job id -> what the checkpoint before its stop did
@@ -106,22 +97,11 @@ class Controller:
     def reconcile_once(self) -> None:
         self.telemetry.reconciles.inc()
         jobs = self.store.unfinished()
-        active = sum(job.state in ACTIVE for job in jobs)
-        for gone in self._progress.keys() - {job.id for job in jobs if job.state is S.RUNNING}:
-            del self._progress[gone]  # finished, retried or cancelled since the last pass
+        self.reader.keep_only(job.id for job in jobs if job.state is S.RUNNING)
         try:
             for job in jobs:
-                try:
-                    started = self._reconcile(job, active_slots=self.settings.max_active_jobs - active)
-                    active += started
-                except RayUnavailable:
-                    raise
-                except (IllegalTransition, RayRefused) as e:
-                    self.telemetry.reconcile_errors.labels("job").inc()
-                    log.warning("job %s: %s", job.id, e)
-                except Exception:  # one job's trouble (a full disk, a bad row) must not stall the others
-                    self.telemetry.reconcile_errors.labels("job").inc()
-                    log.exception("job %s: reconcile failed", job.id)
+                self._guarded(job, self._reconcile)
+            self._schedule(jobs)
             self.ray_reachable = True
         except RayUnavailable as e:
             # Nothing can be learned this pass; every job keeps its state until Ray answers.
@@ -130,27 +110,58 @@ class Controller:
                 log.warning("%s", e)
             self.ray_reachable = False
         self.telemetry.ray_reachable.set(1 if self.ray_reachable else 0)
-        self.telemetry.jobs_stalled.set(sum(p.stalled for p in self._progress.values()))
+        self.telemetry.jobs_stalled.set(self.reader.stalled)
+        self.telemetry.running_metrics = {j.id: j.metrics or {} for j in jobs if j.state is S.RUNNING}
+        self.telemetry.scheduling = self.scheduler.snapshot
         self.last_pass_at = time.time()
 
-    def _reconcile(self, job: JobRecord, active_slots: int) -> int:
-        """Move one job one step; returns 1 when it took an active slot."""
+    def _guarded(self, job: JobRecord, step: Callable[[JobRecord], None]) -> None:
+        """Run one job's step; one job's trouble (a full disk, a bad row) must not stall the others."""
+        try:
+            step(job)
+        except RayUnavailable:
+            raise
+        except (IllegalTransition, RayRefused) as e:
+            self.telemetry.reconcile_errors.labels("job").inc()
+            log.warning("job %s: %s", job.id, e)
+        except Exception:
+            self.telemetry.reconcile_errors.labels("job").inc()
+            log.exception("job %s: reconcile failed", job.id)
+
+    def _reconcile(self, job: JobRecord) -> None:
+        """Move one job one step (QUEUED jobs wait for the scheduling step)."""
         if job.cancel_requested:
             self._cancel(job)
-            return 0
-        if job.state is S.PENDING:
+        elif job.state is S.PENDING:
             self._accept(job)
-        elif job.state is S.QUEUED:
-            if active_slots > 0:
-                self._start_attempt(job)
-                return 1
         elif job.state is S.RETRYING:
             self._start_attempt(job)
         elif job.state is S.STARTING and job.current_attempt.submitted_at is None:
             self._submit(job)
         elif job.state in (S.STARTING, S.RUNNING):
             self._observe(job)
-        return 0
+        elif job.state is S.PREEMPTING:
+            self._preempting(job)
+
+    def _schedule(self, jobs: list[JobRecord]) -> None:
+        """Admit, queue and preempt by one scheduler pass over the jobs as this pass first read them."""
+        quotas = {name: team.quotas for name, team in self.store.teams().items() if team.quotas}
+        decisions = self.scheduler.plan(jobs, self.ray, quotas)
+        by_id = {job.id: job for job in jobs}
+        for victim in decisions.preempt:
+            self._guarded(by_id[victim.job_id], lambda job, v=victim: self._preempt(job, v.reason))
+        for admit in decisions.admit:
+            self._guarded(by_id[admit.job_id], self._start_attempt)
+        self._record_queue(decisions, by_id)
+
+    def _record_queue(self, decisions: Decisions, by_id: dict[str, JobRecord]) -> None:
+        """Store each waiting job's position and reason, and clear them on admitted ones; only changes
+        are written (a queue of thousands stays one small transaction per pass)."""
+        entries = [(a.job_id, None, None) for a in decisions.admit]
+        entries += [(w.job_id, w.position, w.reason) for w in decisions.wait]
+        changed = [(i, p, r) for i, p, r in entries if (by_id[i].queue_position, by_id[i].queue_reason) != (p, r)]
+        if changed:
+            self.store.set_queue_many(changed)
 
     def _accept(self, job: JobRecord) -> None:
         try:
@@ -203,7 +214,7 @@ class Controller:
         if view.status == "RUNNING":
             if job.state is S.STARTING:
                 self.store.transition(job.id, S.RUNNING, "Ray: driver running")
-            self._read_metrics(job, attempt.submission_id)
+            self.reader.read(job, attempt.submission_id)
         elif view.terminal:
             self._finished(job, view)
 
@@ -211,7 +222,7 @@ class Controller:
         number = job.current_attempt.number
         self.store.update_attempt(job.id, number, ended_at=time.time(), ray_status=view.status,
                                   ray_message=view.message, exit_code=view.exit_code)
-        self._read_metrics(job, view.submission_id, final=True)
+        self.reader.read(job, view.submission_id, final=True)
         if view.status == "SUCCEEDED":
             self.store.transition(job.id, S.SUCCEEDED, "Ray: driver exited 0")
         elif view.status == "STOPPED":
@@ -223,13 +234,43 @@ class Controller:
             self.store.transition(job.id, S.FAILED, f"Ray: {view.message or 'driver failed'}{code}"[:1000])
 
     def _lost(self, job: JobRecord, reason: str) -> None:
-        self._clear_stall(job.id)
-        retries_used = job.attempts - 1
+        self.reader.clear_stall(job.id)
+        retries_used = job.attempts - 1 - job.preemptions  # attempts after a preemption are not retries
         if retries_used < job.max_retries:
             self.telemetry.retries.inc()
             self.store.transition(job.id, S.RETRYING, f"{reason}; retry {retries_used + 1} of {job.max_retries}")
         else:
             self.store.transition(job.id, S.FAILED, f"{reason}; no retries left (max_retries={job.max_retries})")
+
+    # -- preemption -------------------------------------------------------------------------------
+
+    def _preempt(self, job: JobRecord, reason: str) -> None:
+        """Start preempting a RUNNING job: recorded in its history and the audit log; the stop itself
+        comes in later passes (``_preempting``), after its checkpoint."""
+        self.store.transition(job.id, S.PREEMPTING, reason)
+        job = self.store.add_preemption(job.id)
+        self.store.audit("scheduler", "preempt", job.id, f"{reason}; preemption {job.preemptions}", team=job.team)
+        self.telemetry.preemptions.inc()
+        log.info("job %s: %s", job.id, reason)
+        self._preempting(job)
+
+    def _preempting(self, job: JobRecord) -> None:
+        """Checkpoint now, stop, then back to QUEUED; the next attempt resumes from the checkpoint."""
+        attempt = job.current_attempt
+        view = self.ray.status(attempt.submission_id)
+        if view is not None and not view.terminal:
+            if view.status == "RUNNING" and not self._checkpointed_before_stop(job, f"preempted: {job.message}"):
+                return
+            self.ray.stop(attempt.submission_id)
+            return
+        if view is not None and not (view.status == "STOPPED" or _retryable(view)):
+            self._finished(job, view)  # it ended on its own before the stop: SUCCEEDED or its own failure
+            return
+        self.store.update_attempt(job.id, attempt.number, ended_at=time.time(),
+                                  ray_status=view.status if view else None, exit_code=view.exit_code if view else None)
+        self.reader.clear_stall(job.id)
+        note = self._stop_notes.pop(job.id, None) or "stopped"
+        self.store.transition(job.id, S.QUEUED, f"preempted ({note}); waits to resume from its latest checkpoint")
 
     def _cancel(self, job: JobRecord) -> None:
         attempt = job.current_attempt
@@ -259,15 +300,15 @@ class Controller:
             self.store.update_attempt(job.id, attempt.number, ended_at=time.time(), ray_status=view.status,
                                       ray_message=view.message, exit_code=view.exit_code)
             if view.status == "SUCCEEDED":
-                self._read_metrics(job, view.submission_id, final=True)
+                self.reader.read(job, view.submission_id, final=True)
                 self.store.transition(job.id, S.SUCCEEDED, "finished before the cancel took effect")
             else:
-                self._clear_stall(job.id)
+                self.reader.clear_stall(job.id)
                 note = self._stop_notes.pop(job.id, None)
                 self.store.transition(job.id, S.CANCELLED, f"cancelled by user; {note + '; ' if note else ''}"
                                                            f"Ray job {view.status}")
 
-    def _checkpointed_before_stop(self, job: JobRecord) -> bool:
+    def _checkpointed_before_stop(self, job: JobRecord, why: str = "cancelled by user") -> bool:
         """Whether a running job may be stopped now: the first pass asks its loop for a checkpoint
         (workers/control.py), later passes wait for the confirmation, at most stop_checkpoint_timeout_s.
         Ray Jobs gives a stopping driver 3 s before SIGKILL, so without this up to a checkpoint
@@ -275,7 +316,7 @@ class Controller:
         channel = ControlChannel(job_paths(self.settings.job_root, job.id).out)
         asked = self._checkpoint_asked.get(job.id)
         if asked is None:
-            asked = self._checkpoint_asked[job.id] = (channel.request_checkpoint("cancelled by user"), self.clock())
+            asked = self._checkpoint_asked[job.id] = (channel.request_checkpoint(why), self.clock())
         request, at = asked
         done = channel.confirmation(request)
         if done is None and self.clock() - at < self.settings.stop_checkpoint_timeout_s:
@@ -284,50 +325,6 @@ class Controller:
         self._stop_notes[job.id] = (f"checkpoint at step {done.step} first" if done else
                                     f"no checkpoint confirmed within {self.settings.stop_checkpoint_timeout_s:.0f} s")
         return True
-
-    # -- metrics ----------------------------------------------------------------------------------
-
-    def _read_metrics(self, job: JobRecord, submission_id: str, final: bool = False) -> None:
-        now = self.clock()
-        last = self._metrics_read_at.get(job.id)
-        if not final and last is not None and now - last < self.settings.metrics_interval_s:
-            return
-        self._metrics_read_at[job.id] = now
-        latest = latest_progress(self.ray.logs(submission_id))
-        metrics = _unstalled({**(job.metrics or {}), **(latest or {})})
-        if final:
-            metrics.update(read_summary(job_paths(self.settings.job_root, job.id).summary))
-            self._metrics_read_at.pop(job.id, None)
-        else:
-            metrics.update(self._stall_marks(job, latest["step"] if latest else None, now))
-        if metrics != (job.metrics or {}):
-            self.store.set_metrics(job.id, metrics)
-
-    def _stall_marks(self, job: JobRecord, step: int | None, now: float) -> dict[str, Any]:
-        """The stall metrics of a RUNNING attempt whose latest step is ``step`` ({} while it progresses)."""
-        seen = self._progress.get(job.id)
-        was_stalled = seen is not None and seen.stalled
-        if seen is None or seen.attempt != job.attempts or seen.step != step:
-            seen = self._progress[job.id] = _Progress(job.attempts, step, now)
-        idle_s = now - seen.since
-        seen.stalled = idle_s >= self.settings.stall_after_s
-        if not seen.stalled:
-            if was_stalled:
-                log.info("job %s: progress resumed at step %s", job.id, step)
-            return {}
-        where = f"since step {step}" if step is not None else "and no step reported yet"
-        reason = (f"no progress for {idle_s:.0f} s {where}; its workers or Ray Data may be waiting for resources "
-                  "the cluster cannot give (see `orch logs` and `orch cluster`)")
-        if not was_stalled:
-            self.telemetry.stalls.inc()
-            log.warning("job %s: %s", job.id, reason)
-        return {"stalled": reason, "stalled_for_s": int(idle_s)}
-
-    def _clear_stall(self, job_id: str) -> None:
-        """Drop the stall mark of an attempt that ended without a final metrics read (lost, stopped)."""
-        metrics = self.store.get(job_id).metrics or {}
-        if not STALL_KEYS.isdisjoint(metrics):
-            self.store.set_metrics(job_id, _unstalled(metrics))
 
     # -- running it -------------------------------------------------------------------------------
 
@@ -372,23 +369,3 @@ class Controller:
             raise ControllerBusy(f"another controller holds {path}") from None
         self._lock_fd = fd
 
-
-def latest_progress(logs: str) -> dict[str, Any] | None:
-    """The last progress record in a log, as a job's metrics."""
-    for line in reversed(logs.splitlines()):
-        record = ProgressRecord.from_line(line)
-        if record is not None:
-            return record.model_dump()
-    return None
-
-
-def _unstalled(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k not in STALL_KEYS}
-
-
-def read_summary(path: Path) -> dict[str, Any]:
-    """A finished run's scalar figures from its summary.json; {} if it is missing or unreadable."""
-    try:
-        return TrainSummary.model_validate_json(path.read_text()).numbers()
-    except (OSError, ValueError):
-        return {}

@@ -47,6 +47,17 @@ class NodeView:
     is_head: bool
     state: str
     resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # ray start --labels, ray.io/accelerator-type
+
+
+@dataclass(frozen=True)
+class UnmanagedJob:
+    """A Ray job the service did not submit (``ray job submit``) and what its placement groups hold
+    per node (Ray Train's worker groups are placement groups; Ray Data's loose tasks are not counted)."""
+    submission_id: str | None
+    ray_job_id: str | None
+    status: str
+    node_resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class RayJobs(Protocol):
@@ -67,6 +78,9 @@ class RayJobs(Protocol):
         """Log chunks as the driver writes them, ending when the Ray job ends."""
 
     def nodes(self) -> list[NodeView]: ...
+
+    def unmanaged_jobs(self) -> list[UnmanagedJob]:
+        """Non-terminal Ray jobs without the service's ``orch_job_id`` metadata."""
 
 
 class SdkRayJobs:
@@ -176,9 +190,47 @@ class SdkRayJobs:
             NodeView(
                 node_id=n.node_id, ip=n.node_ip, is_head=bool(n.is_head_node), state=str(n.state),
                 resources={k: float(v) for k, v in (n.resources_total or {}).items()},
+                labels={str(k): str(v) for k, v in (n.labels or {}).items()},
             )
             for n in rows
         ]
+
+    def unmanaged_jobs(self) -> list[UnmanagedJob]:
+        import requests
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        try:
+            listed = self._call("list_jobs")
+        except RuntimeError as e:
+            if isinstance(e, RayUnavailable):
+                raise
+            raise RayUnavailable(_short(e)) from None
+        jobs = [j for j in listed
+                if str(getattr(j.status, "value", j.status)) not in RAY_TERMINAL
+                and "orch_job_id" not in (j.metadata or {})]
+        if not jobs:
+            return []
+        try:
+            client = StateApiClient(address=self.address, headers={"Content-Type": "application/json", **self._headers})
+            groups = client.list(
+                StateResource.PLACEMENT_GROUPS, options=ListApiOptions(
+                    detail=True, timeout=int(self.timeout_s), filters=[("state", "=", "CREATED")]),
+                raise_on_missing_output=False,
+            )
+        except (requests.ConnectionError, requests.Timeout, ConnectionError) as e:
+            raise RayUnavailable(f"Ray at {self.address} is not reachable: {e}") from None
+        held: dict[str, dict[str, dict[str, float]]] = {}
+        for g in groups:
+            per_node = held.setdefault(g.creator_job_id, {})
+            for bundle in g.bundles or []:
+                node = per_node.setdefault(bundle.get("node_id") or "", {})
+                for k, v in (bundle.get("unit_resources") or {}).items():
+                    node[k] = node.get(k, 0.0) + float(v)
+        return [UnmanagedJob(submission_id=j.submission_id, ray_job_id=j.job_id,
+                             status=str(getattr(j.status, "value", j.status)),
+                             node_resources=held.get(j.job_id or "", {}))
+                for j in jobs]
 
 
 def _make_client(address: str, headers: dict[str, str], timeout_s: float) -> Any:
@@ -212,7 +264,7 @@ class NoRay:
     def _down(self, *args: Any, **kwargs: Any) -> Any:
         raise RayUnavailable("no Ray cluster configured: set RAY_ADDRESS (the dashboard URL) or run `orch up`")
 
-    submit = status = stop = logs = nodes = _down
+    submit = status = stop = logs = nodes = unmanaged_jobs = _down
 
     async def tail(self, submission_id: str) -> AsyncIterator[str]:
         return

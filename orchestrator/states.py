@@ -13,12 +13,17 @@ class JobState(str, Enum):
     PENDING = "PENDING"
     """Stored by the API; the controller has not looked at it yet."""
     QUEUED = "QUEUED"
-    """Accepted by the controller, waiting for a slot (``max_active_jobs``) to be handed to Ray."""
+    """Accepted by the controller, waiting for the scheduler to admit it (room in its pools, its team's
+    quota, an active-job slot); its queue position and reason say why. A preempted job comes back here."""
     STARTING = "STARTING"
     """An attempt's Ray submission id is stored; the job is being (or has been) submitted and Ray
     reports it PENDING (runtime env set-up, waiting for the driver's resources)."""
     RUNNING = "RUNNING"
     """Ray reports the attempt's driver RUNNING."""
+    PREEMPTING = "PREEMPTING"
+    """A higher-priority job needs its resources: its loop is asked to checkpoint now, then its Ray job
+    is stopped and it returns to QUEUED; the next attempt resumes from that checkpoint (same output),
+    at most one step lost. A preemption does not use up ``max_retries``."""
     RETRYING = "RETRYING"
     """The attempt's driver died for a reason outside the job (the cluster restarted, the driver's node
     died, the driver was killed); a new attempt resumes from the latest checkpoint in the same output."""
@@ -38,7 +43,8 @@ class JobState(str, Enum):
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.RETRYING})
+# Jobs that hold (or are about to hold) cluster resources, and take an active-job slot.
+ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.RETRYING, JobState.PREEMPTING})
 
 _S = JobState
 ALLOWED: dict[JobState, frozenset[JobState]] = {
@@ -46,7 +52,10 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     _S.QUEUED: frozenset({_S.STARTING, _S.CANCELLED, _S.FAILED}),
     # STARTING -> SUCCEEDED/FAILED: a short job can finish between two looks.
     _S.STARTING: frozenset({_S.RUNNING, _S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.RETRYING, _S.PREEMPTING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
+    # PREEMPTING -> QUEUED: stopped after its checkpoint; -> SUCCEEDED/FAILED: it ended first; ->
+    # RETRYING: its driver died meanwhile (a retry, counted as one).
+    _S.PREEMPTING: frozenset({_S.QUEUED, _S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
     _S.RETRYING: frozenset({_S.STARTING, _S.FAILED, _S.CANCELLED}),
     _S.SUCCEEDED: frozenset(),
     _S.FAILED: frozenset(),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from orchestrator.states import JobState
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler.service import Snapshot
 
 # Request latency buckets in seconds: the API answers from the store in about a millisecond.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -22,6 +28,50 @@ class _JobsByState:
         for state, n in self._count().items():
             g.add_metric([JobState(state).value], n)
         yield g
+
+
+# Per-job training figures exported for RUNNING jobs: metric name -> (job.metrics key, help).
+TRAINING_FIGURES = {
+    "orch_job_loss": ("loss", "Latest training loss of a RUNNING job"),
+    "orch_job_tokens_per_second": ("tokens_per_s", "Training throughput of a RUNNING job"),
+    "orch_job_bytes_ratio": ("compression", "Dense gradient bytes / bytes sent so far (compression ratio)"),
+}
+
+
+class _Scheduling:
+    """Collector of what the controller's last pass left on its Telemetry: RUNNING jobs' training
+    figures (a finished job's series disappear with it) and the queue per pool and priority."""
+
+    def __init__(self, telemetry: Telemetry):
+        self._t = telemetry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running: Mapping[str, Mapping[str, Any]] = self._t.running_metrics
+        for name, (key, doc) in TRAINING_FIGURES.items():
+            g = GaugeMetricFamily(name, doc, labels=["job_id"])
+            for job_id, metrics in sorted(running.items()):
+                if isinstance(metrics.get(key), int | float):
+                    g.add_metric([job_id], float(metrics[key]))
+            yield g
+        jobs = GaugeMetricFamily("orch_queued_jobs", "QUEUED jobs by the pool (or bare kind) their workers ask for and priority",
+                                 labels=["pool", "priority"])
+        demand = GaugeMetricFamily("orch_queued_demand", "Resources QUEUED jobs ask for, by pool",
+                                   labels=["pool", "resource"])
+        reserved = GaugeMetricFamily("orch_pool_reserved", "Resources admitted jobs hold by the scheduler's "
+                                     "bookkeeping, by pool", labels=["pool", "resource"])
+        snap: Snapshot | None = self._t.scheduling
+        if snap is not None:
+            counts: dict[tuple[str, str], int] = {}
+            for view in snap.queued:
+                pool = max(view.demand, key=lambda k: len(view.demand[k]))  # the workers' pool, with the device
+                counts[(pool, view.priority)] = counts.get((pool, view.priority), 0) + 1
+            for (pool, priority), n in sorted(counts.items()):
+                jobs.add_metric([pool, priority], n)
+            for family, book in ((demand, snap.decisions.queued_demand), (reserved, snap.decisions.reserved)):
+                for pool, resources in sorted(book.items()):
+                    for resource, amount in sorted(resources.items()):
+                        family.add_metric([pool, resource], amount)
+        yield from (jobs, demand, reserved)
 
 
 class Telemetry:
@@ -46,6 +96,12 @@ class Telemetry:
             "orch_jobs_stalled", "RUNNING jobs with no new progress record for stall_after_s", registry=r
         )
         self.stalls = Counter("orch_job_stalls", "Times a RUNNING job was found stalled", registry=r)
+        self.preemptions = Counter("orch_job_preemptions", "RUNNING jobs preempted for higher-priority ones",
+                                   registry=r)
+        # Set by the controller after each pass; read at scrape time by _Scheduling.
+        self.running_metrics: dict[str, dict[str, Any]] = {}
+        self.scheduling: Snapshot | None = None
+        r.register(_Scheduling(self))
         if count_by_state is not None:
             r.register(_JobsByState(count_by_state))
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from orchestrator.ray_client import NodeView, RayJobView, RayRefused, RayUnavailable
+from orchestrator.ray_client import NodeView, RayJobView, RayRefused, RayUnavailable, UnmanagedJob
 from workers.contracts import TrainSummary
 from workers.progress import ProgressRecord
 
@@ -39,6 +39,11 @@ class FakeRay:
         self.job_logs: dict[str, str] = {}
         self.reachable = True
         self.refuse: str | None = None
+        # A CPU-only head and a GPU node (the API and CLI tests read these figures); tests replace it.
+        self.node_list = [
+            NodeView("n1", "127.0.0.1", True, "ALIVE", {"CPU": 4.0, "memory": 8e9, "node:__internal_head__": 1.0}),
+            NodeView("n2", "127.0.0.2", False, "ALIVE", {"CPU": 8.0, "GPU": 1.0, "memory": 16e9})]
+        self.unmanaged: list[UnmanagedJob] = []  # what `ray job submit` jobs hold
         self._lock = threading.Lock()
 
     def _check(self) -> None:
@@ -87,8 +92,11 @@ class FakeRay:
 
     def nodes(self):
         self._check()
-        return [NodeView("n1", "127.0.0.1", True, "ALIVE", {"CPU": 4.0, "memory": 8e9, "node:__internal_head__": 1.0}),
-                NodeView("n2", "127.0.0.2", False, "ALIVE", {"CPU": 8.0, "GPU": 1.0, "memory": 16e9})]
+        return list(self.node_list)
+
+    def unmanaged_jobs(self):
+        self._check()
+        return list(self.unmanaged)
 
     # -- scripting --------------------------------------------------------------------------------
 

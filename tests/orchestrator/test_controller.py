@@ -11,6 +11,7 @@ from jobs.contracts import ControlChannel
 from orchestrator.api.schemas import JobPublic
 from orchestrator.cli import render
 from orchestrator.controller import Controller, latest_progress
+from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore, submission_id_for
@@ -25,6 +26,7 @@ def env(tmp_path):
     settings = Settings(api_token=TOKEN, state_dir=tmp_path, max_active_jobs=2, metrics_interval_s=0.001)
     store = JobStore(settings.database_url)
     ray = FakeRay()
+    ray.node_list = [NodeView("n1", "127.0.0.1", True, "ALIVE", {"CPU": 16.0})]  # room for 5 default jobs
     yield store, ray, Controller(store, ray, settings), settings
     store.close()
 

@@ -1,4 +1,5 @@
-"""/v1/cluster: the Ray cluster's nodes and resources, totalled by node kind."""
+"""/v1/cluster: the Ray cluster's nodes and resources, totalled by node kind, and per pool what is
+held (by the service's admitted jobs and by unmanaged Ray jobs), what is free and what waits."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections import defaultdict
 from fastapi import APIRouter, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import RayDep, SettingsDep
-from orchestrator.api.schemas import ClusterPublic, KindPublic, NodePublic, Problem
-from orchestrator.ray_client import NodeView, RayUnavailable
+from orchestrator.api.deps import ControllerDep, RayDep, SettingsDep
+from orchestrator.api.schemas import ClusterPublic, KindPublic, NodePublic, PoolPublic, Problem
+from orchestrator.ray_client import NodeView, RayUnavailable, UnmanagedJob
+from orchestrator.scheduler.pools import build_pools, candidates
+from orchestrator.scheduler.service import Snapshot
 
 router = APIRouter(prefix="/v1/cluster", tags=["cluster"])
 
@@ -25,6 +28,39 @@ def _kind(resources: dict[str, float]) -> str:
 def _schedulable(resources: dict[str, float]) -> dict[str, float]:
     # node:<ip> and accelerator_type:<x> are Ray's per-node markers, not capacity.
     return {k: v for k, v in resources.items() if not k.startswith(("node:", "accelerator_type:"))}
+
+
+def _add(into: dict[str, float], resources: dict[str, float]) -> None:
+    for k, v in resources.items():
+        into[k] = into.get(k, 0.0) + v
+
+
+def pool_report(nodes: list[NodeView], unmanaged: list[UnmanagedJob], max_extra: dict[str, dict[str, float]],
+                snapshot: Snapshot | None) -> dict[str, PoolPublic]:
+    """Pools from the nodes now; reserved and queued figures from the controller's last pass. A queued
+    demand for a bare kind (``gpu``) is shown on that kind's largest pool, where it most likely goes."""
+    pools = build_pools(nodes, unmanaged, max_extra)
+    reserved = snapshot.decisions.reserved if snapshot else {}
+    queued: dict[str, dict[str, float]] = defaultdict(dict)
+    waiting: dict[str, int] = defaultdict(int)
+    for view in snapshot.queued if snapshot else ():
+        main = max(view.demand, key=lambda k: len(view.demand[k]))  # the workers' key, with the device
+        for key, need in view.demand.items():
+            options = candidates(pools, key)
+            if options:
+                target = max(options, key=lambda p: (sum(pools[p].capacity.values()), p))
+                _add(queued[target], need)
+                waiting[target] += key == main
+    out = {}
+    for name, pool in pools.items():
+        in_use = dict(reserved.get(name, {}))
+        _add(in_use, pool.unmanaged)
+        out[name] = PoolPublic(
+            kind=pool.kind, nodes=pool.nodes, capacity=pool.capacity, max_capacity=pool.max_capacity,
+            reserved=reserved.get(name, {}), unmanaged=pool.unmanaged, in_use=in_use,
+            free={k: v - in_use.get(k, 0.0) for k, v in pool.capacity.items()},
+            queued_demand=queued.get(name, {}), queued_jobs=waiting.get(name, 0))
+    return out
 
 
 def summarize(nodes: list[NodeView], address: str | None) -> ClusterPublic:
@@ -48,10 +84,16 @@ def summarize(nodes: list[NodeView], address: str | None) -> ClusterPublic:
 
 @router.get("", response_model=ClusterPublic,
             responses={503: {"model": Problem, "description": "Ray is not reachable"}})
-async def cluster(ray: RayDep, settings: SettingsDep) -> ClusterPublic:
-    """Nodes (alive and dead) and schedulable resources of alive nodes, in total and by node kind."""
+async def cluster(ray: RayDep, settings: SettingsDep, controller: ControllerDep) -> ClusterPublic:
+    """Nodes (alive and dead) and schedulable resources of alive nodes, in total and by node kind;
+    per pool: capacity, reserved, unmanaged, in use, free, queued demand."""
     try:
         nodes = await run_in_threadpool(ray.nodes)
+        unmanaged = await run_in_threadpool(ray.unmanaged_jobs)
     except RayUnavailable as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
-    return summarize(nodes, settings.ray_address)
+    snapshot = controller.scheduler.snapshot if controller is not None else None
+    summary = summarize(nodes, settings.ray_address)
+    return summary.model_copy(update={
+        "pools": pool_report(nodes, unmanaged, settings.autoscaler_max_extra, snapshot),
+        "unmanaged_jobs": len(unmanaged)})

@@ -1,0 +1,45 @@
+"""`orch cluster`: the pools the scheduler sees (capacity, held, free, waiting), then the nodes by kind.
+
+It replaces the `cluster` command of orchestrator/cli/jobs.py (which shows the kinds table only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from orchestrator.cli import render
+from orchestrator.cli.client import api, check
+from orchestrator.cli.core import JsonFlag, api_url, app
+
+
+def _amounts(resources: dict[str, float], only: tuple[str, ...] = ("GPU", "NPU", "CPU")) -> str:
+    shown = [f"{k}={render.fmt(resources[k])}" for k in only if resources.get(k)]
+    return ", ".join(shown) or "-"
+
+
+def pool_rows(pools: dict[str, Any]) -> list[list[Any]]:
+    return [[name, p["nodes"], _amounts(p["capacity"]), _amounts(p["in_use"]), _amounts(p["reserved"]),
+             _amounts(p["free"]), p["queued_jobs"], _amounts(p["queued_demand"])]
+            for name, p in sorted(pools.items())]
+
+
+@app.command(help="pools (cpu | gpu | npu): capacity, in use, reserved, free, queued demand; nodes by kind")
+def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    with api(api_url(ctx)) as c:
+        data = check(c.get("/v1/cluster"))
+    if json_out:
+        render.print_json(data)
+        return
+    kinds = [[pool, v["nodes"], ", ".join(f"{r}={render.fmt(a)}" for r, a in sorted(v["resources"].items()))]
+             for pool, v in sorted(data["by_kind"].items())]
+    out: list[Any] = [render.table(["KIND", "NODES", "RESOURCES"], kinds)]
+    if data.get("pools"):
+        out += [render.section("pools"),
+                render.table(["POOL", "NODES", "CAPACITY", "IN USE", "RESERVED", "FREE", "QUEUED", "QUEUED DEMAND"],
+                             pool_rows(data["pools"]))]
+    if data.get("unmanaged_jobs"):
+        out.append(f"({data['unmanaged_jobs']} Ray job(s) not submitted by the service hold resources; counted "
+                   "as in use)")
+    render.emit(*out)
