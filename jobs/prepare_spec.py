@@ -1,0 +1,50 @@
+"""PrepareSpec: a typed, bounded spec for one corpus preparation (``python -m jobs.prepare --spec FILE``).
+
+Flat, like ServeSpec: the preparation's own fields (workers/corpus/config.py) plus a name and how
+much of the cluster it may take. Its required top-level ``path`` tells it apart from the other
+kinds' specs in the API's union of specs. Torch-free, so the control plane validates it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from jobs.specs import SpecError, apply_override, field_errors
+from workers.corpus.config import PrepareConfig
+
+
+class PrepareSpec(PrepareConfig):
+    name: str = Field("prepare", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Shard tasks running at once; None: as many as the cluster's free CPUs allow.
+    max_tasks: int | None = Field(None, ge=1, le=100_000)
+    # Logical CPUs each shard task reserves (a BPE task uses about one core).
+    cpus_per_task: float = Field(1.0, gt=0.0, le=64.0)
+
+    def corpus(self) -> PrepareConfig:
+        """The preparation's own settings (what the manifest records and fingerprints)."""
+        return PrepareConfig.model_validate(self.model_dump(include=set(PrepareConfig.model_fields)))
+
+
+def validate_prepare_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> PrepareSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"a prepare spec must be a mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return PrepareSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError("invalid prepare spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+
+
+def load_prepare_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PrepareSpec:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
+    return validate_prepare_spec(raw, overrides)

@@ -1,0 +1,127 @@
+"""One shard: read its files, tokenize, pack, write the parquet and its done-record.
+
+Runs inside a Ray Data task (or in-process in unit tests). A shard is written whole or not at all
+(``write_bytes_atomic``), under a name fixed by the plan, so a retried or re-run task rewrites the
+same bytes and a crash never leaves a partial file under that name. The done-record, written after
+the shard, is what a resumed preparation trusts; the manifest, written after every shard, is what
+a reader trusts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from workers.corpus.manifest import ShardEntry, sha256_hex
+from workers.corpus.plan import ShardPlan, is_text
+from workers.storage import join, open_fs, read_bytes, uri_of, where, with_retries, write_bytes_atomic
+from workers.tokenizer import TOKEN_DTYPE, Tokenizer, load_tokenizer
+
+DONE_SUFFIX = ".done.json"
+PARQUET_COMPRESSION = "zstd"
+# Documents tokenized per call: bounds the text held twice (str + ids) for a BPE batch.
+ENCODE_BATCH_DOCS = 64
+
+
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # (rows + 1,)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, TOKEN_DTYPE)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.uint16()))
+
+
+def pack_rows(paths: list[str], docs: list[np.ndarray], pack_len: int) -> tuple[list[str], list[np.ndarray]]:
+    """Concatenate documents (each ending in EOS) and cut rows of exactly ``pack_len`` tokens; a row's
+    path is the document it starts in. The tail shorter than one row is dropped."""
+    if not docs:
+        return [], []
+    flat = np.concatenate(docs)  # (tokens,)
+    starts = np.zeros(len(docs), dtype=np.int64)  # (docs,) offset of each document in flat
+    np.cumsum([len(d) for d in docs[:-1]], out=starts[1:])
+    n_rows = len(flat) // pack_len
+    row_starts = np.arange(n_rows, dtype=np.int64) * pack_len  # (rows,)
+    owner = np.searchsorted(starts, row_starts, side="right") - 1  # (rows,) document index
+    rows = list(flat[: n_rows * pack_len].reshape(n_rows, pack_len))
+    return [paths[i] for i in owner], rows
+
+
+def shard_table(paths: list[str], docs: list[np.ndarray]) -> pa.Table:
+    return pa.table({"path": pa.array(paths, pa.string()), "tokens": _list_array(docs)})
+
+
+def done_path(out: str, name: str) -> str:
+    return join(out, name + DONE_SUFFIX)
+
+
+def build_shard(shard: ShardPlan, *, source: str, out: str, out_rel: str, tokenizer: Tokenizer,
+                pack_len: int | None) -> ShardEntry:
+    """Tokenize ``shard``'s files from ``source`` and write ``<out>/<name>.parquet`` + its done-record.
+
+    ``out`` is the staging prefix (a URI), ``out_rel`` the same prefix relative to the manifest.
+    Files that are not UTF-8 text (NUL, invalid UTF-8, empty) are skipped and counted.
+    """
+    src_fs, src_root = open_fs(source)
+    out_fs, out_root = open_fs(out)
+    paths: list[str] = []
+    docs: list[np.ndarray] = []
+    skipped = 0
+    for i in range(0, len(shard.files), ENCODE_BATCH_DOCS):
+        batch_paths, batch_raw = [], []
+        for rel in shard.files[i: i + ENCODE_BATCH_DOCS]:
+            path = join(src_root, rel)
+            raw = with_retries(f"cannot read {where(uri_of(src_fs, path))}", lambda p=path: read_bytes(src_fs, p))
+            if not raw or not is_text(raw):
+                skipped += 1
+                continue
+            batch_paths.append(rel)
+            batch_raw.append(raw)
+        paths += batch_paths
+        docs += tokenizer.encode_docs(batch_raw)
+    documents = len(docs)
+    if pack_len is not None:
+        paths, docs = pack_rows(paths, docs, pack_len)
+    table = shard_table(paths, docs)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
+    data = sink.getvalue().to_pybytes()
+    entry = ShardEntry(file=f"{out_rel}/{shard.name}.parquet", bytes=len(data), sha256=sha256_hex(data),
+                       split=shard.split, rows=table.num_rows, tokens=int(sum(len(d) for d in docs)),
+                       documents=documents, input_bytes=shard.input_bytes, skipped_binary=skipped)
+    write_bytes_atomic(out_fs, join(out_root, f"{shard.name}.parquet"), data)
+    record = {"files": list(shard.files), "entry": entry.model_dump(mode="json")}
+    write_bytes_atomic(out_fs, done_path(out_root, shard.name), json.dumps(record).encode())
+    return entry
+
+
+def read_done(fs: pafs.FileSystem, out_root: str, shard: ShardPlan) -> ShardEntry | None:
+    """The finished shard's entry if its done-record is there, names the same files, and the
+    shard's file has the recorded size; else None (the shard is (re)built)."""
+    path = done_path(out_root, shard.name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        record = json.loads(read_bytes(fs, path))
+        entry = ShardEntry.model_validate(record["entry"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if tuple(record.get("files", ())) != shard.files:
+        return None
+    info = fs.get_file_info(join(out_root, f"{shard.name}.parquet"))
+    return entry if info.type == pafs.FileType.File and info.size == entry.bytes else None
+
+
+def build_shard_batch(batch: dict[str, np.ndarray], *, source: str, out: str, out_rel: str,
+                      tokenizer_json: str, pack_len: int | None) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` adapter: rows of JSON shard plans in, rows of JSON entries out."""
+    tokenizer = load_tokenizer(tokenizer_json)
+    entries = []
+    for plan_json in batch["plan"]:
+        p = json.loads(plan_json)
+        shard = ShardPlan(p["name"], p["split"], tuple(p["files"]), p["input_bytes"])
+        entries.append(build_shard(shard, source=source, out=out, out_rel=out_rel, tokenizer=tokenizer,
+                                   pack_len=pack_len).model_dump_json())
+    return {"entry": np.array(entries, dtype=object)}

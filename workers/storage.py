@@ -1,0 +1,145 @@
+"""One way to reach a local folder or an ``s3://`` prefix: ``open_fs(uri) -> (filesystem, path)``.
+
+S3 settings come from the environment, as every AWS tool reads them: ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``; an S3-compatible store such as MinIO, or moto in the tests),
+``AWS_REGION`` (or ``AWS_DEFAULT_REGION``), ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+(or any other source of the AWS credential chain). The filesystem is built with explicit timeouts
+and a small retry budget rather than by ``FileSystem.from_uri``: both build the same S3 client
+from the same variables (``S3FileSystem()`` without an endpoint would ignore AWS_ENDPOINT_URL,
+arrow#49643, hence it is passed), but an URI cannot carry timeouts, and an unreachable endpoint
+must end in an error within seconds instead of stalling a job. ``open_fs`` then probes the path,
+retrying with backoff, and raises ONE ``StorageError`` naming the bucket and endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+# The S3 client's own bounds: connect and per-request (stall) timeouts, attempts per request.
+S3_CONNECT_TIMEOUT_S = 3.0
+S3_REQUEST_TIMEOUT_S = 30.0
+S3_SDK_ATTEMPTS = 2
+# open_fs's probe: attempts with doubling backoff (0.5 s, 1 s), so an endpoint that stays down
+# fails within about PROBE_ATTEMPTS * (connect timeout * SDK attempts) + 1.5 s.
+PROBE_ATTEMPTS = 3
+PROBE_BACKOFF_S = 0.5
+DEFAULT_REGION = "us-east-1"
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A path that cannot be reached or read; the message names the bucket or folder and the cause."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` + ``/`` + parts, for local folders and ``s3://`` prefixes alike."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _bucket(uri: str) -> str:
+    return uri[len("s3://"):].split("/", 1)[0]
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    endpoint = s3_endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and endpoint is None:  # real AWS without a region: ask where the bucket lives
+        region = pafs.resolve_s3_region(bucket)
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint, region=region or DEFAULT_REGION,
+        connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS))
+
+
+def where(uri: str) -> str:
+    """How an error names a location: the bucket and endpoint for S3, the folder otherwise."""
+    if is_s3(uri):
+        return f"bucket {_bucket(uri)!r} ({uri}) at {s3_endpoint() or 'AWS'}"
+    return uri
+
+
+def with_retries(what: str, fn: Callable[[], T], attempts: int = PROBE_ATTEMPTS,
+                 backoff_s: float = PROBE_BACKOFF_S) -> T:
+    """``fn()``, retried on OSError (network, throttling) with doubling backoff; then one StorageError."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (OSError, pa.ArrowException) as e:
+            if attempt == attempts - 1:
+                raise StorageError(f"{what}: {e} (after {attempts} attempts)") from None
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def open_fs(uri: str, *, must_exist: bool = False) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of ``uri`` and the path inside it, after a probe that the location answers.
+
+    ``must_exist``: the path must be a folder or prefix with something under it (a source to read).
+    Raises StorageError naming the bucket or folder: unreachable endpoint, refused credentials,
+    missing bucket or prefix. Never hangs: every request is bounded (constants above).
+    """
+    if is_s3(uri):
+        bucket = _bucket(uri)
+        if not bucket:
+            raise StorageError(f"{uri}: no bucket in the URI (expected s3://BUCKET/PREFIX)")
+        try:
+            fs: pafs.FileSystem = _s3_filesystem(bucket)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"cannot reach {where(uri)}: {e}") from None
+        path = uri[len("s3://"):].rstrip("/")
+    elif "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: only local folders and s3:// prefixes are supported")
+    else:
+        fs = pafs.LocalFileSystem()
+        path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    info = with_retries(f"cannot reach {where(uri)}", lambda: fs.get_file_info(path))
+    if must_exist:
+        if info.type == pafs.FileType.File:
+            raise StorageError(f"{where(uri)}: is a file, expected a folder or prefix")
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{where(uri)}: does not exist (or is empty)")
+    elif is_s3(uri):  # a prefix to write to: its bucket must exist and answer
+        binfo = with_retries(f"cannot reach {where(uri)}", lambda: fs.get_file_info(_bucket(uri)))
+        if binfo.type == pafs.FileType.NotFound:
+            raise StorageError(f"{where(uri)}: the bucket does not exist")
+    return fs, path
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either absent or complete: an S3 PUT (or completed
+    multipart upload) appears whole; a local file is written beside and renamed over."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def uri_of(fs: pafs.FileSystem, path: str) -> str:
+    """The URI a user (and Ray Data) names ``path`` of ``fs`` by."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
