@@ -14,7 +14,10 @@ from typing import Literal, Union
 
 from pydantic import BaseModel
 
+from jobs.prepare_spec import PrepareSpec
+from jobs.serve_spec import ServeSpec
 from jobs.specs import TrainSpec
+from jobs.sweep_spec import SweepSpec
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class JobKind:
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("train", "jobs.train", TrainSpec, "distributed MoE training on Ray Train"),
+    JobKind("serve", "jobs.serve", ServeSpec, "a checkpoint behind OpenAI-compatible routes on Ray Serve"),
+    JobKind("prepare", "jobs.prepare", PrepareSpec, "corpus -> tokenizer -> packed parquet shards + manifest"),
+    JobKind("sweep", "jobs.sweep", SweepSpec, "a hyperparameter sweep of training runs on Ray Tune"),
 )}
 
 # The kinds as a type, for request schemas: Literal["train", ...] and the union of their specs.

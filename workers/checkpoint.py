@@ -3,8 +3,10 @@
 One folder per checkpoint, written by world rank 0 after collectives on every rank::
 
     model.pt        the full single-process state dict: experts by global id (E, ...), router biases
-    optim.pt        {"step": int, "state": {moment: {parameter name: full tensor}}}: AdamW moments
-                    keyed like model.pt (expert moments gathered by global id); empty for SGD
+    optim.pt        {"step": int, "state": {moment: {parameter name: full tensor}}, "scaler": the
+                    fp16 GradScaler's state_dict or None}: AdamW moments keyed like model.pt
+                    (expert moments gathered by global id), empty for SGD; the scaler's state so a
+                    resume keeps the loss scale (the same on every rank)
     compression.pt  the hook's per-parameter state keyed "<kind>/<name>" (flat: residual, velocity,
                     and with precondition adam the local moments exp_avg / exp_avg_sq; PowerSGD's
                     error memory as residual), plus
@@ -186,7 +188,8 @@ def _compression_state(model: MoETransformer, comm: CommState, esync: ExpertGrad
 
 
 def save(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer, comm: CommState,
-         esync: ExpertGradSync | None, groups: ParallelGroups | None, meta: dict[str, Any], rank: int) -> None:
+         esync: ExpertGradSync | None, groups: ParallelGroups | None, meta: dict[str, Any], rank: int,
+         scaler: torch.amp.GradScaler | None = None) -> None:
     """Collective: every rank calls it; world rank 0 writes the files into ``path``."""
     model_state = _gather(model, groups, model.state_dict())
     optim_state = _optimizer_state(model, optimizer, groups)
@@ -194,7 +197,7 @@ def save(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer,
     if rank != 0:
         return
     torch.save(model_state, path / "model.pt")
-    torch.save(optim_state, path / "optim.pt")
+    torch.save(optim_state | {"scaler": scaler.state_dict() if scaler is not None else None}, path / "optim.pt")
     torch.save(comp_state, path / "compression.pt")
     (path / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}))
 
@@ -216,14 +219,16 @@ def load_model(path: Path, config: ModelConfig | None = None, device: str | torc
             raise RuntimeError(f"checkpoint {path} does not record its model config; pass the spec's model section")
         config = ModelConfig.model_validate(meta["model"])
     model = MoETransformer(config).to(device)
-    model.load_state_dict(torch.load(path / "model.pt", map_location=device), strict=True)
+    # weights_only: a checkpoint folder may come from elsewhere; never unpickle code from it.
+    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True), strict=True)
     return model.eval()
 
 
 def load_model_and_optimizer(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer,
-                             groups: ParallelGroups | None, device: torch.device) -> None:
+                             groups: ParallelGroups | None, device: torch.device,
+                             scaler: torch.amp.GradScaler | None = None) -> None:
     """Weights and optimizer moments in place, sliced for this rank's experts (every rank loads the
-    same files, so DDP's replicas stay equal)."""
+    same files, so DDP's replicas stay equal); the fp16 loss scale when both sides have a scaler."""
     model.load_state_dict(_shard(model, groups, torch.load(path / "model.pt", map_location=device)), strict=True)
     saved = torch.load(path / "optim.pt", map_location=device)
     params = dict(model.named_parameters())
@@ -232,6 +237,8 @@ def load_model_and_optimizer(path: Path, *, model: MoETransformer, optimizer: to
             state = optimizer.state[params[name]]
             state[kind] = tensor.clone()
             state["step"] = torch.tensor(float(saved["step"]))
+    if scaler is not None and saved.get("scaler") is not None:
+        scaler.load_state_dict(saved["scaler"])
 
 
 def load_compression(path: Path, *, model: MoETransformer, comm: CommState, esync: ExpertGradSync | None,

@@ -17,11 +17,13 @@ Use on any DDP model (``register`` returns the state that carries this rank's by
 
 Modules: ``selection`` (k, warm-up, exact or sampled top-k), ``wire`` (payload format, byte
 model), ``feedback`` (error feedback, momentum correction, Adam preconditioner), ``state``
-(``CommState``, ``export_state`` / ``import_state``), ``hooks`` (the hooks and ``register``).
+(``CommState``, ``export_state`` / ``import_state``), ``hooks`` (the hooks and ``register``),
+``scaling`` (``LossScaleGuard``: fp16 loss scaling with unscaled residuals and agreed skips).
 """
 
 from workers.compression.feedback import accumulate, adam_direction, select_and_mask, topk_with_feedback
 from workers.compression.hooks import POWERSGD_START_ITER, allreduce_hook, powersgd_hook, register, topk_hook
+from workers.compression.scaling import LossScaleGuard
 from workers.compression.selection import (
     SAMPLED_MIN_NUMEL,
     compress,
@@ -55,6 +57,7 @@ __all__ = [
     "VALUE_DTYPES",
     "CommState",
     "CompressionConfig",
+    "LossScaleGuard",
     "accumulate",
     "adam_direction",
     "allreduce_hook",

@@ -50,13 +50,39 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     return fut
 
 
-def _dense_average(buffer: torch.Tensor, state: CommState, divisor: float) -> torch.futures.Future[torch.Tensor]:
-    """Divide first, as DDP does (so low-precision sums do not overflow), then allreduce the buffer."""
+def _dense_average(buffer: torch.Tensor, state: CommState, divisor: float,
+                   loss_scale: float | None = None) -> torch.futures.Future[torch.Tensor]:
+    """Divide first, as DDP does (so low-precision sums do not overflow), then allreduce the buffer;
+    with a loss scale, back into loss-scaled units (exact: a power of two)."""
     buffer.div_(divisor)
+    if loss_scale is not None:
+        buffer.mul_(loss_scale)
     if state.world_size == 1:
         return _completed(buffer)
     work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _forward_result(inner: torch.futures.Future, outer: torch.futures.Future) -> None:
+    """Complete ``outer`` with ``inner``'s value (or its exception) once ``inner`` is done."""
+    def _done(fut: torch.futures.Future) -> None:
+        try:
+            outer.set_result(fut.value())
+        except Exception as e:  # a failed allgather reaches DDP's wait on outer
+            outer.set_exception(e)
+
+    inner.add_done_callback(_done)
+
+
+def _decided(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A bucket of a decided step: compressed from unscaled gradients, or NaN-filled on a skip so that
+    every rank's GradScaler sees the overflow (the hook's state is left untouched)."""
+    guard = state.guard
+    if guard.skip is None:
+        raise RuntimeError("a secondary state's bucket arrived before the primary (DDP) hook decided the step")
+    if guard.skip:
+        return _completed(bucket.buffer().fill_(math.nan))
+    return _topk(state, bucket, guard.scale)
 
 
 def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -65,7 +91,27 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
     DDP hands the hook the local, not yet averaged gradients; the returned future holds the bucket
     buffer overwritten with the average over ranks of each rank's sparse contribution (or, for a
     bucket where sparse does not pay, the dense average with the residual flushed into it).
+
+    With fp16 loss scaling (``state.guard``, scaling.py) the primary state's buckets are deferred
+    until DDP's last bucket, where one all-reduced flag decides whether the step is skipped; then
+    they are compressed in DDP's order. The secondary states' buckets (expert gradients, synced
+    after backward) use that decision.
     """
+    guard = state.guard
+    if guard is None:
+        return _topk(state, bucket, None)
+    if state is not guard.primary:
+        return _decided(state, bucket)
+    fut = guard.defer(bucket)
+    if bucket.is_last():
+        for deferred, deferred_fut in guard.decide():
+            _forward_result(_decided(state, deferred), deferred_fut)
+    return fut
+
+
+def _topk(state: CommState, bucket: dist.GradBucket, loss_scale: float | None) -> torch.futures.Future[torch.Tensor]:
+    """``topk_hook`` on one bucket; ``loss_scale``: the buffer holds loss-scaled gradients, divided
+    by it before error feedback, and the averaged result is multiplied back (scaling.py)."""
     buffer = bucket.buffer()  # (n,) local gradients, bucket dtype
     n = buffer.numel()
     if n >= MAX_BUCKET_NUMEL_INT32_INDEX:
@@ -80,6 +126,8 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
     fallback = config.dense_fallback and not sparse_pays(n, k, elem_size, value_dtype.itemsize, world_size)
 
     grad = buffer.to(acc_dtype)  # (n,) aliases buffer when already acc_dtype (it is overwritten anyway)
+    if loss_scale is not None:
+        grad.div_(loss_scale)  # (n,) unscaled: residuals, moments and clipping see true gradients
     if config.clip_norm is not None:
         limit = config.clip_norm / math.sqrt(world_size)
         norm = torch.linalg.vector_norm(grad)  # ()
@@ -107,7 +155,7 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
                 residual.zero_()
             else:
                 residual.sub_(buffer.to(acc_dtype))
-        return _dense_average(buffer, state, world_size * scale)
+        return _dense_average(buffer, state, world_size * scale, loss_scale)
 
     generator = state._generator(buffer.device) if config.selection == "sampled" else None
     if residual is not None:
@@ -119,7 +167,7 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
     state._count(bucket, dense=dense, wire=sparse_allgather_bytes(k, value_dtype.itemsize, world_size))
 
     if world_size == 1:
-        buffer.copy_(decompress(idx, wire.to(acc_dtype), n, 1).div_(scale))  # (n,)
+        buffer.copy_(_arrived(decompress(idx, wire.to(acc_dtype), n, 1), scale, loss_scale))  # (n,)
         return _completed(buffer)
 
     payload = pack(idx, wire, k, pad_index=n)  # (k * pair bytes,) uint8
@@ -129,10 +177,17 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
     def _average(fut: torch.futures.Future) -> torch.Tensor:
         fut.value()  # re-raises a failed allgather instead of averaging garbage
         all_idx, all_vals = unpack(gathered, k, value_dtype)  # (N*k,), (N*k,)
-        buffer.copy_(decompress(all_idx, all_vals.to(acc_dtype), n, world_size).div_(scale))  # (n,) to bucket dtype
+        buffer.copy_(_arrived(decompress(all_idx, all_vals.to(acc_dtype), n, world_size), scale,
+                              loss_scale))  # (n,) to bucket dtype
         return buffer
 
     return work.get_future().then(_average)
+
+
+def _arrived(avg: torch.Tensor, lr_scale: float, loss_scale: float | None) -> torch.Tensor:
+    """The averaged (n,) movement in the units the optimizer (and GradScaler) expect, in place."""
+    avg.div_(lr_scale)
+    return avg.mul_(loss_scale) if loss_scale is not None else avg
 
 
 def allreduce_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

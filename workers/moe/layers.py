@@ -215,7 +215,8 @@ class MoE(nn.Module):
         token_A = torch.div(order_A, k, rounding_mode="floor")  # (A_kept,) token of each kept row
         y_AD = self.experts(x_TD[token_A], kept_E)  # (A_kept, D) rows sorted by expert
         y_AD = y_AD * gates_A[order_A].unsqueeze(-1).to(y_AD.dtype)  # (A_kept, D)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)  # (T, D) dropped rows add 0
+        # (T, D) dropped rows add 0; summed in the residual stream's dtype (autocast leaves y in bf16/fp16)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)  # (T, D)
 

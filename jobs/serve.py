@@ -1,0 +1,184 @@
+"""Serve a checkpoint over HTTP with Ray Serve: ``python -m jobs.serve --spec FILE``.
+
+One Serve application per spec, deployed imperatively under its own name and route prefix, so
+deploying a second spec leaves the first serving, and deploying a spec again under the same name
+rolls its replicas over to the new checkpoint or settings (Serve starts new replicas and drains
+the old ones; no request is dropped).
+
+The Python API for the control plane (Ray must be initialised: ``ray.init(address=...)``):
+``deploy(spec, api_key=None) -> Deployment``, ``delete(name)``, ``status(name) -> DeploymentStatus``.
+
+Bearer keys: a spec carries at most the key's SHA-256 (``key_sha256``). The key itself comes from
+``--key-file`` or MOE_SERVE_API_KEY, or is made here and printed once (``Deployment.api_key``);
+replicas only ever see the hash.
+
+Run directly, an embedded Ray cluster starts and the command serves until Ctrl-C (the cluster ends
+with it). Under ``ray job submit`` (RAY_ADDRESS set) it deploys, prints the URL and exits: Serve
+applications outlive the driver. Exit codes: 0 deployed, 2 invalid spec or arguments, 1 a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from jobs.serve_spec import ServeSpec, load_serve_spec
+from jobs.specs import SpecError
+
+KEY_ENV = "MOE_SERVE_API_KEY"
+DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT = "127.0.0.1", 8000
+# Bytes of randomness in a key made here (43 URL-safe characters).
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    route_prefix: str
+    base_url: str  # the OpenAI base URL: http://host:port/<prefix>/v1
+    checkpoint: str  # the resolved checkpoint folder
+    api_key: str | None  # the key when deploy() made it (show it once, store only its hash); else None
+    key_sha256: str
+
+
+class DeploymentStatus(BaseModel):
+    name: str
+    status: str  # Serve's application status: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, ...
+    message: str
+    replicas: dict[str, int]  # replica state (RUNNING, STARTING, STOPPING, ...) -> count
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest (highest step) checkpoint under a run's output
+    folder (``<out>/ray-train/step-XXXXXXXX``); SpecError naming ``checkpoint`` otherwise."""
+    root = Path(path).expanduser().resolve()
+    if (root / "meta.json").is_file():
+        return root
+    found = sorted(root.glob("**/step-*/meta.json")) if root.is_dir() else []
+    if not found:
+        raise SpecError(f"checkpoint: {root} is neither a checkpoint (meta.json) nor a run folder holding one")
+    return max(found, key=lambda p: (int(p.parent.name.removeprefix("step-")), str(p))).parent
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFAULT_HTTP_HOST,
+           http_port: int = DEFAULT_HTTP_PORT) -> Deployment:
+    """Deploys (or updates in place, rolling) the spec's application and returns once it runs.
+    Starts Serve's HTTP proxy on http_host:http_port when Serve is not running yet."""
+    from ray import serve
+
+    from workers.checkpoint import read_meta
+    from workers.serving.app import CompletionServer
+    from workers.serving.config import ReplicaConfig
+
+    made_key = None
+    if api_key is None and spec.key_sha256 is None:
+        api_key = made_key = secrets.token_urlsafe(KEY_BYTES)
+    digest = key_hash(api_key) if api_key is not None else spec.key_sha256
+    if spec.key_sha256 is not None and not hmac.compare_digest(digest, spec.key_sha256):
+        raise SpecError("key_sha256: does not match the key given to deploy it")
+    checkpoint = resolve_checkpoint(spec.checkpoint)
+    context = read_meta(checkpoint)["model"]["max_seq_len"]
+    if spec.limits.max_tokens >= context:
+        raise SpecError(f"limits.max_tokens ({spec.limits.max_tokens}) must be below the model's context "
+                        f"({context} tokens), which also holds the prompt")
+    config = ReplicaConfig(name=spec.name, checkpoint=str(checkpoint), key_sha256=digest, batching=spec.batching,
+                           limits=spec.limits, int8=spec.int8, torch_threads=spec.torch_threads)
+    b = spec.batching
+    app = CompletionServer.options(
+        name=spec.name,
+        autoscaling_config=spec.autoscaling.model_dump(),
+        # Serve's batch queue needs room for every row of every concurrent batch, plus a few
+        # non-generating calls (models, score, stats) beside them.
+        max_ongoing_requests=b.max_batch_size * b.max_concurrent_batches + 4,
+        ray_actor_options={"num_cpus": spec.num_cpus},
+    ).bind(config.model_dump())
+    serve.start(http_options={"host": http_host, "port": http_port})
+    serve.run(app, name=spec.name, route_prefix=spec.prefix, blocking=False)
+    return Deployment(name=spec.name, route_prefix=spec.prefix, checkpoint=str(checkpoint), api_key=made_key,
+                      base_url=f"http://{http_host}:{http_port}{spec.prefix.rstrip('/')}/v1", key_sha256=digest)
+
+
+def delete(name: str) -> None:
+    """Removes the application and its replicas (the other applications keep serving)."""
+    from ray import serve
+
+    serve.delete(name)
+
+
+def status(name: str) -> DeploymentStatus | None:
+    """The application's status and replica counts, or None when no such application runs."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None:
+        return None
+    replicas: dict[str, int] = {}
+    for dep in app.deployments.values():
+        for state, count in dep.replica_states.items():
+            replicas[str(getattr(state, "value", state))] = replicas.get(str(getattr(state, "value", state)), 0) + count
+    return DeploymentStatus(name=name, status=str(getattr(app.status, "value", app.status)), message=app.message,
+                            replicas=replicas)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--spec", required=True, help="YAML serve spec, e.g. jobs/examples/serve.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
+    p.add_argument("--key-file", help=f"file holding the bearer key (else ${KEY_ENV}, else one is made and shown)")
+    p.add_argument("--host", default=DEFAULT_HTTP_HOST, help="Serve's HTTP host when this starts Serve")
+    p.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="Serve's HTTP port when this starts Serve")
+    p.add_argument("--out", help="accepted for the job-kind contract; serving writes nothing there")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_serve_spec(args.spec, args.set)
+        key = Path(args.key_file).read_text().strip() if args.key_file else os.environ.get(KEY_ENV) or None
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: --key-file: {e.strerror}", file=sys.stderr)
+        return 2
+    import ray
+
+    attached = bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(address=os.environ["RAY_ADDRESS"] if attached else "local", logging_level="ERROR")
+    try:
+        d = deploy(spec, key, http_host=args.host, http_port=args.port)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Serve's deploy errors carry the replica's traceback; the cause is what a user needs
+        print(f"error: deploying {spec.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"serving {d.name} from {d.checkpoint}\n  OpenAI base URL: {d.base_url}", flush=True)
+    if d.api_key is not None:
+        print(f"  API key (shown once, only its SHA-256 is kept): {d.api_key}", flush=True)
+    if attached:
+        return 0
+    print("serving until Ctrl-C (the embedded Ray cluster ends with this process)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""ServeSpec: a typed, bounded spec for one serving deployment (``python -m jobs.serve --spec FILE``).
+
+Torch-free, so the control plane validates it like the other kinds. A spec never carries a bearer
+key, only (optionally) its SHA-256: jobs/serve.py takes the key from a file or the environment, or
+makes one and shows it once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from jobs.specs import SpecError, apply_override, field_errors
+from workers.config import Config
+from workers.serving.config import SHA256_HEX_PATTERN, AutoscalingSpec, BatchingConfig, LimitsConfig
+
+
+class ServeSpec(Config):
+    # The Serve application's name and the model id clients pass (``model``).
+    name: str = Field("moe", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A checkpoint folder (meta.json + model.pt), or a training run's output folder: its latest
+    # checkpoint. Local paths: every node that runs a replica must see the same folder.
+    checkpoint: str = Field(min_length=1)
+    # Where the routes live under Serve's HTTP address; default "/<name>".
+    route_prefix: str | None = Field(None, max_length=128, pattern=r"^/[A-Za-z0-9_.\-/]*$")
+    # SHA-256 (hex) of the bearer key; None: jobs/serve.py reads or makes the key.
+    key_sha256: str | None = Field(None, pattern=SHA256_HEX_PATTERN)
+    batching: BatchingConfig = BatchingConfig()
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    limits: LimitsConfig = LimitsConfig()
+    # Logical CPUs each replica reserves (0: replicas only share the node's cores, as in tests).
+    num_cpus: float = Field(1.0, ge=0.0, le=512.0)
+    torch_threads: int = Field(1, ge=1, le=256)
+    int8: bool = False
+
+    @property
+    def prefix(self) -> str:
+        return self.route_prefix or f"/{self.name}"
+
+
+def validate_serve_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> ServeSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"a serve spec must be a mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return ServeSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError("invalid serve spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+
+
+def load_serve_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ServeSpec:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
+    return validate_serve_spec(raw, overrides)

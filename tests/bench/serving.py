@@ -1,0 +1,213 @@
+"""Serving benchmarks: batched vs unbatched Serve throughput at 32 concurrent clients, KV cache vs
+recompute, Serve's added latency over an in-process call, int8 vs fp32 (latency and held-out loss),
+time to first token. ``python -m tests.bench --sections serving``.
+
+The model is the demo's latest checkpoint under runs/ (``make demo``) when there is one, else the
+demo architecture with random weights (then the int8 loss change is not meaningful; the table says
+which). Replicas and the in-process calls use 1 torch thread each; clients are threads of this
+process, so on 2 cores they compete with the replicas: read the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from workers.checkpoint import FORMAT_VERSION, load_model
+from workers.config import DataConfig, ModelConfig
+from workers.moe.model import MoETransformer
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENTS = 32
+REQUESTS_PER_CLIENT = 4
+MAX_TOKENS = 32
+CACHE_TOKENS = 100  # new tokens per generate() in the KV-cache comparison
+LATENCY_REPS = 15
+EVAL_BATCHES, EVAL_BATCH = 8, 8
+GOAL_BATCHED = 3.0
+GOAL_INT8_SHARE = 0.9
+KEY = "bench-key-0123456789"
+
+
+def write_checkpoint(path: Path, config: ModelConfig, seed: int) -> Path:
+    """A checkpoint folder in the format workers/checkpoint.py saves (model.pt + meta.json with the
+    model config) for a model with random weights: serving tests need a model, not a trained one."""
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(MoETransformer(config).state_dict(), path / "model.pt")
+    (path / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": 0, "model": config.model_dump()}))
+    return path
+
+
+def _checkpoint(scratch: Path) -> tuple[Path, bool]:
+    """(folder, trained?): the newest demo checkpoint, else a random-weight demo-size model."""
+    found = sorted((ROOT / "runs").glob("demo-*/ray-train/step-*/meta.json"), key=lambda p: p.stat().st_mtime)
+    if found:
+        return found[-1].parent, True
+    return write_checkpoint(scratch / "random", ModelConfig(max_seq_len=128), seed=0), False
+
+
+def _held_out(scratch: Path, seq_len: int) -> list[torch.Tensor]:
+    from workers.data import build_shards, pack_sequences, shard_paths
+
+    manifest = build_shards(DataConfig(path=str(scratch / "data"), max_bytes=3_000_000, seq_len=seq_len),
+                            log=lambda _: None)
+    rows = pack_sequences(pq.read_table(shard_paths(manifest, "val"), columns=["tokens"]), seq_len)["input_ids"]
+    return [torch.from_numpy(rows[i * EVAL_BATCH:(i + 1) * EVAL_BATCH].astype(np.int64))
+            for i in range(min(EVAL_BATCHES, len(rows) // EVAL_BATCH))]
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def engine_call(model: MoETransformer) -> None:
+    """The replica's work for one greedy request of MAX_TOKENS, in this process."""
+    from workers.serving.engine import BatchGeneration, RowRequest
+
+    gen = BatchGeneration(model, [RowRequest((0, *b"def main():\n"), MAX_TOKENS, 0.0, 1.0, (), 0)])
+    while not gen.done:
+        gen.step()
+
+
+def in_process(ckpt: Path, scratch: Path) -> dict[str, Any]:
+    from workers.serving.int8 import quantize_model
+    from workers.step import evaluate
+
+    torch.set_num_threads(1)
+    model = load_model(ckpt)
+    prompt = torch.tensor([[0, *b"def main():\n"]])
+    steps = min(CACHE_TOKENS, model.config.max_seq_len - prompt.shape[1])
+    t_nc = _median_s(lambda: model.generate(prompt, steps, use_cache=False), 3)
+    t_c = _median_s(lambda: model.generate(prompt, steps, use_cache=True), 3)
+    fp32_s = _median_s(lambda: engine_call(model), LATENCY_REPS)
+    val = _held_out(scratch, model.config.max_seq_len)
+    loss_fp32 = evaluate(model, val, len(val)).loss
+    q = load_model(ckpt)
+    share = quantize_model(q).share
+    int8_s = _median_s(lambda: engine_call(q), LATENCY_REPS)
+    loss_int8 = evaluate(q, val, len(val)).loss
+    return {"cache_tokens": steps, "no_cache_tok_s": steps / t_nc, "cache_tok_s": steps / t_c,
+            "engine_p50_s": fp32_s, "int8_p50_s": int8_s, "int8_share": share, "eval_loss_fp32": loss_fp32,
+            "eval_loss_int8": loss_int8, "eval_tokens": sum(v[:, 1:].numel() for v in val)}
+
+
+def _load(client, name: str) -> tuple[int, list[float]]:
+    """One client's streamed requests: (completion tokens, time to first token of each)."""
+    tokens, ttft = 0, []
+    for i in range(REQUESTS_PER_CLIENT):
+        t0, first = time.perf_counter(), None
+        for chunk in client.completions.create(model=name, prompt=f"# {i}\n", max_tokens=MAX_TOKENS, temperature=0.8,
+                                               stream=True, stream_options={"include_usage": True}):
+            if first is None and chunk.choices:
+                first = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens += chunk.usage.completion_tokens
+        ttft.append(first)
+    return tokens, ttft
+
+
+def over_serve(ckpt: Path) -> dict[str, Any]:
+    import openai
+    import ray
+    from ray import serve
+
+    from jobs.serve import deploy
+    from jobs.serve_spec import ServeSpec
+
+    os.environ.pop("RAY_ADDRESS", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        limits = {"max_tokens": MAX_TOKENS, "max_rows_per_request": 1}
+        apps = {
+            "batched": ServeSpec(name="batched", checkpoint=str(ckpt), num_cpus=0, limits=limits,
+                                 batching={"max_batch_size": CLIENTS, "batch_wait_timeout_s": 0.01,
+                                           "max_concurrent_batches": 2}),
+            "unbatched": ServeSpec(name="unbatched", checkpoint=str(ckpt), num_cpus=0, limits=limits,
+                                   batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0,
+                                             "max_concurrent_batches": 1}),
+        }
+        bases = {name: deploy(spec, KEY, http_port=port).base_url for name, spec in apps.items()}
+        clients = {n: openai.OpenAI(base_url=b, api_key=KEY, max_retries=0, timeout=600) for n, b in bases.items()}
+        out: dict[str, Any] = {}
+        for name in ("unbatched", "batched", "unbatched", "batched"):  # twice, interleaved: the load drifts
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                results = list(pool.map(lambda _, n=name: _load(clients[n], n), range(CLIENTS)))
+            tok_s = sum(r[0] for r in results) / (time.perf_counter() - t0)
+            out.setdefault(f"{name}_tok_s", []).append(tok_s)
+            out[f"{name}_ttft"] = [t for r in results for t in r[1]]
+        # Side by side, alternating, so both see the same load: the same greedy row over HTTP and in-process.
+        row = dict(model="unbatched", prompt="def main():\n", max_tokens=MAX_TOKENS, temperature=0.0)
+        model = load_model(ckpt)
+        pairs = [(_median_s(lambda: clients["unbatched"].completions.create(**row), 1), _median_s(
+            lambda: engine_call(model), 1)) for _ in range(LATENCY_REPS)]
+        out["http_p50_s"] = statistics.median(h for h, _ in pairs)
+        out["local_p50_s"] = statistics.median(e for _, e in pairs)
+        stats = clients["batched"].get("/stats", cast_to=object)
+        out["batch_sizes"] = stats["batch_sizes"]
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def serving_section(scratch: Path) -> dict:
+    scratch.mkdir(parents=True, exist_ok=True)
+    ckpt, trained = _checkpoint(scratch)
+    local = in_process(ckpt, scratch)
+    remote = over_serve(ckpt)
+    batched, unbatched = statistics.median(remote["batched_tok_s"]), statistics.median(remote["unbatched_tok_s"])
+    ratio = batched / unbatched
+    ttft_b = [1000 * t for t in remote["batched_ttft"] if t is not None]
+    ttft_u = [1000 * t for t in remote["unbatched_ttft"] if t is not None]
+    added_ms = 1000 * (remote["http_p50_s"] - remote["local_p50_s"])
+    d_loss = local["eval_loss_int8"] - local["eval_loss_fp32"]
+    data = {"name": "serving", "checkpoint": str(ckpt), "trained": trained, "clients": CLIENTS,
+            "batched_tok_s": batched, "unbatched_tok_s": unbatched, "batched_ratio": ratio,
+            "ttft_ms_p50_batched": statistics.median(ttft_b), "ttft_ms_p50_unbatched": statistics.median(ttft_u),
+            "serve_added_p50_ms": added_ms, "http_p50_s": remote["http_p50_s"], "local_p50_s": remote["local_p50_s"], "batch_sizes": remote["batch_sizes"], **local}
+    mark = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    md = [
+        "## Serving (Ray Serve, OpenAI routes, KV cache, batching, int8)", "",
+        f"`python -m tests.bench --sections serving`: {'the demo checkpoint' if trained else 'random weights (no demo checkpoint under runs/)'}"
+        f" (`{ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt.name}`); 1 torch thread per replica and "
+        f"in-process call; {CLIENTS} concurrent streaming clients x {REQUESTS_PER_CLIENT} requests of "
+        f"{MAX_TOKENS} tokens; each load run twice, interleaved, median.", "",
+        "| measure | value | goal |", "|---|---|---|",
+        f"| batched vs unbatched throughput ({CLIENTS} clients) | {batched:.0f} vs {unbatched:.0f} tokens/s = "
+        f"**{ratio:.1f}x** | >= {GOAL_BATCHED:.0f}x: {mark(ratio >= GOAL_BATCHED)} |",
+        f"| batch sizes seen by the batched replica (rows: batches) | {remote['batch_sizes']} | > 1 |",
+        f"| time to first token p50, batched / unbatched ({CLIENTS} clients) | {statistics.median(ttft_b):.0f} ms / "
+        f"{statistics.median(ttft_u):.0f} ms | |",
+        f"| KV cache vs recompute, {local['cache_tokens']} new tokens, 1 row | {local['cache_tok_s']:.0f} vs "
+        f"{local['no_cache_tok_s']:.0f} tokens/s = **{local['cache_tok_s'] / local['no_cache_tok_s']:.1f}x** | faster |",
+        f"| Serve's added p50 latency ({MAX_TOKENS} greedy tokens, HTTP + proxy + replica vs in-process engine) | "
+        f"{added_ms:.1f} ms ({1000 * remote['http_p50_s']:.1f} vs {1000 * remote['local_p50_s']:.1f} ms, alternating) | |",
+        f"| int8 share of parameters | {100 * local['int8_share']:.1f}% | >= {100 * GOAL_INT8_SHARE:.0f}%: "
+        f"{mark(local['int8_share'] >= GOAL_INT8_SHARE)} |",
+        f"| int8 vs fp32 latency ({MAX_TOKENS} greedy tokens, in-process) | {1000 * local['int8_p50_s']:.1f} vs "
+        f"{1000 * local['engine_p50_s']:.1f} ms ({local['int8_p50_s'] / local['engine_p50_s']:.2f}x) | |",
+        f"| int8 vs fp32 held-out loss ({local['eval_tokens']} tokens) | {local['eval_loss_int8']:.4f} vs "
+        f"{local['eval_loss_fp32']:.4f} ({d_loss:+.4f}) | small |",
+    ]
+    return {"data": data, "markdown": md}

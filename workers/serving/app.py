@@ -1,0 +1,258 @@
+"""The Ray Serve deployment: a checkpoint answering OpenAI-compatible routes under its own prefix.
+
+Routes (every one needs ``Authorization: Bearer <the deployment's key>``, else 401):
+    POST /v1/completions   prompt(s) -> completions; ``stream: true`` sends server-sent events
+                           ending in ``data: [DONE]``
+    GET  /v1/models        the one model this deployment serves (its name)
+    POST /v1/score         log-likelihood of a text, per token and in total
+    GET  /v1/stats         this replica's batch-size histogram and time to first token
+
+Batching: each row (one per prompt and choice) enters ``@serve.batch``, whose handler is an async
+generator yielding one chunk per row per token. Ray Serve runs such a batch until its generator
+ends, and rows that arrive meanwhile wait for one of ``max_concurrent_batches`` slots; so a row
+that finishes leaves the running batch at once (the handler yields StopIteration for it and the
+engine drops it from the KV cache) and its caller's stream closes, instead of holding on until the
+longest row ends. Model steps run on one thread per replica, so concurrent batches interleave step
+by step and the event loop stays free to accept requests.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations through Serve's
+# ingress wrapper, where string annotations do not resolve and a body would become a query field.
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from workers.checkpoint import load_model
+from workers.data import EOS_TOKEN
+from workers.serving.config import ReplicaConfig
+from workers.serving.engine import BatchGeneration, Chunk, RowRequest
+from workers.serving.int8 import quantize_model
+from workers.serving.schemas import (
+    MAX_STOP_CHARS,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    ReplicaStats,
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+)
+
+log = logging.getLogger("ray.serve")
+api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None)
+# Rows whose time to first token the stats keep (a sliding window).
+TTFT_WINDOW_ROWS = 1000
+
+
+@api.middleware("http")
+async def require_key(request: Request, call_next: Any) -> Response:
+    """Every route needs the deployment's bearer key, checked before the body is even parsed (a
+    caller without the key learns nothing, not even which fields are wrong). Only the key's SHA-256
+    is known here (``app.state.key_sha256``, set by the replica: one app object per replica process)."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(key.strip().encode()).hexdigest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, request.app.state.key_sha256):
+        return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+def unprocessable(loc: list[str | int], msg: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors: the field's location and the limit."""
+    return HTTPException(422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+def encode_prompt(text: str, loc: list[str | int]) -> list[int]:
+    """A document's start (EOS, as in training) then the text's UTF-8 bytes."""
+    if not text:
+        raise unprocessable(loc, "must not be empty")
+    try:
+        return [EOS_TOKEN, *text.encode("utf-8")]
+    except UnicodeEncodeError as e:
+        raise unprocessable(loc, f"is not valid UTF-8 (character {e.start}: {e.reason})") from None
+
+
+async def merge(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """(row, chunk) from several row streams as they come."""
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in stream:  # to its end (one step after the last chunk), so Serve's
+                await queue.put((i, chunk))  # end-of-stream future is always awaited
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                ended += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@serve.deployment
+@serve.ingress(api)
+class CompletionServer:
+    def __init__(self, config: dict[str, Any]):
+        self.config = ReplicaConfig.model_validate(config)
+        api.state.key_sha256 = self.config.key_sha256
+        torch.set_num_threads(self.config.torch_threads)
+        self.model = load_model(Path(self.config.checkpoint))
+        self.int8_share = quantize_model(self.model).share if self.config.int8 else 0.0
+        self.context = self.model.config.max_seq_len
+        self.created = int(time.time())
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        b = self.config.batching
+        self.batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
+                                   max_concurrent_batches=b.max_concurrent_batches)(self._run_batch)
+        self.batch_sizes: Counter[int] = Counter()
+        self.ttft_s: deque[float] = deque(maxlen=TTFT_WINDOW_ROWS)
+        self.requests = self.rows = self.completion_tokens = 0
+        log.info("serving %s from %s (int8 %s, share %.3f)", self.config.name, self.config.checkpoint,
+                 self.config.int8, self.int8_share)
+
+    # -- batching ---------------------------------------------------------------------------------
+
+    async def _run_batch(self, rows: list[RowRequest]) -> AsyncIterator[list[Chunk | type[StopIteration]]]:
+        """The @serve.batch handler: one list per step, a chunk per running row, StopIteration for
+        rows that finished in an earlier step."""
+        self.batch_sizes[len(rows)] += 1
+        gen = BatchGeneration(self.model, rows)
+        loop = asyncio.get_running_loop()
+        ended = [False] * len(rows)
+        while not gen.done:
+            chunks = await loop.run_in_executor(self.executor, gen.step)
+            out: list[Chunk | type[StopIteration]] = []
+            for i in range(len(rows)):
+                chunk = chunks.get(i)
+                out.append(StopIteration if ended[i] or chunk is None else chunk)
+                if chunk is not None and chunk.finish_reason is not None:
+                    ended[i] = True
+                    self.completion_tokens += chunk.completion_tokens
+            yield out
+        self.ttft_s.extend(gen.first_token_s.values())
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.name:
+            raise HTTPException(404, detail=f"model {model!r} not found; this deployment serves {self.config.name!r}")
+
+    def _rows(self, req: CompletionRequest) -> tuple[list[RowRequest], int]:
+        """The rows a request asks for and its prompt tokens, or a 422 naming the field and limit."""
+        limits = self.config.limits
+        max_tokens = req.max_tokens or limits.default_max_tokens
+        if max_tokens > limits.max_tokens:
+            raise unprocessable(["max_tokens"], f"{max_tokens} is above this deployment's limit of {limits.max_tokens}")
+        prompts = req.prompts()
+        if not prompts:
+            raise unprocessable(["prompt"], "must hold at least one prompt")
+        if len(prompts) * req.n > limits.max_rows_per_request:
+            raise unprocessable(["n"], f"{len(prompts)} prompts x n={req.n} is above this deployment's limit of "
+                                       f"{limits.max_rows_per_request} completions per request")
+        stops = req.stops()
+        if len(stops) > limits.max_stop_sequences or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise unprocessable(["stop"], f"at most {limits.max_stop_sequences} sequences of at most "
+                                          f"{MAX_STOP_CHARS} characters")
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
+        rows, prompt_tokens = [], 0
+        for p, text in enumerate(prompts):
+            loc: list[str | int] = ["prompt"] if isinstance(req.prompt, str) else ["prompt", p]
+            tokens = encode_prompt(text, loc)
+            if len(tokens) + max_tokens > self.context:
+                raise unprocessable(loc, f"{len(tokens)} prompt tokens + max_tokens {max_tokens} exceed the "
+                                         f"model's context of {self.context} tokens")
+            prompt_tokens += len(tokens)
+            rows += [RowRequest(tuple(tokens), max_tokens, req.temperature, req.top_p, stops, seed + j)
+                     for j in range(req.n)]
+        return rows, prompt_tokens
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.config.name, created=self.created)])
+
+    @api.post("/v1/completions", response_model=None)
+    async def completions(self, req: CompletionRequest) -> Completion | StreamingResponse:
+        self._check_model(req.model)
+        rows, prompt_tokens = self._rows(req)
+        self.requests += 1
+        self.rows += len(rows)
+        streams = [self.batched(row) for row in rows]  # every row is queued now, together
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.name}
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(self._events(streams, head, prompt_tokens, include_usage),
+                                     media_type="text/event-stream")
+        texts, finish, used = [""] * len(rows), [None] * len(rows), [0] * len(rows)
+        async for i, chunk in merge(streams):
+            texts[i] += chunk.text
+            finish[i], used[i] = chunk.finish_reason, chunk.completion_tokens
+        choices = [CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(used), total_tokens=prompt_tokens + sum(used))
+        return Completion(**head, choices=choices, usage=usage)
+
+    async def _events(self, streams: list[AsyncIterator[Chunk]], head: dict[str, Any], prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        used = 0
+        async for i, chunk in merge(streams):
+            choice = CompletionChoice(index=i, text=chunk.text, finish_reason=chunk.finish_reason)
+            yield f"data: {Completion(**head, choices=[choice]).model_dump_json()}\n\n"
+            if chunk.finish_reason is not None:
+                used += chunk.completion_tokens
+        if include_usage:
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used)
+            yield f"data: {Completion(**head, choices=[], usage=usage).model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @api.post("/v1/score", response_model=ScoreResponse)
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        self._check_model(req.model)
+        tokens = encode_prompt(req.text, ["text"])
+        if len(tokens) > self.context:
+            raise unprocessable(["text"], f"{len(tokens)} tokens exceed the model's context of {self.context} tokens")
+        logprobs = await asyncio.get_running_loop().run_in_executor(self.executor, self._logprobs, tokens)
+        return ScoreResponse(model=self.config.name, tokens=tokens[1:], logprobs=logprobs,
+                             total_logprob=sum(logprobs), n_tokens=len(logprobs))
+
+    @torch.no_grad()
+    def _logprobs(self, tokens: list[int]) -> list[float]:
+        idx_1L = torch.tensor([tokens])  # (1, L)
+        logp_LV = torch.log_softmax(self.model(idx_1L)[0, :-1].float(), dim=-1)  # (L - 1, V)
+        return logp_LV.gather(1, idx_1L[0, 1:, None])[:, 0].tolist()
+
+    @api.get("/v1/stats", response_model=ReplicaStats)
+    async def stats(self) -> ReplicaStats:
+        ttft = sorted(self.ttft_s)
+        pct = (lambda q: round(1000 * ttft[min(len(ttft) - 1, int(q * len(ttft)))], 2)) if ttft else (lambda q: None)
+        return ReplicaStats(
+            replica=serve.get_replica_context().replica_id.unique_id, checkpoint=self.config.checkpoint,
+            int8=self.config.int8, requests=self.requests, rows=self.rows,
+            completion_tokens=self.completion_tokens, batch_sizes=dict(sorted(self.batch_sizes.items())),
+            ttft_ms_p50=pct(0.5), ttft_ms_p90=pct(0.9))

@@ -1,0 +1,76 @@
+"""Typed, bounded settings of one serving deployment, torch-free (jobs/serve_spec.py composes them
+into the ServeSpec the control plane validates; ``ReplicaConfig`` is what each replica receives).
+
+Only the SHA-256 of a deployment's bearer key ever reaches a replica or a spec: the key itself is
+shown once to whoever deployed it (jobs/serve.py) and is not stored anywhere.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from workers.config import Config
+
+# Hex SHA-256 of a bearer key: 64 lowercase hex digits.
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class BatchingConfig(Config):
+    """Ray Serve's ``@serve.batch`` knobs for the generation batches of one replica."""
+
+    # Rows (one per prompt and choice) generated together in one forward per token.
+    max_batch_size: int = Field(16, ge=1, le=512)
+    # How long the first row of a batch waits for others before the batch starts, in seconds.
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
+    # Batches a replica runs at once. A batch runs until its last row ends and rows arriving
+    # meanwhile wait for a free batch slot, so 2 lets a new batch start beside a long one.
+    max_concurrent_batches: int = Field(2, ge=1, le=64)
+
+
+class AutoscalingSpec(Config):
+    """Ray Serve's ``autoscaling_config`` (replicas follow the ongoing requests per replica)."""
+
+    min_replicas: int = Field(1, ge=0, le=1024)
+    max_replicas: int = Field(1, ge=1, le=1024)
+    # Ongoing requests (rows waiting or generating) per replica that the autoscaler aims at.
+    target_ongoing_requests: float = Field(8.0, gt=0.0, le=10_000.0)
+    upscale_delay_s: float = Field(10.0, ge=0.0, le=3600.0)
+    downscale_delay_s: float = Field(60.0, ge=0.0, le=3600.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class LimitsConfig(Config):
+    """What one request may ask for; beyond these it gets a 422 naming the field and the limit."""
+
+    # Upper bound of a request's max_tokens (the model's context bounds prompt + max_tokens too).
+    max_tokens: int = Field(256, ge=1, le=131072)
+    # max_tokens when a request does not say.
+    default_max_tokens: int = Field(16, ge=1, le=131072)
+    # Prompts per request times choices per prompt (n): the rows one request adds to batches.
+    max_rows_per_request: int = Field(16, ge=1, le=512)
+    max_stop_sequences: int = Field(4, ge=0, le=16)
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
+
+
+class ReplicaConfig(Config):
+    """Everything one replica needs, passed as the deployment's init argument."""
+
+    name: str = Field(min_length=1, max_length=64)  # the model id answered in /v1/models
+    checkpoint: str = Field(min_length=1)  # a checkpoint folder (holding meta.json and model.pt)
+    key_sha256: str = Field(pattern=SHA256_HEX_PATTERN)
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    # Routed experts, attention and shared experts as per-channel int8 weights (workers/serving/int8.py).
+    int8: bool = False
+    # torch intra-op threads per replica; replicas share a node's cores.
+    torch_threads: int = Field(1, ge=1, le=256)

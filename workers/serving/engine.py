@@ -1,0 +1,150 @@
+"""Batched generation with a KV cache: rows (one per prompt and choice) of different lengths and
+sampling settings generate together, one forward per token over the rows still running.
+
+Why rows do not change each other's output: in eval mode the MoE routes every token on its own (no
+capacity dropping), each row attends only to its own cache slots, and each row samples from its own
+seeded ``torch.Generator``; so a row's tokens are those it gets alone (the same forward up to
+floating-point rounding of differently shaped matmuls).
+
+Shape suffixes: B rows in the batch, L positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from workers.data import EOS_TOKEN
+from workers.moe.model import KVCache, MoETransformer
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One completion to generate; validated by the caller (fits the model's context)."""
+
+    tokens: tuple[int, ...]  # the prompt, starting with EOS_TOKEN (a document's start)
+    max_tokens: int
+    temperature: float  # <= 0: greedy
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int
+    enqueued_s: float = field(default_factory=time.perf_counter)  # for time to first token
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one row produced in one step: text safe to show (complete characters, no part of a stop
+    sequence), the tokens generated so far, and why it ended (None while it runs)."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None  # "stop" (EOS or a stop sequence) or "length" (max_tokens)
+
+
+class TextStream:
+    """Bytes -> text as they come: holds back an incomplete UTF-8 character and any tail that could
+    still become a stop sequence, and ends at the first stop sequence (which is not shown)."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = tuple(s for s in stop if s)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.pending += self.decoder.decode(bytes([token]))
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+            return out
+        hold = max((k for s in self.stop for k in range(1, min(len(s) - 1, len(self.pending)) + 1)
+                    if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """The held-back tail once the row ends without a stop sequence."""
+        out, self.pending = self.pending + self.decoder.decode(b"", final=True), ""
+        return out
+
+
+def sample_token(logits_V: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Greedy at temperature <= 0, else nucleus sampling (the smallest set of tokens whose
+    probability reaches top_p) from the row's own generator."""
+    if temperature <= 0:
+        return int(logits_V.argmax())
+    probs_V = torch.softmax(logits_V.float() / temperature, dim=-1)  # (V,)
+    if top_p < 1.0:
+        sorted_V, order_V = probs_V.sort(descending=True)  # (V,)
+        outside_V = sorted_V.cumsum(0) - sorted_V >= top_p  # (V,) mass before it already reaches top_p
+        probs_V = torch.zeros_like(probs_V).scatter_(0, order_V, sorted_V.masked_fill(outside_V, 0.0))
+    return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+class BatchGeneration:
+    """Generates a fixed set of rows together; ``step()`` until ``done``. The first step prefills
+    every prompt in one right-padded forward; later steps feed one token per running row. Rows
+    leave the batch (and the cache) as soon as they finish."""
+
+    def __init__(self, model: MoETransformer, rows: list[RowRequest]):
+        self.model = model
+        self.rows = rows
+        self.generators = [torch.Generator().manual_seed(r.seed) for r in rows]
+        self.streams = [TextStream(r.stop) for r in rows]
+        self.generated = [0] * len(rows)
+        self.running = list(range(len(rows)))  # indices into rows, in cache order
+        self.cache: KVCache | None = None
+        self.last_tokens: list[int] = []
+        self.first_token_s: dict[int, float] = {}  # row -> seconds from enqueue to its first token
+
+    @property
+    def done(self) -> bool:
+        return not self.running
+
+    @torch.no_grad()
+    def _logits(self) -> Tensor:
+        """(B, V) next-token logits of the running rows."""
+        device = self.model.tok_emb.weight.device
+        if self.cache is None:
+            lengths = [len(self.rows[i].tokens) for i in self.running]
+            padded = [list(self.rows[i].tokens) + [EOS_TOKEN] * (max(lengths) - n)
+                      for i, n in zip(self.running, lengths, strict=True)]
+            self.cache = self.model.new_cache(len(self.running))
+            logits_BLV = self.model(torch.tensor(padded, device=device), self.cache)  # (B, L, V)
+            last_B = torch.tensor(lengths, device=device)  # (B,)
+            self.cache.lengths_B = last_B  # the padding's slots are free again
+            return logits_BLV[torch.arange(len(lengths), device=device), last_B - 1]  # (B, V)
+        idx_B1 = torch.tensor(self.last_tokens, device=device)[:, None]  # (B, 1)
+        return self.model(idx_B1, self.cache)[:, -1]  # (B, V)
+
+    def step(self) -> dict[int, Chunk]:
+        """One token for every running row: row index -> its chunk. Finished rows leave."""
+        logits_BV = self._logits().float().cpu()  # (B, V)
+        now = time.perf_counter()
+        out: dict[int, Chunk] = {}
+        keep_b: list[int] = []
+        next_tokens: list[int] = []
+        for b, i in enumerate(self.running):
+            row, stream = self.rows[i], self.streams[i]
+            token = sample_token(logits_BV[b], row.temperature, row.top_p, self.generators[i])
+            self.generated[i] += 1
+            self.first_token_s.setdefault(i, now - row.enqueued_s)
+            text = "" if token == EOS_TOKEN else stream.push(token)
+            finish = "stop" if token == EOS_TOKEN or stream.stopped else (
+                "length" if self.generated[i] >= row.max_tokens else None)
+            if finish == "length" or token == EOS_TOKEN:
+                text += stream.flush()
+            out[i] = Chunk(text, self.generated[i], finish)
+            if finish is None:
+                keep_b.append(b)
+                next_tokens.append(token)
+        if len(keep_b) < len(self.running) and keep_b:
+            self.cache.keep(torch.tensor(keep_b, device=self.cache.lengths_B.device))
+        self.running = [self.running[b] for b in keep_b]
+        self.last_tokens = next_tokens
+        return out
