@@ -1,0 +1,60 @@
+"""dashboards/grafana/orch.json names only metrics that exist: the service's in a real scrape of
+/metrics (with a RUNNING job reporting progress and two QUEUED behind it, so the per-job and queue
+series are there), Ray's in the dashboards the installed Ray ships. About 3 s."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import ray.dashboard.modules.metrics.dashboards as ray_dashboards
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.waiting import wait_until
+from tests.orchestrator.conftest import AUTH, TINY_SPEC
+from tests.orchestrator.fakes import progress_line
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "grafana" / "orch.json"
+METRIC = re.compile(r"\b((?:orch|ray)_[a-z0-9_]+)\b")
+# A job filling the fake cluster's CPU pool (4 CPUs on the head), so the next ones queue.
+POOL_FILLING = {**TINY_SPEC, "resources": {"num_workers": 1, "cpus_per_worker": 3}}
+
+
+def _named_metrics() -> set[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    assert exprs, "the dashboard has no queries"
+    # Label names (ray_train_run_name) are not metrics: drop selectors and by (...) groupings first.
+    return {m for e in exprs for m in METRIC.findall(re.sub(r"\{[^}]*\}|\bby \([^)]*\)", "", e))}
+
+
+def test_every_service_metric_on_the_dashboard_is_in_a_real_scrape(service, fake_ray):
+    url, _ = service
+    ids = [httpx.post(f"{url}/v1/jobs", json={"spec": POOL_FILLING}, headers=AUTH).json()["id"] for _ in range(3)]
+    wait_until(lambda: fake_ray.submissions, timeout_s=10, interval_s=0.05, what="the first submission")
+    sid = fake_ray.submissions[0]["submission_id"]
+    fake_ray.job_logs[sid] = progress_line(3, 10, 2.0) + "\n"
+    fake_ray.set(sid, "RUNNING")
+
+    def states():
+        return sorted(httpx.get(f"{url}/v1/jobs/{i}", headers=AUTH).json()["state"] for i in ids)
+
+    wait_until(lambda: states() == ["QUEUED", "QUEUED", "RUNNING"], timeout_s=10, interval_s=0.05,
+               what="one RUNNING job and two QUEUED")
+
+    def scraped() -> set[str]:
+        text = httpx.get(f"{url}/metrics", headers=AUTH).text
+        return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+    wanted = {m for m in _named_metrics() if m.startswith("orch_")}
+    assert {"orch_jobs", "orch_queued_jobs", "orch_http_request_duration_seconds_bucket", "orch_job_loss"} <= wanted
+    wait_until(lambda: wanted <= scraped(), timeout_s=10, interval_s=0.1, what="every dashboard metric in /metrics")
+
+
+def test_every_ray_metric_on_the_dashboard_is_one_ray_exports():
+    shipped = "".join(p.read_text() for p in Path(ray_dashboards.__file__).parent.glob("*_panels.py"))
+    ray_metrics = {m for m in _named_metrics() if m.startswith("ray_")}
+    assert ray_metrics, "the dashboard shows none of Ray's metrics"
+    assert not {m for m in ray_metrics if not re.search(rf"\b{m}\b", shipped)}
