@@ -15,6 +15,11 @@ replicas only ever see the hash.
 Run directly, an embedded Ray cluster starts and the command serves until Ctrl-C (the cluster ends
 with it). Under ``ray job submit`` (RAY_ADDRESS set) it deploys, prints the URL and exits: Serve
 applications outlive the driver. Exit codes: 0 deployed, 2 invalid spec or arguments, 1 a failure.
+
+Two more modes: ``--delete NAME`` removes one application (what the control plane's reconciler runs
+as a Ray job: Serve's REST API can only replace the whole set); ``--prompt TEXT`` deploys, sends the
+prompt over HTTP with the key, prints the answer, deletes the application and exits (``make demo``'s
+last step; on an embedded cluster Serve listens on a free port unless ``--port`` is given).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ KEY_ENV = "MOE_SERVE_API_KEY"
 DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT = "127.0.0.1", 8000
 # Bytes of randomness in a key made here (43 URL-safe characters).
 KEY_BYTES = 32
+# One --prompt request: the whole completion on a busy CPU, with the replica just started.
+PROMPT_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -135,17 +142,60 @@ def status(name: str) -> DeploymentStatus | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--spec", required=True, help="YAML serve spec, e.g. jobs/examples/serve.yaml")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--spec", help="YAML serve spec, e.g. jobs/examples/serve.yaml")
+    mode.add_argument("--delete", metavar="NAME", help="remove the application NAME (the others keep serving)")
+    p.add_argument("--prompt", metavar="TEXT", help="deploy, answer TEXT over HTTP, print it, delete, exit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     p.add_argument("--key-file", help=f"file holding the bearer key (else ${KEY_ENV}, else one is made and shown)")
     p.add_argument("--host", default=DEFAULT_HTTP_HOST, help="Serve's HTTP host when this starts Serve")
-    p.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="Serve's HTTP port when this starts Serve")
+    p.add_argument("--port", type=int, help=f"Serve's HTTP port when this starts Serve (default {DEFAULT_HTTP_PORT}; "
+                                             "--prompt on an embedded cluster: a free port)")
     p.add_argument("--out", help="accepted for the job-kind contract; serving writes nothing there")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompt is not None and args.spec is None:
+        p.error("--prompt needs --spec")
+    return args
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def delete_main(name: str) -> int:
+    """``--delete NAME`` on the cluster at RAY_ADDRESS: 0 once the application is gone (or was)."""
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        print("error: --delete needs RAY_ADDRESS (the cluster whose application to remove)", file=sys.stderr)
+        return 2
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+    if status(name) is None:
+        print(f"no application {name}: nothing to delete", flush=True)
+        return 0
+    delete(name)
+    print(f"deleted application {name}", flush=True)
+    return 0
+
+
+def answer(d: Deployment, key: str, prompt: str) -> str:
+    """The completion of ``prompt`` (greedy, the deployment's default length), over plain HTTP."""
+    import httpx
+
+    r = httpx.post(f"{d.base_url}/completions", json={"model": d.name, "prompt": prompt, "temperature": 0},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=PROMPT_TIMEOUT_S)
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.delete is not None:
+        return delete_main(args.delete)
     try:
         spec = load_serve_spec(args.spec, args.set)
         key = Path(args.key_file).read_text().strip() if args.key_file else os.environ.get(KEY_ENV) or None
@@ -158,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     attached = bool(os.environ.get("RAY_ADDRESS"))
+    port = args.port or (DEFAULT_HTTP_PORT if attached or args.prompt is None else _free_port(args.host))
     ray.init(address=os.environ["RAY_ADDRESS"] if attached else "local", logging_level="ERROR")
     try:
-        d = deploy(spec, key, http_host=args.host, http_port=args.port)
+        d = deploy(spec, key, http_host=args.host, http_port=port)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -168,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: deploying {spec.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(f"serving {d.name} from {d.checkpoint}\n  OpenAI base URL: {d.base_url}", flush=True)
+    if args.prompt is not None:
+        try:
+            print(f"prompt: {args.prompt!r}\nanswer: {answer(d, key or d.api_key, args.prompt)!r}", flush=True)
+        except Exception as e:  # noqa: BLE001 - any HTTP failure is this mode's failure, said in one line
+            print(f"error: asking {d.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        finally:
+            delete(d.name)
+        return 0
     if d.api_key is not None:
         print(f"  API key (shown once, only its SHA-256 is kept): {d.api_key}", flush=True)
     if attached:

@@ -26,6 +26,10 @@ class JobNotFound(KeyError):
     pass
 
 
+class ResizeConflict(ValueError):
+    """A resize of a job in a state that cannot take one (starting, retrying, preempting, finished)."""
+
+
 class IdempotencyConflict(ValueError):
     """An Idempotency-Key reused with a different request body."""
 
@@ -74,6 +78,8 @@ class JobRecord:
     preemptions: int = 0
     queue_reason: str | None = None
     queue_position: int | None = None
+    resizes: int = 0
+    resize_spec: dict[str, Any] | None = None  # the size a RUNNING job was asked to restart at
     events: tuple[EventRecord, ...] = ()
     attempt_records: tuple[AttemptRecord, ...] = ()
 
@@ -83,8 +89,13 @@ class JobRecord:
 
     @property
     def retries_left(self) -> int:
-        # A preempted attempt was stopped by the scheduler, not lost: it uses up no retry.
-        return self.max_retries - max(self.attempts - 1 - self.preemptions, 0)
+        return self.max_retries - max(self.retries_used, 0)
+
+    @property
+    def retries_used(self) -> int:
+        """Attempts after the first that were retries: an attempt stopped by the scheduler (preempted)
+        or by a user's resize was not lost, and uses up no retry."""
+        return self.attempts - 1 - self.preemptions - self.resizes
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,8 @@ def job_from_rows(row: Any, events: Iterable[Any] = (), attempts: Iterable[Any] 
         metrics=json.loads(m["metrics"]) if m["metrics"] else None, metrics_at=m["metrics_at"],
         message=m["message"], created_at=m["created_at"], updated_at=m["updated_at"],
         team=m["team"], owner=m["owner"], priority=m["priority"], preemptions=m["preemptions"],
-        queue_reason=m["queue_reason"], queue_position=m["queue_position"],
+        queue_reason=m["queue_reason"], queue_position=m["queue_position"], resizes=m["resizes"],
+        resize_spec=json.loads(m["resize_spec"]) if m["resize_spec"] else None,
         events=tuple(
             EventRecord(e.seq, JobState(e.from_state) if e.from_state else None, JobState(e.to_state), e.reason, e.at)
             for e in events

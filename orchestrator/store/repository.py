@@ -21,11 +21,13 @@ from sqlalchemy.exc import IntegrityError
 
 from orchestrator.states import JobState, check_transition
 from orchestrator.store.access import AccessRecords
+from orchestrator.store.deployments import DeploymentRecords
 from orchestrator.store.records import (
     EventRecord,
     IdempotencyConflict,
     JobNotFound,
     JobRecord,
+    ResizeConflict,
     job_from_rows,
     new_job_id,
     submission_id_for,
@@ -63,8 +65,9 @@ def _sqlite_engine(url: str, synchronous: str) -> Engine:
     return engine
 
 
-class JobStore(AccessRecords):
-    """Jobs (here) and teams, user tokens and the audit log (``access.AccessRecords``), one database."""
+class JobStore(AccessRecords, DeploymentRecords):
+    """Jobs (here), teams, user tokens and the audit log (``access.AccessRecords``) and serving
+    deployments (``deployments.DeploymentRecords``), one database."""
 
     def __init__(self, url: str, sqlite_synchronous: str = "FULL"):
         if sqlite_synchronous not in ("FULL", "NORMAL"):
@@ -126,10 +129,12 @@ class JobStore(AccessRecords):
             return self._load(conn, job_id)
 
     def list(self, states: Iterable[JobState] = (), limit: int = 100, offset: int = 0,
-             team: str | None = None) -> tuple[list[JobRecord], int]:
-        """Jobs newest first (without history), and how many match in all; ``team``: that team's only."""
+             team: str | None = None, kind: str | None = None) -> tuple[list[JobRecord], int]:
+        """Jobs newest first (without history), and how many match in all; ``team``: that team's only;
+        ``kind``: of that kind only."""
         states = [s.value for s in states]
         conds = ([jobs_t.c.state.in_(states)] if states else []) + ([jobs_t.c.team == team] if team is not None else [])
+        conds += [jobs_t.c.kind == kind] if kind is not None else []
         q = select(jobs_t).order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(limit).offset(offset)
         count_q = select(func.count()).select_from(jobs_t)
         if conds:
@@ -221,12 +226,18 @@ class JobStore(AccessRecords):
 
     def transition(self, job_id: str, target: JobState, reason: str, *, new_attempt: bool = False) -> JobRecord:
         """The one place a job changes state: check the move, store it with its reason, and (moving to
-        STARTING) store the next attempt with its derived Ray submission id, all in one transaction."""
+        STARTING) store the next attempt with its derived Ray submission id, all in one transaction.
+        Leaving RESIZING for QUEUED stores the size asked for (``resize_spec`` becomes the spec) and
+        counts the resize; leaving it otherwise (the job ended first) drops the request."""
         now = time.time()
         with self._tx() as conn:
             job = self._load(conn, job_id, lock=True)
             check_transition(job.state, target)
             values: dict[str, Any] = {"state": target.value, "message": reason, "updated_at": now}
+            if job.state is JobState.RESIZING:
+                values["resize_spec"] = None
+                if target is JobState.QUEUED and job.resize_spec is not None:
+                    values.update(spec=json.dumps(job.resize_spec), resizes=job.resizes + 1)
             if new_attempt:
                 number = job.attempts + 1
                 values["attempts"] = number
@@ -280,6 +291,24 @@ class JobStore(AccessRecords):
                 .values(queue_position=bindparam("position"), queue_reason=bindparam("reason")))
         with self._tx() as conn:
             conn.execute(stmt, rows)
+
+    def request_resize(self, job_id: str, spec: dict[str, Any]) -> JobRecord:
+        """Ask for ``spec`` (the job's spec at a new size). A job not yet started (PENDING, QUEUED) takes
+        it at once: its next admission books the new demand. A RUNNING or RESIZING job keeps it in
+        ``resize_spec`` until the controller has stopped it (the last request wins; asking for the size
+        it runs at withdraws the request). Any other state: ``ResizeConflict``."""
+        with self._tx() as conn:
+            job = self._load(conn, job_id, lock=True)
+            values: dict[str, Any]
+            if job.state in (JobState.PENDING, JobState.QUEUED):
+                values = {"spec": json.dumps(spec), "resize_spec": None}
+            elif job.state in (JobState.RUNNING, JobState.RESIZING):
+                values = {"resize_spec": None if spec == job.spec else json.dumps(spec)}
+            else:
+                raise ResizeConflict(f"job {job_id} is {job.state.value}: only a PENDING, QUEUED, RUNNING or "
+                                     "RESIZING job can be resized")
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(**values, updated_at=time.time()))
+            return self._load(conn, job_id)
 
     def add_preemption(self, job_id: str) -> JobRecord:
         """Count one more preemption of the job (the scheduler stopped it for a higher priority)."""

@@ -48,6 +48,10 @@ jobs_t = Table(
     # Why a QUEUED job waits and its place in the queue, as the scheduler's last pass saw it.
     Column("queue_reason", Text),
     Column("queue_position", Integer),
+    # Attempts ended by a user's resize (no retry used), and the spec (JSON) a RUNNING job restarts
+    # with once the resize asked for has stopped it (moved into ``spec`` when it leaves RESIZING).
+    Column("resizes", Integer, nullable=False, server_default=text("0")),
+    Column("resize_spec", Text),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_state_priority", "state", "priority"),
@@ -112,4 +116,31 @@ audit_t = Table(
     Column("target", String(128), nullable=False),
     Column("detail", Text, nullable=False, server_default=text("''")),
     Index("ix_audit_team_seq", "team", "seq"),
+)
+
+# Serving deployments (orchestrator/deployments.py reconciles Ray Serve with these rows). ``spec`` is
+# the ServeSpec as deployed (JSON: the resolved checkpoint and the bearer key's SHA-256, never the
+# key). Names and route prefixes are unique: both are Serve's, cluster-wide. A row lives until Serve
+# has dropped its application; the audit log keeps the history.
+deployments_t = Table(
+    "deployments", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("route_prefix", String(128), nullable=False, unique=True),
+    Column("team", String(64), nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("source", Text),  # where the checkpoint came from: the path given, "job <id>", "sweep <id> trial <t>"
+    Column("status", String(16), nullable=False),
+    Column("message", Text),
+    Column("replicas", Text, nullable=False, server_default=text("'{}'")),  # replica state -> count
+    # Deploy and delete Ray jobs submitted so far (each one's submission id derives from its number),
+    # and failed ones in a row (the reconciler gives up after ORCH_DEPLOY_MAX_FAILURES).
+    Column("deploys", Integer, nullable=False, server_default=text("0")),
+    Column("deletes", Integer, nullable=False, server_default=text("0")),
+    Column("failures", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", DOUBLE_PRECISION, nullable=False),
+    Column("updated_at", DOUBLE_PRECISION, nullable=False),
+    Column("checked_at", DOUBLE_PRECISION),  # the reconciler's last look at Serve
+    Index("ix_deployments_team_created_at", "team", "created_at"),
 )
