@@ -22,6 +22,7 @@ from jobs.pools import DEVICE_RESOURCE, pool_kind
 from jobs.prepare_spec import PrepareSpec
 from jobs.serve_spec import ServeSpec
 from jobs.specs import TrainSpec
+from jobs.sweep_spec import SweepSpec
 from jobs.trainer import DATA_TASK_CPUS
 
 # {pool or kind: {Ray resource: amount}}, e.g. {"gpu-a100": {"GPU": 4.0, "CPU": 9.0}}
@@ -33,6 +34,12 @@ def job_demand(spec: BaseModel, driver_resources: Mapping[str, float] | None = N
     if isinstance(spec, TrainSpec):
         groups = spec.resources.worker_pools()
         demand = _train_demand(spec)
+        main = demand[max(groups, key=lambda p: groups[p])]
+    elif isinstance(spec, SweepSpec):  # its trials at most at once, each a training job
+        trial = spec.trial_spec({})
+        groups = trial.resources.worker_pools()
+        demand = {pool: {r: v * spec.max_concurrent for r, v in need.items()}
+                  for pool, need in _train_demand(trial).items()}
         main = demand[max(groups, key=lambda p: groups[p])]
     elif isinstance(spec, ServeSpec):
         main = {"CPU": spec.autoscaling.max_replicas * spec.num_cpus}

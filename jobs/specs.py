@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
+from jobs.pools import check_pool_name, pool_kind
 from workers.config import (  # noqa: F401  (DeviceKind: re-exported for the control plane)
     VOCAB_SIZE,
     CompressionConfig,
@@ -25,18 +26,56 @@ from workers.config import (  # noqa: F401  (DeviceKind: re-exported for the con
     device_kind,
 )
 
+PoolName = Annotated[str, BeforeValidator(device_kind), AfterValidator(check_pool_name)]
+
 
 class ResourcesSpec(Config):
     # An int is a fixed size; elastic (min, max) sizes arrive with the elastic-training work.
     num_workers: int = Field(2, ge=1, le=4096)
     # cpu -> gloo, gpu -> nccl, npu -> hccl (see workers/device.py); "cuda" is read as "gpu".
     device: Annotated[DeviceKind, BeforeValidator(device_kind)] = "cpu"
+    # A job spanning pools: workers per pool (jobs/pools.py: an exact pool such as cpu-a or gpu-a100, or
+    # a bare kind), e.g. {gpu: 2, cpu: 4}. Instead of num_workers and device: num_workers becomes the
+    # total and device the job's accelerator kind (cpu when it has none). Kinds without a common
+    # collective backend sync through gloo on host memory. One accelerator kind per job.
+    pools: dict[PoolName, Annotated[int, Field(ge=1, le=4096)]] | None = Field(None, min_length=1, max_length=16)
     cpus_per_worker: float = Field(1.0, gt=0.0, le=512.0)
     # Experts sharded over groups of this many workers (tokens travel by all-to-all); 1: every
     # worker holds every expert. Must divide num_workers and model.n_routed_experts.
     expert_parallel: int = Field(1, ge=1, le=4096)
     # Restarts from the latest checkpoint after a worker dies, before the job fails.
     max_failures: int = Field(2, ge=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pools(cls, raw: Any) -> Any:
+        """With ``pools``, derive num_workers (the total) and device (the one accelerator kind)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("pools"), dict) or not raw["pools"]:
+            return raw
+        try:
+            kinds = {pool_kind(str(device_kind(name))) for name in raw["pools"]}
+            counts = [int(n) for n in raw["pools"].values()]
+        except (TypeError, ValueError):
+            return raw  # the field validators name the bad pool or count
+        if min(counts) < 1:
+            return raw
+        accelerators = kinds - {"cpu"}
+        if len(accelerators) > 1:
+            raise ValueError(f"pools: one accelerator kind per job, got {sorted(accelerators)}")
+        derived = {"num_workers": sum(counts), "device": accelerators.pop() if accelerators else "cpu"}
+        for field, value in derived.items():  # a stored spec (model_dump) carries the derived values back
+            if field in raw and device_kind(raw[field]) != value:
+                raise ValueError(f"pools and {field} are mutually exclusive: pools gives every worker's pool")
+        return {**raw, **derived}
+
+    def worker_pools(self) -> dict[str, int]:
+        """Pool (or bare kind) -> worker count: ``pools``, or ``{device: num_workers}``."""
+        return dict(self.pools) if self.pools else {self.device: self.num_workers}
+
+    @property
+    def mixed_kinds(self) -> bool:
+        """Whether the job's workers are of more than one device kind."""
+        return len({pool_kind(name) for name in self.worker_pools()}) > 1
 
 
 class TrainSpec(Config):
@@ -58,6 +97,10 @@ class TrainSpec(Config):
                              f"({self.resources.num_workers}) and model.n_routed_experts ({self.model.n_routed_experts})")
         if self.model.vocab_size < VOCAB_SIZE:
             raise ValueError(f"model.vocab_size ({self.model.vocab_size}) must be >= {VOCAB_SIZE}, the byte tokenizer's vocabulary")
+        if self.train.precision == "fp16" and self.compression.method == "powersgd":
+            # PowerSGD's error memory would keep loss-scaled values, and an overflowed step's inf for good.
+            raise ValueError("train.precision 'fp16' cannot run with compression.method 'powersgd' "
+                             "(use bf16, or topk whose error feedback unscales)")
         return self
 
 

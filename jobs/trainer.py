@@ -3,17 +3,32 @@ else runs training (sweeps, the scheduler), and the driver's connection to Ray.
 
 ``build_trainer`` checks that the cluster can ever run the job, then assembles Ray Train's objects;
 running it (``fit()``), showing progress and writing the summary belong to the caller.
+
+Placement (``placement``): a job of one kind reserves its device in each worker's bundle, so Ray
+gives each worker its own device and sets CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES. A job
+spanning pools gets one label selector per worker (Ray Train v2 takes a list, one per worker), each
+naming the nodes of that worker's pool (``ray.io/node-id in (...)``, resolved here from the live
+nodes by jobs/pools.py, so bare kinds and unlabelled nodes work too). Ray Train gives every worker one
+bundle shape, so a job that mixes kinds reserves CPUs only in its bundles; a worker reserving no
+device would see every device of its node (Ray leaves the variables unset) and two jobs could take
+the same one, so each accelerator worker of such a job leases one device of its node through Ray
+(workers/device.py, ``lease_device``) and sees only that one. Mixed kinds sync through gloo.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.specs import TrainSpec
+from jobs.pools import pool_kind, pool_of, satisfies
+from jobs.specs import ResourcesSpec, TrainSpec
 
+# Ray's own node label: every node carries its id under it (label selectors can name nodes).
+NODE_ID_LABEL = "ray.io/node-id"
 RUN_NAME = "ray-train"  # Ray Train's run folder inside the output folder; fixed so a rerun finds the checkpoints
 # Python processes the embedded cluster's raylet starts at once (and a quarter of the count it warns at).
 STARTUP_CONCURRENCY = 8
@@ -48,6 +63,51 @@ def check_room(spec: TrainSpec) -> None:
             "cluster more CPUs (orch up --num-cpus N)")
 
 
+@dataclass
+class Placement:
+    """Where a job's workers go and what each reserves (module docstring)."""
+
+    scaling_config: Any  # ray.train.ScalingConfig
+    backend: str  # the collective backend: the kind's own, or gloo when the job mixes kinds
+    node_kinds: dict[str, str]  # node id -> worker kind, for a job spanning pools (WorkerConfig.node_kinds)
+    lease_devices: bool  # accelerator workers lease their device (the bundles hold CPUs only)
+
+
+def _pool_selectors(res: ResourcesSpec) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """One label selector per worker naming the live nodes of its pool, and node id -> kind."""
+    import ray
+
+    nodes = {n["NodeID"]: pool_of(n["Resources"], n.get("Labels") or {}) for n in ray.nodes() if n["Alive"]}
+    selectors, node_kinds = [], {}
+    for wanted, count in res.worker_pools().items():
+        ids = sorted(node for node, pool in nodes.items() if satisfies(pool, wanted))
+        if not ids:
+            raise ClusterTooSmall(f"resources.pools: no node of pool {wanted!r} in the cluster "
+                                  f"(its pools: {', '.join(sorted(set(nodes.values())))})")
+        node_kinds.update({node: pool_kind(nodes[node]) for node in ids})
+        selectors += [{NODE_ID_LABEL: ids[0] if len(ids) == 1 else f"in({','.join(ids)})"}] * count
+    return selectors, node_kinds
+
+
+def placement(spec: TrainSpec) -> Placement:
+    """The Ray Train scaling config and backend of ``spec``'s workers (module docstring)."""
+    from ray.train import ScalingConfig
+
+    from workers.device import backend_for, worker_resources
+
+    res = spec.resources
+    if res.pools is None:
+        return Placement(ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
+                                       resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
+                         backend_for(res.device), {}, lease_devices=False)
+    selectors, node_kinds = _pool_selectors(res)
+    kind = "cpu" if res.mixed_kinds else res.device  # the bundle's device, when every worker has one
+    scaling = ScalingConfig(num_workers=res.num_workers, use_gpu=kind == "gpu", label_selector=selectors,
+                            resources_per_worker=worker_resources(kind, res.cpus_per_worker))
+    return Placement(scaling, "gloo" if res.mixed_kinds else backend_for(res.device), node_kinds,
+                     lease_devices=res.mixed_kinds)
+
+
 def init_ray(spec: TrainSpec, verbose: bool) -> None:
     """Join RAY_ADDRESS's cluster or start an embedded one.
 
@@ -77,32 +137,47 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def data_config(spec: TrainSpec) -> Any:
+    """Ray Train's DataConfig: equal shards per worker, or (speed split, workers/balance.py) the
+    whole training set on every worker, in one deterministic order so their cuts of each global
+    batch add up to it exactly; the held-out set is split either way."""
+    from ray.train import DataConfig
+
+    if spec.train.split == "equal":
+        return DataConfig()
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    return DataConfig(datasets_to_split=["val"], execution_options={"train": ordered})
+
+
 def build_trainer(spec: TrainSpec, manifest: dict[str, Any], out: Path, *, progress: Any = None,
-                  run_name: str = RUN_NAME, verbose: bool = False) -> Any:
+                  run_name: str = RUN_NAME, verbose: bool = False,
+                  train_loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """A TorchTrainer for ``spec`` on the shards of ``manifest``, checkpointing under ``out/run_name``
     (and resuming from the latest checkpoint there). ``progress``: a ray.util.queue.Queue that rank 0
     sends its progress records to (jobs/display.py), or None. "Checkpoint now" requests are read from
-    ``out`` (workers/control.py)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    ``out`` (workers/control.py). ``train_loop``: the per-worker function, workers.loop's by default
+    (one that wraps it, e.g. to instrument the workers, takes the same config)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.contracts import WorkerConfig
     from workers.data import make_datasets
-    from workers.device import backend_for, worker_resources
     from workers.loop import train_loop_per_worker
 
     check_room(spec)
+    place = placement(spec)
     datasets = make_datasets(manifest, spec.data.seq_len, spec.seed)
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
                           device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,
-                          control_dir=str(out))
+                          node_kinds=place.node_kinds, lease_devices=place.lease_devices, control_dir=str(out))
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress},
-        torch_config=TorchConfig(backend=backend_for(res.device)),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
-                                     resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
+        torch_config=TorchConfig(backend=place.backend),
+        scaling_config=place.scaling_config,
+        dataset_config=data_config(spec),
         run_config=RunConfig(name=run_name, storage_path=str(out),
                              failure_config=FailureConfig(max_failures=res.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),

@@ -21,6 +21,40 @@ def shards_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shards")
 
 
+@pytest.fixture(scope="session")
+def pool_cluster():
+    """The session's multi-node Ray cluster with nodes of several pools (tests/cluster.py)."""
+    from tests.cluster import PoolCluster
+
+    cluster = PoolCluster()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The session's one S3-protocol server on loopback (moto; tests/servers.py)."""
+    from tests.servers import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the session's S3 server, with this test's AWS_* environment pointing at it."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server.endpoint, region=s3_server.REGION,
+                      allow_bucket_creation=True).create_dir(bucket)
+    return bucket
+
+
 def run_train(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     """`python -m jobs.train ...` as a user runs it; never inherits a cluster address."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

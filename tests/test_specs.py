@@ -25,6 +25,7 @@ def test_demo_spec_is_valid():
         ({"model": {"n_experts": 8}}, "model.n_experts", "unknown field"),
         ({"trainer": {}}, "trainer", "unknown field"),
         ({"resources": {"device": "tpu"}}, "resources.device", "'cpu', 'gpu' or 'npu'"),
+        ({"train": {"precision": "fp8"}}, "train.precision", "'fp32', 'bf16' or 'fp16'"),
         ({"model": {"top_k": 9, "n_routed_experts": 8}}, "top_k", "n_routed_experts"),
         ({"model": {"max_seq_len": 64}, "data": {"seq_len": 128}}, "model.max_seq_len", "data.seq_len"),
     ],
@@ -74,3 +75,31 @@ def test_device_vocabulary_with_cuda_alias(word, kind):
     spec = validate_spec({"resources": {"device": word}})
     assert spec.resources.device == kind
     assert spec.model_dump()["resources"]["device"] == kind  # what the controller stores and workers get
+
+
+def test_pools_span_kinds_and_give_num_workers_and_device():
+    spec = validate_spec({"resources": {"pools": {"gpu": 2, "cpu-a": 4}}})
+    assert spec.resources.worker_pools() == {"gpu": 2, "cpu-a": 4}
+    assert (spec.resources.num_workers, spec.resources.device, spec.resources.mixed_kinds) == (6, "gpu", True)
+    assert validate_spec({}).resources.worker_pools() == {"cpu": 2}
+    assert validate_spec(spec.model_dump()).resources == spec.resources  # a stored spec validates again
+
+
+@pytest.mark.parametrize(
+    ("resources", "why"),
+    [
+        ({"pools": {"gpu": 1}, "num_workers": 3}, "pools and num_workers are mutually exclusive"),
+        ({"pools": {"gpu": 1, "cpu": 1}, "device": "cpu"}, "pools and device are mutually exclusive"),
+        ({"pools": {"tpu-x": 1}}, "resources.pools.tpu-x"),
+        ({"pools": {"gpu": 0}}, "resources.pools.gpu"),
+        ({"pools": {"gpu": 1, "npu": 1}}, "one accelerator kind per job"),
+    ],
+)
+def test_bad_pools_are_named(resources, why):
+    with pytest.raises(SpecError, match=why):
+        validate_spec({"resources": resources})
+
+
+def test_fp16_with_powersgd_is_refused_before_any_work():
+    with pytest.raises(SpecError, match="train.precision 'fp16' cannot run with compression.method 'powersgd'"):
+        validate_spec({"train": {"precision": "fp16"}, "compression": {"method": "powersgd"}})

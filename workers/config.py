@@ -160,3 +160,15 @@ class LoopConfig(Config):
     eval_batches: int = Field(16, ge=0, le=100_000)
     # Threads torch may use inside one worker; 0 means cores / workers on the node.
     torch_threads: int = Field(1, ge=0, le=1024)
+    # Forward precision (workers/device.py): fp32; bf16 autocast; fp16 autocast with dynamic loss
+    # scaling (GradScaler). Master weights, gradients and optimizer state stay fp32 in all three.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # How the global batch (batch_size * workers sequences) is divided among the workers
+    # (workers/balance.py). equal: batch_size each, from Ray Train's equal shards. speed: shares
+    # follow each worker's measured throughput, so fast devices do not wait for slow ones; every
+    # worker then streams the whole training set and takes its rows of each global batch.
+    split: Literal["equal", "speed"] = "equal"
+    # speed: steps between two throughput measurements, and the weight of a new measurement in the
+    # smoothed throughput (1.0: the last measurement alone).
+    split_every: int = Field(10, ge=1, le=1_000_000)
+    split_smoothing: float = Field(0.5, gt=0.0, le=1.0)

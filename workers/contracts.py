@@ -26,10 +26,21 @@ class WorkerConfig(Config):
     seed: int = Field(ge=0)
     device: DeviceKind
     expert_parallel: int = Field(1, ge=1)
+    # A job spanning pools (resources.pools): the kind of worker each node gives, Ray node id -> kind,
+    # resolved by the driver from the node's pool (jobs/pools.py); a worker takes its kind from the
+    # node it was placed on. Empty: every worker is of kind ``device``.
+    node_kinds: dict[str, DeviceKind] = {}
+    # The job mixes kinds, so its placement bundles reserve CPUs only and each accelerator worker
+    # leases its device (workers/device.py, lease_device).
+    lease_devices: bool = False
     has_val: bool
     # The job's output folder: its control/ subfolder carries "checkpoint now" requests
     # (workers/control.py); None: nobody can ask.
     control_dir: str | None = None
+    # A PBT segment of a sweep (jobs/sweep.py): start from this checkpoint folder when the run has
+    # none of its own, and end after the checkpoint at stop_at_step. None: neither.
+    init_checkpoint: str | None = None
+    stop_at_step: int | None = Field(None, ge=1)
 
 
 class _Record(BaseModel):

@@ -8,6 +8,11 @@ into rank 0's progress records (workers/progress.py) and the final metrics; a ch
 every ``checkpoint_every`` steps, at the end, and at the end of any step during which a "checkpoint
 now" request arrived (workers/control.py: preemption, resize, drain, a stopping driver).
 
+A job may span device kinds (resources.pools): each worker takes its kind from the node it was
+placed on (``place_worker``). With ``train.split: speed`` each worker's share of the global batch
+follows its measured speed (workers/balance.py): every worker then streams the whole training set
+(the same order on every rank) and takes its rows of each global batch, so epochs end together.
+
 Checkpoints are world-size independent (workers/checkpoint.py): a job saved on N workers resumes on
 M workers and another EP size, with its optimizer moments, error-feedback residuals (carried as the
 mean over workers), router biases and data position.
@@ -19,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +32,11 @@ import torch
 import torch.distributed as dist
 
 from workers import checkpoint
-from workers.config import LoopConfig
+from workers.balance import ForwardTimer, SpeedSplit
+from workers.config import DeviceKind, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
 from workers.control import CheckpointRequest, ControlChannel
-from workers.device import torch_device
+from workers.device import lease_device, torch_device
 from workers.moe.stats import routing_stats
 from workers.progress import ProgressChannel, ProgressRecord
 from workers.step import TrainStep, build_step, evaluate, final_window, lr_at
@@ -50,12 +57,15 @@ class _Position:
         return cls(meta["epoch"], meta["sequences_in_epoch"] // (world * batch_size))
 
 
-def _batches(shard: Any, batch_size: int, seed: int, pos: _Position, device: torch.device) -> Iterator[torch.Tensor]:
+def _batches(shard: Any, batch_size: int, seed: int, pos: _Position, device: torch.device,
+             per: str = "per worker") -> Iterator[torch.Tensor]:
     """Endless packed batches from this worker's Ray Data shard; a new epoch when one runs out.
 
-    Ray Train splits the dataset with equal=True, so every worker sees the same number of batches
-    per epoch and the DDP collectives stay in step. On resume the batches of the interrupted epoch
-    that were already trained on are skipped.
+    Equal split: Ray Train splits the dataset with equal=True and each batch is this worker's, so
+    every worker sees the same number of batches per epoch and the DDP collectives stay in step.
+    Speed split: the shard is the whole dataset in one order on every rank, each batch a global
+    batch that the loop cuts (on the host; see ``train_loop_per_worker``). On resume the batches of
+    the interrupted epoch that were already trained on are skipped.
     """
     skip = pos.batch_in_epoch
     while True:
@@ -70,7 +80,7 @@ def _batches(shard: Any, batch_size: int, seed: int, pos: _Position, device: tor
             pos.batch_in_epoch = seen
             yield batch["input_ids"]  # (batch, seq_len + 1)
         if seen == 0:
-            raise RuntimeError(f"the training data yields no batch of {batch_size} sequences per worker; "
+            raise RuntimeError(f"the training data yields no batch of {batch_size} sequences {per}; "
                                "use a larger corpus (data.source, data.max_bytes) or a smaller train.batch_size")
         skip = 0
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
@@ -81,11 +91,36 @@ def _layer_stats(counts: torch.Tensor) -> MoEStats:
     return MoEStats(max_vio=[round(s["max_vio"], 4) for s in stats], drop_frac=[round(s["drop_frac"], 5) for s in stats])
 
 
+@dataclass
+class Placement:
+    """What this worker was given: its device kind and, in a job that spans kinds, its leased device."""
+
+    kind: DeviceKind
+    device_ids: list[str]  # the leased device's ids; empty when Ray's bundle reserved it or for cpu
+    lease: Any = None  # the lease actor (workers/device.py): the device is this worker's while it lives
+
+
+def place_worker(cfg: WorkerConfig) -> Placement:
+    """This worker's kind, from the node Ray placed it on, and its device where the job leases them."""
+    import ray
+
+    kind = cfg.device
+    if cfg.node_kinds:
+        node = ray.get_runtime_context().get_node_id()
+        if node not in cfg.node_kinds:
+            raise RuntimeError(f"worker placed on node {node}, which is in none of the job's pools")
+        kind = cfg.node_kinds[node]
+    if not cfg.lease_devices or kind == "cpu":
+        return Placement(kind, [])
+    lease, ids = lease_device(kind)
+    return Placement(kind, ids, lease)
+
+
 class _Run:
     """One worker's run: the step, where it is, and the byte totals carried over from a resume."""
 
-    def __init__(self, cfg: WorkerConfig, step: TrainStep, rank: int, world: int):
-        self.cfg, self.step, self.rank, self.world = cfg, step, rank, world
+    def __init__(self, cfg: WorkerConfig, step: TrainStep, rank: int, world: int, placement: Placement):
+        self.cfg, self.step, self.rank, self.world, self.placement = cfg, step, rank, world, placement
         self.start, self.pos = 0, _Position()
         self.base_bytes = torch.zeros(2, dtype=torch.float64)  # (wire, dense) before this attempt
 
@@ -108,7 +143,7 @@ class _Run:
         s = self.step
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.save(Path(tmp), model=s.model, optimizer=s.optimizer, comm=s.comm, esync=s.esync,
-                            groups=s.groups, meta=meta, rank=self.rank)
+                            groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None,
                              checkpoint_dir_name=f"step-{step:08d}")
 
@@ -120,11 +155,12 @@ def _setup(cfg: WorkerConfig, channel: ProgressChannel) -> _Run:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.loop.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-    device = torch_device(cfg.device)
+    placement = place_worker(cfg)
+    device = torch_device(placement.kind)
     step = build_step(cfg.model, cfg.compression, cfg.loop, expert_parallel=cfg.expert_parallel, device=device,
                       seed=cfg.seed)
-    run = _Run(cfg, step, rank, world)
-    saved = ray.train.get_checkpoint()
+    run = _Run(cfg, step, rank, world, placement)
+    saved = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None)
     if saved is None:
         return run
     with saved.as_directory() as saved_dir:
@@ -132,7 +168,7 @@ def _setup(cfg: WorkerConfig, channel: ProgressChannel) -> _Run:
         meta = checkpoint.read_meta(path)
         # In place, after DDP and the hooks exist: every rank loads the same files.
         checkpoint.load_model_and_optimizer(path, model=step.model, optimizer=step.optimizer, groups=step.groups,
-                                            device=device)
+                                            device=device, scaler=step.scaler)
         checkpoint.load_compression(path, model=step.model, comm=step.comm, esync=step.esync, groups=step.groups)
     run.start, run.pos = meta["step"], _Position.from_meta(meta, world, cfg.loop.batch_size)
     run.base_bytes = torch.tensor([meta["wire_bytes"], meta["dense_bytes"]], dtype=torch.float64)
@@ -157,12 +193,14 @@ class _Reporter:
         self.t_last, self.step_last = time.perf_counter(), run.start
         self.steady_time, self.steady_steps = 0.0, 0  # steps after this attempt's first (warm-up excluded)
 
-    def add(self, step: int, tokens: int, loss: torch.Tensor, counts: torch.Tensor, seconds: float) -> None:
-        self.tokens_per_step = self.run.world * tokens
+    def add(self, step: int, tokens: int, loss: float, counts: torch.Tensor, seconds: float) -> None:
+        """``tokens``: over all ranks; ``loss``: this rank's share of the global batch's mean loss,
+        times the world size (its loss times its loss weight), so the mean over ranks is that mean."""
+        self.tokens_per_step = tokens
         self.window_counts += counts.cpu()
         if step >= self.loop.steps - self.tail:
             self.tail_counts += counts.cpu()
-        self.losses.append(loss.item())
+        self.losses.append(loss)
         if step > self.run.start:
             self.steady_time += seconds
             self.steady_steps += 1
@@ -215,6 +253,17 @@ def _checkpoint_requested(control: ControlChannel | None, rank: int) -> Checkpoi
     return req or CheckpointRequest(id="-", reason="", requested_at=0.0)  # non-zero ranks: only the decision
 
 
+def _check_same_batch(x: torch.Tensor) -> None:
+    """Collective: fail when the ranks' global batches differ (their cuts would overlap or miss rows)."""
+    # Position-weighted sum in int64: exact modulo 2**64 in any summation order (threads may differ).
+    fingerprint = (x.long() * torch.arange(1, x.numel() + 1, dtype=torch.long).view_as(x)).sum()
+    both = torch.stack([fingerprint, -fingerprint])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if both[0] != -both[1]:
+        raise RuntimeError("the ranks read different global batches from the training set; the speed split "
+                           "needs one order on every rank (Ray Data's preserve_order, one shuffle seed)")
+
+
 def _eval_batches(shard: Any, loop: LoopConfig, device: torch.device) -> Iterator[torch.Tensor]:
     if shard is None:
         return iter(())
@@ -233,14 +282,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = _setup(cfg, channel)
     step_fn, loop = run.step, cfg.loop
     device = next(step_fn.model.parameters()).device
-    batches = _batches(ray.train.get_dataset_shard("train"), loop.batch_size, cfg.seed, run.pos, device)
+    shard = ray.train.get_dataset_shard("train")
+    if loop.split == "speed":
+        split = SpeedSplit(loop.batch_size * run.world, run.world, run.rank, loop.split_smoothing)
+        timer = ForwardTimer(step_fn.model, device)
+        batches = _batches(shard, split.total_rows, cfg.seed, run.pos, torch.device("cpu"), per="(the global batch)")
+    else:
+        split, timer = None, None
+        batches = _batches(shard, loop.batch_size, cfg.seed, run.pos, device)
     reporter = _Reporter(run, channel)
 
     for step in range(run.start, loop.steps):
         t_step = time.perf_counter()
-        x = next(batches)  # (batch, seq_len + 1)
-        result = step_fn(step, x)
-        reporter.add(step, x[:, 1:].numel(), result.loss, result.counts, time.perf_counter() - t_step)
+        x = next(batches)  # (batch, seq_len + 1): this rank's, or the global batch with a speed split
+        weight, tokens = 1.0, run.world * x[:, 1:].numel()
+        measure = split is not None and (step + 1 - run.start) % loop.split_every == 0
+        if split is not None:
+            if measure:
+                _check_same_batch(x)
+            tokens = x[:, 1:].numel()
+            x, weight = x[split.offset: split.offset + split.rows[run.rank]].to(device), split.weight
+        if timer is not None:
+            timer.armed, timer.seconds = measure, 0.0
+        result = step_fn(step, x, weight)
+        if measure:
+            timer.armed = False
+            split.update(len(x) / timer.seconds)
+        reporter.add(step, tokens, result.loss.item() * weight, result.counts, time.perf_counter() - t_step)
         done = step + 1
         request = _checkpoint_requested(control, run.rank) if done < loop.steps else None
         if request is not None or (done % loop.checkpoint_every == 0 and done < loop.steps):
@@ -248,6 +316,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if request is not None and run.rank == 0 and control is not None:
                 control.confirm(request, done)
                 channel.note(f"checkpoint at step {done} on request ({request.reason})")
+        if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
+            return  # the end of a PBT segment (jobs/sweep.py): its checkpoint was just reported
 
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     eval_loss = evaluate(step_fn.model, _eval_batches(val_shard, loop, device), loop.eval_batches).loss

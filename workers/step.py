@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from workers import compression
 from workers.compression import CommState, CompressionConfig
 from workers.config import LoopConfig
+from workers.device import autocast, grad_scaler
 from workers.moe import parallel
 from workers.moe.model import ModelConfig, MoETransformer
 
@@ -78,6 +79,18 @@ class TrainStep:
     comm: CommState | None = None  # the DDP hook's state (byte counters, residuals)
     esync: parallel.ExpertGradSync | None = None  # expert gradients over their replicas (EP > 1)
     groups: parallel.ParallelGroups | None = None
+    # fp16: dynamic loss scaling, built from loop.precision when not given; the top-k hook's side
+    # of it (unscaled residuals, agreed skips) is the guard, built by build_step.
+    scaler: torch.amp.GradScaler | None = None
+    guard: compression.LossScaleGuard | None = None
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = grad_scaler(self.loop.precision, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def clip(self) -> float | None:
@@ -102,22 +115,44 @@ class TrainStep:
                     state.lr_scale = lr / self.loop.lr
         return lr
 
-    def __call__(self, step: int, x: torch.Tensor) -> StepResult:
-        """One optimizer step on a batch x (batch, seq_len + 1) of token ids."""
+    def _backward(self, objective: torch.Tensor) -> None:
+        """Backward, with fp16 the loss scaled first. An overflow on one rank reaches every rank's
+        GradScaler: a dense allreduce carries the inf, the top-k hook's guard NaN-fills the step's
+        buckets on every rank (workers/compression/scaling.py)."""
+        if self.scaler is None:
+            objective.backward()
+            return
+        if self.guard is not None:
+            self.guard.begin_step(self.scaler.get_scale())
+        self.scaler.scale(objective).backward()
+
+    def __call__(self, step: int, x: torch.Tensor, loss_weight: float = 1.0) -> StepResult:
+        """One optimizer step on a batch x (batch, seq_len + 1) of token ids.
+
+        ``loss_weight`` scales this rank's LM loss before backward, so that DDP's mean over ranks is
+        the global batch's mean when ranks hold different numbers of tokens (workers/balance.py)."""
         self.set_lr(step)
         inputs, targets = x[:, :-1], x[:, 1:]  # (batch, seq_len) each
-        logits = self.forward(inputs)  # (batch, seq_len, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        with autocast(self.loop.precision, self.device):  # fp32: no-op; master weights stay fp32
+            logits = self.forward(inputs)  # (batch, seq_len, vocab)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # fp32 under autocast too
         self.optimizer.zero_grad(set_to_none=True)
-        (loss + self.model.aux_loss()).backward()  # the comm hook syncs dense gradients bucket by bucket here
+        objective = loss * loss_weight if loss_weight != 1.0 else loss
+        self._backward(objective + self.model.aux_loss())  # the comm hook syncs dense gradients bucket by bucket here
         if self.esync is not None:
             self.esync.sync()  # expert gradients, over the replicas of each expert
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # true gradients for clipping; records an inf/NaN
         clip = self.clip
         if clip and self.groups is not None:
             parallel.clip_grad_norm_(self.model, clip, self.groups)  # the global norm, experts sharded
         elif clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN (on any rank: see _backward)
+            self.scaler.update()  # halves the scale after a skip
+        else:
+            self.optimizer.step()
         counts = self.model.router_counts()  # (layers, 2 * experts + 2)
         if _distributed():
             dist.all_reduce(counts)  # every rank applies the same bias update
@@ -134,6 +169,10 @@ def build_step(model_cfg: ModelConfig, comp_cfg: CompressionConfig, loop_cfg: Lo
     (workers/checkpoint.py), so resuming and starting share this one path.
     """
     device = device or torch.device("cpu")
+    if loop_cfg.precision == "fp16" and comp_cfg.method == "powersgd":
+        raise ValueError("train.precision 'fp16' cannot run with compression.method 'powersgd': PowerSGD's "
+                         "error memory would keep loss-scaled values and an overflowed step's inf/NaN for good; "
+                         "use precision bf16, or method topk or none")
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = (parallel.build_groups(world, rank, expert_parallel, timeout=EP_COLLECTIVE_TIMEOUT)
               if expert_parallel > 1 else None)
@@ -147,8 +186,12 @@ def build_step(model_cfg: ModelConfig, comp_cfg: CompressionConfig, loop_cfg: Lo
                                   forward_sync_buffers=False)  # router biases move identically everywhere
     comm = compression.register(ddp, comp_cfg)
     esync = parallel.ExpertGradSync(model, groups.expert_dp_group, comp_cfg) if groups is not None else None
-    return TrainStep(model=model, forward=ddp, optimizer=optimizer, loop=loop_cfg, compression=comp_cfg,
+    step = TrainStep(model=model, forward=ddp, optimizer=optimizer, loop=loop_cfg, compression=comp_cfg,
                      comm=comm, esync=esync, groups=groups)
+    if step.scaler is not None and comp_cfg.method == "topk":
+        step.guard = compression.LossScaleGuard(
+            comm, [esync.state] if esync else [], [p for m in esync.modules for p in m.parameters()] if esync else [])
+    return step
 
 
 @dataclass

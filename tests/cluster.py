@@ -1,0 +1,59 @@
+"""One multi-node Ray cluster on this machine, shared by the tests that need nodes of several pools.
+
+``ray.cluster_utils.Cluster`` starts a real raylet per node (a process tree each: heavy on 2 cores),
+so the session starts one ``PoolCluster`` (tests/conftest.py, ``pool_cluster``) and its tests share
+it. Nodes carry the pool label of jobs/pools.py; the GPU node's GPUs are logical (Ray accounts for
+them and assigns ids; nothing here can run CUDA). Tests that lose or add nodes (node loss,
+autoscaling) use ``add_node`` / ``remove_node`` and put the cluster back as they found it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.pools import POOL_LABEL, pool_of
+
+# Logical CPUs of the head: Ray Data's read/pack tasks of the tests' jobs (the Train controller
+# actors take none).
+HEAD_CPUS = 2
+# The nodes every test finds: pool -> add_node arguments. cpu-a and cpu-b are labelled pools; the GPU
+# node is unlabelled, so it is in the derived pool "gpu" (two workers' CPUs beside its two GPUs).
+NODES: dict[str, dict[str, Any]] = {
+    "cpu-a": {"num_cpus": 1, "labels": {POOL_LABEL: "cpu-a"}},
+    "cpu-b": {"num_cpus": 1, "labels": {POOL_LABEL: "cpu-b"}},
+    "gpu": {"num_cpus": 2, "num_gpus": 2},
+}
+
+
+class PoolCluster:
+    """A head plus one node per entry of ``NODES``; the driver (this process) is connected to it."""
+
+    def __init__(self) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS})
+        self.nodes = {pool: self.add_node(**args) for pool, args in NODES.items()}
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        self.cluster.wait_for_nodes()
+
+    def add_node(self, **node_args: Any) -> Any:
+        """Start one more node (``Cluster.add_node`` arguments: num_cpus, num_gpus, labels, ...)."""
+        return self.cluster.add_node(**node_args)
+
+    def remove_node(self, node: Any) -> None:
+        self.cluster.remove_node(node)
+
+    @staticmethod
+    def pools() -> dict[str, str]:
+        """Node id -> pool (jobs/pools.py) of every live node, from the GCS's node table (the same
+        labels and resources the state API shows, without needing the dashboard process up)."""
+        import ray
+
+        return {n["NodeID"]: pool_of(n["Resources"], n.get("Labels") or {}) for n in ray.nodes() if n["Alive"]}
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
