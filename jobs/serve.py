@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import sys
@@ -152,6 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help=f"Serve's HTTP port when this starts Serve (default {DEFAULT_HTTP_PORT}; "
                                              "--prompt on an embedded cluster: a free port)")
     p.add_argument("--out", help="accepted for the job-kind contract; serving writes nothing there")
+    p.add_argument("--verbose", action="store_true", help="also show the logs of Serve and of the replicas")
     args = p.parse_args(argv)
     if args.prompt is not None and args.spec is None:
         p.error("--prompt needs --spec")
@@ -209,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
 
     attached = bool(os.environ.get("RAY_ADDRESS"))
     port = args.port or (DEFAULT_HTTP_PORT if attached or args.prompt is None else _free_port(args.host))
-    ray.init(address=os.environ["RAY_ADDRESS"] if attached else "local", logging_level="ERROR")
+    # Without --verbose the replicas' and Serve's own INFO lines stay in Ray's session logs.
+    ray.init(address=os.environ["RAY_ADDRESS"] if attached else "local", logging_level="ERROR",
+             log_to_driver=args.verbose)
+    if not args.verbose:
+        import ray.serve  # noqa: F401 - importing it sets its logger to INFO; quieten it after that
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         d = deploy(spec, key, http_host=args.host, http_port=port)
     except SpecError as e:
