@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -49,6 +49,9 @@ class FakeWorkerType(_Config):
     max_workers: int = Field(2, ge=1, le=64)
     # Ray node labels each node of this type starts with (e.g. {"orch.io/pool": "cpu-small"}).
     labels: dict[str, str] = Field(default_factory=dict)
+    # Custom Ray resources each node offers (whole amounts, as the schema wants), e.g. {"drivers": 4}
+    # for ORCH_DRIVER_RESOURCES to place job drivers on these nodes.
+    resources: dict[str, Annotated[int, Field(ge=1, le=1_000_000)]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -95,6 +98,31 @@ class FakeClusterConfig(_Config):
         return v
 
 
+class FakeNodes(_Config):
+    """What `orch up --autoscale-config FILE` reads (YAML): the worker types and the autoscaler's pace;
+    the head's address and CPUs come from the head `orch up` starts."""
+
+    workers: tuple[FakeWorkerType, ...] = (FakeWorkerType(),)
+    idle_timeout_minutes: float = Field(DEFAULT_IDLE_TIMEOUT_MINUTES, gt=0.0, le=24 * 60.0)
+    upscaling_speed: float = Field(1.0, gt=0.0, le=1000.0)
+
+    def cluster(self, gcs_address: str, head_cpus: int) -> FakeClusterConfig:
+        return FakeClusterConfig(gcs_address=gcs_address, head_cpus=head_cpus, workers=self.workers,
+                                 idle_timeout_minutes=self.idle_timeout_minutes, upscaling_speed=self.upscaling_speed)
+
+    def max_extra(self) -> dict[str, dict[str, float]]:
+        """Per pool, what the autoscaler may add at most (``ORCH_AUTOSCALER_MAX_EXTRA``): the
+        scheduler refuses only jobs larger than the nodes plus this."""
+        from jobs.pools import pool_of
+
+        extra: dict[str, dict[str, float]] = {}
+        for w in self.workers:
+            pool = extra.setdefault(pool_of({"CPU": w.cpus}, w.labels), {})
+            for name, amount in {"CPU": w.cpus, **w.resources}.items():
+                pool[name] = pool.get(name, 0.0) + float(amount * w.max_workers)
+        return extra
+
+
 def autoscaler_config(cfg: FakeClusterConfig) -> dict[str, Any]:
     """The complete autoscaler v1 config for ``cfg``, validated by Ray's own ``validate_config``."""
     from ray.autoscaler._private.util import validate_config
@@ -104,7 +132,7 @@ def autoscaler_config(cfg: FakeClusterConfig) -> dict[str, Any]:
     }
     for w in cfg.workers:
         node_types[w.name] = {
-            "resources": {"CPU": w.cpus},
+            "resources": {"CPU": w.cpus, **w.resources},
             "labels": dict(w.labels),
             "node_config": {},
             "min_workers": w.min_workers,

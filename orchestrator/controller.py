@@ -13,8 +13,14 @@ latest checkpoint. Exit codes 1 and 2 (training error, invalid spec) are the job
 
 Scheduling: QUEUED jobs are admitted by the scheduler (orchestrator/scheduler/) once per pass, after
 every other job moved; a job it preempts goes RUNNING -> PREEMPTING (its loop checkpoints, Ray stops
-it) -> QUEUED, and its next attempt resumes from that checkpoint. Reading progress, summaries and
-stalls is orchestrator/observe.py's.
+it) -> QUEUED, and its next attempt resumes from that checkpoint. Jobs that wait for room have their
+demand shown to the autoscaler (orchestrator/demand_groups.py), withdrawn before an admitted job's
+attempt is submitted. Reading progress, summaries and stalls is orchestrator/observe.py's.
+
+Resize: a user's ``PATCH /v1/jobs/{id}`` stores the spec at the new size (``resize_spec``); a RUNNING
+job then goes RUNNING -> RESIZING (checkpoint now, stop, as a preemption) -> QUEUED, the new spec
+stored in the same transaction, and the scheduler admits it again with its new demand; the next
+attempt resumes from that checkpoint with the same --out. Neither uses up ``max_retries``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from jobs.contracts import CheckpointRequest, ControlChannel
+from jobs.elastic import describe_size
 from jobs.kinds import job_kind
 from jobs.specs import field_errors
+from orchestrator.demand_groups import DemandSink, demand_group, demand_sink
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
 from orchestrator.observe import AttemptReader, latest_progress  # noqa: F401 (re-exported)
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
@@ -38,6 +45,7 @@ from orchestrator.scheduler.schedule import Decisions, Policies
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.states import IllegalTransition, JobState
+from orchestrator.stop_checkpoint import StopCheckpoints
 from orchestrator.store import JobRecord, JobStore
 from orchestrator.telemetry import Telemetry
 
@@ -72,7 +80,8 @@ class Controller:
 
     def __init__(self, store: JobStore, ray: RayJobs, settings: Settings, telemetry: Telemetry | None = None,
                  entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS, clock=time.monotonic,
-                 fault_hook: Callable[[str], None] = no_fault, policies: Policies | None = None):
+                 fault_hook: Callable[[str], None] = no_fault, policies: Policies | None = None,
+                 demand: DemandSink | None = None):
         self.store = store
         self.ray = ray
         self.settings = settings
@@ -84,9 +93,9 @@ class Controller:
         self.last_pass_at: float | None = None
         self.reader = AttemptReader(store, ray, settings, self.telemetry, lambda: self.clock())
         self.scheduler = Scheduler(settings, policies)
+        self.demand = demand or demand_sink(settings)
         self._stop_sent_at: dict[str, float] = {}
-        self._checkpoint_asked: dict[str, tuple[CheckpointRequest, float]] = {}  # job id -> (request, when)
-        self._stop_notes: dict[str, str] = {}  # job id -> what the checkpoint before its stop did
+        self.stop_checkpoints = StopCheckpoints(settings, lambda: self.clock())
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,10 +147,14 @@ class Controller:
             self._start_attempt(job)
         elif job.state is S.STARTING and job.current_attempt.submitted_at is None:
             self._submit(job)
+        elif job.state is S.RUNNING and job.resize_spec is not None:
+            self._resize(job)
         elif job.state in (S.STARTING, S.RUNNING):
             self._observe(job)
         elif job.state is S.PREEMPTING:
             self._preempting(job)
+        elif job.state is S.RESIZING:
+            self._resizing(job)
 
     def _schedule(self, jobs: list[JobRecord]) -> None:
         """Admit, queue and preempt by one scheduler pass over the jobs as this pass first read them."""
@@ -150,9 +163,15 @@ class Controller:
         by_id = {job.id: job for job in jobs}
         for victim in decisions.preempt:
             self._guarded(by_id[victim.job_id], lambda job, v=victim: self._preempt(job, v.reason))
+        # Before any admitted attempt is submitted: its demand group would hold the room it gets.
+        self.demand.publish({w.job_id: self._demand_group(by_id[w.job_id]) for w in decisions.wait if w.needs_room})
         for admit in decisions.admit:
             self._guarded(by_id[admit.job_id], self._start_attempt)
         self._record_queue(decisions, by_id)
+
+    def _demand_group(self, job: JobRecord):
+        spec = job_kind(job.kind).spec.model_validate(job.spec)
+        return demand_group(spec, self.scheduler.demand(job), self.settings.driver_resources)
 
     def _record_queue(self, decisions: Decisions, by_id: dict[str, JobRecord]) -> None:
         """Store each waiting job's position and reason, and clear them on admitted ones; only changes
@@ -235,7 +254,7 @@ class Controller:
 
     def _lost(self, job: JobRecord, reason: str) -> None:
         self.reader.clear_stall(job.id)
-        retries_used = job.attempts - 1 - job.preemptions  # attempts after a preemption are not retries
+        retries_used = job.retries_used  # attempts after a preemption or a resize are not retries
         if retries_used < job.max_retries:
             self.telemetry.retries.inc()
             self.store.transition(job.id, S.RETRYING, f"{reason}; retry {retries_used + 1} of {job.max_retries}")
@@ -255,11 +274,32 @@ class Controller:
         self._preempting(job)
 
     def _preempting(self, job: JobRecord) -> None:
-        """Checkpoint now, stop, then back to QUEUED; the next attempt resumes from the checkpoint."""
+        self._stop_then_queue(job, f"preempted: {job.message}",
+                              "preempted ({note}); waits to resume from its latest checkpoint")
+
+    # -- resize -----------------------------------------------------------------------------------
+
+    def _resize(self, job: JobRecord) -> None:
+        """Start a resize a user asked for (``resize_spec``) of a RUNNING job; the stop comes in later
+        passes (``_resizing``), after its checkpoint."""
+        reason = f"resizing from {describe_size(job.spec)} to {describe_size(job.resize_spec)}"
+        job = self.store.transition(job.id, S.RESIZING, reason)
+        log.info("job %s: %s", job.id, reason)
+        self._resizing(job)
+
+    def _resizing(self, job: JobRecord) -> None:
+        target = describe_size(job.resize_spec) if job.resize_spec else "its new size"
+        self._stop_then_queue(job, job.message or "resizing",
+                              f"resized ({{note}}); waits to restart on {target} from its latest checkpoint")
+
+    def _stop_then_queue(self, job: JobRecord, why: str, queued_reason: str) -> None:
+        """Checkpoint now, stop, then back to QUEUED (``queued_reason`` with ``{note}``: what the stop's
+        checkpoint did); the next attempt resumes from the checkpoint. A driver that died meanwhile
+        was being stopped anyway: QUEUED too."""
         attempt = job.current_attempt
         view = self.ray.status(attempt.submission_id)
         if view is not None and not view.terminal:
-            if view.status == "RUNNING" and not self._checkpointed_before_stop(job, f"preempted: {job.message}"):
+            if view.status == "RUNNING" and not self.stop_checkpoints.ready(job.id, why):
                 return
             self.ray.stop(attempt.submission_id)
             return
@@ -269,8 +309,8 @@ class Controller:
         self.store.update_attempt(job.id, attempt.number, ended_at=time.time(),
                                   ray_status=view.status if view else None, exit_code=view.exit_code if view else None)
         self.reader.clear_stall(job.id)
-        note = self._stop_notes.pop(job.id, None) or "stopped"
-        self.store.transition(job.id, S.QUEUED, f"preempted ({note}); waits to resume from its latest checkpoint")
+        note = self.stop_checkpoints.note(job.id) or "stopped"
+        self.store.transition(job.id, S.QUEUED, queued_reason.format(note=note))
 
     def _cancel(self, job: JobRecord) -> None:
         attempt = job.current_attempt
@@ -283,7 +323,7 @@ class Controller:
             self.store.update_attempt(job.id, attempt.number, ended_at=time.time())
             self.store.transition(job.id, S.CANCELLED, "cancelled by user; Ray had no job to stop")
         elif not view.terminal:
-            if view.status == "RUNNING" and not self._checkpointed_before_stop(job):
+            if view.status == "RUNNING" and not self.stop_checkpoints.ready(job.id, "cancelled by user"):
                 return  # a later pass stops it, once the loop has checkpointed or the wait is over
             # Asynchronous in Ray: a later pass sees STOPPED. A job Ray still holds PENDING (its
             # driver not yet scheduled) keeps the stop queued until it is; after the grace we stop
@@ -304,27 +344,9 @@ class Controller:
                 self.store.transition(job.id, S.SUCCEEDED, "finished before the cancel took effect")
             else:
                 self.reader.clear_stall(job.id)
-                note = self._stop_notes.pop(job.id, None)
+                note = self.stop_checkpoints.note(job.id)
                 self.store.transition(job.id, S.CANCELLED, f"cancelled by user; {note + '; ' if note else ''}"
                                                            f"Ray job {view.status}")
-
-    def _checkpointed_before_stop(self, job: JobRecord, why: str = "cancelled by user") -> bool:
-        """Whether a running job may be stopped now: the first pass asks its loop for a checkpoint
-        (workers/control.py), later passes wait for the confirmation, at most stop_checkpoint_timeout_s.
-        Ray Jobs gives a stopping driver 3 s before SIGKILL, so without this up to a checkpoint
-        interval of steps would be lost."""
-        channel = ControlChannel(job_paths(self.settings.job_root, job.id).out)
-        asked = self._checkpoint_asked.get(job.id)
-        if asked is None:
-            asked = self._checkpoint_asked[job.id] = (channel.request_checkpoint(why), self.clock())
-        request, at = asked
-        done = channel.confirmation(request)
-        if done is None and self.clock() - at < self.settings.stop_checkpoint_timeout_s:
-            return False
-        self._checkpoint_asked.pop(job.id, None)
-        self._stop_notes[job.id] = (f"checkpoint at step {done.step} first" if done else
-                                    f"no checkpoint confirmed within {self.settings.stop_checkpoint_timeout_s:.0f} s")
-        return True
 
     # -- running it -------------------------------------------------------------------------------
 
@@ -342,6 +364,7 @@ class Controller:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self.demand.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -368,4 +391,3 @@ class Controller:
             os.close(fd)
             raise ControllerBusy(f"another controller holds {path}") from None
         self._lock_fd = fd
-

@@ -4,6 +4,11 @@ The head runs in its own session with its own temp dir and free ports, so it nev
 Ray cluster on the machine (``ray stop`` would kill every cluster of the user; we never call it). It
 stops on SIGTERM (Ray drains, then ends its processes); the process group is killed if that hangs.
 
+Autoscaling: with ``fake_nodes`` the head runs Ray's autoscaler v1 with the fake multi-node provider
+(orchestrator/autoscale.py): nodes it adds are real raylets on this machine in the head's temp dir.
+They are not children of ``ray start`` once the monitor that made them is gone, so ``stop`` ends
+every process left whose command line names this head's temp dir (ours alone: made by mkdtemp).
+
 Token auth: with ``auth_token`` the head runs with ``RAY_AUTH_MODE=token``; the dashboard (Jobs API)
 then wants ``Authorization: Bearer <token>``, and job drivers inherit the token from the head.
 ``python`` on the head's PATH is this interpreter (its folder goes first, as in an activated venv),
@@ -24,11 +29,14 @@ from pathlib import Path
 import httpx
 
 from jobs.trainer import DATA_HEADROOM_CPUS
+from orchestrator.autoscale import FakeNodes, local_gcs_address, write_autoscaler_config
 from orchestrator.waiting import wait_until
 
 HEAD_START_TIMEOUT_S = 180.0
 HEAD_READY_POLL_S = 0.5
 HEAD_STOP_TIMEOUT_S = 60.0
+# How often the fake cluster's autoscaler looks at demand (Ray's default is 5 s).
+AUTOSCALER_UPDATE_INTERVAL_S = 1
 # Ray puts unix sockets under <temp_dir>/session_<timestamp>_<pid>/sockets/...; AF_UNIX paths end at 107
 # bytes, so a longer temp dir is swapped for a short one under /tmp.
 MAX_TEMP_DIR_CHARS = 40
@@ -59,7 +67,8 @@ def _ray_binary() -> str:
 class LocalRayHead:
     def __init__(self, temp_dir: Path | None = None, num_cpus: int | None = None, auth_token: str | None = None,
                  env: dict[str, str] | None = None, resources: dict[str, float] | None = None,
-                 gcs_port: int | None = None, dashboard_port: int | None = None):
+                 gcs_port: int | None = None, dashboard_port: int | None = None,
+                 fake_nodes: FakeNodes | None = None):
         # A temp dir made here (none given, or too long) is removed by stop(); a given one keeps its logs.
         self._owns_temp_dir = temp_dir is None or len(str(temp_dir)) > MAX_TEMP_DIR_CHARS
         if self._owns_temp_dir:
@@ -76,12 +85,18 @@ class LocalRayHead:
         # Ray cluster on the machine: an agent that cannot bind means "No available agent to submit job".
         self.client_port = free_port()
         self.agent_port = free_port()
+        self.fake_nodes = fake_nodes
         self.proc: subprocess.Popen | None = None
         self.log_path = self.temp_dir / "ray-head.log"
 
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        """host:port of the GCS: what a Ray driver (``ray.init``) and the fake nodes connect to."""
+        return local_gcs_address(self.gcs_port)
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -112,8 +127,15 @@ class LocalRayHead:
             import json
 
             argv += ["--resources", json.dumps(self.resources)]
+        env = self._env()
+        if self.fake_nodes is not None:
+            config = self.fake_nodes.cluster(self.gcs_address, self.num_cpus or 0)
+            argv += ["--autoscaling-config", str(write_autoscaler_config(config, self.temp_dir / "autoscaler.yaml"))]
+            # The provider refuses to run without RAY_FAKE_CLUSTER; v2 fails with it (autoscale.py).
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S=str(AUTOSCALER_UPDATE_INTERVAL_S))
+            env.pop("RAY_enable_autoscaler_v2", None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after we return
-        self.proc = subprocess.Popen(argv, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         try:
@@ -138,6 +160,7 @@ class LocalRayHead:
 
     def stop(self, timeout_s: float = HEAD_STOP_TIMEOUT_S) -> None:
         self._end(timeout_s)
+        self._kill_leftovers()
         if self._owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -149,6 +172,20 @@ class LocalRayHead:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self._kill_group(wait_s=10)  # draining hung
+
+    def _kill_leftovers(self) -> None:
+        """SIGKILL this user's processes whose command line names this head's temp dir (fake nodes'
+        raylets and workers, whose monitor died before it could end them); no other cluster's."""
+        mark = str(self.temp_dir).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if entry.stat().st_uid != os.getuid() or mark not in (entry / "cmdline").read_bytes():
+                    continue
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue  # gone meanwhile, or not ours to read
 
     def kill(self) -> None:
         """A crash of the head node: SIGKILL its process group, no draining. Workers exit when their

@@ -177,6 +177,7 @@ class SdkRayJobs:
         import requests
         from ray.util.state import StateApiClient
         from ray.util.state.common import ListApiOptions, StateResource
+        from ray.util.state.exception import ServerUnavailable
 
         try:
             client = StateApiClient(address=self.address, headers={"Content-Type": "application/json", **self._headers})
@@ -184,7 +185,8 @@ class SdkRayJobs:
                 StateResource.NODES, options=ListApiOptions(detail=True, timeout=int(self.timeout_s)),
                 raise_on_missing_output=False,
             )
-        except (requests.ConnectionError, requests.Timeout, ConnectionError) as e:
+        # The state API wraps a refused connection as ServerUnavailable (the dashboard is down).
+        except (requests.ConnectionError, requests.Timeout, ConnectionError, ServerUnavailable) as e:
             raise RayUnavailable(f"Ray at {self.address} is not reachable: {e}") from None
         return [
             NodeView(
@@ -211,6 +213,8 @@ class SdkRayJobs:
                 and "orch_job_id" not in (j.metadata or {})]
         if not jobs:
             return []
+        from ray.util.state.exception import ServerUnavailable
+
         try:
             client = StateApiClient(address=self.address, headers={"Content-Type": "application/json", **self._headers})
             groups = client.list(
@@ -218,7 +222,7 @@ class SdkRayJobs:
                     detail=True, timeout=int(self.timeout_s), filters=[("state", "=", "CREATED")]),
                 raise_on_missing_output=False,
             )
-        except (requests.ConnectionError, requests.Timeout, ConnectionError) as e:
+        except (requests.ConnectionError, requests.Timeout, ConnectionError, ServerUnavailable) as e:
             raise RayUnavailable(f"Ray at {self.address} is not reachable: {e}") from None
         held: dict[str, dict[str, dict[str, float]]] = {}
         for g in groups:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # Ray dashboard HTTP address used by the Jobs SDK, e.g. http://127.0.0.1:8265. RAY_ADDRESS is read
     # too (the Jobs SDK itself prefers it), so one variable points both `ray job submit` and us at a cluster.
     ray_address: str | None = Field(None, validation_alias=AliasChoices("ORCH_RAY_ADDRESS", "RAY_ADDRESS"))
+    # host:port of the cluster's GCS (``ray start --head --port``). When set, the service connects a Ray
+    # driver there and shows each job that waits for room to the autoscaler as a pending placement
+    # group (orchestrator/demand_groups.py); unset: queued jobs' demand stays invisible to Ray.
+    ray_gcs_address: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
     # Token for a Ray cluster started with RAY_AUTH_MODE=token (sent as a bearer header to the dashboard).
     ray_auth_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("ORCH_RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN")
@@ -89,6 +93,17 @@ class Settings(BaseSettings):
     autoscaler_max_extra: dict[str, dict[str, Annotated[float, Field(ge=0.0)]]] = Field(default_factory=dict)
     # Run the reconcile loop inside the API process (off only for API-only benchmarks and tests).
     controller_enabled: bool = True
+    # Serving (orchestrator/deployments.py): where Serve's HTTP proxy listens when a deploy starts
+    # Serve (the first one does; later ones join it), and the base URL clients reach it at (default
+    # http://<serve_host>:<serve_port>; set it when clients go through a load balancer or DNS name).
+    serve_host: str = Field("127.0.0.1", pattern=r"^[A-Za-z0-9_.:\[\]-]{1,253}$")
+    serve_port: int = Field(8000, ge=1, le=65535)
+    serve_url: str | None = Field(None, pattern=r"^https?://[^\s/]+$")
+    # Between two passes of the deployment reconciler (one Serve status read, one Ray job status per
+    # deployment); creates and deletes wake it at once.
+    deploy_interval_s: float = Field(5.0, gt=0.0, le=3600.0)
+    # Failed deploy (or delete) jobs in a row before a deployment is left FAILED.
+    deploy_max_failures: int = Field(3, ge=1, le=100)
 
     @field_validator("driver_resources", "autoscaler_max_extra", mode="before")
     @classmethod
@@ -123,6 +138,10 @@ class Settings(BaseSettings):
     @cached_property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.state_dir / 'orch.db'}"
+
+    @cached_property
+    def serve_base_url(self) -> str:
+        return self.serve_url or f"http://{self.serve_host}:{self.serve_port}"
 
     @cached_property
     def job_root(self) -> Path:

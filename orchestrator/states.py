@@ -24,6 +24,12 @@ class JobState(str, Enum):
     """A higher-priority job needs its resources: its loop is asked to checkpoint now, then its Ray job
     is stopped and it returns to QUEUED; the next attempt resumes from that checkpoint (same output),
     at most one step lost. A preemption does not use up ``max_retries``."""
+    RESIZING = "RESIZING"
+    """A user asked for a new size (``PATCH /v1/jobs/{id}``, ``orch scale``): as in PREEMPTING its loop
+    checkpoints now, then its Ray job is stopped; it returns to QUEUED with the new size stored in its
+    spec, and the scheduler admits it again with its new demand. The next attempt resumes from that
+    checkpoint in the same output (checkpoints do not depend on the world size), at most one step lost.
+    A resize does not use up ``max_retries``."""
     RETRYING = "RETRYING"
     """The attempt's driver died for a reason outside the job (the cluster restarted, the driver's node
     died, the driver was killed); a new attempt resumes from the latest checkpoint in the same output."""
@@ -44,7 +50,8 @@ class JobState(str, Enum):
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # Jobs that hold (or are about to hold) cluster resources, and take an active-job slot.
-ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.RETRYING, JobState.PREEMPTING})
+ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.RETRYING, JobState.PREEMPTING,
+                    JobState.RESIZING})
 
 _S = JobState
 ALLOWED: dict[JobState, frozenset[JobState]] = {
@@ -52,10 +59,13 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
     _S.QUEUED: frozenset({_S.STARTING, _S.CANCELLED, _S.FAILED}),
     # STARTING -> SUCCEEDED/FAILED: a short job can finish between two looks.
     _S.STARTING: frozenset({_S.RUNNING, _S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.RETRYING, _S.PREEMPTING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.RETRYING, _S.PREEMPTING, _S.RESIZING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
     # PREEMPTING -> QUEUED: stopped after its checkpoint; -> SUCCEEDED/FAILED: it ended first; ->
     # RETRYING: its driver died meanwhile (a retry, counted as one).
     _S.PREEMPTING: frozenset({_S.QUEUED, _S.RETRYING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
+    # RESIZING -> QUEUED: stopped after its checkpoint (or its driver died meanwhile: it was being
+    # stopped anyway), the new size stored; -> SUCCEEDED/FAILED: it ended first.
+    _S.RESIZING: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),
     _S.RETRYING: frozenset({_S.STARTING, _S.FAILED, _S.CANCELLED}),
     _S.SUCCEEDED: frozenset(),
     _S.FAILED: frozenset(),

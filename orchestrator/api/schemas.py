@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from jobs.kinds import KINDS, AnySpec, KindName
+from jobs.pools import POOL_NAME_PATTERN
 from jobs.specs import DeviceKind
 from orchestrator.api.errors import MAX_REPORTED_ERRORS, json_safe, unencodable
 from orchestrator.auth import NAME_PATTERN, Role, root_error
@@ -64,7 +65,8 @@ class JobCreate(_Schema):
     def _spec_of_kind(cls, data: Any) -> Any:
         """(Runs after ``_encodable``: pydantic runs "before" validators last-defined first.) The spec validated by its kind's model alone: a union would try every kind's model and
         report each one's errors under its class name; a user wants ``spec.train.steps: ...``."""
-        if not isinstance(data, dict) or data.get("kind", "train") not in KINDS or "spec" not in data:
+        kind = data.get("kind", "train") if isinstance(data, dict) else None
+        if not isinstance(kind, str) or kind not in KINDS or "spec" not in data:
             return data  # the field validators name what is wrong with kind or spec
         try:
             spec = KINDS[data.get("kind", "train")].spec.model_validate(data["spec"])
@@ -90,6 +92,23 @@ class JobCreate(_Schema):
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
 
+
+
+class ResizeWorkers(_Schema):
+    """A training job on one pool at a new size; bounds come from the job (jobs/elastic.py)."""
+
+    num_workers: int = Field(ge=1, le=4096)
+
+
+class ResizePools(_Schema):
+    """A training job that spans pools at new worker counts for the same pools."""
+
+    # additionalProperties: keys outside the pattern are invalid in the document too, as in pydantic.
+    pools: dict[Annotated[str, Field(pattern=POOL_NAME_PATTERN)], Annotated[int, Field(ge=1, le=4096)]] = Field(
+        min_length=1, max_length=16, json_schema_extra={"additionalProperties": False})
+
+
+JobResize = ResizeWorkers | ResizePools
 
 
 class JobEventPublic(_Schema):
@@ -136,6 +155,7 @@ class JobSummary(_Schema):
     owner: str
     priority: Priority
     preemptions: int
+    resizes: int  # attempts ended by a user's resize (no retry used)
     queue_position: int | None  # 1 = next to start, while QUEUED
     queue_reason: str | None  # why it waits, while QUEUED
 
@@ -169,6 +189,7 @@ def _summary_fields(job: JobRecord) -> dict[str, Any]:
         # Workers report what they measure: a NaN loss is written back as the string "NaN".
         "metrics": json_safe(job.metrics), "created_at": job.created_at, "updated_at": job.updated_at,
         "team": job.team, "owner": job.owner, "priority": job.priority, "preemptions": job.preemptions,
+        "resizes": job.resizes,
         "queue_position": job.queue_position, "queue_reason": job.queue_reason,
     }
 
@@ -328,4 +349,3 @@ class Health(_Schema):
 
 class Problem(_Schema):
     detail: str
-

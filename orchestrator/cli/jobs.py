@@ -1,4 +1,4 @@
-"""Client commands: submit, list, status, logs, cancel, cluster. Each is one request (or a log stream)
+"""Client commands: submit, list, status, logs, cancel, scale, cluster. Each is one request (or a log stream)
 to the API; ``--json`` prints the API's answer as it came."""
 
 from __future__ import annotations
@@ -134,3 +134,28 @@ def cancel(ctx: typer.Context, job_id: JobId, json_out: JsonFlag = False) -> Non
         render.print_json(job)
     else:
         print(f"cancel requested for {job['id']} (now {job['state']})")
+
+
+@app.command(help="resize a training job: it checkpoints, stops and restarts on the new size from that checkpoint")
+def scale(
+    ctx: typer.Context,
+    job_id: JobId,
+    num_workers: Annotated[int | None, typer.Argument(metavar="N", help="the new number of workers")] = None,
+    pool: Annotated[list[str] | None, typer.Option(
+        "--pool", metavar="POOL=N", help="a job spanning pools: the new count for each of its pools (repeatable)")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    if (num_workers is None) == (not pool):
+        raise CliError("give N, or --pool POOL=N for each pool of a job that spans pools", EXIT_USAGE)
+    body: dict[str, Any] = {"num_workers": num_workers}
+    if pool:
+        counts = [p.partition("=") for p in pool]
+        if any(not name or not sep or not n.isdigit() for name, sep, n in counts):
+            raise CliError(f"--pool expects POOL=N, got {' '.join(pool)}", EXIT_USAGE)
+        body = {"pools": {name: int(n) for name, _, n in counts}}
+    with api(api_url(ctx)) as c:
+        job = check(c.patch(f"/v1/jobs/{job_id}", json=body))
+    if json_out:
+        render.print_json(job)
+    else:
+        print(f"resize requested for {job['id']} (now {job['state']}: {job['message']})")

@@ -22,7 +22,7 @@ from rich.text import Text
 # Off a terminal a table line is as long as its content: rich would wrap at 80 columns otherwise.
 PLAIN_WIDTH_CHARS = 100_000
 STATE_STYLES = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "cyan",
-                "RETRYING": "magenta", "STARTING": "blue"}
+                "RETRYING": "magenta", "STARTING": "blue", "RESIZING": "blue", "PREEMPTING": "magenta"}
 
 
 def print_json(data: Any) -> None:

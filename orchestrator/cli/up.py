@@ -7,14 +7,20 @@ head; then `orch up` dies of that signal, as its sender expects.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import yaml
 
 from orchestrator.cli.core import EXIT_USAGE, CliError, app
+
+if TYPE_CHECKING:
+    from orchestrator.autoscale import FakeNodes
 
 # Service managers stop with SIGTERM (systemd, Docker, Kubernetes), a terminal with SIGINT, a closed
 # terminal or session with SIGHUP.
@@ -58,11 +64,19 @@ def up(
     num_cpus: Annotated[int | None, typer.Option(
         help="logical CPUs the local Ray head offers (default: the cores + 2, room for Ray Data's read tasks "
              "beside the training workers)")] = None,
+    autoscale: Annotated[bool, typer.Option(
+        "--autoscale", help="the local head runs Ray's autoscaler with fake nodes (real raylets on this machine): "
+                            "queued jobs make nodes start, idle ones stop")] = False,
+    autoscale_config: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="with --autoscale: YAML of the fake node types (workers: [{name, cpus, min_workers, "
+                             "max_workers, labels}], idle_timeout_minutes, upscaling_speed); default: 0-2 nodes "
+                             "of 1 CPU")] = None,
 ) -> None:
     import secrets
 
     from orchestrator.settings import SettingsError, load_settings, write_secret
 
+    fake_nodes = _fake_nodes(autoscale, autoscale_config)
     overrides: dict[str, Any] = {"port": port} if port else {}
     if local:
         overrides["local"] = True
@@ -82,10 +96,12 @@ def up(
             token_file = settings.state_dir / "ray_auth_token"
             write_secret(token_file, ray_token)
             head = LocalRayHead(settings.state_dir / "ray", num_cpus=num_cpus or default_head_cpus(),
-                                auth_token=ray_token)
+                                auth_token=ray_token, fake_nodes=fake_nodes)
             print(f"starting a local Ray head with {head.num_cpus} logical CPUs (logs: {head.log_path}) ...",
                   file=sys.stderr)
             head.start()
+            if fake_nodes is not None:  # queued jobs' demand goes to the autoscaler (orchestrator/demand_groups.py)
+                overrides.update(ray_gcs_address=head.gcs_address, autoscaler_max_extra=fake_nodes.max_extra())
             settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
             print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "
                   f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
@@ -113,3 +129,26 @@ def up(
     if stopped_by is not None:
         _die_of(stopped_by)
         raise typer.Exit(128 + stopped_by)  # the shell's convention, should the signal's action not end us
+
+
+def _fake_nodes(autoscale: bool, config: Path | None) -> FakeNodes | None:
+    """The fake node types for --autoscale (from FILE, or the defaults); None without --autoscale."""
+    from pydantic import ValidationError
+
+    from jobs.specs import field_errors
+    from orchestrator.autoscale import FakeNodes
+
+    if not autoscale:
+        if config is not None:
+            raise CliError("--autoscale-config needs --autoscale", EXIT_USAGE)
+        return None
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("ORCH_RAY_ADDRESS"):
+        raise CliError("--autoscale starts a local head; unset RAY_ADDRESS", EXIT_USAGE)
+    try:
+        return FakeNodes.model_validate(yaml.safe_load(config.read_text()) or {}) if config else FakeNodes()
+    except OSError as e:
+        raise CliError(f"cannot read {config}: {e.strerror}", EXIT_USAGE) from None
+    except yaml.YAMLError as e:
+        raise CliError(f"{config} is not valid YAML: {e}", EXIT_USAGE) from None
+    except ValidationError as e:
+        raise CliError(f"{config}: " + "; ".join(field_errors(e.errors())), EXIT_USAGE) from None

@@ -54,6 +54,9 @@ class Wait:
     job_id: str
     position: int  # 1: first in line
     reason: str
+    # It waits for room in its pools (not for quota, a slot, or a cluster it can never fit): what an
+    # autoscaler could add (orchestrator/demand_groups.py shows it these jobs' demand).
+    needs_room: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def schedule_pass(pools: Mapping[str, Pool], queued: Sequence[JobView], admitted
     running = [j for j in admitted if j.preemptible]
     out = Decisions()
     blocked: dict[str, str] = {}  # pool -> the waiting job it is held for
-    waiting: list[tuple[str, str, Demand]] = []  # (job id, reason, demand) in queue order
+    waiting: list[tuple[str, tuple[str, bool], Demand]] = []  # (job id, (reason, needs room), demand) in order
 
     for job in policies.order.order(queued, usage):
         reason = _admit_or_reason(job, pools, ledger, incoming, usage, quotas, slots, running, blocked,
@@ -120,9 +123,9 @@ def schedule_pass(pools: Mapping[str, Pool], queued: Sequence[JobView], admitted
         else:
             waiting.append((job.id, reason, job.demand))
 
-    for position, (job_id, reason, demand) in enumerate(waiting, start=1):
+    for position, (job_id, (reason, room), demand) in enumerate(waiting, start=1):
         ahead = position - 1
-        out.wait.append(Wait(job_id, position, f"{reason}; {ahead} job{'' if ahead == 1 else 's'} ahead"))
+        out.wait.append(Wait(job_id, position, f"{reason}; {ahead} job{'' if ahead == 1 else 's'} ahead", room))
         for key, need in demand.items():
             total = out.queued_demand.setdefault(key, {})
             for k, v in need.items():
@@ -133,21 +136,22 @@ def schedule_pass(pools: Mapping[str, Pool], queued: Sequence[JobView], admitted
 
 def _admit_or_reason(job: JobView, pools: Mapping[str, Pool], ledger: Ledger, incoming: dict[str, dict[str, float]],
                      usage: dict[str, dict[str, float]], quotas: Quotas, slots: int, running: list[JobView],
-                     blocked: dict[str, str], policies: Policies, out: Decisions) -> str | None:
-    """Admit ``job`` (recording it in ``out`` and the ledger) and return None, or say why it waits."""
+                     blocked: dict[str, str], policies: Policies, out: Decisions) -> tuple[str, bool] | None:
+    """Admit ``job`` (recording it in ``out`` and the ledger) and return None, or say why it waits
+    and whether it waits for room (``Wait.needs_room``)."""
     impossible = never_fits(job.demand, pools)
     if impossible:
-        return f"can never run on this cluster: {impossible}"
+        return f"can never run on this cluster: {impossible}", False
     wanted = {p for key in job.demand for p in candidates(pools, key)}
     if held_for := sorted({blocked[p] for p in wanted if p in blocked}):
-        return f"waiting behind job {held_for[0]}, ahead in the queue for the same pool"
+        return f"waiting behind job {held_for[0]}, ahead in the queue for the same pool", True
     if slots <= 0:
-        return "waiting for an active-job slot (ORCH_MAX_ACTIVE_JOBS)"
+        return "waiting for an active-job slot (ORCH_MAX_ACTIVE_JOBS)", False
     placement = policies.placement.place(job.demand, ledger.free)
     if placement is not None:
         breach = quota_breach(job, placement, usage, quotas)
         if breach:
-            return f"waiting for quota: {breach}"
+            return f"waiting for quota: {breach}", False
         ledger.take(placement, job.demand)
         for key, pool in placement.items():
             usage.setdefault(job.team, defaultdict(float))[pool] += devices(pool, job.demand[key])
@@ -163,7 +167,7 @@ def _admit_or_reason(job: JobView, pools: Mapping[str, Pool], ledger: Ledger, in
     if policies.placement.place(job.demand, with_incoming) is not None:
         for p in incoming:  # promised to this job: no later job counts on it
             incoming[p] = {}
-        return f"{reason}; preempted jobs are making room"
+        return f"{reason}; preempted jobs are making room", False  # room is coming: no new node needed
 
     def fits(victims: Sequence[JobView]) -> bool:
         room = {p: dict(r) for p, r in with_incoming.items()}
@@ -173,13 +177,13 @@ def _admit_or_reason(job: JobView, pools: Mapping[str, Pool], ledger: Ledger, in
 
     victims = policies.preemption.victims(job, running, fits)
     if not victims:
-        return reason
+        return reason, True
     for victim in victims:  # their bookings stay taken until they stop: promised to this job
         running.remove(victim)
         out.preempt.append(Preempt(victim.id, job.id, f"preempted by job {job.id} (priority {job.priority} over "
                                                       f"{victim.priority})"))
-    return f"{reason}; preempting {len(victims)} lower-priority job{'s' if len(victims) > 1 else ''} " \
-           f"({', '.join(v.id for v in victims)})"
+    return (f"{reason}; preempting {len(victims)} lower-priority job{'s' if len(victims) > 1 else ''} "
+            f"({', '.join(v.id for v in victims)})", False)
 
 
 def _add(room: dict[str, dict[str, float]], placement: Mapping[str, str], demand: Demand) -> None:

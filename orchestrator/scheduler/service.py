@@ -9,12 +9,15 @@ submit-time refusal of jobs that can never fit, without another call to Ray.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.demand import Demand, job_demand
+from jobs.elastic import SPEC_MAX_WORKERS
 from jobs.kinds import job_kind
+from jobs.specs import TrainSpec
 from orchestrator.ray_client import RayJobs, UnmanagedJob
 from orchestrator.scheduler.pools import Pool, build_pools, never_fits
 from orchestrator.scheduler.schedule import Decisions, Policies, Quotas, schedule_pass
@@ -39,14 +42,20 @@ class Scheduler:
     def __init__(self, settings: Settings, policies: Policies | None = None):
         self.settings = settings
         self.policies = policies or Policies()
-        self._demand: dict[str, Demand] = {}  # job id -> demand (a stored spec never changes)
+        # job id -> (its spec's resources as JSON, its demand): recomputed when a resize changed the spec
+        self._demand: dict[str, tuple[str, Demand]] = {}
         self._placement: dict[str, dict[str, str]] = {}  # admitted job id -> demand key -> pool
         self.snapshot: Snapshot | None = None
 
     def demand(self, job: JobRecord) -> Demand:
-        if job.id not in self._demand:
-            self._demand[job.id] = self.demand_of(job.kind, job.spec)
-        return self._demand[job.id]
+        """What ``job`` holds or asks for. Its spec changes only by a resize, which stores the new size
+        as the job returns to QUEUED (or at once while it waits): an admitted job's demand is the one
+        it was admitted with."""
+        key = json.dumps(job.spec.get("resources"), sort_keys=True)
+        cached = self._demand.get(job.id)
+        if cached is None or cached[0] != key:
+            cached = self._demand[job.id] = (key, self.demand_of(job.kind, job.spec))
+        return cached[1]
 
     def demand_of(self, kind: str, spec: Mapping[str, Any]) -> Demand:
         return job_demand(job_kind(kind).spec.model_validate(spec), self.settings.driver_resources)
@@ -58,6 +67,26 @@ class Scheduler:
             return None
         why = never_fits(self.demand_of(kind, spec), self.snapshot.pools)
         return f"the job can never run on this cluster: {why}" if why else None
+
+    def largest_size(self, spec: TrainSpec) -> int | None:
+        """The most workers (a multiple of expert_parallel) ``spec``'s job could ever run on, its
+        pool at the autoscaler's maximum; None before a pass has seen the cluster or for a job
+        spanning pools (its new counts are checked whole, by ``refusal``)."""
+        if self.snapshot is None or spec.resources.pools:
+            return None
+        ep = spec.resources.expert_parallel
+
+        def fits(n: int) -> bool:
+            sized = spec.model_copy(update={"resources": spec.resources.model_copy(update={"num_workers": n})})
+            return never_fits(job_demand(sized, self.settings.driver_resources), self.snapshot.pools) is None
+
+        if not fits(ep):
+            return None
+        low, high = 1, SPEC_MAX_WORKERS // ep  # in groups of ep workers; fits(low * ep) holds
+        while low < high:  # demand grows with the size: the largest fitting count by bisection
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid * ep) else (low, mid - 1)
+        return low * ep
 
     def plan(self, jobs: Sequence[JobRecord], ray: RayJobs, quotas: Quotas) -> Decisions:
         """One pass over ``jobs`` (every unfinished job, as read at the start of the controller's pass)."""

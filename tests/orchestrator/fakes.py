@@ -107,3 +107,19 @@ class FakeRay:
     def restart_cluster(self) -> None:
         """A new cluster at the same address: it knows none of the old submissions."""
         self.jobs.clear()
+
+
+class FakeDemand:
+    """A stand-in for orchestrator.demand_groups.DemandSink: records what each pass published, and
+    how many submissions Ray had seen by then (demand must be withdrawn before a submission)."""
+
+    def __init__(self, ray: FakeRay):
+        self.ray = ray
+        self.published: list[tuple[dict, int]] = []  # (job id -> DemandGroup, submissions so far)
+        self.closed = False
+
+    def publish(self, waiting) -> None:
+        self.published.append((dict(waiting), len(self.ray.submissions)))
+
+    def close(self) -> None:
+        self.closed = True

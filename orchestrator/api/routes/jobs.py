@@ -1,10 +1,10 @@
-"""/v1/jobs: submit, list, inspect, follow logs, cancel. Handlers touch the store only; Ray is the
-controller's business, except for reading logs.
+"""/v1/jobs: submit, list, inspect, follow logs, cancel, resize. Handlers touch the store only; Ray is
+the controller's business, except for reading logs.
 
 Every handler acts for a principal (``PrincipalDep``): a user sees only its team's jobs, and another
 team's job is a 404 like a job that does not exist (``_get``, the one way a handler loads a job by
 id); a user's job may name paths only under its team's data roots (422 naming the field).
-Submissions and cancels go to the audit log."""
+Submissions, cancels and resizes go to the audit log."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, sta
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
+from jobs.elastic import ResizeError, check_size, describe_size, resized, size_bounds
+from jobs.specs import TrainSpec, field_errors
 from orchestrator.api.deps import ControllerDep, PrincipalDep, RayDep, SettingsDep, StoreDep
 from orchestrator.api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -26,9 +29,11 @@ from orchestrator.api.schemas import (
     JobCreate,
     JobLogs,
     JobPublic,
+    JobResize,
     JobsPublic,
     JobSummary,
     Problem,
+    ResizeWorkers,
 )
 from orchestrator.auth import (
     NAME_PATTERN,
@@ -41,7 +46,7 @@ from orchestrator.auth import (
 )
 from orchestrator.ray_client import RayUnavailable
 from orchestrator.states import JobState
-from orchestrator.store import IdempotencyConflict, JobNotFound, JobRecord, JobStore
+from orchestrator.store import IdempotencyConflict, JobNotFound, JobRecord, JobStore, ResizeConflict
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -164,6 +169,53 @@ def cancel_job(job_id: JobId, store: StoreDep, controller: ControllerDep, princi
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.state.value}")
     if job.cancel_requested and not before.cancel_requested:
         store.audit(principal.user, "cancel", job_id, detail=f"in state {job.state.value}", team=job.team)
+    if controller is not None:
+        controller.wake()
+    return JobPublic.of(job)
+
+
+@router.patch(
+    "/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
+    responses={**_NOT_FOUND,
+               409: {"model": Problem, "description": "the job is starting, retrying, preempting or finished"},
+               422: {"description": "a size out of the job's bounds (named) or not a multiple of "
+                                    "resources.expert_parallel, a job that is not a training job, or a size "
+                                    "the cluster can never hold"},
+               400: {"model": Problem, "description": "the body is not decodable text"},
+               413: {"model": Problem, "description": "request body over ORCH_MAX_BODY_BYTES"}},
+)
+def resize_job(job_id: JobId, store: StoreDep, controller: ControllerDep, principal: PrincipalDep,
+               body: JobResize | None = None) -> JobPublic:
+    """Resize a training job. A RUNNING job checkpoints now, stops, and restarts at the new size from
+    that checkpoint (RESIZING, then QUEUED for the scheduler); a job not started yet just takes the new
+    size. No retry is used up. Without a body nothing changes."""
+    job = _get(store, job_id, principal)
+    if body is None:
+        return JobPublic.of(job)
+    workers, pools = (body.num_workers, None) if isinstance(body, ResizeWorkers) else (None, body.pools)
+    field = "num_workers" if workers is not None else "pools"
+    if job.kind != "train":
+        raise RequestValidationError([{"type": "resize", "loc": ("body", field),
+                                       "msg": f"only training jobs can be resized; this is a {job.kind} job"}])
+    spec = TrainSpec.model_validate(job.spec)
+    scheduler = controller.scheduler if controller is not None else None
+    try:
+        raw, total = resized(job.spec, spec, num_workers=workers, pools=pools)
+        check_size(spec, total, size_bounds(spec, scheduler.largest_size(spec) if scheduler else None), field)
+        new_spec = TrainSpec.model_validate(raw).model_dump(mode="json")
+    except ResizeError as e:
+        raise RequestValidationError([{"type": "resize", "loc": ("body", e.field), "msg": str(e)}]) from None
+    except ValidationError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(field_errors(e.errors()))) from None
+    refusal = scheduler.refusal(job.kind, new_spec) if scheduler else None
+    if refusal:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, refusal)
+    try:
+        job = store.request_resize(job_id, new_spec)
+    except ResizeConflict as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    store.audit(principal.user, "resize", job_id, detail=f"to {describe_size(new_spec)} in state {job.state.value}",
+                team=job.team)
     if controller is not None:
         controller.wake()
     return JobPublic.of(job)
