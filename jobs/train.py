@@ -84,13 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from workers.data import DataError, build_shards, verify_shards
+    from workers.data import DataError, open_training_data
     from workers.device import DeviceUnavailable, check_available
 
     try:
         check_available(spec.resources.device)
-        manifest = build_shards(spec.data, _log)
-        verify_shards(manifest)
+        data = open_training_data(spec.data, spec.model.vocab_size, _log)
     except (DataError, DeviceUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     _checkpoint_on_sigterm(out)
     try:
         with follow(RunDisplay(spec.train.steps, live=sys.stdout.isatty())) as progress:
-            result = build_trainer(spec, manifest, out, progress=progress, verbose=args.verbose).fit()
+            result = build_trainer(spec, data, out, progress=progress, verbose=args.verbose).fit()
     except Exception as e:  # Ray Train raises its own error types; the cause is what a user needs
         print(training_error(e, args.verbose), file=sys.stderr)
         return 1

@@ -10,6 +10,9 @@ from workers.data import (
     DataConfig,
     DataError,
     build_shards,
+    global_batches,
+    open_training_data,
+    ordered_rows,
     pack_sequences,
     shard_paths,
     verify_shards,
@@ -87,3 +90,103 @@ def test_pack_sequences_concatenates_and_cuts():
     rows = pack_sequences(table, seq_len=4)["input_ids"]  # 17 tokens -> 3 rows of 5, 2 dropped
     assert rows.shape == (3, 5)
     assert rows.ravel().tolist() == list(range(1, 11)) + [20, 21, 22, 23, 24]
+
+
+# ----------------------------------------------------------------------------------------------
+# The training order, prepared datasets, the tokenizer in checkpoints
+
+
+def _stream(n_rows, seq=5):
+    rows = np.arange(n_rows * seq, dtype=np.uint16).reshape(n_rows, seq)  # row i starts with i * seq
+    return rows
+
+
+def _blocks(rows, sizes):
+    out, i = [], 0
+    while i < len(rows):
+        size = sizes[len(out) % len(sizes)]
+        out.append(rows[i:i + size])
+        i += size
+    return out
+
+
+def test_training_order_ignores_block_sizes_and_changes_per_epoch():
+    rows = _stream(50)
+    a = np.concatenate(list(ordered_rows(_blocks(rows, [7]), seed=3, epoch=0, window_rows=16)))
+    b = np.concatenate(list(ordered_rows(_blocks(rows, [1, 30, 4]), seed=3, epoch=0, window_rows=16)))
+    c = np.concatenate(list(ordered_rows(_blocks(rows, [7]), seed=3, epoch=1, window_rows=16)))
+    assert (a == b).all() and not (a == c).all()
+    assert sorted(r[0] for r in a.tolist()) == sorted(r[0] for r in rows.tolist())  # a permutation
+
+
+@pytest.mark.parametrize("stop, new_batch", [(3, 4), (2, 3), (5, 16)])
+def test_resume_at_a_sequence_count_trains_each_row_once(stop, new_batch):
+    """2 workers x 4 rows for `stop` steps, then any global batch from the saved count: the rows
+    applied are the order's first rows, each once (the tail shorter than a batch is dropped)."""
+    order = np.concatenate(list(ordered_rows(_blocks(_stream(70), [9]), seed=0, epoch=0, window_rows=32)))
+    first = list(global_batches(ordered_rows(_blocks(_stream(70), [9]), 0, 0, 32), batch_rows=8, skip=0))[:stop]
+    saved = first[-1][0] + 8
+    rest = list(global_batches(ordered_rows(_blocks(_stream(70), [13]), 0, 0, 32), new_batch, skip=saved))
+    starts = [s for s, _ in first + rest]
+    applied = np.concatenate([r for _, r in first + rest])
+    assert starts == [*range(0, saved, 8), *range(saved, saved + new_batch * len(rest), new_batch)]
+    assert (applied == order[:len(applied)]).all()
+    assert len(order) - len(applied) < new_batch
+
+
+@pytest.fixture
+def prepared(corpus, tmp_path):
+    from workers.corpus import PrepareConfig, prepare
+
+    cfg = PrepareConfig(source=str(corpus), path=str(tmp_path / "prepared"), shard_bytes=4096, val_fraction=0.1)
+    return prepare(cfg, log=lambda _: None), tmp_path / "prepared"
+
+
+def test_prepared_path_reads_exactly_the_manifest_shards(prepared):
+    manifest, root = prepared
+    (root / "stray.parquet").write_bytes(b"not listed")  # never read: not in the manifest
+    data = open_training_data(DataConfig(path=str(root)), vocab_size=256, log=lambda _: None)
+    listed = {s: [str(root / e.file) for e in manifest.splits[s].shards] for s in ("train", "val")}
+    assert data.shards == listed and data.tokenizer.kind == "bytes" and not data.skipped
+
+
+def test_prepared_corrupt_shard_fails_naming_it_or_is_skipped(prepared):
+    manifest, root = prepared
+    victim = root / manifest.splits["train"].shards[0].file
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard {victim} is corrupt"):
+        open_training_data(DataConfig(path=str(root)), vocab_size=256)
+    logs = []
+    kept = open_training_data(DataConfig(path=str(root), on_corrupt="skip"), vocab_size=256, log=logs.append)
+    assert str(victim) not in kept.shards["train"] and len(kept.shards["train"]) == len(manifest.splits["train"].shards) - 1
+    assert any(f"skipping corrupt shard {victim}" in line for line in logs)
+
+
+def test_bpe_vocab_must_fit_the_model_and_travels_in_checkpoints(corpus, tmp_path):
+    from workers.checkpoint import TOKENIZER_FILE, load_tokenizer_for
+    from workers.corpus import PrepareConfig, prepare
+
+    root = tmp_path / "bpe"
+    prepare(PrepareConfig(source=str(corpus), path=str(root), shard_bytes=4096, tokenizer="bpe", vocab_size=300),
+            log=lambda _: None)
+    with pytest.raises(DataError, match=r"model.vocab_size \(256\) is smaller .* \(300\)"):
+        open_training_data(DataConfig(path=str(root)), vocab_size=256)
+    data = open_training_data(DataConfig(path=str(root)), vocab_size=300, log=lambda _: None)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert load_tokenizer_for(ckpt).kind == "bytes"  # a checkpoint that stores none: byte shards
+    (ckpt / TOKENIZER_FILE).write_text(data.tokenizer.to_json())
+    tok = load_tokenizer_for(ckpt)
+    ids = tok.encode_docs([b"def f(x):\n    return x\n"])[0]
+    assert tok.kind == "bpe" and tok.vocab_size == 300 and tok.decode(ids) == "def f(x):\n    return x\n"
+
+
+def test_uri_without_a_preparation_is_named(tmp_path):
+    with pytest.raises(DataError, match="data.path: .*gs://b/x"):
+        open_training_data(DataConfig(path="gs://b/x"), vocab_size=256)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=f"data.path: {tmp_path / 'bad' / 'manifest.json'} is corrupt"):
+        open_training_data(DataConfig(path=str(tmp_path / "bad")), vocab_size=256)

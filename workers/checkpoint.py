@@ -14,6 +14,8 @@ One folder per checkpoint, written by world rank 0 after collectives on every ra
                     ranks; experts: their replicas, gathered by global id)
     meta.json       step, data position (sequences consumed in the epoch, over all workers), byte
                     totals, the world and EP sizes that wrote it
+    tokenizer.json  the tokenizer of the data it was trained on (workers/tokenizer.py), so a serving
+                    replica that has no shards to find it beside encodes and decodes as training did
 
 Why the mean carries error feedback across a resize: every step applies the average of what the
 workers send, so the unsent gradient mass of the whole job is the average of their residuals.
@@ -49,8 +51,10 @@ from workers.moe.dispatch import ExpertParallelExperts
 from workers.moe.grad_sync import ExpertGradSync
 from workers.moe.groups import ParallelGroups
 from workers.moe.model import MoETransformer
+from workers.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2
+TOKENIZER_FILE = "tokenizer.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +193,9 @@ def _compression_state(model: MoETransformer, comm: CommState, esync: ExpertGrad
 
 def save(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer, comm: CommState,
          esync: ExpertGradSync | None, groups: ParallelGroups | None, meta: dict[str, Any], rank: int,
-         scaler: torch.amp.GradScaler | None = None) -> None:
-    """Collective: every rank calls it; world rank 0 writes the files into ``path``."""
+         scaler: torch.amp.GradScaler | None = None, tokenizer_json: str | None = None) -> None:
+    """Collective: every rank calls it; world rank 0 writes the files into ``path`` (with the data's
+    tokenizer, ``to_json()``, when given)."""
     model_state = _gather(model, groups, model.state_dict())
     optim_state = _optimizer_state(model, optimizer, groups)
     comp_state = _compression_state(model, comm, esync, groups)
@@ -199,6 +204,8 @@ def save(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer,
     torch.save(model_state, path / "model.pt")
     torch.save(optim_state | {"scaler": scaler.state_dict() if scaler is not None else None}, path / "optim.pt")
     torch.save(comp_state, path / "compression.pt")
+    if tokenizer_json is not None:
+        (path / TOKENIZER_FILE).write_text(tokenizer_json)
     (path / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}))
 
 
@@ -207,6 +214,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise RuntimeError(f"checkpoint {path} has format {meta.get('format')}, this code reads {FORMAT_VERSION}")
     return meta
+
+
+def load_tokenizer_for(path: Path) -> Tokenizer:
+    """The tokenizer the checkpoint in ``path`` was trained with; the byte tokenizer for checkpoints
+    that store none (trained on byte shards before checkpoints carried one)."""
+    stored = path / TOKENIZER_FILE
+    return load_tokenizer(stored.read_text()) if stored.is_file() else ByteTokenizer()
 
 
 def load_model(path: Path, config: ModelConfig | None = None, device: str | torch.device = "cpu") -> MoETransformer:

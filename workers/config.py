@@ -130,8 +130,12 @@ class CompressionConfig(Config):
 class DataConfig(Config):
     # Folder of text or code files; None means the running Python's standard library source.
     source: str | None = None
-    # Where the parquet shards go; None means a cache folder keyed by the source (see README).
-    path: str | None = None
+    # Where the parquet shards go; None means a cache folder keyed by the source (see README). A
+    # folder or s3:// prefix prepared by `python -m jobs.prepare` (its manifest.json) is read as is.
+    path: str | None = Field(None, min_length=1, max_length=1024)
+    # A prepared dataset's shard whose size or SHA-256 differs from its manifest: fail naming it,
+    # or leave it out (logged) and train on the rest.
+    on_corrupt: Literal["fail", "skip"] = "fail"
     extensions: tuple[str, ...] = Field(DEFAULT_EXTENSIONS, min_length=1, max_length=64)
     # Tokens per training sequence (the model sees seq_len inputs and seq_len targets).
     seq_len: int = Field(128, ge=8, le=131072)

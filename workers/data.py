@@ -12,6 +12,19 @@ Layout of ``data.path``::
 The manifest records a fingerprint of the source (relative path, size, mtime of every file read),
 so a second run reuses the shards and a changed corpus rebuilds them. Each shard's size and SHA-256
 are recorded and checked before training, so a corrupt shard is named before any Ray work starts.
+
+A prepared dataset (``python -m jobs.prepare``: a local folder or ``s3://`` prefix holding a
+version-2 manifest, workers/corpus/manifest.py) is read instead when ``data.path`` names one:
+exactly the shards its manifest lists, checked first (``data.on_corrupt``), with its tokenizer.
+``open_training_data`` returns either as one ``TrainingData``.
+
+Order (exactly once): every rank streams the whole training split in ONE order that depends on
+neither the world size nor the batch size: the files in a seeded order (the same at every
+execution, Ray Data's preserve_order), packed per block, cut into windows of
+``SHUFFLE_WINDOW_ROWS`` rows, each window permuted by a generator seeded with (seed, epoch,
+window). A sequence is thus named by (epoch, index in the epoch); the loop cuts its rows out of
+each global batch and the checkpoint stores the index reached, so a resume on any world size
+continues at exactly the next sequence.
 """
 
 from __future__ import annotations
@@ -21,16 +34,19 @@ import json
 import os
 import sysconfig
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from workers.config import VOCAB_SIZE, DataConfig
+from workers.tokenizer import ByteTokenizer, Tokenizer
 
 EOS_TOKEN = 0
 MANIFEST = "manifest.json"
@@ -38,8 +54,13 @@ MANIFEST_VERSION = 1
 # Folders never read from a corpus: installed packages (not the stdlib's own code) and caches.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "node_modules", ".git"})
 SPLITS = ("train", "val")
-
-
+# Rows permuted together in the training order (module docstring): a fixed unit, so the order does
+# not depend on the batch size or the world size; 1024 rows of 129 uint16 tokens are ~0.3 MB.
+SHUFFLE_WINDOW_ROWS = 1024
+# The S3 settings Ray Data's read tasks and the Train workers need (workers on other nodes do not
+# inherit the driver's environment); only those set on the driver are passed.
+S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class DataError(RuntimeError):
@@ -56,7 +77,8 @@ def source_dir(cfg: DataConfig) -> Path:
 def shards_dir(cfg: DataConfig) -> Path:
     if cfg.path:
         if "://" in cfg.path:
-            raise DataError(f"data.path: {cfg.path!r}: only local folders are supported so far")
+            raise DataError(f"data.path: {cfg.path!r}: a URI must name a prepared dataset "
+                            "(python -m jobs.prepare); only local folders are built from data.source")
         return Path(cfg.path).expanduser().resolve()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe-orch" / "shards"
     key = hashlib.sha256(repr((str(source_dir(cfg)), cfg.extensions, cfg.max_bytes, cfg.val_fraction)).encode())
@@ -235,17 +257,134 @@ def pack_sequences(batch: pa.Table, seq_len: int) -> dict[str, np.ndarray]:
     return {"input_ids": flat[: rows * (seq_len + 1)].reshape(rows, seq_len + 1)}  # (rows, seq_len + 1)
 
 
-def make_datasets(manifest: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]:
-    """Ray Data streaming pipelines: read parquet -> pack; Ray Train splits them across workers."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run trains on: the verified shards of each split (paths inside ``filesystem``), the
+    tokenizer that made them (stored in every checkpoint) and the shards left out as corrupt."""
+
+    shards: dict[str, list[str]]
+    filesystem: pafs.FileSystem
+    tokenizer: Tokenizer
+    location: str  # the folder or s3:// prefix, for messages
+    skipped: list[str] = field(default_factory=list)  # "URI: reason" (data.on_corrupt: skip)
+
+    @classmethod
+    def from_built(cls, manifest: dict[str, Any]) -> TrainingData:
+        """The shards ``build_shards`` made from ``data.source`` (byte tokens, local)."""
+        return cls({s: shard_paths(manifest, s) for s in SPLITS}, pafs.LocalFileSystem(), ByteTokenizer(),
+                   manifest["root"])
+
+
+def _is_prepared(path: str) -> bool:
+    """``path`` holds a jobs.prepare manifest (an s3:// prefix can hold nothing else)."""
+    from workers.corpus.manifest import CorpusError, load_manifest
+
+    if path.startswith("s3://"):
+        return True
+    if "://" in path and not path.startswith("file://"):
+        return False  # shards_dir names the scheme in its error
+    try:
+        root = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+        return load_manifest(pafs.LocalFileSystem(), root, missing_ok=True) is not None
+    except CorpusError as e:
+        raise DataError(f"data.path: {e}") from None
+
+
+def open_training_data(cfg: DataConfig, vocab_size: int, log: Callable[[str], None] = print) -> TrainingData:
+    """The data of a run, checked before any Ray work: a prepared dataset when ``data.path`` holds
+    one (every listed shard's size and SHA-256; a bad one fails naming the file, or with
+    ``data.on_corrupt: skip`` is left out and logged), else shards built from ``data.source``.
+    ``vocab_size`` (the model's) must cover the tokenizer's ids. Raises DataError."""
+    from workers.corpus.manifest import CorpusError, open_prepared
+    from workers.storage import StorageError
+
+    if cfg.path and _is_prepared(cfg.path):
+        try:
+            prepared = open_prepared(cfg.path, on_corrupt=cfg.on_corrupt)
+        except (CorpusError, StorageError) as e:
+            raise DataError(f"data.path: {e}") from None
+        for line in prepared.skipped:
+            log(f"data: skipping corrupt shard {line}")
+        data = TrainingData({s: prepared.paths(s) for s in SPLITS}, prepared.filesystem, prepared.tokenizer,
+                            cfg.path, prepared.skipped)
+        log(f"data: {prepared.tokens['train'] / 1e6:.1f}M train tokens in {len(data.shards['train'])} shards "
+            f"of {cfg.path} ({data.tokenizer.kind} tokenizer, vocab {data.tokenizer.vocab_size})")
+    else:
+        manifest = build_shards(cfg, log)
+        verify_shards(manifest)
+        data = TrainingData.from_built(manifest)
+    if vocab_size < data.tokenizer.vocab_size:
+        raise DataError(f"model.vocab_size ({vocab_size}) is smaller than the vocabulary of {data.location}'s "
+                        f"{data.tokenizer.kind} tokenizer ({data.tokenizer.vocab_size}): set model.vocab_size "
+                        f">= {data.tokenizer.vocab_size}")
+    return data
+
+
+def s3_env() -> dict[str, str]:
+    """The driver's S3 settings (S3_ENV_VARS that are set), for the runtime_env of remote work."""
+    return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+
+
+def make_datasets(data: TrainingData, seq_len: int, seed: int) -> dict[str, Any]:
+    """Ray Data streaming pipelines: read parquet -> pack. The training split's files come in one
+    seeded order at every execution (every epoch, every worker-group start): with Ray Data's
+    preserve_order (jobs/trainer.py) the packed rows then arrive in one order, which
+    ``ordered_rows`` shuffles deterministically."""
     import ray.data
 
+    env = s3_env()
+    remote_args = {"runtime_env": {"env_vars": env}} if env else {}
     datasets = {}
     for split in SPLITS:
-        paths = shard_paths(manifest, split)
+        paths = data.shards.get(split)
         if not paths:
             continue
-        shuffle = ray.data.FileShuffleConfig(seed=seed) if split == "train" else None
-        ds = ray.data.read_parquet(paths, columns=["tokens"], shuffle=shuffle)
+        shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=False) if split == "train" else None
+        ds = ray.data.read_parquet(paths, filesystem=data.filesystem, columns=["tokens"], shuffle=shuffle,
+                                   ray_remote_args=remote_args)
         datasets[split] = ds.map_batches(pack_sequences, fn_kwargs={"seq_len": seq_len},
-                                         batch_format="pyarrow", batch_size=None)
+                                         batch_format="pyarrow", batch_size=None, **remote_args)
     return datasets
+
+
+def ordered_rows(blocks: Iterable[np.ndarray], seed: int, epoch: int,
+                 window_rows: int = SHUFFLE_WINDOW_ROWS) -> Iterator[np.ndarray]:
+    """The epoch's packed rows (blocks of (rows, seq_len + 1), in stream order) in the training order:
+    windows of ``window_rows`` rows, each permuted with a generator seeded by (seed, epoch, window);
+    the last window may be shorter. The same stream gives the same order whatever the block sizes."""
+    pending: list[np.ndarray] = []
+    count, window = 0, 0
+
+    def permuted(rows: np.ndarray) -> np.ndarray:
+        return rows[np.random.default_rng((seed, epoch, window)).permutation(len(rows))]
+
+    for block in blocks:
+        pending.append(block)
+        count += len(block)
+        while count >= window_rows:
+            rows = np.concatenate(pending)  # (count, seq_len + 1)
+            yield permuted(rows[:window_rows])
+            window += 1
+            pending, count = [rows[window_rows:]], count - window_rows
+    if count:
+        yield permuted(np.concatenate(pending))
+
+
+def global_batches(windows: Iterable[np.ndarray], batch_rows: int, skip: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index in the epoch of the first row, (batch_rows, seq_len + 1) rows) for each whole global batch
+    of the ordered rows after the first ``skip`` (the sequences a checkpoint says were trained on)."""
+    pending: list[np.ndarray] = []
+    count, start = 0, 0
+    for rows in windows:
+        if start + len(rows) <= skip:
+            start += len(rows)
+            continue
+        if start < skip:
+            rows, start = rows[skip - start:], skip
+        pending.append(rows)
+        count += len(rows)
+        while count >= batch_rows:
+            cat = np.concatenate(pending)
+            yield start, cat[:batch_rows]
+            start += batch_rows
+            pending, count = [cat[batch_rows:]], count - batch_rows
