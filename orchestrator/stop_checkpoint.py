@@ -16,6 +16,12 @@ from orchestrator.entrypoints import job_paths
 from orchestrator.settings import Settings
 
 
+# The kinds whose job runs one training loop that answers a "checkpoint now" request. A sweep's
+# trials checkpoint through Tune and resume with Tuner.restore; a prepare job resumes from its done
+# shards; a serve job has no state: asking them would only wait out the timeout.
+ANSWERING_KINDS = frozenset({"train"})
+
+
 class StopCheckpoints:
     """Per job: the pending "checkpoint now" request and, once it is settled, a note on it."""
 
@@ -25,8 +31,11 @@ class StopCheckpoints:
         self._asked: dict[str, tuple[CheckpointRequest, float]] = {}  # job id -> (request, when)
         self._notes: dict[str, str] = {}  # job id -> what the checkpoint before its stop did
 
-    def ready(self, job_id: str, why: str) -> bool:
+    def ready(self, job_id: str, why: str, kind: str = "train") -> bool:
         """Whether the running job may be stopped now: its checkpoint is confirmed or the wait is over."""
+        if kind not in ANSWERING_KINDS:
+            self._notes[job_id] = f"no checkpoint asked (a {kind} job resumes on its own)"
+            return True
         channel = ControlChannel(job_paths(self.settings.job_root, job_id).out)
         asked = self._asked.get(job_id)
         if asked is None:

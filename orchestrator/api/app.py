@@ -11,10 +11,12 @@ from fastapi.exceptions import RequestValidationError
 
 from orchestrator.api.errors import validation_error_response
 from orchestrator.api.middleware import HttpMetrics
-from orchestrator.api.routes import cluster, jobs, system
+from orchestrator.api.routes import admin, cluster, curves, deployments, jobs, sweeps, system, ui
 from orchestrator.api.schemas import Problem
 from orchestrator.api.security import TokenGuard, require_token
+from orchestrator.auth import Authenticator
 from orchestrator.controller import Controller
+from orchestrator.deployments import DeploymentReconciler, ServeStatus
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS
 from orchestrator.ray_client import NoRay, RayJobs, SdkRayJobs
 from orchestrator.settings import Settings
@@ -42,14 +44,24 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     telemetry = Telemetry(store.count_by_state)
     controller = (Controller(store, ray, settings, telemetry, entrypoints=entrypoints)
                   if settings.controller_enabled else None)
+    # Serving deployments have their own reconciler (orchestrator/deployments.py); it needs a cluster.
+    reconciler = None
+    if settings.controller_enabled and settings.ray_address:
+        token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+        reconciler = DeploymentReconciler(store, ray, ServeStatus(settings.ray_address, token, settings.ray_timeout_s),
+                                          settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if controller is not None:
             controller.start()
+        if reconciler is not None:
+            reconciler.start()
         try:
             yield
         finally:
+            if reconciler is not None:
+                reconciler.stop()
             if controller is not None:
                 controller.stop()
 
@@ -66,14 +78,21 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     app.state.ray = ray
     app.state.telemetry = telemetry
     app.state.controller = controller
+    app.state.deployments = reconciler
+    app.state.authenticator = Authenticator(settings.token, store, settings.token_cache_s)
 
     unauthorized = {401: {"model": Problem, "description": "missing or invalid bearer token"}}
     app.include_router(system.public)
     app.include_router(system.private, responses=unauthorized)
-    for router in (jobs.router, cluster.router):
+    for router in (jobs.router, sweeps.router, cluster.router, deployments.router):
         app.include_router(router, dependencies=[Depends(require_token)], responses=unauthorized)
-    app.add_middleware(TokenGuard, token=settings.token)
+    app.include_router(admin.router, responses=unauthorized)  # each route states its own rule (admin.py)
+    # The job's curve reads the same job with the same authorization as /v1/jobs (routes/curves.py).
+    app.include_router(curves.router, dependencies=[Depends(require_token)], responses=unauthorized)
+    app.add_middleware(TokenGuard, authenticator=app.state.authenticator)
     app.add_middleware(HttpMetrics, telemetry=telemetry)
+    # Outermost: the dashboard's static files need no token (they hold no data; see routes/ui.py).
+    app.add_middleware(ui.UiAssets)
     return app
 
 

@@ -4,6 +4,11 @@
                                                      127.0.0.1; SIGINT, SIGTERM or SIGHUP stop both
     orch submit SPEC [--set k=v] [--follow]          validate locally, POST /v1/jobs
     orch list | status ID | logs ID [-f] | cancel ID | cluster
+    orch sweep SPEC [--set k=v] [--follow]           validate locally, POST /v1/sweeps
+    orch trials ID [-f] | stop-trial ID TRIAL        a sweep's trials; stop one (orch cancel ID: all)
+    orch serve (CHECKPOINT | --job ID) [--name N] [--set k=v] [--wait]   POST /v1/deployments; prints the
+                                                     OpenAI base URL and the key (shown once)
+    orch deployments [show ID | delete ID]           serving deployments
     orch token create --user U --team T [--role user|admin] | token list | token revoke ID   (admin)
     orch team set TEAM [--root PATH ...] [--quota POOL=N ...] | team show [TEAM]           (admin)
     orch audit [--team T]
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from orchestrator.cli import cluster, jobs, tokens, up  # noqa: F401 - each module registers its commands on `app`
+from orchestrator.cli import cluster, jobs, serve, sweeps, tokens, up  # noqa: F401 - each module registers its commands on `app`
 from orchestrator.cli.core import CliError, app
 
 __all__ = ["CliError", "app", "main"]
