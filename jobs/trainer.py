@@ -13,6 +13,11 @@ bundle shape, so a job that mixes kinds reserves CPUs only in its bundles; a wor
 device would see every device of its node (Ray leaves the variables unset) and two jobs could take
 the same one, so each accelerator worker of such a job leases one device of its node through Ray
 (workers/device.py, ``lease_device``) and sees only that one. Mixed kinds sync through gloo.
+
+Size and failures: an elastic job (``resources.num_workers: [min, max]``) gets Ray Train v2's elastic
+policy, which restarts the worker group at a new size from the latest checkpoint when nodes come or
+go; lost workers are retried ``max_failures`` times, announced preemptions ``max_preemption_failures``
+times, and the workers checkpoint on a preemption notice (workers/loop.py).
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.pools import pool_kind, pool_of, satisfies
 from jobs.specs import ResourcesSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from workers.data import TrainingData
 
 # Ray's own node label: every node carries its id under it (label selectors can name nodes).
 NODE_ID_LABEL = "ray.io/node-id"
@@ -54,10 +62,11 @@ def check_room(spec: TrainSpec) -> None:
 
     res = spec.resources
     largest = state.get_max_resources_from_cluster_config() or ray.cluster_resources()
-    have, workers = largest.get("CPU", 0.0), res.num_workers * res.cpus_per_worker
+    # An elastic job runs once its min fits (Ray Train waits for no more).
+    have, workers = largest.get("CPU", 0.0), res.min_workers * res.cpus_per_worker
     if have < workers + DATA_TASK_CPUS:
         raise ClusterTooSmall(
-            f"the cluster has {have:g} CPUs; {res.num_workers} workers x {res.cpus_per_worker:g} CPUs take "
+            f"the cluster has {have:g} CPUs; {res.min_workers} workers x {res.cpus_per_worker:g} CPUs take "
             f"{workers:g} and Ray Data's read tasks need {DATA_TASK_CPUS:g} more beside them, so the job "
             "would wait forever. Lower resources.num_workers or resources.cpus_per_worker, or give the "
             "cluster more CPUs (orch up --num-cpus N)")
@@ -96,9 +105,10 @@ def placement(spec: TrainSpec) -> Placement:
     from workers.device import backend_for, worker_resources
 
     res = spec.resources
-    if res.pools is None:
+    if res.pools is None:  # the only form an elastic size takes (a job spanning pools has fixed counts)
         return Placement(ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
-                                       resources_per_worker=worker_resources(res.device, res.cpus_per_worker)),
+                                       resources_per_worker=worker_resources(res.device, res.cpus_per_worker),
+                                       elastic_resize_monitor_interval_s=res.elastic_resize_monitor_interval_s),
                          backend_for(res.device), {}, lease_devices=False)
     selectors, node_kinds = _pool_selectors(res)
     kind = "cpu" if res.mixed_kinds else res.device  # the bundle's device, when every worker has one
@@ -125,7 +135,7 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
         # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
         # training workers, which otherwise take every core of a small machine and starve the input.
         cpus = max(os.cpu_count() or 1,
-                   int(spec.resources.num_workers * spec.resources.cpus_per_worker) + DATA_HEADROOM_CPUS)
+                   int(spec.resources.max_workers * spec.resources.cpus_per_worker) + DATA_HEADROOM_CPUS)
         # The dashboard (loopback only) serves Ray's state API, which Ray Train's controller polls.
         # worker_maximum_startup_concurrency: the raylet warns the driver each time the Python
         # processes it started reach 4x this (default: the cores, 2 on a small machine), which a
@@ -137,23 +147,23 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def data_config(spec: TrainSpec) -> Any:
-    """Ray Train's DataConfig: equal shards per worker, or (speed split, workers/balance.py) the
-    whole training set on every worker, in one deterministic order so their cuts of each global
-    batch add up to it exactly; the held-out set is split either way."""
+def data_config() -> Any:
+    """Ray Train's DataConfig: the whole training set on every worker, in one deterministic order
+    (workers/data.py), so their cuts of each global batch add up to it exactly and a checkpoint's
+    sequence count names the sequences trained on, whatever the split or a resume's world size;
+    the held-out set is split across the workers."""
     from ray.train import DataConfig
 
-    if spec.train.split == "equal":
-        return DataConfig()
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True
     return DataConfig(datasets_to_split=["val"], execution_options={"train": ordered})
 
 
-def build_trainer(spec: TrainSpec, manifest: dict[str, Any], out: Path, *, progress: Any = None,
+def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Path, *, progress: Any = None,
                   run_name: str = RUN_NAME, verbose: bool = False,
                   train_loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
-    """A TorchTrainer for ``spec`` on the shards of ``manifest``, checkpointing under ``out/run_name``
+    """A TorchTrainer for ``spec`` on ``data`` (workers.data.TrainingData, or the manifest dict of
+    ``build_shards``), checkpointing under ``out/run_name``
     (and resuming from the latest checkpoint there). ``progress``: a ray.util.queue.Queue that rank 0
     sends its progress records to (jobs/display.py), or None. "Checkpoint now" requests are read from
     ``out`` (workers/control.py). ``train_loop``: the per-worker function, workers.loop's by default
@@ -162,24 +172,29 @@ def build_trainer(spec: TrainSpec, manifest: dict[str, Any], out: Path, *, progr
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.contracts import WorkerConfig
-    from workers.data import make_datasets
+    from workers.data import TrainingData, make_datasets, s3_env
     from workers.loop import train_loop_per_worker
 
     check_room(spec)
     place = placement(spec)
-    datasets = make_datasets(manifest, spec.data.seq_len, spec.seed)
+    if not isinstance(data, TrainingData):
+        data = TrainingData.from_built(data)
+    datasets = make_datasets(data, spec.data.seq_len, spec.seed)
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
                           device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,
-                          node_kinds=place.node_kinds, lease_devices=place.lease_devices, control_dir=str(out))
+                          node_kinds=place.node_kinds, lease_devices=place.lease_devices, control_dir=str(out),
+                          preemption_check_every=res.preemption_check_every)
     return TorchTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress},
+        train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress,
+                           "tokenizer": data.tokenizer.to_json()},
         torch_config=TorchConfig(backend=place.backend),
         scaling_config=place.scaling_config,
-        dataset_config=data_config(spec),
-        run_config=RunConfig(name=run_name, storage_path=str(out),
-                             failure_config=FailureConfig(max_failures=res.max_failures),
+        dataset_config=data_config(),
+        run_config=RunConfig(name=run_name, storage_path=str(out), worker_runtime_env={"env_vars": s3_env()},
+                             failure_config=FailureConfig(max_failures=res.max_failures,
+                                                          max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         datasets=datasets,

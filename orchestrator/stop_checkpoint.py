@@ -15,7 +15,6 @@ from jobs.contracts import CheckpointRequest, ControlChannel
 from orchestrator.entrypoints import job_paths
 from orchestrator.settings import Settings
 
-
 # The kinds whose job runs one training loop that answers a "checkpoint now" request. A sweep's
 # trials checkpoint through Tune and resume with Tuner.restore; a prepare job resumes from its done
 # shards; a serve job has no state: asking them would only wait out the timeout.

@@ -44,6 +44,22 @@ class PoolCluster:
     def remove_node(self, node: Any) -> None:
         self.cluster.remove_node(node)
 
+    def drain_node(self, node: Any, reason_message: str, deadline_remaining_s: int) -> None:
+        """Announce ``node``'s preemption as a cloud's reclaim would: the call behind `ray drain-node
+        --reason DRAIN_NODE_REASON_PREEMPTION --reason-message ... --deadline-remaining-seconds N
+        --node-id ...` (ray/scripts/scripts.py). Ray enforces no deadline: the caller removes the node."""
+        import time
+
+        import ray
+        from ray.core.generated import autoscaler_pb2
+
+        deadline_ms = time.time_ns() // 1_000_000 + deadline_remaining_s * 1000
+        accepted, why = ray._raylet.GcsClient(address=self.cluster.address).drain_node(
+            node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), reason_message,
+            deadline_ms)
+        if not accepted:
+            raise RuntimeError(f"the drain of node {node.node_id} was refused: {why}")
+
     @staticmethod
     def pools() -> dict[str, str]:
         """Node id -> pool (jobs/pools.py) of every live node, from the GCS's node table (the same

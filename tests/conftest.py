@@ -31,6 +31,20 @@ def pool_cluster():
     cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def train_ray():
+    """A local Ray cluster with room for 2 training workers and Ray Data's tasks, started by this
+    module unless the session already has one (then that one is used)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """The session's one S3-protocol server on loopback (moto; tests/servers.py)."""

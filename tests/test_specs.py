@@ -103,3 +103,52 @@ def test_bad_pools_are_named(resources, why):
 def test_fp16_with_powersgd_is_refused_before_any_work():
     with pytest.raises(SpecError, match="train.precision 'fp16' cannot run with compression.method 'powersgd'"):
         validate_spec({"train": {"precision": "fp16"}, "compression": {"method": "powersgd"}})
+
+
+def test_elastic_size_is_a_min_max_pair_that_demand_counts_at_its_max():
+    from jobs.demand import job_demand
+    from jobs.elastic import size_bounds
+
+    spec = validate_spec({"resources": {"num_workers": [2, 6], "expert_parallel": 2}}, ["resources.max_failures=3"])
+    res = spec.resources
+    assert (res.num_workers, res.elastic, res.min_workers, res.max_workers) == ((2, 6), True, 2, 6)
+    assert res.worker_pools() == {"cpu": 6}  # Ray Train's elastic policy asks for the max
+    assert job_demand(spec)["cpu"]["CPU"] == 6 * res.cpus_per_worker + 1.0  # + Ray Data's task
+    assert size_bounds(spec) == (2, 6)
+    stored = spec.model_dump(mode="json")  # what the control plane stores and sends back
+    assert stored["resources"]["num_workers"] == [2, 6] and validate_spec(stored).resources == res
+    assert validate_spec({}, ["resources.num_workers=[1, 2]"]).resources.num_workers == (1, 2)  # --set
+
+
+def test_fixed_size_stays_an_int():
+    res = validate_spec({"resources": {"num_workers": 3}}).resources
+    assert (res.num_workers, res.elastic, res.min_workers, res.max_workers) == (3, False, 3, 3)
+    assert res.worker_pools() == {"cpu": 3}
+    assert validate_spec({}).resources.model_dump()["num_workers"] == 2
+
+
+def test_failure_and_preemption_defaults_survive_node_loss():
+    res = validate_spec({}).resources
+    assert res.max_failures >= 1  # Ray's 0 would end the run at the first lost node
+    assert (res.max_preemption_failures, res.preemption_check_every) == (10, 5)
+    assert res.elastic_resize_monitor_interval_s == 60.0  # Ray's default
+
+
+@pytest.mark.parametrize(
+    ("resources", "field", "why"),
+    [
+        ({"num_workers": [3, 2]}, "resources.num_workers", "min <= max, got [3, 2]"),
+        ({"num_workers": [0, 2]}, "resources.num_workers.elastic.0", "greater than or equal to 1"),
+        ({"num_workers": [1, 2, 3]}, "resources.num_workers.elastic", "at most 2 items"),
+        ({"num_workers": "two"}, "resources.num_workers.fixed", "valid integer"),
+        ({"num_workers": [2, 3], "expert_parallel": 2}, "resources.num_workers ([2, 3]", "expert_parallel (2) must divide"),
+        ({"num_workers": [1, 2], "pools": {"cpu-a": 1}}, "resources", "pools cannot run with an elastic num_workers"),
+        ({"max_preemption_failures": -2}, "resources.max_preemption_failures", "greater than or equal to -1"),
+        ({"preemption_check_every": -1}, "resources.preemption_check_every", "greater than or equal to 0"),
+        ({"elastic_resize_monitor_interval_s": 0}, "resources.elastic_resize_monitor_interval_s", "greater than or equal to 1"),
+    ],
+)
+def test_bad_elastic_and_failure_fields_are_named(resources, field, why):
+    with pytest.raises(SpecError) as err:
+        validate_spec({"resources": resources})
+    assert field in str(err.value) and why in str(err.value)

@@ -41,6 +41,9 @@ class WorkerConfig(Config):
     # none of its own, and end after the checkpoint at stop_at_step. None: neither.
     init_checkpoint: str | None = None
     stop_at_step: int | None = Field(None, ge=1)
+    # Every this many steps all ranks ask Ray Train for a preemption notice (a barrier, so not every
+    # step) and checkpoint on one (resources.preemption_check_every); 0: never.
+    preemption_check_every: int = Field(0, ge=0)
 
 
 class _Record(BaseModel):

@@ -6,12 +6,16 @@ hook, expert parallelism, optimizer) and restores the latest checkpoint into it;
 packed batches from this worker's Ray Data shard through that step; ``_Reporter`` turns the steps
 into rank 0's progress records (workers/progress.py) and the final metrics; a checkpoint is taken
 every ``checkpoint_every`` steps, at the end, and at the end of any step during which a "checkpoint
-now" request arrived (workers/control.py: preemption, resize, drain, a stopping driver).
+now" request arrived (workers/control.py: preemption, resize, drain, a stopping driver) or, asked
+every ``preemption_check_every`` steps, Ray Train announced that a node of the job is being preempted
+(``_PreemptionWatch``).
 
 A job may span device kinds (resources.pools): each worker takes its kind from the node it was
-placed on (``place_worker``). With ``train.split: speed`` each worker's share of the global batch
-follows its measured speed (workers/balance.py): every worker then streams the whole training set
-(the same order on every rank) and takes its rows of each global batch, so epochs end together.
+placed on (``place_worker``). Every worker streams the whole training set in one deterministic order
+(workers/data.py: independent of world and batch size) and takes its rows of each global batch:
+``batch_size`` of them (``train.split: equal``), or a share that follows its measured speed
+(``speed``, workers/balance.py). The checkpoint stores the sequences of the epoch consumed, so a
+resume on any world size trains each sequence of an epoch exactly once.
 
 Checkpoints are world-size independent (workers/checkpoint.py): a job saved on N workers resumes on
 M workers and another EP size, with its optimizer moments, error-feedback residuals (carried as the
@@ -20,18 +24,21 @@ mean over workers), router biases and data position.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from workers import checkpoint
+from workers import checkpoint, data
 from workers.balance import ForwardTimer, SpeedSplit
 from workers.config import DeviceKind, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
@@ -41,49 +48,60 @@ from workers.moe.stats import routing_stats
 from workers.progress import ProgressChannel, ProgressRecord
 from workers.step import TrainStep, build_step, evaluate, final_window, lr_at
 
+# Set (to anything) only by tests: each rank appends the sequences it trains on, per step, to
+# <output folder>/sequence-ids/rank<r>-<pid>.jsonl (tests/test_exactly_once_ray.py counts them).
+RECORD_SEQUENCES_ENV = "MOE_ORCH_RECORD_SEQUENCES"
+
 
 class _Position:
-    """Where the loop is in the data: epoch and batches consumed in it by each worker.
+    """Where the loop is in the data: the epoch and the sequences of it trained on, over all workers.
 
-    Saved as sequences consumed by all workers, so a resume on another world size skips the same
-    share of the epoch.
+    Every rank reads the training order of workers/data.py (independent of world and batch size),
+    so this one number says which sequences were consumed, on any world size.
     """
 
-    def __init__(self, epoch: int = 0, batch_in_epoch: int = 0):
-        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+    def __init__(self, epoch: int = 0, sequence: int = 0):
+        self.epoch, self.sequence = epoch, sequence
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], world: int, batch_size: int) -> _Position:
-        return cls(meta["epoch"], meta["sequences_in_epoch"] // (world * batch_size))
+    def from_meta(cls, meta: dict[str, Any]) -> _Position:
+        return cls(meta["epoch"], meta["sequences_in_epoch"])
 
 
-def _batches(shard: Any, batch_size: int, seed: int, pos: _Position, device: torch.device,
-             per: str = "per worker") -> Iterator[torch.Tensor]:
-    """Endless packed batches from this worker's Ray Data shard; a new epoch when one runs out.
-
-    Equal split: Ray Train splits the dataset with equal=True and each batch is this worker's, so
-    every worker sees the same number of batches per epoch and the DDP collectives stay in step.
-    Speed split: the shard is the whole dataset in one order on every rank, each batch a global
-    batch that the loop cuts (on the host; see ``train_loop_per_worker``). On resume the batches of
-    the interrupted epoch that were already trained on are skipped.
-    """
-    skip = pos.batch_in_epoch
+def _batches(shard: Any, batch_rows: int, seed: int, pos: _Position) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless global batches (index of the first row in the epoch, (batch_rows, seq_len + 1) on the
+    host) in the training order; a new epoch when one runs out. On resume the sequences of the
+    interrupted epoch already trained on are skipped. Every rank gets the same batches and cuts its rows."""
+    skip = pos.sequence
     while True:
-        seen = 0
-        it = shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long, device=device, drop_last=True,
-                                      local_shuffle_buffer_size=batch_size * 16,
-                                      local_shuffle_seed=seed + pos.epoch)
-        for batch in it:
-            seen += 1
-            if seen <= skip:
-                continue
-            pos.batch_in_epoch = seen
-            yield batch["input_ids"]  # (batch, seq_len + 1)
-        if seen == 0:
-            raise RuntimeError(f"the training data yields no batch of {batch_size} sequences {per}; "
-                               "use a larger corpus (data.source, data.max_bytes) or a smaller train.batch_size")
+        blocks = (b["input_ids"] for b in shard.iter_batches(batch_size=None, batch_format="numpy"))
+        got = 0
+        for start, rows in data.global_batches(data.ordered_rows(blocks, seed, pos.epoch), batch_rows, skip):
+            got += 1
+            pos.sequence = start + batch_rows
+            yield start, torch.from_numpy(rows.astype(np.int64))
+        if got == 0 and skip == 0:
+            raise RuntimeError(f"the training data yields no global batch of {batch_rows} sequences; use a larger "
+                               "corpus (data.source, data.max_bytes) or a smaller train.batch_size")
         skip = 0
-        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        pos.epoch, pos.sequence = pos.epoch + 1, 0
+
+
+class _SequenceLog:
+    """The test hook of RECORD_SEQUENCES_ENV: per step, this rank's sequences as (epoch, first index,
+    CRC-32 of each row's tokens), so a test can check that none is trained on twice or skipped."""
+
+    def __init__(self, out: str, rank: int):
+        folder = Path(out) / "sequence-ids"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / f"rank{rank}-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (lives with the loop)
+        self.rank = rank
+
+    def add(self, step: int, epoch: int, first: int, rows: torch.Tensor) -> None:
+        crcs = [zlib.crc32(r.numpy().tobytes()) for r in rows.cpu()]
+        self.file.write(json.dumps({"step": step, "rank": self.rank, "epoch": epoch, "first": first,
+                                    "crc": crcs}) + "\n")
+        self.file.flush()
 
 
 def _layer_stats(counts: torch.Tensor) -> MoEStats:
@@ -119,8 +137,10 @@ def place_worker(cfg: WorkerConfig) -> Placement:
 class _Run:
     """One worker's run: the step, where it is, and the byte totals carried over from a resume."""
 
-    def __init__(self, cfg: WorkerConfig, step: TrainStep, rank: int, world: int, placement: Placement):
+    def __init__(self, cfg: WorkerConfig, step: TrainStep, rank: int, world: int, placement: Placement,
+                 tokenizer_json: str | None = None):
         self.cfg, self.step, self.rank, self.world, self.placement = cfg, step, rank, world, placement
+        self.tokenizer_json = tokenizer_json  # stored in every checkpoint (the data's tokenizer)
         self.start, self.pos = 0, _Position()
         self.base_bytes = torch.zeros(2, dtype=torch.float64)  # (wire, dense) before this attempt
 
@@ -136,19 +156,25 @@ class _Run:
 
         totals = self.byte_totals()
         meta = {"step": step, "epoch": self.pos.epoch,
-                "sequences_in_epoch": self.pos.batch_in_epoch * self.world * self.cfg.loop.batch_size,
+                "sequences_in_epoch": self.pos.sequence,
                 "world_size": self.world, "expert_parallel": self.cfg.expert_parallel,
                 "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item(),
                 "model": self.cfg.model.model_dump()}
         s = self.step
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.save(Path(tmp), model=s.model, optimizer=s.optimizer, comm=s.comm, esync=s.esync,
-                            groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler)
+                            groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler,
+                            tokenizer_json=self.tokenizer_json)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None,
                              checkpoint_dir_name=f"step-{step:08d}")
+        if self.rank == 0:
+            # Ray Train registers a report only when its controller next polls the workers (every 2 s):
+            # a node lost before then would take the checkpoint with it, and a resume would go back
+            # a whole interval. Wait for the registration (the other ranks wait at the next collective).
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
-def _setup(cfg: WorkerConfig, channel: ProgressChannel) -> _Run:
+def _setup(cfg: WorkerConfig, channel: ProgressChannel, tokenizer_json: str | None) -> _Run:
     """The training step on this rank, restored from Ray Train's latest checkpoint if there is one."""
     import ray.train
 
@@ -159,7 +185,7 @@ def _setup(cfg: WorkerConfig, channel: ProgressChannel) -> _Run:
     device = torch_device(placement.kind)
     step = build_step(cfg.model, cfg.compression, cfg.loop, expert_parallel=cfg.expert_parallel, device=device,
                       seed=cfg.seed)
-    run = _Run(cfg, step, rank, world, placement)
+    run = _Run(cfg, step, rank, world, placement, tokenizer_json)
     saved = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None)
     if saved is None:
         return run
@@ -170,7 +196,7 @@ def _setup(cfg: WorkerConfig, channel: ProgressChannel) -> _Run:
         checkpoint.load_model_and_optimizer(path, model=step.model, optimizer=step.optimizer, groups=step.groups,
                                             device=device, scaler=step.scaler)
         checkpoint.load_compression(path, model=step.model, comm=step.comm, esync=step.esync, groups=step.groups)
-    run.start, run.pos = meta["step"], _Position.from_meta(meta, world, cfg.loop.batch_size)
+    run.start, run.pos = meta["step"], _Position.from_meta(meta)
     run.base_bytes = torch.tensor([meta["wire_bytes"], meta["dense_bytes"]], dtype=torch.float64)
     if rank == 0:
         channel.note(f"resuming from step {run.start} (saved by {meta['world_size']} workers, "
@@ -253,6 +279,41 @@ def _checkpoint_requested(control: ControlChannel | None, rank: int) -> Checkpoi
     return req or CheckpointRequest(id="-", reason="", requested_at=0.0)  # non-zero ranks: only the decision
 
 
+class _PreemptionWatch:
+    """Ray Train's preemption notices, asked for every ``every`` steps.
+
+    ``ray.train.get_preemption_info`` is a barrier across all ranks (rank 0's answer is broadcast),
+    so it is asked at the same steps on every rank and not every step; a notice is answered with one
+    checkpoint, and then no more is asked in this attempt (Ray restarts the group without the node).
+    A Ray without notices (Train v1, where the function is missing, or a caller that is no Train v2
+    worker, where it raises) turns the watch off: training goes on without it.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def poll(self, done: int) -> Any:
+        """Collective when due: the PreemptionInfo (node id -> ranks, deadline) of a new notice, or None."""
+        if not self.every or done % self.every:
+            return None
+        import ray.train
+
+        try:
+            info = ray.train.get_preemption_info()
+        except (AttributeError, RuntimeError):
+            info, self.every = None, 0
+        if info is not None:
+            self.every = 0
+        return info
+
+
+def _describe_preemption(info: Any) -> str:
+    nodes = ", ".join(f"node {node} (ranks {', '.join(map(str, sorted(ranks)))})"
+                      for node, ranks in sorted(info.preempted_node_to_ranks.items()))
+    deadline = "" if info.deadline_ms is None else f", deadline in {info.deadline_ms / 1000 - time.time():.0f} s"
+    return f"{nodes or 'a node of the job'}{deadline}"
+
+
 def _check_same_batch(x: torch.Tensor) -> None:
     """Collective: fail when the ranks' global batches differ (their cuts would overlap or miss rows)."""
     # Position-weighted sum in int64: exact modulo 2**64 in any summation order (threads may differ).
@@ -260,7 +321,7 @@ def _check_same_batch(x: torch.Tensor) -> None:
     both = torch.stack([fingerprint, -fingerprint])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     if both[0] != -both[1]:
-        raise RuntimeError("the ranks read different global batches from the training set; the speed split "
+        raise RuntimeError("the ranks read different global batches from the training set; cutting them "
                            "needs one order on every rank (Ray Data's preserve_order, one shuffle seed)")
 
 
@@ -279,43 +340,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = WorkerConfig.model_validate(config["worker"])
     channel = ProgressChannel(config.get("progress"))
     control = ControlChannel(cfg.control_dir) if cfg.control_dir else None
-    run = _setup(cfg, channel)
+    run = _setup(cfg, channel, config.get("tokenizer"))
     step_fn, loop = run.step, cfg.loop
     device = next(step_fn.model.parameters()).device
     shard = ray.train.get_dataset_shard("train")
-    if loop.split == "speed":
-        split = SpeedSplit(loop.batch_size * run.world, run.world, run.rank, loop.split_smoothing)
-        timer = ForwardTimer(step_fn.model, device)
-        batches = _batches(shard, split.total_rows, cfg.seed, run.pos, torch.device("cpu"), per="(the global batch)")
-    else:
-        split, timer = None, None
-        batches = _batches(shard, loop.batch_size, cfg.seed, run.pos, device)
+    # Every rank reads the one training order and cuts its rows of each global batch: batch_size
+    # each (equal), or shares that follow the measured speeds (speed).
+    split = SpeedSplit(loop.batch_size * run.world, run.world, run.rank, loop.split_smoothing)
+    timer = ForwardTimer(step_fn.model, device) if loop.split == "speed" else None
+    batches = _batches(shard, split.total_rows, cfg.seed, run.pos)
+    record = _SequenceLog(cfg.control_dir, run.rank) if os.environ.get(RECORD_SEQUENCES_ENV) and cfg.control_dir \
+        else None
     reporter = _Reporter(run, channel)
+    preemption = _PreemptionWatch(cfg.preemption_check_every)
 
     for step in range(run.start, loop.steps):
         t_step = time.perf_counter()
-        x = next(batches)  # (batch, seq_len + 1): this rank's, or the global batch with a speed split
-        weight, tokens = 1.0, run.world * x[:, 1:].numel()
-        measure = split is not None and (step + 1 - run.start) % loop.split_every == 0
-        if split is not None:
-            if measure:
-                _check_same_batch(x)
-            tokens = x[:, 1:].numel()
-            x, weight = x[split.offset: split.offset + split.rows[run.rank]].to(device), split.weight
+        first, x = next(batches)  # (global batch, seq_len + 1) on the host, the same on every rank
+        epoch, tokens = run.pos.epoch, x[:, 1:].numel()
+        check = (step + 1 - run.start) % loop.split_every == 0
+        measure = timer is not None and check
+        if check:
+            _check_same_batch(x)
+        lo = split.offset
+        x, weight = x[lo: lo + split.rows[run.rank]].to(device), split.weight  # (rows, seq_len + 1): this rank's
         if timer is not None:
             timer.armed, timer.seconds = measure, 0.0
         result = step_fn(step, x, weight)
+        if record is not None:
+            record.add(step, epoch, first + lo, x)
         if measure:
             timer.armed = False
             split.update(len(x) / timer.seconds)
         reporter.add(step, tokens, result.loss.item() * weight, result.counts, time.perf_counter() - t_step)
         done = step + 1
         request = _checkpoint_requested(control, run.rank) if done < loop.steps else None
-        if request is not None or (done % loop.checkpoint_every == 0 and done < loop.steps):
+        notice = preemption.poll(done) if done < loop.steps else None
+        if request is not None or notice is not None or (done % loop.checkpoint_every == 0 and done < loop.steps):
             run.save(done, {"step": done, "loss": reporter.losses[-1]})
             if request is not None and run.rank == 0 and control is not None:
                 control.confirm(request, done)
                 channel.note(f"checkpoint at step {done} on request ({request.reason})")
+            if notice is not None and run.rank == 0:
+                channel.note(f"checkpoint at step {done} on a preemption notice: {_describe_preemption(notice)}")
         if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
             return  # the end of a PBT segment (jobs/sweep.py): its checkpoint was just reported
 

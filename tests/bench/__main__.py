@@ -49,6 +49,36 @@ def _control_plane(scratch: Path, args: argparse.Namespace) -> dict:
                          *markdown(results).splitlines()]}
 
 
+def _scheduler(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.scheduler import scheduler_section
+
+    return scheduler_section()
+
+
+def _balance(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.balance import balance_section
+
+    return balance_section(scratch, args.steps, args.reuse)
+
+
+def _serving(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.serving import serving_section
+
+    return serving_section(scratch / "serving")
+
+
+def _sweeps(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.sweeps import sweeps_section
+
+    return sweeps_section(scratch / "sweeps")
+
+
+def _elastic(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.elastic import elastic_section
+
+    return elastic_section(scratch / "elastic")
+
+
 SECTIONS = {
     "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants, args.reuse),
     "horizon": lambda scratch, args: horizon_section(scratch, args.steps, args.reuse),
@@ -56,6 +86,11 @@ SECTIONS = {
     "moe": _moe,
     "projection": _projection,
     "control-plane": _control_plane,
+    "scheduler": _scheduler,
+    "balance": _balance,
+    "serving": _serving,
+    "sweeps": _sweeps,
+    "elastic": _elastic,
 }
 
 
