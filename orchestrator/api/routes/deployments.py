@@ -65,6 +65,7 @@ _CREATE_ERRORS = {
     422: {"description": "invalid spec, a checkpoint outside the team's data roots or not a checkpoint "
                          "(the field is named); nothing is stored"},
     403: {"model": Problem, "description": "a user named another team"},
+    400: {"model": Problem, "description": "the body is not decodable text"},
     404: {"model": Problem, "description": "no such job or sweep (or another team's)"},
     409: {"model": Problem, "description": "the name or route prefix is taken, or the job has not finished"},
 }

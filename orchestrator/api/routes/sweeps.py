@@ -46,7 +46,8 @@ def _public(settings: Settings, job: JobRecord) -> SweepPublic:
     responses={422: {"description": "invalid sweep spec (the field or space path is named), or a path "
                           "outside the team's data roots; nothing is stored"},
                403: {"model": Problem, "description": "a user named another team"},
-               409: {"model": Problem, "description": "the Idempotency-Key was used with a different body"}},
+               409: {"model": Problem, "description": "the Idempotency-Key was used with a different body"},
+               400: {"model": Problem, "description": "the body is not decodable text"}},
 )
 def submit_sweep(body: SweepCreate, store: StoreDep, controller: ControllerDep, principal: PrincipalDep,
                  settings: SettingsDep, response: Response, idempotency_key: IdempotencyKey = None) -> SweepPublic:
