@@ -21,9 +21,10 @@ def shards_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shards")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pool_cluster():
-    """The session's multi-node Ray cluster with nodes of several pools (tests/cluster.py)."""
+    """A multi-node Ray cluster with nodes of several pools (tests/cluster.py), one per test module:
+    it is torn down before the next module, whose tests start Ray their own way."""
     from tests.cluster import PoolCluster
 
     cluster = PoolCluster()

@@ -172,15 +172,18 @@ def test_cancel_while_starting_ends_cancelled_and_stops_the_ray_job(ray_head, tm
     assert ray_job.status == "STOPPED" and job["attempt_history"][0]["ray_status"] == "STOPPED"
 
 
-def test_a_job_the_cluster_can_never_fit_fails_with_the_reason(ray_head, tmp_path):
-    """2 workers x 2 CPUs on a 4-CPU head leave no CPU for Ray Data's read tasks: jobs.train says so
-    and exits 1 instead of hanging RUNNING."""
+def test_a_job_the_cluster_can_never_fit_is_refused_naming_the_shortfall(ray_head, tmp_path):
+    """2 workers x 2 CPUs plus Ray Data's CPU on a 4-CPU head: once the controller has seen the
+    cluster, the submit is a 422 that names the pool and what is missing, and nothing is stored."""
     app = create_app(_settings(tmp_path, ray_head))
     with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
-        job_id = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["resources.cpus_per_worker=2"])}).json()["id"]
-        job = _wait(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, STALL_TIMEOUT_S)
-    assert job["state"] == "FAILED" and job["attempt_history"][0]["exit_code"] == 1
-    assert f"the cluster has {HEAD_CPUS} CPUs; 2 workers x 2 CPUs take 4" in job["message"], job["message"]
+        wait_until(lambda: app.state.controller.scheduler.snapshot is not None, timeout_s=60,
+                   what="the controller's first look at the cluster")
+        r = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["resources.cpus_per_worker=2"])})
+        assert r.status_code == 422, r.text
+        assert "the job can never run on this cluster: pool cpu can hold at most" in r.json()["detail"]
+        assert "short by" in r.json()["detail"]
+        assert c.get("/v1/jobs").json()["count"] == 0
 
 
 def test_a_job_held_without_cpus_is_marked_stalled_in_the_api_orch_status_and_metrics(
