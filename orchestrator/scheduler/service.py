@@ -63,8 +63,8 @@ class Scheduler:
     def refusal(self, kind: str, spec: Mapping[str, Any]) -> str | None:
         """Why a job can never run on this cluster, even at the autoscaler's maximum (None: it can, or
         no pass has reached Ray yet, so nothing is known)."""
-        if self.snapshot is None:
-            return None
+        if self.snapshot is None or not self.snapshot.pools:
+            return None  # nothing seen yet (or Ray listed no node): never refuse on no knowledge
         why = never_fits(self.demand_of(kind, spec), self.snapshot.pools)
         return f"the job can never run on this cluster: {why}" if why else None
 

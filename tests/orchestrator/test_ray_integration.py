@@ -177,7 +177,7 @@ def test_a_job_the_cluster_can_never_fit_is_refused_naming_the_shortfall(ray_hea
     cluster, the submit is a 422 that names the pool and what is missing, and nothing is stored."""
     app = create_app(_settings(tmp_path, ray_head))
     with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
-        wait_until(lambda: app.state.controller.scheduler.snapshot is not None, timeout_s=60,
+        wait_until(lambda: bool(getattr(app.state.controller.scheduler.snapshot, "pools", None)), timeout_s=60, interval_s=0.2,
                    what="the controller's first look at the cluster")
         r = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["resources.cpus_per_worker=2"])})
         assert r.status_code == 422, r.text
