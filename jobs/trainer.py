@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,9 @@ def data_config() -> Any:
     the held-out set is split across the workers."""
     from ray.train import DataConfig
 
-    ordered = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own default sets its deprecated exclude_resources (2.60)
+        warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources.*")
+        ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True
     return DataConfig(datasets_to_split=["val"], execution_options={"train": ordered})
 

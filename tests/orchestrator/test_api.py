@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -223,7 +224,8 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job_and_one_submissi
             async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S) as c:
                 return await asyncio.gather(*(c.post("/v1/jobs", json=body, headers=headers) for _ in range(n)))
 
-        responses = asyncio.run(post_all(8))
+        with ThreadPoolExecutor(1) as pool:  # own thread: a browser test may leave this thread's loop running
+            responses = pool.submit(asyncio.run, post_all(8)).result()
         assert {r.status_code for r in responses} == {202}
         ids = {r.json()["id"] for r in responses}
         assert len(ids) == 1

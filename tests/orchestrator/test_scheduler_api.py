@@ -4,6 +4,7 @@ concurrent submits, the submit-time refusal, the pools in /v1/cluster and `orch 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -46,7 +47,9 @@ def test_team_quota_is_never_exceeded_under_concurrent_submits(served):
         async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S) as c:
             return await asyncio.gather(*(c.post("/v1/jobs", json=body, headers=AUTH) for _ in range(SUBMITS)))
 
-    responses = asyncio.run(post_all())
+    # In a thread of its own: a browser test earlier in the session may leave this thread's loop running.
+    with ThreadPoolExecutor(1) as pool:
+        responses = pool.submit(asyncio.run, post_all()).result()
     assert {r.status_code for r in responses} == {202}
 
     def settled() -> bool:
