@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from jobs.specs import SpecError, apply_override, field_errors
+from jobs.specs import read_yaml, validate_as
 from workers.corpus.config import PrepareConfig
 
 
@@ -30,21 +29,8 @@ class PrepareSpec(PrepareConfig):
 
 
 def validate_prepare_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> PrepareSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(f"a prepare spec must be a mapping, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    try:
-        return PrepareSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError("invalid prepare spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+    return validate_as(PrepareSpec, raw, overrides, "prepare")
 
 
 def load_prepare_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PrepareSpec:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
-    return validate_prepare_spec(raw, overrides)
+    return validate_prepare_spec(read_yaml(path), overrides)

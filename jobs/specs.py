@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     Discriminator,
     Field,
@@ -166,6 +167,9 @@ class TrainSpec(Config):
         return self
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class SpecError(ValueError):
     """A spec that does not parse or validate; the message names the field."""
 
@@ -211,6 +215,29 @@ def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Trai
         return TrainSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError("invalid spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+
+
+def validate_as(model: type[M], raw: Any, overrides: list[str] | tuple[str, ...], what: str) -> M:
+    """``raw`` (a mapping) with ``--set`` overrides applied, validated by ``model``: the one path of
+    every kind's spec (``what``: "prepare", "serve", "sweep"), errors rendered by field_errors."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"a {what} spec must be a mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"invalid {what} spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A spec file's YAML, or SpecError naming the file (unreadable, not YAML)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:

@@ -17,10 +17,9 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from jobs.specs import SpecError, TrainSpec, apply_override, field_errors
+from jobs.specs import SpecError, TrainSpec, field_errors, read_yaml, validate_as
 from workers.config import Config
 
 # Trials of a random (or Optuna) search when ``trials`` is not given.
@@ -263,21 +262,8 @@ class SweepSpec(Config):
 
 
 def validate_sweep_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(f"a sweep spec must be a mapping, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    try:
-        return SweepSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError("invalid sweep spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+    return validate_as(SweepSpec, raw, overrides, "sweep")
 
 
 def load_sweep_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
-    return validate_sweep_spec(raw, overrides)
+    return validate_sweep_spec(read_yaml(path), overrides)
