@@ -8,7 +8,10 @@ Exit codes: 0 done, 2 invalid spec or arguments (nothing ran), 1 a runtime failu
 corpus, corrupt shard, training error), each with a one-paragraph message instead of a traceback.
 
 With ``--out DIR``, checkpoints go under DIR and the run resumes from DIR's latest checkpoint when
-there is one, so rerunning the same command continues an interrupted job.
+there is one, so rerunning the same command continues an interrupted job. A spec's
+``checkpoint_storage`` (a folder or ``s3://bucket/prefix``) holds the checkpoints instead, with the
+same resume rule; DIR then keeps summary.json and the "checkpoint now" control folder, which are
+local by nature (workers/control.py).
 
 Output: one live progress bar on a terminal, else one ``[progress] ...`` line per report (which the
 control plane parses from the job's log); see jobs/display.py. The logs of Ray's own processes and
@@ -60,15 +63,17 @@ def summarize(spec: TrainSpec, metrics: dict[str, Any], checkpoint: str, elapsed
 
 def _checkpoint_on_sigterm(out: Path) -> None:
     """Ray Jobs stops a driver with SIGTERM and SIGKILL 3 s later, and the workers end with it: ask
-    the loop for a checkpoint at the end of its current step (workers/control.py), wait for it within
-    that grace, then stop as asked. (The controller asks earlier and waits longer before it stops a
-    job; this covers `ray job stop` and anything else that stops the driver.)"""
+    the loop for a checkpoint at the end of its current step, after which it steps no further
+    (workers/control.py), wait for it within that grace, then stop as asked. (The controller asks
+    earlier and waits longer before it stops a job; this covers `ray job stop` and anything else
+    that stops the driver.)"""
     from workers.control import ControlChannel
 
     def handler(signum: int, frame: Any) -> None:
         channel = ControlChannel(out)
-        channel.wait_for_checkpoint(channel.request_checkpoint("the driver got SIGTERM (job stopping)"),
-                                    SIGTERM_GRACE_S)
+        request = channel.request_checkpoint("the driver got SIGTERM (job stopping)", hold_s=4 * SIGTERM_GRACE_S)
+        if channel.wait_for_checkpoint(request, SIGTERM_GRACE_S) is None:
+            channel.withdraw(request)  # the loop is gone or busy: the job's next attempt must not hold for it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
 
@@ -86,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.data import DataError, open_training_data
     from workers.device import DeviceUnavailable, check_available
+    from workers.storage import StorageError, open_fs
 
     try:
         check_available(spec.resources.device)
         data = open_training_data(spec.data, spec.model.vocab_size, _log)
-    except (DataError, DeviceUnavailable) as e:
+        if spec.checkpoint_storage:  # an unreachable bucket fails here, before any Ray work
+            open_fs(spec.checkpoint_storage)
+    except (DataError, DeviceUnavailable, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -105,21 +113,37 @@ def main(argv: list[str] | None = None) -> int:
     _checkpoint_on_sigterm(out)
     try:
         with follow(RunDisplay(spec.train.steps, live=sys.stdout.isatty())) as progress:
-            result = build_trainer(spec, data, out, progress=progress, verbose=args.verbose).fit()
+            result = build_trainer(spec, data, out, progress=progress, verbose=args.verbose,
+                                   storage=spec.checkpoint_storage).fit()
     except Exception as e:  # Ray Train raises its own error types; the cause is what a user needs
         print(training_error(e, args.verbose), file=sys.stderr)
         return 1
 
-    ckpt_path = Path(result.checkpoint.path)
-    summary = summarize(spec, result.metrics, str(ckpt_path), time.perf_counter() - started)
+    summary = summarize(spec, result.metrics, checkpoint_uri(result.checkpoint), time.perf_counter() - started)
     if not args.no_sample:
-        from workers.checkpoint import load_model
-        from workers.sampling import sample_text
-
-        summary.samples = sample_text(load_model(ckpt_path, spec.model), seed=spec.seed)
+        summary.samples = sample_checkpoint(result.checkpoint, spec)
     (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     print_summary(summary, out)
     return 0
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A reported checkpoint (ray.train.Checkpoint) as users and jobs.serve name it: its folder, or
+    ``s3://bucket/...`` when the run's storage is on S3."""
+    from workers.storage import uri_of
+
+    return uri_of(checkpoint.filesystem, checkpoint.path)
+
+
+def sample_checkpoint(checkpoint: Any, spec: TrainSpec) -> list[str]:
+    """The summary's samples from a reported checkpoint (copied to a temporary folder first when it
+    lies on S3), decoded with the tokenizer it stores."""
+    from workers.checkpoint import load_model, load_tokenizer_for
+    from workers.sampling import sample_text
+
+    with checkpoint.as_directory() as folder:
+        path = Path(folder)
+        return sample_text(load_model(path, spec.model), load_tokenizer_for(path), seed=spec.seed)
 
 
 def training_error(e: Exception, verbose: bool) -> str:

@@ -299,7 +299,7 @@ class Controller:
         attempt = job.current_attempt
         view = self.ray.status(attempt.submission_id)
         if view is not None and not view.terminal:
-            if view.status == "RUNNING" and not self.stop_checkpoints.ready(job.id, why, job.kind):
+            if view.status == "RUNNING" and not self.stop_checkpoints.ready(job.id, attempt.submission_id, why, job.kind):
                 return
             self.ray.stop(attempt.submission_id)
             return
@@ -323,7 +323,8 @@ class Controller:
             self.store.update_attempt(job.id, attempt.number, ended_at=time.time())
             self.store.transition(job.id, S.CANCELLED, "cancelled by user; Ray had no job to stop")
         elif not view.terminal:
-            if view.status == "RUNNING" and not self.stop_checkpoints.ready(job.id, "cancelled by user", job.kind):
+            why = "cancelled by user"
+            if view.status == "RUNNING" and not self.stop_checkpoints.ready(job.id, attempt.submission_id, why, job.kind):
                 return  # a later pass stops it, once the loop has checkpointed or the wait is over
             # Asynchronous in Ray: a later pass sees STOPPED. A job Ray still holds PENDING (its
             # driver not yet scheduled) keeps the stop queued until it is; after the grace we stop

@@ -43,6 +43,16 @@ def test_unreadable_files_never_fail_the_loop(tmp_path):
 
 
 
+def test_withdraw_takes_back_only_the_same_request(tmp_path):
+    channel = ControlChannel(tmp_path)
+    first = channel.request_checkpoint("first", hold_s=10.0)
+    channel.withdraw(first)
+    assert channel.pending() is None
+    second = channel.request_checkpoint("second")
+    channel.withdraw(first)  # a newer request stays
+    assert channel.pending() == second
+
+
 def test_wait_for_checkpoint_times_out_or_returns_the_confirmation(tmp_path):
     channel = ControlChannel(tmp_path)
     request = channel.request_checkpoint("stop")

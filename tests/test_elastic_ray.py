@@ -11,7 +11,7 @@ elastic [1, 2] job on them through ``build_trainer``:
   DRAIN_NODE_REASON_PREEMPTION` does) and removed once the job has answered the notice: the loop
   checkpoints at its next poll and the job resumes from that checkpoint on the remaining worker.
 
-And unit tests of the loop's preemption watch, which need no cluster.
+(The preemption watch on its own: tests/test_interrupts.py.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import pytest
 from jobs.specs import load_spec
 from jobs.trainer import build_trainer
 from tests.conftest import DEMO, TINY
-from workers.loop import _PreemptionWatch
 
 # Logical CPUs of each worker and of each node added here: more than any standing node of the
 # PoolCluster has (tests/cluster.py), so every node added holds exactly one of the job's workers.
@@ -192,31 +191,3 @@ def test_preemption_notice_checkpoints_at_the_next_poll_and_the_job_resumes_ther
     assert (tmp_path / "ray-train" / f"step-{saved_at:08d}" / "meta.json").exists()
     _assert_curve_continues(before, after)
     assert result.metrics["world_size"] == 1 and result.metrics["steps"] == STEPS
-
-
-def test_preemption_watch_asks_only_every_k_steps(monkeypatch):
-    import ray.train
-
-    calls: list[int] = []
-    notice = object()
-
-    def get_preemption_info() -> Any:
-        calls.append(1)
-        return notice if len(calls) == 2 else None
-
-    monkeypatch.setattr(ray.train, "get_preemption_info", get_preemption_info)
-    watch = _PreemptionWatch(5)
-    seen = {done: watch.poll(done) for done in range(1, 21)}
-    assert len(calls) == 2  # steps 5 and 10; after the notice no more (one checkpoint per attempt)
-    assert [done for done, info in seen.items() if info is not None] == [10]
-    assert _PreemptionWatch(0).poll(5) is None and len(calls) == 2  # 0: never asks
-
-
-def test_preemption_watch_turns_off_where_ray_has_no_notices(monkeypatch):
-    import ray.train
-
-    # Outside a Train v2 worker the real function raises (RuntimeError); Train v1 lacks it.
-    assert _PreemptionWatch(1).poll(1) is None
-    monkeypatch.delattr(ray.train, "get_preemption_info")
-    watch = _PreemptionWatch(1)
-    assert watch.poll(1) is None and watch.every == 0

@@ -5,8 +5,10 @@ checkpoints): the controller (preemption, resize, drain, cancel) or the job's dr
 from Ray Jobs, which sends SIGKILL 3 s later) writes it; rank 0 of the running loop looks for it
 after every step, all ranks agree on it in one tiny all-reduce, and the loop checkpoints at the
 end of that step. When the checkpoint has been reported the loop writes the confirmation, which
-names the request, the step and the reason. So a job stopped this way loses at most the step in
-flight instead of up to a checkpoint interval.
+names the request, the step and the reason. A request made before a stop also asks the loop to hold
+(``hold_s``): take no further step until it is stopped, at most that long (then it trains on, and
+nothing is lost). So a job stopped this way resumes from the step it had finished when asked, plus
+at most the step in flight, instead of up to a checkpoint interval back.
 
 Files, not Ray actors: the writer may be the control plane, which reaches the cluster only through
 the Jobs API, and a retry of the job finds a request that its previous attempt never saw. Writes
@@ -35,6 +37,7 @@ class CheckpointRequest(BaseModel):
     id: str = Field(min_length=1, max_length=64)
     reason: str = Field(max_length=500)
     requested_at: float  # unix seconds
+    hold_s: float = Field(0.0, ge=0.0, le=3600.0)  # after the checkpoint, wait this long to be stopped
 
 
 class CheckpointDone(BaseModel):
@@ -70,11 +73,21 @@ class ControlChannel:
 
     # -- the requester's side ------------------------------------------------------------------
 
-    def request_checkpoint(self, reason: str) -> CheckpointRequest:
-        """Ask the running loop for a checkpoint at the end of its current step."""
-        req = CheckpointRequest(id=uuid.uuid4().hex[:16], reason=reason[:500], requested_at=time.time())
+    def request_checkpoint(self, reason: str, hold_s: float = 0.0) -> CheckpointRequest:
+        """Ask the running loop for a checkpoint at the end of its current step; with ``hold_s``, the
+        loop then steps no further for up to that long (the requester is about to stop it)."""
+        req = CheckpointRequest(id=uuid.uuid4().hex[:16], reason=reason[:500], requested_at=time.time(),
+                                hold_s=hold_s)
         _write_atomic(self.root / REQUEST_FILE, req.model_dump_json())
         return req
+
+    def withdraw(self, request: CheckpointRequest) -> None:
+        """Take back a request that went unanswered (its job is being stopped anyway), so that the
+        next attempt does not answer it, or hold for it, as its own. A newer request stays."""
+        path = self.root / REQUEST_FILE
+        current = _read(path, CheckpointRequest)
+        if isinstance(current, CheckpointRequest) and current.id == request.id:
+            path.unlink(missing_ok=True)
 
     def confirmation(self, request: CheckpointRequest | str) -> CheckpointDone | None:
         """The loop's confirmation of this request, once its checkpoint has been reported."""

@@ -8,7 +8,7 @@ into rank 0's progress records (workers/progress.py) and the final metrics; a ch
 every ``checkpoint_every`` steps, at the end, and at the end of any step during which a "checkpoint
 now" request arrived (workers/control.py: preemption, resize, drain, a stopping driver) or, asked
 every ``preemption_check_every`` steps, Ray Train announced that a node of the job is being preempted
-(``_PreemptionWatch``).
+(workers/interrupts.py).
 
 A job may span device kinds (resources.pools): each worker takes its kind from the node it was
 placed on (``place_worker``). Every worker streams the whole training set in one deterministic order
@@ -42,8 +42,9 @@ from workers import checkpoint, data
 from workers.balance import ForwardTimer, SpeedSplit
 from workers.config import DeviceKind, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
-from workers.control import CheckpointRequest, ControlChannel
+from workers.control import ControlChannel
 from workers.device import lease_device, torch_device
+from workers.interrupts import PreemptionWatch, agreed_request, describe_preemption, hold
 from workers.moe.stats import routing_stats
 from workers.progress import ProgressChannel, ProgressRecord
 from workers.step import TrainStep, build_step, evaluate, final_window, lr_at
@@ -269,51 +270,6 @@ class _Reporter:
             world_size=self.run.world, moe=_layer_stats(self.tail_counts))
 
 
-def _checkpoint_requested(control: ControlChannel | None, rank: int) -> CheckpointRequest | None:
-    """The pending "checkpoint now" request, agreed on by every rank (rank 0 reads the folder)."""
-    req = control.pending() if control is not None and rank == 0 else None
-    flag = torch.tensor([1.0 if req is not None else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() == 0:
-        return None
-    return req or CheckpointRequest(id="-", reason="", requested_at=0.0)  # non-zero ranks: only the decision
-
-
-class _PreemptionWatch:
-    """Ray Train's preemption notices, asked for every ``every`` steps.
-
-    ``ray.train.get_preemption_info`` is a barrier across all ranks (rank 0's answer is broadcast),
-    so it is asked at the same steps on every rank and not every step; a notice is answered with one
-    checkpoint, and then no more is asked in this attempt (Ray restarts the group without the node).
-    A Ray without notices (Train v1, where the function is missing, or a caller that is no Train v2
-    worker, where it raises) turns the watch off: training goes on without it.
-    """
-
-    def __init__(self, every: int):
-        self.every = every
-
-    def poll(self, done: int) -> Any:
-        """Collective when due: the PreemptionInfo (node id -> ranks, deadline) of a new notice, or None."""
-        if not self.every or done % self.every:
-            return None
-        import ray.train
-
-        try:
-            info = ray.train.get_preemption_info()
-        except (AttributeError, RuntimeError):
-            info, self.every = None, 0
-        if info is not None:
-            self.every = 0
-        return info
-
-
-def _describe_preemption(info: Any) -> str:
-    nodes = ", ".join(f"node {node} (ranks {', '.join(map(str, sorted(ranks)))})"
-                      for node, ranks in sorted(info.preempted_node_to_ranks.items()))
-    deadline = "" if info.deadline_ms is None else f", deadline in {info.deadline_ms / 1000 - time.time():.0f} s"
-    return f"{nodes or 'a node of the job'}{deadline}"
-
-
 def _check_same_batch(x: torch.Tensor) -> None:
     """Collective: fail when the ranks' global batches differ (their cuts would overlap or miss rows)."""
     # Position-weighted sum in int64: exact modulo 2**64 in any summation order (threads may differ).
@@ -352,7 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     record = _SequenceLog(cfg.control_dir, run.rank) if os.environ.get(RECORD_SEQUENCES_ENV) and cfg.control_dir \
         else None
     reporter = _Reporter(run, channel)
-    preemption = _PreemptionWatch(cfg.preemption_check_every)
+    preemption = PreemptionWatch(cfg.preemption_check_every)
 
     for step in range(run.start, loop.steps):
         t_step = time.perf_counter()
@@ -374,15 +330,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             split.update(len(x) / timer.seconds)
         reporter.add(step, tokens, result.loss.item() * weight, result.counts, time.perf_counter() - t_step)
         done = step + 1
-        request = _checkpoint_requested(control, run.rank) if done < loop.steps else None
+        request = agreed_request(control, run.rank) if done < loop.steps else None
         notice = preemption.poll(done) if done < loop.steps else None
         if request is not None or notice is not None or (done % loop.checkpoint_every == 0 and done < loop.steps):
             run.save(done, {"step": done, "loss": reporter.losses[-1]})
             if request is not None and run.rank == 0 and control is not None:
                 control.confirm(request, done)
                 channel.note(f"checkpoint at step {done} on request ({request.reason})")
+            if request is not None and request.hold_s > 0:
+                hold(request, control, run.rank, done)  # the requester stops the job meanwhile
             if notice is not None and run.rank == 0:
-                channel.note(f"checkpoint at step {done} on a preemption notice: {_describe_preemption(notice)}")
+                channel.note(f"checkpoint at step {done} on a preemption notice: {describe_preemption(notice)}")
         if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
             return  # the end of a PBT segment (jobs/sweep.py): its checkpoint was just reported
 

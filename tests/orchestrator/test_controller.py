@@ -337,6 +337,30 @@ def test_cancel_of_a_running_job_stops_it_when_no_checkpoint_comes(env):
     assert job.state is S.CANCELLED and "no checkpoint confirmed" in job.message
 
 
+def test_a_stop_that_ray_carries_out_slowly_asks_for_one_checkpoint_only(env, monkeypatch):
+    store, ray, ctl, settings = env
+    jid, sid, now = _running_job_cancelled(env)
+    channel = ControlChannel(settings.job_root / jid / "out")
+    request = channel.pending()
+    assert request.hold_s > 0  # the loop holds at its checkpoint until the stop lands
+    channel.confirm(request, 42)
+    monkeypatch.setattr(ray, "stop", lambda submission_id: ray.stops.append(submission_id))  # Ray still RUNNING
+    ctl.reconcile_once()
+    ctl.reconcile_once()
+    assert ray.stops == [sid, sid] and channel.pending() is None  # stopped again, never asked again
+    assert ControlChannel(settings.job_root / jid / "out").confirmation(request).step == 42
+
+
+def test_an_unanswered_request_is_withdrawn_before_the_stop(env):
+    store, ray, ctl, settings = env
+    jid, sid, now = _running_job_cancelled(env)
+    channel = ControlChannel(settings.job_root / jid / "out")
+    assert channel.pending() is not None
+    now[0] = settings.stop_checkpoint_timeout_s + 1
+    ctl.reconcile_once()
+    assert ray.stops == [sid] and channel.pending() is None  # a later attempt will not hold for it
+
+
 def _stall_gauges(ctl):
     sample = ctl.telemetry.registry.get_sample_value
     return sample("orch_jobs_stalled"), sample("orch_job_stalls_total")

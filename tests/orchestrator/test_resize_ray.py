@@ -57,8 +57,12 @@ def _resize_and_wait(c: httpx.Client, job_id: str, workers: int) -> dict:
         assert job["state"] not in ("FAILED", "CANCELLED"), job["message"]
         return job if job["attempts"] > before and _attempt_records(c, job_id, job["attempts"]) else None
 
-    return wait_until(stepping, timeout_s=PHASE_TIMEOUT_S, interval_s=1.0,
-                      what=f"job {job_id} to step again on {workers} workers")
+    def what() -> str:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        history = "; ".join(f"{h['to_state']}: {h['reason']}" for h in job["history"])
+        return f"job {job_id} to step again on {workers} workers (now {job['state']}; {history})"
+
+    return wait_until(stepping, timeout_s=PHASE_TIMEOUT_S, interval_s=1.0, what=what)
 
 
 def test_a_real_job_resized_2_1_2_continues_its_loss_curve(tmp_path):
@@ -87,10 +91,12 @@ def test_a_real_job_resized_2_1_2_continues_its_loss_curve(tmp_path):
     assert reasons == ["resizing from 2 workers to 1 worker", "resizing from 1 worker to 2 workers"]
     assert job["spec"]["resources"]["num_workers"] == 2 and job["metrics"]["step"] == STEPS
     queued = [h["reason"] for h in job["history"] if h["to_state"] == "QUEUED" and "resized" in h["reason"]]
-    checkpoints = [int(re.search(r"checkpoint at step (\d+) first", r).group(1)) for r in queued]
-    assert len(checkpoints) == 2, queued
+    saved_at = [re.search(r"checkpoint at step (\d+) first", r) for r in queued]
+    assert len(saved_at) == 2 and all(saved_at), queued
+    checkpoints = [int(m.group(1)) for m in saved_at]
     for before, after, saved in zip(attempts[:-1], attempts[1:], checkpoints, strict=True):
         assert after[0].step == saved + 1  # the next attempt goes on from the checkpoint taken for the resize
+        assert before[-1].step <= saved  # the loop held after it: no step was made, and redone, past it
         # One batch's loss is noisy: compare the curve over a few steps on each side of the checkpoint.
         ending = statistics.mean(r.loss for r in before if saved - LOSS_WINDOW_STEPS < r.step <= saved)
         resumed = statistics.mean(r.loss for r in after[:LOSS_WINDOW_STEPS])

@@ -1,0 +1,76 @@
+"""The loop's interrupts on their own (workers/interrupts.py): the preemption watch, and the hold
+after a checkpoint asked for before a stop. (On Ray: tests/test_elastic_ray.py, test_train_ray.py,
+tests/orchestrator/test_resize_ray.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.control import ControlChannel
+from workers.interrupts import PreemptionWatch, hold
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_hold_waits_out_its_time_and_answers_a_late_request_with_the_same_step(tmp_path):
+    channel, clock = ControlChannel(tmp_path), _Clock()
+    first = channel.request_checkpoint("resize to 1 worker", hold_s=5.0)
+    channel.confirm(first, 12)
+    late: list[Any] = []
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        if not late and clock.now >= 1.0:  # the stopping driver's own request on SIGTERM
+            late.append(channel.request_checkpoint("the driver got SIGTERM"))
+
+    hold(first, channel, 0, 12, clock=clock, sleep=sleep)
+    assert 5.0 <= clock.now < 5.2  # bounded: with no stop, training goes on
+    assert late and channel.confirmation(late[0]).step == 12 and channel.pending() is None
+
+
+def test_no_hold_by_default_and_other_ranks_only_wait(tmp_path):
+    channel, clock = ControlChannel(tmp_path), _Clock()
+    request = channel.request_checkpoint("test")
+    assert request.hold_s == 0.0
+    hold(request, channel, 0, 3, clock=clock, sleep=clock.sleep)
+    assert clock.now == 0.0
+    held = channel.request_checkpoint("stop", hold_s=1.0)
+    hold(held, channel, 1, 3, clock=clock, sleep=clock.sleep)  # rank 1 never reads the folder
+    assert 1.0 <= clock.now < 1.2 and channel.pending() == held
+
+
+def test_preemption_watch_asks_only_every_k_steps(monkeypatch):
+    import ray.train
+
+    calls: list[int] = []
+    notice = object()
+
+    def get_preemption_info() -> Any:
+        calls.append(1)
+        return notice if len(calls) == 2 else None
+
+    monkeypatch.setattr(ray.train, "get_preemption_info", get_preemption_info)
+    watch = PreemptionWatch(5)
+    seen = {done: watch.poll(done) for done in range(1, 21)}
+    assert len(calls) == 2  # steps 5 and 10; after the notice no more (one checkpoint per attempt)
+    assert [done for done, info in seen.items() if info is not None] == [10]
+    assert PreemptionWatch(0).poll(5) is None and len(calls) == 2  # 0: never asks
+
+
+def test_preemption_watch_turns_off_where_ray_has_no_notices(monkeypatch):
+    import ray.train
+
+    # Outside a Train v2 worker the real function raises (RuntimeError); Train v1 lacks it.
+    assert PreemptionWatch(1).poll(1) is None
+    monkeypatch.delattr(ray.train, "get_preemption_info")
+    watch = PreemptionWatch(1)
+    assert watch.poll(1) is None and watch.every == 0
