@@ -7,8 +7,11 @@ stop (the file the API's stop route writes; the driver stops it at its first rep
 checkpoint, the driver is killed (SIGKILL to its process group, the embedded cluster included) and the
 same command is run again, which resumes the experiment. About 2.5-3 minutes on 2 busy cores.
 
-Use: ``from tests.sweeps import real_sweep_fixture  # noqa: F401`` (registers the fixture ``real_sweep``), ``attach(run, job_out)``
-to put the run's files where the service looks for a sweep job's output.
+Use: ``pytest_plugins = ["tests.sweeps"]`` in a test module registers the fixture ``real_sweep`` once for
+the whole session (importing the fixture function into each module would make one fixture, and one
+run, per module); ``attach(run, job_out)`` puts the run's files where the service looks for a sweep
+job's output. PYTEST_DONT_REWRITE: those modules import this one before pytest registers it, too late
+for assertion rewriting (its one assert carries its own message).
 """
 
 from __future__ import annotations

@@ -19,13 +19,11 @@ from orchestrator.settings import Settings
 from orchestrator.waiting import wait_until
 from tests.orchestrator.fakes import FakeRay
 from tests.servers import BackgroundServer
-from tests.sweeps import (
-    SPEC,
-    STEPS,
-    TRIALS,
-    attach,
-    real_sweep_fixture,  # noqa: F401  (registers the fixture `real_sweep`)
-)
+from tests.sweeps import SPEC, STEPS, TRIALS, attach
+
+# The fixture `real_sweep`, registered as a plugin: one run per session, shared with the dashboard's
+# browser tests (a fixture imported into two modules would be two fixtures, and two runs).
+pytest_plugins = ["tests.sweeps"]
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,10 +1,11 @@
 // Sweeps: the list, and one sweep live: trial table (sortable, filterable, stop buttons), overlaid
 // learning curves with early-stopped trials marked, a parameter-vs-metric scatter, parallel
-// coordinates and the best value so far.
+// coordinates, the best value so far, and the best trial promoted to a deployment (promote.js).
 
 import { api, describe } from "./api.js";
 import { COLOURS, legend, lineChart, parallelCoordinates, scatterChart } from "./charts.js";
 import { LiveTable, badge, el, fmtAge, fmtNum, kv, progressBar, replace } from "./dom.js";
+import { promotePanel } from "./promote.js";
 
 const LIST_LIMIT = 200;
 const TERMINAL_TRIAL = new Set(["SUCCEEDED", "EARLY_STOPPED", "STOPPED", "FAILED"]);
@@ -44,7 +45,7 @@ export function bestSoFar(trials, mode) {
   return points;
 }
 
-// Where the serving issue adds "promote": each trial's actions, given the sweep and what to redraw.
+// A trial's actions (stop, while it and the sweep run), given the sweep and what to redraw.
 function trialActions(sweep, trial, onDone) {
   if (TERMINAL_TRIAL.has(trial.state) || TERMINAL_JOB.has(sweep.state)) return [];
   if (trial.stop_requested) return [el("span", { class: "muted" }, "stop requested")];
@@ -65,6 +66,7 @@ export function sweepDetailPage(root, id) {
   let selected = null; // trial id whose curve is highlighted
   let scatterParam = null;
   const head = el("div");
+  const promote = promotePanel(id);
   const tableHolder = el("div");
   const curves = el("div", { id: "curves" });
   const trialPanel = el("div", { id: "trial-detail" });
@@ -76,7 +78,7 @@ export function sweepDetailPage(root, id) {
   let columnsKey = "";
   const colour = new Map(); // trial id -> colour index, stable across refreshes
 
-  replace(root, head,
+  replace(root, head, promote.node,
     el("section", { class: "card" }, el("h2", {}, "Trials"), tableHolder),
     el("div", { class: "grid" },
       el("section", { class: "card" }, el("h2", {}, "Learning curves"), curves),
@@ -162,6 +164,7 @@ export function sweepDetailPage(root, id) {
         ["best", sweep.best ? `${fmtNum(sweep.best.value)} (trial ${sweep.best.trial_id}, step ${sweep.best.step})` : ""],
         ["message", sweep.message], ["team", `${sweep.team} (${sweep.owner})`]]),
         TERMINAL_JOB.has(sweep.state) ? null : el("p", {}, cancel)));
+    promote.update(sweep);
     if (!table || columnsKey !== params.join("\n")) {
       columnsKey = params.join("\n");
       makeTable(params);

@@ -5,7 +5,7 @@ The browser is Debian's ``chromium`` package, launched by path: no ``playwright 
 downloads a browser build). Without either, the browser tests skip, saying how to install them.
 Every page fails its test on a console error or a dialog: a Content-Security-Policy violation is a
 console error, and an injected script would open the ``alert`` dialog the XSS test sends. Each
-test leaves a screenshot under runs/test-artifacts/dashboard/.
+test leaves a screenshot under runs/test-artifacts/dashboard/ (``screenshot`` adds one mid-test).
 """
 
 from __future__ import annotations
@@ -113,6 +113,12 @@ def service(tmp_path, fake_ray):
 def idle_service(tmp_path, fake_ray):
     """The same without a controller: what is submitted is stored and stays PENDING (nothing runs)."""
     yield from _serve(tmp_path, fake_ray, controller=False)
+
+
+def screenshot(page, name: str) -> None:
+    """A screenshot of a moment inside a test (``watched`` takes one at its end), beside the others."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 def sign_in(page, url: str, token: str = TOKEN) -> None:

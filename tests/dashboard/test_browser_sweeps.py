@@ -1,30 +1,43 @@
-"""The sweep pages in headless Chromium: launch a sweep from the form built from the API's schema
-(validation messages at their fields), then watch its trials from the events file its driver
-writes (jobs/sweep_events.py): the live table sorts and filters, a trial's curve opens, an
-early-stopped trial is marked, a stop button writes the stop request. The service runs without a
-controller, so nothing trains. About 10 s."""
+"""The sweep pages in headless Chromium.
+
+The form built from the API's schema launches a sweep (validation messages at their fields) against
+a service without a controller. Then one real sweep (tests/sweeps.py: 3 trials of real training, the
+run tests/test_sweep_run.py reads too, once per session) is watched through a service whose
+controller runs its job on fake Ray: first its files as they stood when its driver was killed
+mid-sweep (one trial stopped, another running: its stop button writes the stop request), then its
+finished files: one STOPPED and two SUCCEEDED trials, a trial's curve, and the best trial promoted
+to a deployment (its key shown once; a refused name and a taken one show the API's error at the
+button). Ray Serve is not started: the promote route only stores the deployment, and the reconciler
+that deploys it needs a cluster (tests/orchestrator/test_deployments_ray.py serves a promoted sweep).
+The real sweep is tests/sweeps.py's (2.5-3 minutes on 2 cores, far longer when they are shared; once
+per session, whichever module needs it first); the two browser tests take about 10 s.
+"""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
+import yaml
 
 pytest.importorskip("playwright", reason="browser tests need Playwright: .venv/bin/pip install playwright")
 from playwright.sync_api import expect  # noqa: E402
 
-from jobs.sweep_events import append_event, stop_requested  # noqa: E402
+from jobs.serve import key_hash  # noqa: E402
+from jobs.specs import apply_override  # noqa: E402
+from jobs.sweep_events import EVENTS_FILE, stop_requested  # noqa: E402
 from orchestrator.entrypoints import job_paths  # noqa: E402
-from tests.dashboard.conftest import sign_in  # noqa: E402
+from orchestrator.waiting import wait_until  # noqa: E402
+from tests.dashboard.conftest import screenshot, sign_in  # noqa: E402
+from tests.orchestrator.conftest import AUTH  # noqa: E402
+from tests.sweeps import OVERRIDES, SPEC, TRIALS, attach  # noqa: E402
+
+pytest_plugins = ["tests.sweeps"]  # the session's one real sweep: the fixture `real_sweep`
 
 XSS = "<img src=x onerror=alert(1)>"
 STEPS = 30
-
-
-def _trial(out, tid, lr, density, losses, end_state=None):
-    append_event(out, "start", tid, parameters={"train.lr": lr, "compression.density": density})
-    for i, loss in enumerate(losses, start=1):
-        append_event(out, "result", tid, metrics={"step": i * 10, "loss": loss})
-    if end_state:
-        append_event(out, "complete", tid, state=end_state)
+SUBMIT_TIMEOUT_S = 10.0
 
 
 def _launch(page):
@@ -52,7 +65,7 @@ def _launch(page):
     page.wait_for_selector("#sweep-name")
 
 
-def test_launch_watch_compare_and_stop_a_trial(idle_service, watched):
+def test_launch_a_sweep_from_the_form(idle_service, watched):
     url, app = idle_service
     page = watched.page
     watched.expected.append("status of 422")  # the refused name
@@ -66,29 +79,89 @@ def test_launch_watch_compare_and_stop_a_trial(idle_service, watched):
     assert job.spec["trials"] == 3 and job.spec["base"]["train"]["steps"] == STEPS
     assert job.spec["space"]["train.lr"] == {"type": "loguniform", "low": 0.001, "high": 0.01}
     assert job.spec["space"]["compression.density"] == {"type": "choice", "values": [0.01, 0.1]}
-    assert watched.dialogs == []
+    expect(page.locator("tbody tr td.muted")).to_have_text("no trials yet")
+    expect(page.locator("#promote")).to_be_disabled()
+    expect(page.locator("#promote")).to_have_attribute("title", "the sweep is PENDING: its best trial may still "
+                                                                 "change; promote it once it has finished")
 
-    # The driver's events (as jobs/sweep.py writes them): one done, one early-stopped, one running.
+
+def _submitted_sweep(url, fake_ray) -> tuple[str, str]:
+    """(sweep id, Ray submission id) of the real run's spec, submitted by the controller to fake Ray."""
+    spec = yaml.safe_load(SPEC.read_text())
+    for assignment in OVERRIDES:
+        apply_override(spec, assignment)
+    r = httpx.post(f"{url}/v1/sweeps", json={"spec": spec}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    sweep_id = r.json()["id"]
+    wait_until(lambda: any(sweep_id in s["submission_id"] for s in fake_ray.submissions),
+               timeout_s=SUBMIT_TIMEOUT_S, interval_s=0.05, what="the sweep's submission")
+    return sweep_id, next(s["submission_id"] for s in fake_ray.submissions if sweep_id in s["submission_id"])
+
+
+def _badge(page, trial_id: str):
+    return page.locator(f"tr[data-id='{trial_id}'] .badge")
+
+
+def test_watch_stop_and_promote_a_real_sweep(real_sweep, service, fake_ray, watched):
+    url, app = service
+    sweep_id, submission = _submitted_sweep(url, fake_ray)
+    fake_ray.set(submission, "RUNNING")
     out = job_paths(app.state.settings.job_root, sweep_id).out
     out.mkdir(parents=True, exist_ok=True)
-    _trial(out, "t_00000", 0.003, 0.1, [3.9, 3.1, 2.6], end_state="SUCCEEDED")
-    _trial(out, "t_00001", 0.001, 0.01, [4.2], end_state="EARLY_STOPPED")
-    _trial(out, "t_00002", 0.008, 0.1, [3.7, 3.0])
-    table = page.locator("tbody tr[data-id]")
-    expect(table).to_have_count(3)
-    expect(page.locator("#curves [data-mark=early-stopped]")).to_have_count(1)
-    expect(page.locator("#parallel path[data-series]")).to_have_count(3)
-    expect(page.locator("#scatter circle")).to_have_count(3)
+    # The run's events as they stood when its driver was killed: one trial stopped, one running.
+    (out / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in real_sweep.events_at_kill))
+    stopped, running = real_sweep.stopped_trial, real_sweep.resumed_trial
+    page = watched.page
+    watched.expected += ["status of 422", "status of 409"]  # the refused and the taken deployment name
+    sign_in(page, url)
+    page.goto(f"{url}/ui/#/sweeps/{sweep_id}")
+    expect(page.locator("h1 .badge")).to_have_text("RUNNING")
+    expect(_badge(page, stopped)).to_have_text("STOPPED")
+    expect(_badge(page, running)).to_have_text("RUNNING")
+    expect(page.locator(f"button[data-stop='{stopped}']")).to_have_count(0)
+    expect(page.locator("#promote")).to_be_disabled()
+    expect(page.locator("#promote-why")).to_contain_text("the sweep is RUNNING")
+    screenshot(page, "sweep_mid_run")
+    page.click(f"button[data-stop='{running}']")
+    expect(page.locator(f"tr[data-id='{running}']")).to_contain_text("stop requested")
+    assert stop_requested(out, running) and not stop_requested(out, stopped)
 
-    page.click("th[data-key=best_metric]")  # ascending: the best trial first
-    expect(table.first).to_have_attribute("data-id", "t_00000")
-    page.fill("input.filter", "EARLY")
-    expect(table).to_have_count(1)
-    page.fill("input.filter", "")
+    # The whole run's files, and its driver's end: the trials settle, promote opens.
+    attach(real_sweep, out)
+    fake_ray.set(submission, "SUCCEEDED", exit_code=0)
+    expect(page.locator("h1 .badge")).to_have_text("SUCCEEDED")
+    summary = real_sweep.summary
+    expect(page.locator("tbody tr[data-id]")).to_have_count(TRIALS)
+    for trial in summary["trials"]:
+        expect(_badge(page, trial["id"])).to_have_text(trial["state"])
+    assert sorted(t["state"] for t in summary["trials"]) == ["STOPPED"] + ["SUCCEEDED"] * (TRIALS - 1)
+    expect(page.locator("button[data-stop]")).to_have_count(0)
+    expect(page.locator("#curves svg g[data-series]")).to_have_count(TRIALS)
 
-    page.locator("tr[data-id=t_00000] td").first.click()
-    expect(page.locator("#trial-detail svg g[data-series=t_00000]")).to_have_attribute("data-points", "3")
+    best = summary["best"]["trial_id"]
+    shown = httpx.get(f"{url}/v1/sweeps/{sweep_id}", headers=AUTH).json()
+    [points] = [len(t["history"]) for t in shown["trials"] if t["id"] == best]
+    page.locator(f"tr[data-id='{best}'] td").first.click()
+    expect(page.locator(f"#trial-detail svg g[data-series='{best}']")).to_have_attribute("data-points", str(points))
 
-    page.click("button[data-stop=t_00002]")
-    expect(page.locator("tr[data-id=t_00002]")).to_contain_text("stop requested")
-    assert stop_requested(out, "t_00002") and not stop_requested(out, "t_00000")
+    promote = page.locator("#promote")
+    expect(promote).to_be_enabled()
+    expect(page.locator("#promote-why")).to_contain_text(f"trial {best}")
+    page.fill("#promote-name", XSS)  # refused by the API's name pattern: its message, as text
+    promote.click()
+    expect(page.locator("#promote-error")).to_contain_text("body.name: String should match pattern")
+    assert page.locator("#promote-card img").count() == 0 and not page.locator("#promoted").count()
+    page.fill("#promote-name", "sweep-best")
+    promote.click()
+    expect(page.locator("#promoted")).to_contain_text("sweep-best")
+    expect(page.locator("#promote-error")).to_have_text("")
+    key = page.inner_text("#promoted-key")
+    [deployment] = httpx.get(f"{url}/v1/deployments", headers=AUTH).json()["data"]
+    assert deployment["name"] == "sweep-best" and deployment["id"] in page.inner_text("#promoted")
+    assert deployment["source"] == f"sweep {sweep_id} trial {best}"
+    assert deployment["spec"]["key_sha256"] == key_hash(key)  # the key shown is the one that serves
+    expect(page.locator("#promoted")).to_contain_text("will not be shown again")
+    promote.click()  # the same name again: taken
+    expect(page.locator("#promote-error")).to_contain_text("a deployment named 'sweep-best' exists")
+    assert page.inner_text("#promoted-key") == key  # a failed promote leaves the key on screen
+    screenshot(page, "sweep_promoted")
