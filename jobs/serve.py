@@ -8,6 +8,10 @@ the old ones; no request is dropped).
 The Python API for the control plane (Ray must be initialised: ``ray.init(address=...)``):
 ``deploy(spec, api_key=None) -> Deployment``, ``delete(name)``, ``status(name) -> DeploymentStatus``.
 
+Checkpoints: a folder or an ``s3://`` prefix (the checkpoint itself, or a run's output folder or
+``checkpoint_storage``: its newest ``step-N``), resolved once here; replicas of an ``s3://``
+checkpoint copy it themselves, with this process's AWS_* settings in their runtime_env.
+
 Bearer keys: a spec carries at most the key's SHA-256 (``key_sha256``). The key itself comes from
 ``--key-file`` or MOE_SERVE_API_KEY, or is made here and printed once (``Deployment.api_key``);
 replicas only ever see the hash.
@@ -27,8 +31,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -53,7 +59,7 @@ class Deployment:
     name: str
     route_prefix: str
     base_url: str  # the OpenAI base URL: http://host:port/<prefix>/v1
-    checkpoint: str  # the resolved checkpoint folder
+    checkpoint: str  # the resolved checkpoint: a folder, or an s3:// prefix
     api_key: str | None  # the key when deploy() made it (show it once, store only its hash); else None
     key_sha256: str
 
@@ -77,6 +83,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return max(found, key=lambda p: (int(p.parent.name.removeprefix("step-")), str(p))).parent
 
 
+def resolve_s3_checkpoint(uri: str) -> str:
+    """``resolve_checkpoint`` for an ``s3://`` prefix: the prefix itself when it holds meta.json,
+    else its newest ``step-N`` checkpoint at any depth (a run's ``checkpoint_storage``); SpecError
+    naming ``checkpoint`` when it holds none, StorageError when the bucket does not answer."""
+    import pyarrow.fs as pafs
+
+    from workers.storage import join, open_fs, uri_of, with_retries
+
+    fs, root = open_fs(uri)
+    if with_retries(f"cannot read {uri}", lambda: fs.get_file_info(join(root, "meta.json"))).is_file:
+        return uri_of(fs, root)
+    listing = with_retries(f"cannot list {uri}",
+                           lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)))
+    steps = [(int(m.group(1)), info.path.rsplit("/", 1)[0]) for info in listing if info.base_name == "meta.json"
+             and (m := re.fullmatch(r"step-(\d+)", info.path.rsplit("/", 2)[-2]))]
+    if not steps:
+        raise SpecError(f"checkpoint: {uri} is neither a checkpoint (meta.json) nor a run prefix holding one")
+    return uri_of(fs, max(steps)[1])
+
+
+def checkpoint_context(checkpoint: str) -> int:
+    """The model's context (max_seq_len, tokens) from a resolved checkpoint's meta.json, local or s3://."""
+    from workers.checkpoint import FORMAT_VERSION, read_meta
+    from workers.storage import is_s3, join, open_fs, read_bytes
+
+    if not is_s3(checkpoint):
+        return read_meta(Path(checkpoint))["model"]["max_seq_len"]
+    fs, root = open_fs(checkpoint)
+    meta = json.loads(read_bytes(fs, join(root, "meta.json")))
+    if meta.get("format") != FORMAT_VERSION:
+        raise SpecError(f"checkpoint: {checkpoint} has format {meta.get('format')}, this code reads {FORMAT_VERSION}")
+    return meta["model"]["max_seq_len"]
+
+
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -87,9 +127,10 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
     Starts Serve's HTTP proxy on http_host:http_port when Serve is not running yet."""
     from ray import serve
 
-    from workers.checkpoint import read_meta
+    from workers.data import s3_env
     from workers.serving.app import CompletionServer
     from workers.serving.config import ReplicaConfig
+    from workers.storage import is_s3
 
     made_key = None
     if api_key is None and spec.key_sha256 is None:
@@ -97,13 +138,16 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
     digest = key_hash(api_key) if api_key is not None else spec.key_sha256
     if spec.key_sha256 is not None and not hmac.compare_digest(digest, spec.key_sha256):
         raise SpecError("key_sha256: does not match the key given to deploy it")
-    checkpoint = resolve_checkpoint(spec.checkpoint)
-    context = read_meta(checkpoint)["model"]["max_seq_len"]
+    on_s3 = is_s3(spec.checkpoint)
+    checkpoint = resolve_s3_checkpoint(spec.checkpoint) if on_s3 else str(resolve_checkpoint(spec.checkpoint))
+    context = checkpoint_context(checkpoint)
     if spec.limits.max_tokens >= context:
         raise SpecError(f"limits.max_tokens ({spec.limits.max_tokens}) must be below the model's context "
                         f"({context} tokens), which also holds the prompt")
-    config = ReplicaConfig(name=spec.name, checkpoint=str(checkpoint), key_sha256=digest, batching=spec.batching,
+    config = ReplicaConfig(name=spec.name, checkpoint=checkpoint, key_sha256=digest, batching=spec.batching,
                            limits=spec.limits, int8=spec.int8, torch_threads=spec.torch_threads)
+    # Replicas of an s3:// checkpoint copy it themselves, with the deployer's AWS_* settings.
+    env = s3_env() if on_s3 else {}
     b = spec.batching
     app = CompletionServer.options(
         name=spec.name,
@@ -111,11 +155,11 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
         # Serve's batch queue needs room for every row of every concurrent batch, plus a few
         # non-generating calls (models, score, stats) beside them.
         max_ongoing_requests=b.max_batch_size * b.max_concurrent_batches + 4,
-        ray_actor_options={"num_cpus": spec.num_cpus},
+        ray_actor_options={"num_cpus": spec.num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})},
     ).bind(config.model_dump())
     serve.start(http_options={"host": http_host, "port": http_port})
     serve.run(app, name=spec.name, route_prefix=spec.prefix, blocking=False)
-    return Deployment(name=spec.name, route_prefix=spec.prefix, checkpoint=str(checkpoint), api_key=made_key,
+    return Deployment(name=spec.name, route_prefix=spec.prefix, checkpoint=checkpoint, api_key=made_key,
                       base_url=f"http://{http_host}:{http_port}{spec.prefix.rstrip('/')}/v1", key_sha256=digest)
 
 
@@ -209,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
+    from workers.storage import StorageError
+
     attached = bool(os.environ.get("RAY_ADDRESS"))
     port = args.port or (DEFAULT_HTTP_PORT if attached or args.prompt is None else _free_port(args.host))
     # Without --verbose the replicas' and Serve's own INFO lines stay in Ray's session logs.
@@ -223,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:  # an s3:// checkpoint whose bucket does not answer (it may later)
+        print(f"error: checkpoint: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # Serve's deploy errors carry the replica's traceback; the cause is what a user needs
         print(f"error: deploying {spec.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,8 @@ class ServeSpec(Config):
     # The Serve application's name and the model id clients pass (``model``).
     name: str = Field("moe", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     # A checkpoint folder (meta.json + model.pt), or a training run's output folder: its latest
-    # checkpoint. Local paths: every node that runs a replica must see the same folder.
+    # checkpoint; either may be an s3://bucket/prefix (a run's checkpoint_storage). Local paths:
+    # every node that runs a replica must see the same folder.
     checkpoint: str = Field(min_length=1)
     # Where the routes live under Serve's HTTP address; default "/<name>".
     route_prefix: str | None = Field(None, max_length=128, pattern=r"^/[A-Za-z0-9_.\-/]*$")

@@ -147,6 +147,20 @@ class TrainSpec(Config):
     compression: CompressionConfig = CompressionConfig()
     train: LoopConfig = LoopConfig()
     resources: ResourcesSpec = ResourcesSpec()
+    # Where Ray Train keeps the run (RunConfig.storage_path): checkpoints under <it>/ray-train/step-N.
+    # A local folder shared by the nodes or an s3://bucket/prefix (AWS_* settings as for data.path);
+    # None: the job's output folder (--out). A run whose storage already holds checkpoints resumes
+    # from the latest, so two jobs running at once must not share one.
+    checkpoint_storage: str | None = Field(None, min_length=1, max_length=1024)
+
+    @field_validator("checkpoint_storage")
+    @classmethod
+    def _local_or_s3(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"{value!r}: a local folder or s3://bucket/prefix")
+        if value is not None and value.startswith("s3://") and not value[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"{value!r}: no bucket (expected s3://bucket/prefix)")
+        return value
 
     @model_validator(mode="after")
     def _check_sections_agree(self) -> TrainSpec:

@@ -163,21 +163,26 @@ def data_config() -> Any:
 
 
 def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Path, *, progress: Any = None,
-                  run_name: str = RUN_NAME, verbose: bool = False,
+                  run_name: str = RUN_NAME, verbose: bool = False, storage: str | None = None,
                   train_loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """A TorchTrainer for ``spec`` on ``data`` (workers.data.TrainingData, or the manifest dict of
-    ``build_shards``), checkpointing under ``out/run_name``
-    (and resuming from the latest checkpoint there). ``progress``: a ray.util.queue.Queue that rank 0
+    ``build_shards``), checkpointing under ``<storage or out>/run_name``
+    (and resuming from the latest checkpoint there). ``storage``: a local folder or ``s3://`` prefix
+    (jobs.train passes the spec's ``checkpoint_storage``), reached through workers/storage.py's
+    filesystem so the AWS_* endpoint and keys reach Ray Train's controller and workers; raises
+    StorageError naming the bucket when it does not answer. ``progress``: a ray.util.queue.Queue that rank 0
     sends its progress records to (jobs/display.py), or None. "Checkpoint now" requests are read from
-    ``out`` (workers/control.py). ``train_loop``: the per-worker function, workers.loop's by default
-    (one that wraps it, e.g. to instrument the workers, takes the same config)."""
+    ``out``, which stays a local folder (workers/control.py). ``train_loop``: the per-worker function,
+    workers.loop's by default (one that wraps it, e.g. to instrument the workers, takes the same config)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.contracts import WorkerConfig
     from workers.data import TrainingData, make_datasets, s3_env
     from workers.loop import train_loop_per_worker
+    from workers.storage import open_fs
 
+    storage_fs, storage_path = open_fs(storage) if storage else (None, str(out))
     check_room(spec)
     place = placement(spec)
     if not isinstance(data, TrainingData):
@@ -195,7 +200,8 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
         torch_config=TorchConfig(backend=place.backend),
         scaling_config=place.scaling_config,
         dataset_config=data_config(),
-        run_config=RunConfig(name=run_name, storage_path=str(out), worker_runtime_env={"env_vars": s3_env()},
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             worker_runtime_env={"env_vars": s3_env()},
                              failure_config=FailureConfig(max_failures=res.max_failures,
                                                           max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),

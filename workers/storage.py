@@ -9,14 +9,21 @@ from the same variables (``S3FileSystem()`` without an endpoint would ignore AWS
 arrow#49643, hence it is passed), but an URI cannot carry timeouts, and an unreachable endpoint
 must end in an error within seconds instead of stalling a job. ``open_fs`` then probes the path,
 retrying with backoff, and raises ONE ``StorageError`` naming the bucket and endpoint.
+
+Ray pickles a filesystem handed to it (Ray Data's readers, Ray Train's storage) into other
+processes; the endpoint, region, timeouts and the environment's static keys travel with it, so
+those processes reach the same bucket whatever their own environment (``_static_credentials``).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
@@ -56,13 +63,25 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def _static_credentials() -> dict[str, str | None]:
+    """The environment's static keys, given to the client explicitly so that they travel with the
+    pickled filesystem (pyarrow pickles explicit keys, not what its default chain found): Ray Train's
+    controller actor, which writes the checkpoint bookkeeping, is started with Ray's own variables
+    only, and would otherwise see just its node's environment. Without both keys: the default chain
+    (instance profile, ~/.aws) wherever the filesystem is used."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not (key and secret):
+        return {}
+    return {"access_key": key, "secret_key": secret, "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+
+
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     endpoint = s3_endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region is None and endpoint is None:  # real AWS without a region: ask where the bucket lives
         region = pafs.resolve_s3_region(bucket)
     return pafs.S3FileSystem(
-        endpoint_override=endpoint, region=region or DEFAULT_REGION,
+        endpoint_override=endpoint, region=region or DEFAULT_REGION, **_static_credentials(),
         connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS))
 
@@ -143,3 +162,19 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 def uri_of(fs: pafs.FileSystem, path: str) -> str:
     """The URI a user (and Ray Data) names ``path`` of ``fs`` by."""
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local folder holding what the folder or prefix ``uri`` holds: a local folder itself, or a
+    temporary copy of an ``s3://`` prefix (deleted when the block ends; what was read from it stays
+    in memory). For readers that take a path, such as ``torch.load`` of a checkpoint."""
+    if not is_s3(uri):
+        yield Path(uri).expanduser().resolve()
+        return
+    fs, path = open_fs(uri, must_exist=True)
+    with tempfile.TemporaryDirectory(prefix="s3-copy-") as tmp:
+        with_retries(f"cannot copy {where(uri)}",
+                     lambda: pafs.copy_files(path, tmp, source_filesystem=fs,
+                                             destination_filesystem=pafs.LocalFileSystem()))
+        yield Path(tmp)

@@ -11,9 +11,10 @@ kind is one ``register_path_fields`` line). A set field must lie under one of th
 * any other scheme (``gs://``, ``file://``, ``http://``) is refused.
 
 A field left unset (None) is the kind's default: for train, the standard library's source (read
-only) and a cache folder the service chooses. Output and checkpoint folders of train jobs are chosen
-by the service (``<jobs_dir>/<job id>/out``), never by a spec; serve's checkpoint is a spec field,
-checked like the others. A kind that registered nothing is refused for non-admins (fail closed). The check runs at submission, on the
+only) and a cache folder the service chooses. Output folders of train jobs are chosen by the
+service (``<jobs_dir>/<job id>/out``), never by a spec, and hold the checkpoints unless the spec's
+``checkpoint_storage`` puts them elsewhere (checked like the others); serve's checkpoint is a spec
+field, checked likewise. A kind that registered nothing is refused for non-admins (fail closed). The check runs at submission, on the
 API's view of the file system, which must be the cluster's (shared storage, see README); a symlink
 made inside a root *after* submission is outside what it can see.
 """
@@ -35,7 +36,7 @@ def register_path_fields(kind: str, *fields: str) -> None:
     PATH_FIELDS[kind] = tuple(fields)
 
 
-register_path_fields("train", "data.source", "data.path")
+register_path_fields("train", "data.source", "data.path", "checkpoint_storage")
 register_path_fields("prepare", "source", "path")
 register_path_fields("serve", "checkpoint")
 

@@ -14,6 +14,11 @@ that finishes leaves the running batch at once (the handler yields StopIteration
 engine drops it from the KV cache) and its caller's stream closes, instead of holding on until the
 longest row ends. Model steps run on one thread per replica, so concurrent batches interleave step
 by step and the event loop stays free to accept requests.
+
+Checkpoint and tokens: a replica loads its checkpoint from a folder or an ``s3://`` prefix (copied to
+a temporary folder, loaded, deleted), with the tokenizer stored in it (bytes or BPE): prompts,
+context limits and usage count that tokenizer's tokens, and text streams out through each token's
+bytes (workers/serving/tokens.py).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations through Serve's
@@ -28,7 +33,6 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,8 +40,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from workers.checkpoint import load_model
-from workers.data import EOS_TOKEN
+from workers.checkpoint import load_model, load_tokenizer_for
 from workers.serving.config import ReplicaConfig
 from workers.serving.engine import BatchGeneration, Chunk, RowRequest
 from workers.serving.int8 import quantize_model
@@ -53,6 +56,9 @@ from workers.serving.schemas import (
     ScoreResponse,
     Usage,
 )
+from workers.serving.tokens import encode_prompt, token_pieces
+from workers.storage import local_copy
+from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None)
@@ -78,12 +84,13 @@ def unprocessable(loc: list[str | int], msg: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
 
 
-def encode_prompt(text: str, loc: list[str | int]) -> list[int]:
-    """A document's start (EOS, as in training) then the text's UTF-8 bytes."""
+def tokenize_prompt(tokenizer: Tokenizer, text: str, loc: list[str | int]) -> list[int]:
+    """EOS (a document's start, as in training) then the text's tokens in the checkpoint's own
+    tokenizer, so lengths, limits and usage count what the model sees; a 422 for empty or invalid text."""
     if not text:
         raise unprocessable(loc, "must not be empty")
     try:
-        return [EOS_TOKEN, *text.encode("utf-8")]
+        return encode_prompt(tokenizer, text)
     except UnicodeEncodeError as e:
         raise unprocessable(loc, f"is not valid UTF-8 (character {e.start}: {e.reason})") from None
 
@@ -124,7 +131,10 @@ class CompletionServer:
         self.config = ReplicaConfig.model_validate(config)
         api.state.key_sha256 = self.config.key_sha256
         torch.set_num_threads(self.config.torch_threads)
-        self.model = load_model(Path(self.config.checkpoint))
+        with local_copy(self.config.checkpoint) as folder:  # an s3:// checkpoint: a temporary copy
+            self.model = load_model(folder)
+            self.tokenizer = load_tokenizer_for(folder)
+        self.pieces = token_pieces(self.tokenizer, self.model.config.vocab_size)
         self.int8_share = quantize_model(self.model).share if self.config.int8 else 0.0
         self.context = self.model.config.max_seq_len
         self.created = int(time.time())
@@ -135,8 +145,8 @@ class CompletionServer:
         self.batch_sizes: Counter[int] = Counter()
         self.ttft_s: deque[float] = deque(maxlen=TTFT_WINDOW_ROWS)
         self.requests = self.rows = self.completion_tokens = 0
-        log.info("serving %s from %s (int8 %s, share %.3f)", self.config.name, self.config.checkpoint,
-                 self.config.int8, self.int8_share)
+        log.info("serving %s from %s (%s tokenizer, int8 %s, share %.3f)", self.config.name, self.config.checkpoint,
+                 self.tokenizer.kind, self.config.int8, self.int8_share)
 
     # -- batching ---------------------------------------------------------------------------------
 
@@ -144,7 +154,7 @@ class CompletionServer:
         """The @serve.batch handler: one list per step, a chunk per running row, StopIteration for
         rows that finished in an earlier step."""
         self.batch_sizes[len(rows)] += 1
-        gen = BatchGeneration(self.model, rows)
+        gen = BatchGeneration(self.model, rows, self.pieces)
         loop = asyncio.get_running_loop()
         ended = [False] * len(rows)
         while not gen.done:
@@ -185,7 +195,7 @@ class CompletionServer:
         rows, prompt_tokens = [], 0
         for p, text in enumerate(prompts):
             loc: list[str | int] = ["prompt"] if isinstance(req.prompt, str) else ["prompt", p]
-            tokens = encode_prompt(text, loc)
+            tokens = tokenize_prompt(self.tokenizer, text, loc)
             if len(tokens) + max_tokens > self.context:
                 raise unprocessable(loc, f"{len(tokens)} prompt tokens + max_tokens {max_tokens} exceed the "
                                          f"model's context of {self.context} tokens")
@@ -234,7 +244,7 @@ class CompletionServer:
     @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         self._check_model(req.model)
-        tokens = encode_prompt(req.text, ["text"])
+        tokens = tokenize_prompt(self.tokenizer, req.text, ["text"])
         if len(tokens) > self.context:
             raise unprocessable(["text"], f"{len(tokens)} tokens exceed the model's context of {self.context} tokens")
         logprobs = await asyncio.get_running_loop().run_in_executor(self.executor, self._logprobs, tokens)

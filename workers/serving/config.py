@@ -66,7 +66,8 @@ class ReplicaConfig(Config):
     """Everything one replica needs, passed as the deployment's init argument."""
 
     name: str = Field(min_length=1, max_length=64)  # the model id answered in /v1/models
-    checkpoint: str = Field(min_length=1)  # a checkpoint folder (holding meta.json and model.pt)
+    # A checkpoint folder (holding meta.json and model.pt) or its s3:// prefix (AWS_* from the replica's env).
+    checkpoint: str = Field(min_length=1)
     key_sha256: str = Field(pattern=SHA256_HEX_PATTERN)
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,11 @@ from torch import Tensor
 
 from workers.data import EOS_TOKEN
 from workers.moe.model import KVCache, MoETransformer
+from workers.serving.tokens import token_pieces
+from workers.tokenizer import ByteTokenizer
+
+# The byte tokenizer's pieces (id -> its byte), what a stream decodes when it is given none.
+BYTE_PIECES = token_pieces(ByteTokenizer(), 256)
 
 
 @dataclass(frozen=True)
@@ -46,17 +52,20 @@ class Chunk:
 
 
 class TextStream:
-    """Bytes -> text as they come: holds back an incomplete UTF-8 character and any tail that could
-    still become a stop sequence, and ends at the first stop sequence (which is not shown)."""
+    """Tokens -> text as they come: each token's bytes (``pieces[token]``, workers/serving/tokens.py)
+    go through an incremental UTF-8 decoder, which holds back an incomplete character (a byte-level
+    BPE token may end inside one); any tail that could still become a stop sequence is held back
+    too, and the stream ends at the first stop sequence (which is not shown)."""
 
-    def __init__(self, stop: tuple[str, ...]):
+    def __init__(self, stop: tuple[str, ...], pieces: Sequence[bytes] = BYTE_PIECES):
         self.stop = tuple(s for s in stop if s)
+        self.pieces = pieces
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""
         self.stopped = False
 
     def push(self, token: int) -> str:
-        self.pending += self.decoder.decode(bytes([token]))
+        self.pending += self.decoder.decode(self.pieces[token])
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
         if hits:
             out, self.pending, self.stopped = self.pending[: min(hits)], "", True
@@ -89,13 +98,15 @@ def sample_token(logits_V: Tensor, temperature: float, top_p: float, generator: 
 class BatchGeneration:
     """Generates a fixed set of rows together; ``step()`` until ``done``. The first step prefills
     every prompt in one right-padded forward; later steps feed one token per running row. Rows
-    leave the batch (and the cache) as soon as they finish."""
+    leave the batch (and the cache) as soon as they finish. ``pieces``: every id's bytes, from the
+    checkpoint's tokenizer (``token_pieces``); the byte tokenizer's by default."""
 
-    def __init__(self, model: MoETransformer, rows: list[RowRequest]):
+    def __init__(self, model: MoETransformer, rows: list[RowRequest], pieces: Sequence[bytes] | None = None):
         self.model = model
         self.rows = rows
         self.generators = [torch.Generator().manual_seed(r.seed) for r in rows]
-        self.streams = [TextStream(r.stop) for r in rows]
+        pieces = pieces if pieces is not None else token_pieces(ByteTokenizer(), model.config.vocab_size)
+        self.streams = [TextStream(r.stop, pieces) for r in rows]
         self.generated = [0] * len(rows)
         self.running = list(range(len(rows)))  # indices into rows, in cache order
         self.cache: KVCache | None = None
