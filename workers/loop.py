@@ -344,7 +344,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
             return  # the end of a PBT segment (jobs/sweep.py): its checkpoint was just reported
 
-    val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
+    # eval_batches 0: no held-out pass, and no Ray Data pipeline started for it
+    val_shard = ray.train.get_dataset_shard("val") if cfg.has_val and loop.eval_batches else None
     eval_loss = evaluate(step_fn.model, _eval_batches(val_shard, loop, device), loop.eval_batches).loss
     metrics = reporter.final(eval_loss)
     run.save(loop.steps, metrics.model_dump())
