@@ -45,6 +45,7 @@ from pydantic import BaseModel
 
 from jobs.serve_spec import ServeSpec, load_serve_spec
 from jobs.specs import SpecError
+from workers.storage import StorageError  # resolve_s3_checkpoint's; the control plane catches it from here
 
 KEY_ENV = "MOE_SERVE_API_KEY"
 DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT = "127.0.0.1", 8000
@@ -252,8 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --key-file: {e.strerror}", file=sys.stderr)
         return 2
     import ray
-
-    from workers.storage import StorageError
 
     attached = bool(os.environ.get("RAY_ADDRESS"))
     port = args.port or (DEFAULT_HTTP_PORT if attached or args.prompt is None else _free_port(args.host))

@@ -1,6 +1,7 @@
 """/v1/deployments and /v1/sweeps/{id}/promote without a cluster (the reconciler needs one; here rows
 stay PENDING): the key shown once and stored hashed, team scoping on every route, data roots,
-conflicts, a finished job's and a sweep's best checkpoint. The reconciler's decisions are checked
+conflicts, a finished job's and a sweep's best checkpoint, s3:// checkpoints (the session's moto
+server) and a job's ``checkpoint_storage``. The reconciler's decisions are checked
 one pass at a time against a fake Ray and a scripted Serve. Real Ray + Serve: test_deployments_ray.py.
 """
 
@@ -10,16 +11,20 @@ import hashlib
 import json
 import re
 
+import pyarrow.fs as pafs
 import pytest
 from fastapi.routing import APIRoute
 
+from jobs.serve import resolve_s3_checkpoint
 from jobs.sweep_events import append_event
 from orchestrator.deployments import AppView, DeploymentReconciler, parse_applications
 from orchestrator.entrypoints import job_paths
+from orchestrator.local_ray import free_port
 from orchestrator.ray_client import RayJobView
 from orchestrator.states import JobState
 from orchestrator.store import DeploymentStatus, deploy_submission_id
 from tests.orchestrator.conftest import AUTH
+from tests.orchestrator.fakes import summary_json
 
 SWEEP_SPEC = {"name": "sw", "metric": "loss", "mode": "min", "trials": 2,
               "space": {"train.lr": {"type": "choice", "values": [0.001, 0.002]}},
@@ -36,6 +41,14 @@ def _checkpoint(path):
     path.mkdir(parents=True)
     (path / "meta.json").write_text(json.dumps({"format": 1, "step": 10, "model": {}}))
     return path
+
+
+def _s3_checkpoint(s3_server, uri: str) -> str:
+    """A fake checkpoint at the ``s3://`` prefix ``uri``: its meta.json, what the resolver looks for."""
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.endpoint, region=s3_server.REGION)
+    with fs.open_output_stream(f"{uri.removeprefix('s3://')}/meta.json") as f:
+        f.write(json.dumps({"format": 1, "step": 10, "model": {}}).encode())
+    return uri
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -55,6 +68,14 @@ def users(client):
 def nlp_root(client, tmp_path):
     root = tmp_path / "nlp"
     assert client.put("/v1/teams/nlp", json={"roots": [str(root)]}, headers=AUTH).status_code == 200
+    return root
+
+
+@pytest.fixture
+def nlp_s3(client, nlp_root, s3_bucket) -> str:
+    """Team nlp's S3 data root, s3://<bucket>/nlp, beside its local one."""
+    root = f"s3://{s3_bucket}/nlp"
+    assert client.put("/v1/teams/nlp", json={"roots": [str(nlp_root), root]}, headers=AUTH).status_code == 200
     return root
 
 
@@ -261,3 +282,84 @@ def test_a_run_folders_link_to_a_checkpoint_outside_the_roots_is_refused(client,
     r = client.post("/v1/deployments", json={"spec": {"checkpoint": str(nlp_root / "run")}}, headers=users["alice"])
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "spec", "checkpoint"]
     assert "outside your team's data roots" in r.json()["detail"][0]["msg"]
+
+
+# -- s3:// checkpoints and a job's checkpoint_storage -------------------------------------------------
+
+
+def test_an_s3_run_prefix_is_pinned_to_its_newest_step_at_creation(client, app, users, nlp_s3, s3_server):
+    run = f"{nlp_s3}/run"
+    _s3_checkpoint(s3_server, f"{run}/ray-train/step-00000002")
+    newest = _s3_checkpoint(s3_server, f"{run}/ray-train/step-00000010")
+    r = client.post("/v1/deployments", json={"spec": {"checkpoint": run}}, headers=users["alice"])
+    assert r.status_code == 201, r.text
+    assert (r.json()["checkpoint"], r.json()["source"]) == (newest, run)
+    _s3_checkpoint(s3_server, f"{run}/ray-train/step-00000020")  # the run goes on after the deployment
+    spec = app.state.store.deployment(r.json()["id"]).spec
+    assert resolve_s3_checkpoint(spec["checkpoint"]) == newest  # what a redeploy's replicas load
+    r = client.post("/v1/deployments", json={"spec": {"checkpoint": newest.replace("s3://", "S3://")}},
+                    headers=users["alice"])
+    assert r.status_code == 201 and r.json()["checkpoint"] == newest  # a checkpoint prefix: itself
+
+
+@pytest.mark.parametrize(("prefix", "words"), [
+    ("{root}/empty", "neither a checkpoint (meta.json) nor a run prefix holding one"),
+    ("s3://{bucket}/cv/run", "outside your team's data roots"),
+    ("{root}/x/../run", "without empty, '.' or '..' components"),  # the roots would read it as {root}/run
+])
+def test_an_s3_prefix_without_a_checkpoint_or_outside_the_roots_is_a_422(client, users, nlp_s3, s3_bucket,
+                                                                         s3_server, prefix, words):
+    _s3_checkpoint(s3_server, f"s3://{s3_bucket}/cv/run/step-00000001")  # another team's
+    checkpoint = prefix.format(root=nlp_s3, bucket=s3_bucket)
+    r = client.post("/v1/deployments", json={"spec": {"checkpoint": checkpoint}}, headers=users["alice"])
+    assert r.status_code == 422, r.text
+    [err] = r.json()["detail"]
+    assert err["loc"] == ["body", "spec", "checkpoint"] and words in err["msg"], err
+
+
+def test_an_s3_endpoint_that_does_not_answer_is_a_503_naming_the_field(client, users, nlp_s3, s3_bucket,
+                                                                        monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    r = client.post("/v1/deployments", json={"spec": {"checkpoint": f"{nlp_s3}/run"}}, headers=users["alice"])
+    assert r.status_code == 503, r.text
+    assert re.match(rf"spec\.checkpoint: cannot reach bucket '{s3_bucket}' .* at {dead}", r.json()["detail"])
+    assert client.get("/v1/deployments", headers=users["alice"]).json()["count"] == 0  # nothing stored
+
+
+def test_a_jobs_s3_checkpoint_comes_from_its_summary_else_its_checkpoint_storage(client, app, users, nlp_root,
+                                                                                 nlp_s3, s3_server):
+    storage = f"{nlp_s3}/store"
+    job_id = _finished_job(app, spec={"name": "j", "checkpoint_storage": storage})
+    final = _s3_checkpoint(s3_server, f"{storage}/ray-train/step-00000004")
+    newest = _s3_checkpoint(s3_server, f"{storage}/ray-train/step-00000008")
+    r = client.post("/v1/deployments", json={"job_id": job_id}, headers=users["alice"])
+    assert r.status_code == 201, r.text  # no summary.json (the run ended without one): the storage's newest
+    assert (r.json()["checkpoint"], r.json()["source"]) == (newest, f"job {job_id}")
+    paths = job_paths(app.state.settings.job_root, job_id)
+    paths.out.mkdir(parents=True)
+    paths.summary.write_text(summary_json(checkpoint=final))
+    r = client.post("/v1/deployments", json={"job_id": job_id}, headers=users["alice"])
+    assert r.status_code == 201 and r.json()["checkpoint"] == final  # the one the run reported last
+
+    empty = _finished_job(app, spec={"name": "j", "checkpoint_storage": f"{nlp_s3}/empty"})
+    r = client.post("/v1/deployments", json={"job_id": empty}, headers=users["alice"])
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "job_id"], r.text
+    assert "neither a checkpoint" in r.json()["detail"][0]["msg"]
+    assert client.put("/v1/teams/nlp", json={"roots": [str(nlp_root)]}, headers=AUTH).status_code == 200
+    r = client.post("/v1/deployments", json={"job_id": job_id}, headers=users["alice"])  # roots shrank since
+    assert r.status_code == 422 and "outside your team's data roots" in r.json()["detail"][0]["msg"], r.text
+    assert client.post("/v1/deployments", json={"job_id": job_id}, headers=AUTH).status_code == 201  # admin
+
+
+def test_a_jobs_local_checkpoint_storage_is_served_and_its_own_folder_needs_no_root(client, app, users, nlp_root):
+    job_id = _finished_job(app, spec={"name": "j", "checkpoint_storage": str(nlp_root / "store")})
+    ckpt = _checkpoint(nlp_root / "store" / "ray-train" / "step-00000003")
+    r = client.post("/v1/deployments", json={"job_id": job_id}, headers=users["alice"])
+    assert r.status_code == 201 and r.json()["checkpoint"] == str(ckpt), r.text
+    other = _finished_job(app)
+    paths = job_paths(app.state.settings.job_root, other)
+    own = _checkpoint(paths.out / "ray-train" / "step-00000005")
+    paths.summary.write_text(summary_json(checkpoint=str(own)))  # inside the job's folder, not a data root
+    r = client.post("/v1/deployments", json={"job_id": other}, headers=users["alice"])
+    assert r.status_code == 201 and r.json()["checkpoint"] == str(own.resolve()), r.text

@@ -6,7 +6,8 @@ and records Serve's status, replicas and messages. Authorization is the jobs': a
 sees and deletes its team's deployments only, and another team's deployment is a 404 like one that
 does not exist (``_get_deployment``, the one way a handler loads one by id); a checkpoint path must
 lie under the team's data roots (the "serve" kind's ``checkpoint`` field), and a job's or sweep's
-checkpoint needs the job to be visible. The bearer key is made here, answered once (201) and stored
+checkpoint needs the job to be visible (and the roots too when it lies outside the job's own output
+folder: a spec's ``checkpoint_storage``). The bearer key is made here, answered once (201) and stored
 as its SHA-256 inside the spec the replicas get. Creates and deletes go to the audit log.
 """
 
@@ -20,8 +21,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
-from jobs.serve import KEY_BYTES, key_hash
+from jobs.contracts import TrainSummary
+from jobs.serve import KEY_BYTES, StorageError, key_hash, resolve_s3_checkpoint
 from jobs.serve_spec import ServeSpec
+from jobs.specs import SpecError
 from orchestrator.api.deployment_schemas import (
     DEPLOYMENT_ID_PATTERN,
     DeploymentCreate,
@@ -44,12 +47,14 @@ from orchestrator.auth import (
     submission_team,
     visible_team,
 )
+from orchestrator.auth.roots import S3_SCHEME
 from orchestrator.entrypoints import job_paths
 from orchestrator.settings import Settings
 from orchestrator.store import (
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentRecord,
+    JobRecord,
     JobStore,
     new_deployment_id,
 )
@@ -68,6 +73,7 @@ _CREATE_ERRORS = {
     400: {"model": Problem, "description": "the body is not decodable text"},
     404: {"model": Problem, "description": "no such job or sweep (or another team's)"},
     409: {"model": Problem, "description": "the name or route prefix is taken, or the job has not finished"},
+    503: {"model": Problem, "description": "the checkpoint's s3:// bucket does not answer, refuses us or is missing"},
 }
 
 
@@ -86,25 +92,63 @@ def _get_deployment(store: JobStore, deployment_id: str, principal: Principal) -
     return d
 
 
-def _pin_checkpoint(path: str, loc: tuple[str, ...]) -> Path:
+def _pin_checkpoint(path: str, loc: tuple[str, ...]) -> str:
     """The checkpoint folder ``path`` names: itself (it holds meta.json), or the newest checkpoint of
     a run folder (``<run>/step-N`` or ``<run>/<trainer>/step-N``, as jobs.train and sweeps write
-    them). Pinned at creation, so a redeploy after a restart serves the same weights. Two levels at
-    most, unlike jobs.serve's recursive search: a request must not walk a whole file system."""
+    them); an ``s3://`` prefix likewise (``_pin_s3_checkpoint``). Pinned at creation, so a redeploy
+    after a restart serves the same weights. Locally two levels at most, unlike jobs.serve's
+    recursive search: a request must not walk a whole file system."""
     error = root_error(path)
     if error is not None:
         raise _unprocessable(loc, error)
+    if path[:len(S3_SCHEME)].lower() == S3_SCHEME:  # the data roots take S3:// too; pyarrow only s3://
+        return _pin_s3_checkpoint(S3_SCHEME + path[len(S3_SCHEME):], loc)
     root = FsPath(path).resolve()
     try:
         if (root / CHECKPOINT_META).is_file():
-            return root
+            return str(root)
         found = [*root.glob(f"step-*/{CHECKPOINT_META}"), *root.glob(f"*/step-*/{CHECKPOINT_META}")]
     except OSError as e:  # a name too long, a folder we may not read
         raise _unprocessable(loc, f"{path!r} cannot be read: {e.strerror}") from None
     steps = [(int(m.group(1)), str(p.parent)) for p in found if (m := re.fullmatch(r"step-(\d+)", p.parent.name))]
     if not steps:
         raise _unprocessable(loc, f"{path!r} is neither a checkpoint ({CHECKPOINT_META}) nor a run folder holding one")
-    return FsPath(max(steps)[1]).resolve()
+    return str(FsPath(max(steps)[1]).resolve())
+
+
+def _pin_s3_checkpoint(uri: str, loc: tuple[str, ...]) -> str:
+    """``_pin_checkpoint`` for an ``s3://`` prefix, by jobs.serve's own resolver (the prefix, or its
+    newest ``step-N`` at any depth): one flat listing of the prefix, which S3 pages by a thousand
+    keys, and which the team's data roots bound. No checkpoint there is the client's error (422);
+    a bucket that does not answer is ours to report as upstream trouble (503, as for Ray), after the
+    storage layer's bounded retries. Empty, ``.`` and ``..`` key components are refused: the data
+    roots compare keys with them normalised away, S3 reads them literally (and pyarrow not at all)."""
+    if any(part in ("", ".", "..") for part in uri[len(S3_SCHEME):].rstrip("/").split("/")):
+        raise _unprocessable(loc, f"{uri!r}: write the s3:// key without empty, '.' or '..' components")
+    try:
+        return resolve_s3_checkpoint(uri)
+    except SpecError as e:
+        raise _unprocessable(loc, str(e).removeprefix("checkpoint: ")) from None
+    except StorageError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{'.'.join(loc)}: {e}") from None
+
+
+def _job_checkpoint(settings: Settings, job: JobRecord) -> tuple[str, bool]:
+    """Where a finished train job's checkpoint lies, and whether that is outside the job's own
+    output folder (then the team's data roots apply, as to a path a user names: the spec's
+    ``checkpoint_storage`` was checked at submission, but roots may have shrunk since). In order:
+    the final checkpoint its summary.json names (local or ``s3://``), else the newest under its
+    spec's ``checkpoint_storage`` (a run that ended without a summary), else the newest under its
+    output folder, where checkpoints go without ``checkpoint_storage``."""
+    paths = job_paths(settings.job_root, job.id)
+    try:
+        final = TrainSummary.model_validate_json(paths.summary.read_text()).checkpoint
+    except (OSError, ValueError):  # no summary: the run failed or was cancelled before writing one
+        final = None
+    checkpoint = final or job.spec.get("checkpoint_storage") or str(paths.out)
+    if checkpoint[:len(S3_SCHEME)].lower() == S3_SCHEME:
+        return checkpoint, True
+    return checkpoint, not FsPath(checkpoint).resolve().is_relative_to(paths.out.resolve())
 
 
 def _wake(request: Request) -> None:
@@ -123,17 +167,18 @@ def _check_roots(store: JobStore, principal: Principal, path: str, loc: tuple[st
 def _create(request: Request, store: JobStore, settings: Settings, principal: Principal, options: ServeOptions,
             name: str | None, team: str | None, checkpoint: str, source: str, loc: tuple[str, ...],
             user_path: bool = False) -> DeploymentCreated:
-    """Store a deployment of ``checkpoint`` (a folder, or a run folder: its newest checkpoint, pinned
-    now so that a redeploy after a restart serves the same weights) with a new key. A ``user_path``
-    must lie under the team's data roots, checked before the folder is even looked at (no probing
-    outside them) and again on the checkpoint found (a ``step-*`` link inside may point outside)."""
+    """Store a deployment of ``checkpoint`` (a folder or ``s3://`` prefix, or a run's: its newest
+    checkpoint, pinned now so that a redeploy after a restart serves the same weights) with a new
+    key. A ``user_path`` must lie under the team's data roots, checked before the folder is even
+    looked at (no probing outside them) and again on the checkpoint found (a ``step-*`` link inside
+    may point outside)."""
     try:
         team = submission_team(principal, team)
     except Forbidden as e:
         raise _forbidden(e) from None
     if user_path:
         _check_roots(store, principal, checkpoint, loc)
-    resolved = str(_pin_checkpoint(checkpoint, loc))
+    resolved = _pin_checkpoint(checkpoint, loc)
     if user_path:
         _check_roots(store, principal, resolved, loc)
     deployment_id = new_deployment_id()
@@ -155,8 +200,9 @@ def _create(request: Request, store: JobStore, settings: Settings, principal: Pr
              responses=_CREATE_ERRORS)
 def create_deployment(body: DeploymentCreate, request: Request, store: StoreDep, settings: SettingsDep,
                       principal: PrincipalDep) -> DeploymentCreated:
-    """Serve a checkpoint (``spec.checkpoint``) or a finished training job's latest one (``job_id``).
-    The answer holds the bearer key, shown this once; the reconciler deploys within moments."""
+    """Serve a checkpoint (``spec.checkpoint``: a folder or ``s3://`` prefix) or a finished training
+    job's latest one (``job_id``: the one its summary names, else the newest in its checkpoint
+    storage). The answer holds the bearer key, shown this once; the reconciler deploys within moments."""
     if body.job_id is not None:
         job = _get(store, body.job_id, principal)
         if job.kind != TRAIN_KIND:
@@ -165,11 +211,12 @@ def create_deployment(body: DeploymentCreate, request: Request, store: StoreDep,
         if not job.state.terminal:
             raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is {job.state.value}; serve it once it "
                                                           "has finished (or serve one of its checkpoints by path)")
-        checkpoint, source, loc = str(job_paths(settings.job_root, job.id).out), f"job {job.id}", ("job_id",)
+        checkpoint, user_path = _job_checkpoint(settings, job)
+        source, loc = f"job {job.id}", ("job_id",)
     else:
-        checkpoint, source, loc = body.spec.checkpoint, body.spec.checkpoint, ("spec", "checkpoint")
+        checkpoint, source, loc, user_path = body.spec.checkpoint, body.spec.checkpoint, ("spec", "checkpoint"), True
     return _create(request, store, settings, principal, body.spec, body.name, body.team, checkpoint, source, loc,
-                   user_path=body.job_id is None)
+                   user_path=user_path)
 
 
 @router.post("/v1/sweeps/{sweep_id}/promote", status_code=status.HTTP_201_CREATED,
