@@ -10,13 +10,12 @@ from workers.data import (
     DataConfig,
     DataError,
     build_shards,
-    global_batches,
     open_training_data,
-    ordered_rows,
     pack_sequences,
     shard_paths,
     verify_shards,
 )
+from workers.order import global_batches, ordered_rows
 
 
 @pytest.fixture

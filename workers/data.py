@@ -20,9 +20,8 @@ exactly the shards its manifest lists, checked first (``data.on_corrupt``), with
 
 Order (exactly once): every rank streams the whole training split in ONE order that depends on
 neither the world size nor the batch size: the files in a seeded order (the same at every
-execution, Ray Data's preserve_order), packed per block, cut into windows of
-``SHUFFLE_WINDOW_ROWS`` rows, each window permuted by a generator seeded with (seed, epoch,
-window). A sequence is thus named by (epoch, index in the epoch); the loop cuts its rows out of
+execution, Ray Data's preserve_order), packed per block, cut into windows, each
+permuted by a generator seeded with (seed, epoch, window) (workers/order.py). A sequence is thus named by (epoch, index in the epoch); the loop cuts its rows out of
 each global batch and the checkpoint stores the index reached, so a resume on any world size
 continues at exactly the next sequence.
 """
@@ -34,7 +33,7 @@ import json
 import os
 import sysconfig
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,6 @@ SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "node_mo
 SPLITS = ("train", "val")
 # Rows permuted together in the training order (module docstring): a fixed unit, so the order does
 # not depend on the batch size or the world size; 1024 rows of 129 uint16 tokens are ~0.3 MB.
-SHUFFLE_WINDOW_ROWS = 1024
 # The S3 settings Ray Data's read tasks and the Train workers need (workers on other nodes do not
 # inherit the driver's environment); only those set on the driver are passed.
 S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
@@ -329,7 +327,7 @@ def make_datasets(data: TrainingData, seq_len: int, seed: int) -> dict[str, Any]
     """Ray Data streaming pipelines: read parquet -> pack. The training split's files come in one
     seeded order at every execution (every epoch, every worker-group start): with Ray Data's
     preserve_order (jobs/trainer.py) the packed rows then arrive in one order, which
-    ``ordered_rows`` shuffles deterministically."""
+    workers/order.py's ``ordered_rows`` shuffles deterministically."""
     import ray.data
 
     env = s3_env()
@@ -345,46 +343,3 @@ def make_datasets(data: TrainingData, seq_len: int, seed: int) -> dict[str, Any]
         datasets[split] = ds.map_batches(pack_sequences, fn_kwargs={"seq_len": seq_len},
                                          batch_format="pyarrow", batch_size=None, **remote_args)
     return datasets
-
-
-def ordered_rows(blocks: Iterable[np.ndarray], seed: int, epoch: int,
-                 window_rows: int = SHUFFLE_WINDOW_ROWS) -> Iterator[np.ndarray]:
-    """The epoch's packed rows (blocks of (rows, seq_len + 1), in stream order) in the training order:
-    windows of ``window_rows`` rows, each permuted with a generator seeded by (seed, epoch, window);
-    the last window may be shorter. The same stream gives the same order whatever the block sizes."""
-    pending: list[np.ndarray] = []
-    count, window = 0, 0
-
-    def permuted(rows: np.ndarray) -> np.ndarray:
-        return rows[np.random.default_rng((seed, epoch, window)).permutation(len(rows))]
-
-    for block in blocks:
-        pending.append(block)
-        count += len(block)
-        while count >= window_rows:
-            rows = np.concatenate(pending)  # (count, seq_len + 1)
-            yield permuted(rows[:window_rows])
-            window += 1
-            pending, count = [rows[window_rows:]], count - window_rows
-    if count:
-        yield permuted(np.concatenate(pending))
-
-
-def global_batches(windows: Iterable[np.ndarray], batch_rows: int, skip: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(index in the epoch of the first row, (batch_rows, seq_len + 1) rows) for each whole global batch
-    of the ordered rows after the first ``skip`` (the sequences a checkpoint says were trained on)."""
-    pending: list[np.ndarray] = []
-    count, start = 0, 0
-    for rows in windows:
-        if start + len(rows) <= skip:
-            start += len(rows)
-            continue
-        if start < skip:
-            rows, start = rows[skip - start:], skip
-        pending.append(rows)
-        count += len(rows)
-        while count >= batch_rows:
-            cat = np.concatenate(pending)
-            yield start, cat[:batch_rows]
-            start += batch_rows
-            pending, count = [cat[batch_rows:]], count - batch_rows

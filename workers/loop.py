@@ -12,7 +12,8 @@ every ``preemption_check_every`` steps, Ray Train announced that a node of the j
 
 A job may span device kinds (resources.pools): each worker takes its kind from the node it was
 placed on (``place_worker``). Every worker streams the whole training set in one deterministic order
-(workers/data.py: independent of world and batch size) and takes its rows of each global batch:
+(workers/data.py, workers/order.py: independent of world and batch size) and takes its rows of each
+global batch:
 ``batch_size`` of them (``train.split: equal``), or a share that follows its measured speed
 (``speed``, workers/balance.py). The checkpoint stores the sequences of the epoch consumed, so a
 resume on any world size trains each sequence of an epoch exactly once.
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from workers import checkpoint, data
+from workers import checkpoint, order
 from workers.balance import ForwardTimer, SpeedSplit
 from workers.config import DeviceKind, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
@@ -77,7 +78,7 @@ def _batches(shard: Any, batch_rows: int, seed: int, pos: _Position) -> Iterator
     while True:
         blocks = (b["input_ids"] for b in shard.iter_batches(batch_size=None, batch_format="numpy"))
         got = 0
-        for start, rows in data.global_batches(data.ordered_rows(blocks, seed, pos.epoch), batch_rows, skip):
+        for start, rows in order.global_batches(order.ordered_rows(blocks, seed, pos.epoch), batch_rows, skip):
             got += 1
             pos.sequence = start + batch_rows
             yield start, torch.from_numpy(rows.astype(np.int64))
