@@ -7,9 +7,10 @@ elastic [1, 2] job on them through ``build_trainer``:
 - node loss: one node is removed while the job runs; Ray Train restarts the worker group on the
   worker that remains, from the latest checkpoint: at most a checkpoint interval of steps is lost
   and the loss curve goes on from where it was;
-- preemption: one node is drained as preempted (what `ray drain-node --reason
-  DRAIN_NODE_REASON_PREEMPTION` does) and removed once the job has answered the notice: the loop
-  checkpoints at its next poll and the job resumes from that checkpoint on the remaining worker.
+- preemption, with expert parallelism 2: one node is drained as preempted (what `ray drain-node
+  --reason DRAIN_NODE_REASON_PREEMPTION` does) and removed once the job has answered the notice (a
+  new node takes its place): the loop checkpoints at its next poll, with the drained rank's experts,
+  and the job resumes from that checkpoint on 2 workers.
 
 (The preemption watch on its own: tests/test_interrupts.py.)
 """
@@ -42,7 +43,7 @@ GROUP_START_TIMEOUT_S = 20
 # (relative): the same weights and optimizer state, other batches (half the global batch after the
 # resize). A job that lost its state starts again near 5.5 instead.
 CONTINUATION_RTOL = 0.15
-RESUMED = re.compile(r"resuming from step (\d+) \(saved by (\d+) workers, EP 1; now (\d+) workers, EP 1\)")
+RESUMED = re.compile(r"resuming from step (\d+) \(saved by (\d+) workers, EP (\d+); now (\d+) workers, EP (\d+)\)")
 
 Event = tuple[str, Any]  # (PROGRESS, ProgressRecord) or (NOTE, text): workers/progress.py
 
@@ -106,16 +107,17 @@ def _spec(shards_dir: Path, *sets: str):
                             "resources.num_workers=[1, 2]", f"resources.cpus_per_worker={WORKER_CPUS}", *sets])
 
 
-def _resume(events: list[Event], saved_by: tuple[int, ...] = (2,)) -> tuple[int, int, list[float], list[float]]:
-    """The one resume (from a group of ``saved_by`` workers to the one that remains): its step, the last
-    step logged before it, and the losses logged before and after it."""
+def _resume(events: list[Event], saved_by: tuple[int, int], now: tuple[int, int]
+            ) -> tuple[int, int, list[float], list[float]]:
+    """The one resume, from a group of ``saved_by`` (workers, EP) to ``now``: its step, the last step
+    logged before it, and the losses logged before and after it."""
     from workers.progress import NOTE, PROGRESS
 
     resumes = [i for i, (kind, text) in enumerate(events) if kind == NOTE and RESUMED.search(text)]
     assert len(resumes) == 1, events
     at = resumes[0]
-    step, before_size, now = map(int, RESUMED.search(events[at][1]).groups())
-    assert before_size in saved_by and now == 1, events[at]
+    step, *sizes = map(int, RESUMED.search(events[at][1]).groups())
+    assert (tuple(sizes[:2]), tuple(sizes[2:])) == (saved_by, now), events[at]
     before = [r for kind, r in events[:at] if kind == PROGRESS]
     after = [r for kind, r in events[at:] if kind == PROGRESS]
     assert [r.step for r in after] == list(range(step + 1, STEPS + 1))  # every step from the checkpoint on
@@ -151,7 +153,7 @@ def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(
                 removed_after.append(record.step)
 
         events, result = _fit(spec, tmp_path, remove_a_node)
-    resumed_at, last_logged, before, after = _resume(events)
+    resumed_at, last_logged, before, after = _resume(events, saved_by=(2, 1), now=(1, 1))
     assert removed_after and resumed_at >= 2 * every and resumed_at % every == 0
     assert removed_after[0] <= last_logged <= resumed_at + every  # at most a checkpoint interval lost
     _assert_curve_continues(before, after)
@@ -159,14 +161,18 @@ def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(
 
 
 @pytest.mark.ray
-def test_preemption_notice_checkpoints_at_the_next_poll_and_the_job_resumes_there(pool_cluster, shards_dir,
-                                                                                  tmp_path):
+def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_there(pool_cluster, shards_dir,
+                                                                                    tmp_path):
+    """Expert parallelism 2 on two nodes: the drained node's rank owns half the experts, so the job
+    continues correctly only if the notice's checkpoint holds them before the node goes. The cloud
+    replaces the node (a new one is added as the old one is removed) and the job resumes on 2 workers."""
     from ray.train.v2._internal.constants import DEFAULT_PREEMPTION_POLL_INTERVAL_S
 
     from workers.progress import NOTE, PROGRESS
 
     poll = 5
-    spec = _spec(shards_dir, "train.checkpoint_every=1000", f"resources.preemption_check_every={poll}")
+    spec = _spec(shards_dir, "train.checkpoint_every=1000", f"resources.preemption_check_every={poll}",
+                 "resources.num_workers=2", "resources.expert_parallel=2")
     drained_after: list[int] = []
     answered: list[str] = []
     with _two_worker_nodes(pool_cluster) as nodes:
@@ -184,6 +190,7 @@ def test_preemption_notice_checkpoints_at_the_next_poll_and_the_job_resumes_ther
                 answered.append(payload)
                 pool_cluster.remove_node(target)  # the cloud takes the node once the job has answered
                 nodes.remove(target)
+                nodes.append(pool_cluster.add_node(num_cpus=WORKER_CPUS))  # and gives another
 
         events, result = _fit(spec, tmp_path, preempt_a_node, queue_size=1)
     assert drained_after and len(answered) == 1, [e for e in events if e[0] == NOTE]
@@ -192,10 +199,8 @@ def test_preemption_notice_checkpoints_at_the_next_poll_and_the_job_resumes_ther
     assert notice is not None, answered
     saved_at = int(notice.group(1))
     assert saved_at > drained_after[0] and saved_at % poll == 0  # the first poll that saw the drain
-    # Ray Train's elastic start may begin on one node before the other's reservation shows (then the
-    # drained node holds the only worker, and the group restarts on the other one).
-    resumed_at, _, before, after = _resume(events, saved_by=(1, 2))
+    resumed_at, _, before, after = _resume(events, saved_by=(2, 2), now=(2, 2))
     assert resumed_at == saved_at  # the notice's checkpoint, the only one before the end
     assert (tmp_path / "ray-train" / f"step-{saved_at:08d}" / "meta.json").exists()
-    _assert_curve_continues(before, after)
-    assert result.metrics["world_size"] == 1 and result.metrics["steps"] == STEPS
+    _assert_curve_continues(before, after)  # half the experts lost or stale would make it jump
+    assert result.metrics["world_size"] == 2 and result.metrics["steps"] == STEPS
