@@ -45,6 +45,7 @@ from jobs.sweep_events import (
     stop_requested,
 )
 from jobs.sweep_spec import (
+    MODEL_BASED_SEARCHES,
     AshaScheduler,
     Choice,
     LogUniform,
@@ -62,6 +63,8 @@ TRIAL_RETRIES = 2
 # Logical CPUs a trial's Tune actor reserves: it only waits on its Train run, whose workers reserve
 # their own (Tune refuses an empty request, so a token amount).
 TRIAL_DRIVER_CPUS = 0.01
+# The libraries' own numbers of random trials before TPE models the results (_startup_trials).
+OPTUNA_STARTUP_TRIALS, HYPEROPT_STARTUP_TRIALS = 10, 20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -137,14 +140,19 @@ def _run_segments(spec: Any, data: Any, trial_out: Path, interval: int) -> None:
         tune.report(trial_metrics(result.metrics), checkpoint=tune.Checkpoint.from_directory(init))
 
 
-def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: str) -> None:
+def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: str, s3: dict[str, str]) -> None:
     """One trial: the base train spec with this trial's values on ``data`` (workers.data.TrainingData,
     opened once by the driver), as a Ray Train run in
-    ``out/trials/<trial id>`` (a stable run name, so a restarted trial resumes its checkpoints)."""
+    ``out/trials/<trial id>`` (a stable run name, so a restarted trial resumes its checkpoints).
+
+    ``s3``: the driver's S3 settings (workers.data.s3_env). build_trainer runs here, in the trial's
+    actor, whose environment is its node's rather than the driver's, and hands the S3 settings it
+    finds to the run's workers and Ray Data tasks: set the driver's, as jobs.train hands its own."""
     from ray import tune
 
     from jobs.trainer import build_trainer
 
+    os.environ.update(s3)
     swept = SweepSpec.model_validate(sweep)
     spec = swept.trial_spec(config["params"])
     trial_out = Path(out) / "trials" / tune.get_context().get_trial_id()
@@ -189,11 +197,26 @@ def _scheduler(spec: SweepSpec) -> Any:
     return FIFOScheduler()
 
 
+def _startup_trials(spec: SweepSpec, library_default: int) -> int:
+    """Trials a TPE search samples at random before it models the results: half the budget, at most
+    the library's default. The defaults (Optuna 10, HyperOpt 20) exceed a typical sweep's whole
+    budget, which would make either a random search under another name."""
+    return min(library_default, math.ceil(spec.n_trials / 2))
+
+
 def _search(spec: SweepSpec) -> Any:
+    """Tune's search for ``spec``, seeded with the base seed (the same spec samples the same values)."""
     if spec.search == "optuna":
+        from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=spec.base.seed)
+        return OptunaSearch(sampler=TPESampler(seed=spec.base.seed,
+                                               n_startup_trials=_startup_trials(spec, OPTUNA_STARTUP_TRIALS)))
+    if spec.search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=spec.base.seed,
+                              n_initial_points=_startup_trials(spec, HYPEROPT_STARTUP_TRIALS))
     from ray.tune.search import BasicVariantGenerator
 
     # A SearchAlgorithm, not a Searcher: Tune ignores max_concurrent_trials for it, so it limits itself.
@@ -280,7 +303,7 @@ def make_tuner(spec: SweepSpec, trainable: Any, out: Path) -> Any:
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=_search(spec), scheduler=_scheduler(spec),
             num_samples=1 if spec.search == "grid" else spec.n_trials,
-            max_concurrent_trials=spec.max_concurrent if spec.search == "optuna" else None),
+            max_concurrent_trials=spec.max_concurrent if spec.search in MODEL_BASED_SEARCHES else None),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=str(out), stop=_stopper(out), verbose=0, callbacks=_callbacks(spec, out),
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
@@ -319,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import tune
 
     from jobs.trainer import DATA_TASK_CPUS, init_ray
-    from workers.data import DataError, open_training_data
+    from workers.data import DataError, open_training_data, s3_env
     from workers.device import DeviceUnavailable, check_available
 
     base = spec.trial_spec({})
@@ -340,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     room = res.model_copy(update={"num_workers": spec.workers_per_trial * spec.max_concurrent + extra_data_workers})
     init_ray(base.model_copy(update={"resources": room}), args.verbose)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # trials.jsonl is the feed
-    trainable = tune.with_parameters(run_trial, sweep=spec.model_dump(mode="json"), data=data, out=str(out))
+    trainable = tune.with_parameters(run_trial, sweep=spec.model_dump(mode="json"), data=data, out=str(out),
+                                     s3=s3_env())
     make_tuner(spec, trainable, out).fit()
     summary = summarize(spec, out, time.perf_counter() - started)
     (out / SUMMARY_FILE).write_text(summary.model_dump_json(indent=2))

@@ -22,15 +22,22 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from jobs.specs import SpecError, TrainSpec, field_errors, read_yaml, validate_as
 from workers.config import Config
 
-# Trials of a random (or Optuna) search when ``trials`` is not given.
+# Trials of a random (or model-based) search when ``trials`` is not given.
 DEFAULT_TRIALS = 8
+# Searches that choose each trial's values from the results so far (Tree-structured Parzen
+# Estimators): they need a trial budget and cannot run under PBT, which chooses the values itself.
+MODEL_BASED_SEARCHES = ("optuna", "hyperopt")
 # The largest grid a spec may expand to, and the most values one choice may list.
 MAX_TRIALS = 10_000
 MAX_CHOICES = 256
-# Sections a trial may not change: the driver prepares one corpus for every trial and places each
-# trial's workers from workers_per_trial; the run's name is the sweep's. (data.seq_len only changes
-# how the shared shards are packed, so it may vary.)
-FIXED_PATHS = ("name", "resources", "data")
+# Sections a trial may not change, and why. (data.seq_len only changes how the shared shards are
+# packed, so it may vary.)
+FIXED_PATHS = {
+    "name": "the run's name is the sweep's",
+    "resources": "each trial's workers come from workers_per_trial",
+    "data": "the driver prepares one corpus for every trial",
+    "checkpoint_storage": "trials keep their checkpoints in the sweep's output folder (OUT/trials/<id>)",
+}
 VARIABLE_DATA_FIELDS = ("data.seq_len",)
 # Fields PBT may mutate mid-run: a trial then continues from another trial's checkpoint, so its
 # parameter and optimizer shapes must not depend on the field.
@@ -156,9 +163,9 @@ def _check_dimension(path: str, dim: Any, make: Any) -> None:
         annotation = _field_annotation(path)
     except ValueError as e:
         raise ValueError(f"space.{path}: {e}") from None
-    if path.split(".")[0] in FIXED_PATHS and path not in VARIABLE_DATA_FIELDS:
-        raise ValueError(f"space.{path}: a sweep may not vary {path.split('.')[0]} (one corpus for every trial; "
-                         "workers from workers_per_trial)")
+    section = path.split(".")[0]
+    if section in FIXED_PATHS and path not in VARIABLE_DATA_FIELDS:
+        raise ValueError(f"space.{path}: a sweep may not vary {section} ({FIXED_PATHS[section]})")
     if isinstance(dim, Uniform) and _is_int_field(annotation):
         raise ValueError(f"space.{path}: an integer field; use randint or choice, not {dim.type}")
     for value in dim.bounds():
@@ -197,8 +204,8 @@ class SweepSpec(Config):
     # the scheduler may stop it. Replaces base.train.checkpoint_every.
     report_every: int = Field(10, ge=1, le=10_000_000)
     # random: Tune's random sampling; grid: every combination of the choice dimensions (every
-    # dimension must be a choice); optuna: Optuna's TPE sampler.
-    search: Literal["random", "grid", "optuna"] = "random"
+    # dimension must be a choice); optuna: Optuna's TPE sampler; hyperopt: HyperOpt's TPE.
+    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
     scheduler: Scheduler = FifoScheduler()
     base: TrainSpec  # before space: space's validator reads it
     # Spec field path -> its dimension; each bound must make a valid trial spec.
@@ -208,6 +215,8 @@ class SweepSpec(Config):
     @classmethod
     def _check_base(cls, base: TrainSpec, info: ValidationInfo) -> TrainSpec:
         """The base as every trial runs it (with workers_per_trial and report_every)."""
+        if base.checkpoint_storage is not None:
+            raise ValueError(f"checkpoint_storage: {FIXED_PATHS['checkpoint_storage']}; leave it unset")
         if {"workers_per_trial", "report_every"} <= info.data.keys():
             trial_spec(base, info.data["workers_per_trial"], info.data["report_every"], {})
         return base
@@ -231,6 +240,10 @@ class SweepSpec(Config):
         if isinstance(sched, AshaScheduler) and sched.grace_period > steps:
             raise ValueError(f"scheduler.grace_period ({sched.grace_period}) must be <= base.train.steps ({steps})")
         if isinstance(sched, PbtScheduler):
+            if self.search in MODEL_BASED_SEARCHES:
+                raise ValueError(f"search {self.search} chooses each trial's values from the results so far, "
+                                 "and PBT mutates them itself (Ray Tune refuses the pair): use search random "
+                                 "or grid with PBT")
             if sched.perturbation_interval % self.report_every or sched.perturbation_interval >= steps:
                 raise ValueError(f"scheduler.perturbation_interval ({sched.perturbation_interval}) must be a "
                                  f"multiple of report_every ({self.report_every}) and < base.train.steps ({steps})")

@@ -44,11 +44,19 @@ def test_the_examples_validate(path):
     ({"model.n_heads": {"type": "choice", "values": [4, 5]}}, "space.model.n_heads: the value 5"),
     ({"resources.num_workers": {"type": "choice", "values": [1, 2]}}, "may not vary resources"),
     ({"data.source": {"type": "choice", "values": ["/x"]}}, "may not vary data"),
+    ({"checkpoint_storage": {"type": "choice", "values": ["/x"]}}, "may not vary checkpoint_storage (trials"),
 ])
 def test_a_bad_path_or_range_is_an_error_naming_it(space, named):
     with pytest.raises(SpecError) as e:
         validate_sweep_spec(_raw(space=space))
     assert named in str(e.value)
+
+
+def test_a_base_with_its_own_checkpoint_storage_is_refused():
+    raw = _raw()
+    raw["base"] = {**raw["base"], "checkpoint_storage": "s3://bucket/runs"}
+    with pytest.raises(SpecError, match="base: .*checkpoint_storage: trials keep their checkpoints in the sweep.s output"):
+        validate_sweep_spec(raw)
 
 
 def test_pbt_may_only_mutate_fields_that_keep_parameter_shapes():
@@ -61,6 +69,17 @@ def test_pbt_may_only_mutate_fields_that_keep_parameter_shapes():
             "type": "choice", "values": [4, 8]}}))
     with pytest.raises(SpecError, match="perturbation_interval .* multiple of report_every"):
         validate_sweep_spec(_raw(scheduler={**pbt, "perturbation_interval": 7}))
+
+
+@pytest.mark.parametrize("search", ["optuna", "hyperopt"])
+def test_a_model_based_search_takes_any_space_and_scheduler_but_pbt(search):
+    spec = validate_sweep_spec(_raw(search=search, scheduler={"type": "asha", "grace_period": 10}, space={
+        **SPACE, "model.n_routed_experts": {"type": "choice", "values": [4, 8]}}))
+    assert (spec.search, spec.n_trials) == (search, 8)
+    with pytest.raises(SpecError, match=f"search {search} chooses each trial's values .* use search random or grid"):
+        validate_sweep_spec(_raw(search=search, scheduler={"type": "pbt", "perturbation_interval": 10}))
+    with pytest.raises(SpecError, match="search: Input should be 'random', 'grid', 'optuna' or 'hyperopt'"):
+        validate_sweep_spec(_raw(search="hyperopt-tpe"))
 
 
 def test_metric_scheduler_grid_and_base_rules():

@@ -1,6 +1,7 @@
 """The sweep driver's Tune wiring with scripted trials (no training): ASHA stops the trials whose
-scripted curve is worse at a rung, the stop-request stopper ends a trial at its next report, and the
-events callback records what happened (jobs/sweep.py, jobs/sweep_events.py). About 30 s on 2 cores."""
+scripted curve is worse at a rung, the stop-request stopper ends a trial at its next report, the
+events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
+(jobs/sweep.py, jobs/sweep_events.py). About 40 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -87,14 +88,26 @@ def bowl_trial(config: dict) -> None:
         tune.report({"step": step, "loss": (math.log10(config["params"]["train.lr"]) + 2.5) ** 2})
 
 
-def test_optuna_samples_the_space(local_ray, tmp_path):
+@pytest.mark.parametrize("search", ["optuna", "hyperopt"])
+def test_a_model_based_search_samples_the_space(local_ray, tmp_path, search):
+    """Values of every dimension type come back as the spec's values (a choice's value, not its index;
+    randint's high inclusive), each trial distinct, with the sweep's concurrency limit in force."""
     spec = SweepSpec.model_validate({
-        "search": "optuna", "trials": 4, "max_concurrent": 2, "report_every": EVERY,
-        "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}},
+        "search": search, "trials": 4, "max_concurrent": 2, "report_every": EVERY,
+        "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+                  "compression.density": {"type": "choice", "values": [0.01, 0.1]},
+                  "seed": {"type": "randint", "low": 0, "high": 1}},
         "base": {"train": {"steps": STEPS}, "resources": {"num_workers": 1}},
     })
     make_tuner(spec, bowl_trial, tmp_path).fit()
     view = read_sweep(tmp_path, metric="loss", mode="min", total_steps=STEPS)
     lrs = {t.parameters["train.lr"] for t in view.trials}
     assert len(lrs) == 4 and all(1e-4 <= lr <= 1e-1 for lr in lrs)
+    assert all(t.parameters["compression.density"] in (0.01, 0.1) for t in view.trials)
+    assert all(t.parameters["seed"] in (0, 1) for t in view.trials)
     assert all(t.state is TrialState.SUCCEEDED for t in view.trials)
+    running, most = 0, 0
+    for event in read_events(tmp_path):
+        running += {"start": 1, "complete": -1}.get(event["event"], 0)
+        most = max(most, running)
+    assert most <= spec.max_concurrent

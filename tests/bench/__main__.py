@@ -70,13 +70,19 @@ def _serving(scratch: Path, args: argparse.Namespace) -> dict:
 def _sweeps(scratch: Path, args: argparse.Namespace) -> dict:
     from tests.bench.sweeps import sweeps_section
 
-    return sweeps_section(scratch / "sweeps")
+    return sweeps_section(scratch / "sweeps", args.reuse)
 
 
 def _elastic(scratch: Path, args: argparse.Namespace) -> dict:
     from tests.bench.elastic import elastic_section
 
     return elastic_section(scratch / "elastic")
+
+
+def _data(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.data import data_section
+
+    return data_section(scratch, args.steps, args.reuse)
 
 
 SECTIONS = {
@@ -91,6 +97,7 @@ SECTIONS = {
     "serving": _serving,
     "sweeps": _sweeps,
     "elastic": _elastic,
+    "data": _data,
 }
 
 

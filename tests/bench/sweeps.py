@@ -1,21 +1,29 @@
-"""Sweeps: Tune's overhead over the trials it runs, and what ASHA finds against random search.
+"""Sweeps: Tune's overhead over the trials it runs, and what each search finds with the same budget.
 
 Both run ``python -m jobs.sweep``'s own driver pieces (make_tuner, run_trial) in this process on an
-embedded cluster, with real training trials of a tiny model (one worker each).
+embedded cluster, with real training trials of a tiny model (the demo sweep's, one worker each).
 
-- Overhead: N short trials at a fixed concurrency C under FIFO. Each trial's own run time (from
-  entering its Tune function to leaving it: its Train run, start-up included) is timed inside the
-  trial; ideal = sum of those / C; the figure is the sweep's wall time / ideal (1.0: Tune adds
-  nothing; the goal is <= 1.2). Tune's share is its own start-up, scheduling and result handling.
-- Search quality: the same space, seed and number of trials under random search (FIFO: every trial
-  runs all its steps) and ASHA; the best held-out loss among the trials that finished, and the steps
-  each sweep trained in all (ASHA's saving).
+Three sweeps of the same space, seed and trial budget (N trials, C at once): random search (FIFO:
+every trial runs all its steps), random search with ASHA, and Optuna's TPE (FIFO, searching on the
+trials' final training loss). HyperOpt's TPE is left out: one more sweep for a second TPE.
+
+- Overhead, of every sweep: each trial's own run time (from entering its Tune function to leaving
+  it: its Train run, start-up included) is timed inside the trial; ideal = sum of those / C; the
+  figure is fit()'s wall time / ideal (1.0: Tune adds nothing; the goal is <= 1.2). For the random
+  sweep, where the rest goes: Tune's start-up (fit() to the first trial's function), its tear-down
+  (the last trial's return to fit() returning), and the time a slot stands empty between one
+  trial's end and the next one's start; and beside it, the Train run's start-up inside a trial's
+  own run time (trial start to its first report, less the steps before it).
+- Search quality: the best held-out loss among the trials that ran all their steps, that trial's
+  values, and the steps each sweep trained in all (ASHA's saving).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,20 +32,26 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "jobs" / "examples" / "sweep-demo.yaml"
-OVERHEAD_TRIALS, CONCURRENCY, OVERHEAD_STEPS = 4, 2, 10
-QUALITY_TRIALS, QUALITY_STEPS = 4, 20
+CONCURRENCY, EVERY, TRIALS, STEPS = 2, 5, 6, 20
+SPACE = {"train.lr": {"type": "loguniform", "low": 3e-4, "high": 3e-2},
+         "compression.density": {"type": "choice", "values": [0.01, 0.1]}}
+ASHA = {"type": "asha", "grace_period": 5, "reduction_factor": 2}
+# label -> (search, scheduler); the first is also the overhead figure's sweep (FIFO: no trial cut short).
+SWEEPS = {"random": ("random", {"type": "fifo"}), "random + ASHA": ("random", ASHA),
+          "optuna (TPE)": ("optuna", {"type": "fifo"})}
 TIMINGS = "timings"
+ROW = "row.json"  # a finished sweep's figures, kept for --reuse
 
 
-def timed_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: str) -> None:
+def timed_trial(config: dict[str, Any], **params: Any) -> None:
     """run_trial, timed from inside the trial (the trial's own run time)."""
     from ray import tune
 
     from jobs.sweep import run_trial
 
     start = time.time()
-    run_trial(config, sweep=sweep, data=data, out=out)
-    path = Path(out) / TIMINGS / f"{tune.get_context().get_trial_id()}.json"
+    run_trial(config, **params)
+    path = Path(params["out"]) / TIMINGS / f"{tune.get_context().get_trial_id()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"start": start, "end": time.time()}))
 
@@ -55,60 +69,135 @@ def _spec(overrides: dict[str, Any]) -> Any:
     return SweepSpec.model_validate(raw)
 
 
-def _sweep(spec: Any, data: Any, out: Path) -> tuple[float, Any]:
+def _idle_slot_s(spans: list[dict[str, float]], t0: float, t1: float, slots: int) -> float:
+    """Seconds, summed over the ``slots``, that a slot stood empty between ``t0`` and ``t1``."""
+    edges = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    idle, running, last = 0.0, 0, t0
+    for at, change in [e for e in edges if e[0] <= t1] + [(t1, 0)]:
+        idle += (slots - min(running, slots)) * (at - last)
+        running, last = running + change, at
+    return idle
+
+
+def _overhead(out: Path, t0: float, t1: float) -> dict[str, Any]:
+    """wall / ideal of the sweep in ``out`` (fit() from ``t0`` to ``t1``) and where the difference went."""
+    from jobs.sweep_events import read_events
+
+    spans = {p.stem: json.loads(p.read_text()) for p in (out / TIMINGS).glob("*.json")}
+    runs = [s["end"] - s["start"] for s in spans.values()]
+    ideal, wall = sum(runs) / CONCURRENCY, t1 - t0
+    first, last = min(s["start"] for s in spans.values()), max(s["end"] for s in spans.values())
+    last_start = max(s["start"] for s in spans.values())
+    # A trial's Train start-up: its start to its first report, less the steps that report covers (at
+    # the pace of its later reports).
+    reports: dict[str, list[float]] = {}
+    for e in read_events(out):
+        if e["event"] == "result" and e["trial"] in spans:
+            reports.setdefault(e["trial"], []).append(e["at"])
+    startups = []
+    for trial, ats in reports.items():
+        step_s = (ats[-1] - ats[0]) / ((len(ats) - 1) * EVERY) if len(ats) > 1 else 0.0
+        startups.append(ats[0] - spans[trial]["start"] - EVERY * step_s)
+    return {"trials": len(spans), "concurrency": CONCURRENCY, "wall_s": round(wall, 1), "ideal_s": round(ideal, 1),
+            "ratio": round(wall / ideal, 3), "tune_startup_s": round(first - t0, 1),
+            "tune_teardown_s": round(t1 - last, 1),
+            "idle_between_trials_s": round(_idle_slot_s(list(spans.values()), first, last_start, CONCURRENCY)
+                                           / CONCURRENCY, 1),
+            "idle_tail_s": round((_idle_slot_s(list(spans.values()), first, last, CONCURRENCY)
+                                  - _idle_slot_s(list(spans.values()), first, last_start, CONCURRENCY))
+                                 / CONCURRENCY, 1),
+            "trial_run_s_median": round(statistics.median(runs), 1),
+            "train_startup_s_median": round(statistics.median(startups), 1) if startups else None}
+
+
+def _sweep(label: str, search: str, scheduler: dict[str, Any], data: Any, out: Path) -> dict[str, Any]:
+    """One sweep of the same space, seed and budget with ``search`` and ``scheduler``: its overhead
+    and the best trial that ran all its steps."""
     from ray import tune
 
     from jobs.sweep import make_tuner, summarize
+    from workers.data import s3_env
 
-    out.mkdir(parents=True, exist_ok=True)
-    trainable = tune.with_parameters(timed_trial, sweep=spec.model_dump(mode="json"), data=data, out=str(out))
-    t0 = time.perf_counter()
+    spec = _spec({"trials": TRIALS, "max_concurrent": CONCURRENCY, "search": search, "scheduler": scheduler,
+                  "report_every": EVERY, "base/train/steps": STEPS, "space": SPACE})
+    out.mkdir(parents=True)
+    trainable = tune.with_parameters(timed_trial, sweep=spec.model_dump(mode="json"), data=data, out=str(out),
+                                     s3=s3_env())
+    t0 = time.time()
     make_tuner(spec, trainable, out).fit()
-    wall = time.perf_counter() - t0
-    return wall, summarize(spec, out, wall)
+    t1 = time.time()
+    summary = summarize(spec, out, t1 - t0)
+    finished = [t for t in summary.trials if t.eval_loss is not None]
+    best = min(finished, key=lambda t: t.eval_loss) if finished else None
+    return {"label": label, "search": search, "scheduler": scheduler["type"], "trials": len(summary.trials),
+            "finished": len(finished), "steps_trained": sum(t.step for t in summary.trials),
+            "best_eval_loss": round(best.eval_loss, 4) if best else None,
+            "best_parameters": best.parameters if best else None, "overhead": _overhead(out, t0, t1)}
 
 
-def sweeps_section(scratch: Path) -> dict:
+def _markdown(rows: list[dict[str, Any]]) -> list[str]:
+    o = rows[0]["overhead"]
+    md = ["## Sweeps (Ray Tune driving real training trials)", "",
+          f"`python -m tests.bench --sections sweeps`: sweeps of {TRIALS} trials of up to {STEPS} steps of the "
+          f"demo sweep's tiny model (one worker each), {CONCURRENCY} at once, the same space (train.lr "
+          "loguniform 3e-4..3e-2, compression.density 0.01 or 0.1) and seed.", "",
+          f"Tune overhead, the {rows[0]['label']} sweep (FIFO): ideal = the trials' own run times (timed inside "
+          "each trial, its Train run's start-up included) summed / concurrency.", "",
+          "| measure | value |", "|---|---|",
+          f"| sweep wall time (fit()) | {o['wall_s']} s |", f"| ideal | {o['ideal_s']} s |",
+          f"| **wall / ideal** (goal <= 1.2) | **{o['ratio']}** |",
+          f"| wall - ideal | {round(o['wall_s'] - o['ideal_s'], 1)} s |",
+          f"| = Tune's start-up (fit() to the first trial's function) | {o['tune_startup_s']} s |",
+          f"| + Tune's tear-down (the last trial's return to fit()'s) | {o['tune_teardown_s']} s |",
+          f"| + slots empty between one trial's end and the next one's start (summed / concurrency) "
+          f"| {o['idle_between_trials_s']} s |",
+          f"| + slots empty after the last trial started (the last wave's spread; summed / concurrency) "
+          f"| {o['idle_tail_s']} s |",
+          f"| a trial's own run time (median) | {o['trial_run_s_median']} s |",
+          f"| of which its Train run's start-up (median) | {o['train_startup_s_median']} s |", "",
+          "Search quality at the same trial budget: the searches see each trial's final training loss; best "
+          "eval loss is the lowest held-out loss among the trials that ran all their steps. ASHA: grace "
+          f"period {ASHA['grace_period']} steps, reduction factor {ASHA['reduction_factor']}. TPE samples the "
+          "first half of the budget at random.", "",
+          "| search | scheduler | trials finished | steps trained | best eval loss | its train.lr, density "
+          "| wall | wall / ideal |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["best_parameters"] or {}
+        values = f"{p['train.lr']:.2e}, {p['compression.density']}" if p else "n/a"
+        md.append(f"| {r['label']} | {r['scheduler']} | {r['finished']}/{r['trials']} | {r['steps_trained']} "
+                  f"| {r['best_eval_loss']} | {values} | {r['overhead']['wall_s']} s | {r['overhead']['ratio']} |")
+    md += ["", "One seed and a handful of trials per search: a single draw each, not a ranking."]
+    return md
+
+
+def sweeps_section(scratch: Path, reuse: bool = False) -> dict:
+    """Run the sweeps; with ``reuse``, a sweep whose row an earlier (interrupted) bench saved is kept.
+    A sweep without a saved row is rerun from nothing: its left-over experiment would be resumed."""
+    import ray
+
     from jobs.trainer import init_ray
     from workers.data import open_training_data
 
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    base = _spec({}).trial_spec({})
-    data = open_training_data(base.data, base.model.vocab_size, print)
-    room = base.resources.model_copy(update={"num_workers": CONCURRENCY * 2 - 1})  # jobs.sweep's room rule
-    init_ray(base.model_copy(update={"resources": room}), verbose=False)
-
-    overhead = _spec({"trials": OVERHEAD_TRIALS, "max_concurrent": CONCURRENCY, "scheduler": {"type": "fifo"},
-                      "report_every": 5, "base/train/steps": OVERHEAD_STEPS})
-    wall, _ = _sweep(overhead, data, scratch / "overhead")
-    spans = [json.loads(p.read_text()) for p in (scratch / "overhead" / TIMINGS).glob("*.json")]
-    ideal = sum(s["end"] - s["start"] for s in spans) / CONCURRENCY
-    rows: dict[str, Any] = {"overhead": {"trials": len(spans), "concurrency": CONCURRENCY, "wall_s": round(wall, 1),
-                                         "ideal_s": round(ideal, 1), "ratio": round(wall / ideal, 3)}}
-
-    quality = {}
-    for label, scheduler in (("random", {"type": "fifo"}), ("asha", {"type": "asha", "grace_period": 5,
-                                                                     "reduction_factor": 2})):
-        spec = _spec({"trials": QUALITY_TRIALS, "max_concurrent": CONCURRENCY, "scheduler": scheduler,
-                      "report_every": 5, "base/train/steps": QUALITY_STEPS,
-                      "space": {"train.lr": {"type": "loguniform", "low": 3e-4, "high": 3e-2},
-                                "compression.density": {"type": "choice", "values": [0.01, 0.1]}}})
-        wall, summary = _sweep(spec, data, scratch / label)
-        finished = [t for t in summary.trials if t.eval_loss is not None]
-        quality[label] = {"trials": len(summary.trials), "finished": len(finished), "wall_s": round(wall, 1),
-                          "steps_trained": sum(t.step for t in summary.trials),
-                          "best_eval_loss": round(min(t.eval_loss for t in finished), 4) if finished else None}
-    rows["quality"] = quality
-    o = rows["overhead"]
-    md = ["## Sweeps (Ray Tune driving real training trials)", "",
-          f"`python -m tests.bench --sections sweeps`: {o['trials']} trials of {OVERHEAD_STEPS} steps at "
-          f"concurrency {CONCURRENCY}; ideal = the trials' own run times summed / concurrency.", "",
-          "| measure | value |", "|---|---|",
-          f"| sweep wall time | {o['wall_s']} s |", f"| ideal | {o['ideal_s']} s |",
-          f"| **wall / ideal** (goal <= 1.2) | **{o['ratio']}** |", "",
-          f"Search quality: {QUALITY_TRIALS} trials of up to {QUALITY_STEPS} steps each, same space and seed.", "",
-          "| search | trials finished | steps trained | best eval loss | wall |", "|---|---|---|---|---|"]
-    for label, q in quality.items():
-        md.append(f"| {label} | {q['finished']}/{q['trials']} | {q['steps_trained']} | {q['best_eval_loss']} "
-                  f"| {q['wall_s']} s |")
-    return {"data": {"name": "sweeps", **rows}, "markdown": md}
+    if not reuse:
+        shutil.rmtree(scratch, ignore_errors=True)
+    saved = {i: scratch / f"sweep-{i}" / ROW for i in range(len(SWEEPS))}
+    rows: dict[int, dict[str, Any]] = {i: json.loads(p.read_text()) for i, p in saved.items() if p.exists()}
+    rows = {i: r for i, r in rows.items()  # only rows of this module's settings
+            if (r["label"], r["trials"], r["overhead"]["concurrency"]) == (list(SWEEPS)[i], TRIALS, CONCURRENCY)}
+    if len(rows) < len(SWEEPS):
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        base = _spec({}).trial_spec({})
+        data = open_training_data(base.data, base.model.vocab_size, print)
+        room = base.resources.model_copy(update={"num_workers": CONCURRENCY * 2 - 1})  # jobs.sweep's room rule
+        init_ray(base.model_copy(update={"resources": room}), verbose=False)
+        try:
+            for i, (label, (search, scheduler)) in enumerate(SWEEPS.items()):
+                if i in rows:
+                    continue
+                shutil.rmtree(saved[i].parent, ignore_errors=True)
+                rows[i] = _sweep(label, search, scheduler, data, saved[i].parent)
+                saved[i].write_text(json.dumps(rows[i]))
+        finally:
+            ray.shutdown()
+    ordered = [rows[i] for i in range(len(SWEEPS))]
+    return {"data": {"name": "sweeps", "sweeps": ordered}, "markdown": _markdown(ordered)}
