@@ -46,6 +46,12 @@ DATA_TASK_CPUS = 1.0
 # Logical CPUs a local cluster made for training offers beyond what its workers take (the embedded one
 # here, `orch up`'s head): Ray's CPUs are scheduling tokens, and Ray Data's tasks need their own.
 DATA_HEADROOM_CPUS = 2
+# Object-store bytes one training pipeline may hold ahead of its consumer (Ray Data's read-ahead:
+# whole-shard read tasks in flight and packed blocks waiting). Ray Data's own budget is a share of the
+# cluster's store (~2.2 GiB in the benchmark's embedded cluster), which a small set fits under whole and
+# a large one fills, so memory grew with the data; every Train worker streams the whole split, so each
+# holds up to this. A few packed shards (~65 MiB each at the default shard size) keep the loop fed.
+TRAIN_READ_AHEAD_BYTES = 256 * 2**20
 
 
 class ClusterTooSmall(RuntimeError):
@@ -152,13 +158,16 @@ def data_config() -> Any:
     """Ray Train's DataConfig: the whole training set on every worker, in one deterministic order
     (workers/data.py), so their cuts of each global batch add up to it exactly and a checkpoint's
     sequence count names the sequences trained on, whatever the split or a resume's world size;
-    the held-out set is split across the workers."""
+    the held-out set is split across the workers. The training pipeline's read-ahead is capped at
+    ``TRAIN_READ_AHEAD_BYTES`` (other limits set on the DataContext are kept), so memory stays flat as
+    the data grows."""
     from ray.train import DataConfig
 
     with warnings.catch_warnings():  # Ray's own default sets its deprecated exclude_resources (2.60)
         warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources.*")
         ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True
+    ordered.resource_limits = ordered.resource_limits.copy(object_store_memory=TRAIN_READ_AHEAD_BYTES)
     return DataConfig(datasets_to_split=["val"], execution_options={"train": ordered})
 
 

@@ -189,3 +189,12 @@ def test_uri_without_a_preparation_is_named(tmp_path):
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match=f"data.path: {tmp_path / 'bad' / 'manifest.json'} is corrupt"):
         open_training_data(DataConfig(path=str(tmp_path / "bad")), vocab_size=256)
+
+
+def test_the_training_pipeline_reads_ahead_a_bounded_amount_in_one_order():
+    from jobs.trainer import TRAIN_READ_AHEAD_BYTES, data_config
+
+    config = data_config()
+    train = config._resolve_execution_options("train")  # what Ray Train hands the training pipeline
+    assert train.preserve_order and train.resource_limits.object_store_memory == TRAIN_READ_AHEAD_BYTES
+    assert config._datasets_to_split == ["val"]  # every worker streams the whole training split
