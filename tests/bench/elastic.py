@@ -1,18 +1,21 @@
-"""Elastic benchmark: scale-up from the queue, and resize through the API.
+"""Elastic benchmark: scale-up from the queue, resize through the API, a node lost, a node drained.
 
-``python -m tests.bench --sections elastic``. Two local clusters, one after the other:
+``python -m tests.bench --sections elastic``. Three local clusters, one after the other:
 
 - scale-up: a head without CPUs running Ray's autoscaler v1 with the fake multi-node provider (one node
   type of 2 CPUs); a job (the tests' fake entry point, its driver pinned to the fake node's resource)
   queues, its demand group makes a node start, it runs there. Figures: queued -> node alive ->
   RUNNING, and how long the idle node took to go (idle timeout 15 s).
 - resize: a tiny real training job (jobs.train) on a 4-CPU head, PATCHed 2 -> 1 -> 2 workers.
-  Figures per resize: PATCH -> the next attempt's first step, steps lost (last step reported before
-  minus the step the next attempt resumed after), loss just before and just after.
-"""
+  Figures per resize: PATCH -> the next attempt's first step, the stop checkpoint's step, steps lost
+  (last step reported before minus the step the next attempt resumed from: the stop's request holds
+  the loop after its checkpoint, so at most the step in flight), the loss at the checkpoint's step
+  and the first loss after the resume.
+- node loss and drain on a multi-node cluster: tests/bench/elastic_nodes.py."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from orchestrator.autoscale import FakeNodes, FakeWorkerType
 from orchestrator.local_ray import LocalRayHead
 from orchestrator.settings import Settings
 from orchestrator.waiting import wait_until
+from tests.bench.elastic_nodes import markdown as node_markdown
+from tests.bench.elastic_nodes import node_rows
 from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
 from tests.servers import BackgroundServer
 
@@ -37,6 +42,9 @@ DRIVER_SLOT = "fake_node_driver"
 IDLE_TIMEOUT_MINUTES = 0.25
 TIMEOUT_S = 600.0
 POLL_S = 0.25
+# The controller's wait for the loop's stop checkpoint (Settings default 20 s): on this shared, loaded
+# 2-core machine one step and its checkpoint can take longer, and a resize would then stop without one.
+STOP_CHECKPOINT_TIMEOUT_S = 120.0
 STEPS = 80
 TINY = [f"train.steps={STEPS}", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=2",
         "data.max_bytes=200000", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
@@ -95,13 +103,36 @@ def _records(c: httpx.Client, job_id: str, attempt: int) -> list[ProgressRecord]
     return [p for p in map(ProgressRecord.from_line, r.json()["logs"].splitlines()) if p is not None]
 
 
+def _checkpoint_steps(job: dict, resize_number: int) -> int | None:
+    """The step of that resize's stop checkpoint, from the job's history (the controller notes it in the
+    reason of the QUEUED state after the stop: "resized (checkpoint at step N first)"); None when no
+    checkpoint was confirmed in time (the next attempt then resumes from the latest one before)."""
+    resized = [h["reason"] for h in job["history"] if h["to_state"] == "QUEUED" and h["reason"].startswith("resized")]
+    m = re.search(r"checkpoint at step (\d+) first", resized[resize_number - 1])
+    return int(m.group(1)) if m else None
+
+
+def _resize_row(workers: int, first_step_s: float, before: list[ProgressRecord], after: ProgressRecord,
+                checkpoint_step: int | None) -> dict:
+    """One resize: steps lost are the steps the old attempt logged past the step the next attempt
+    resumed from (redone); the losses compared are those of the checkpoint's step and of the first step
+    after it, consecutive steps of one curve."""
+    resumed_from = after.step - 1  # records carry the steps done: the first one after a resume is from + 1
+    at_checkpoint = next((r for r in before if r.step == checkpoint_step), None)
+    return {"to_workers": workers, "patch_to_next_step_s": round(first_step_s, 1), "checkpoint_step": checkpoint_step,
+            "last_step_before": before[-1].step, "resumed_from": resumed_from,
+            "steps_lost": before[-1].step - resumed_from,
+            "loss_before": round(at_checkpoint.loss, 4) if at_checkpoint else None, "loss_after": round(after.loss, 4)}
+
+
 def resize(scratch: Path) -> list[dict]:
     head = LocalRayHead(num_cpus=4, auth_token=RAY_TOKEN, env={"PYTHONPATH": str(REPO)})
     head.start()
     rows = []
     try:
         settings = Settings(api_token=TOKEN, state_dir=scratch / "resize", ray_address=head.dashboard_url,
-                            ray_auth_token=RAY_TOKEN, reconcile_interval_s=0.25, metrics_interval_s=1.0)
+                            ray_auth_token=RAY_TOKEN, reconcile_interval_s=0.25, metrics_interval_s=1.0,
+                            stop_checkpoint_timeout_s=STOP_CHECKPOINT_TIMEOUT_S)
         raw = yaml.safe_load((REPO / "jobs" / "examples" / "demo.yaml").read_text())
         spec = validate_spec(raw, [*TINY, f"data.path={scratch / 'data'}"]).model_dump(mode="json")
         app = create_app(settings)
@@ -117,10 +148,8 @@ def resize(scratch: Path) -> list[dict]:
                 after = wait_until(lambda a=attempt: _records(c, job_id, a + 1), timeout_s=TIMEOUT_S,
                                    interval_s=POLL_S, what="the next attempt's first step")
                 first_step_s = time.time() - t0
-                last = _records(c, job_id, attempt)[-1]
-                rows.append({"to_workers": workers, "patch_to_next_step_s": round(first_step_s, 1),
-                             "steps_lost": last.step - (after[0].step - 1), "loss_before": round(last.loss, 4),
-                             "loss_after": round(after[0].loss, 4)})
+                saved = _checkpoint_steps(c.get(f"/v1/jobs/{job_id}").json(), attempt)
+                rows.append(_resize_row(workers, first_step_s, _records(c, job_id, attempt), after[0], saved))
             wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] in ("SUCCEEDED", "FAILED"),
                        timeout_s=TIMEOUT_S, interval_s=1.0, what="the job to end")
         app.state.store.close()
@@ -129,23 +158,32 @@ def resize(scratch: Path) -> list[dict]:
     return rows
 
 
-def markdown(up: dict, rows: list[dict]) -> list[str]:
-    return ["## Elastic: scale-up from the queue, resize through the API", "",
-            "`python -m tests.bench --sections elastic`. Scale-up: a head without CPUs, Ray's autoscaler v1 with "
+def markdown(up: dict, rows: list[dict], nodes: dict) -> list[str]:
+    return ["## Elastic: scale-up from the queue, resize through the API, node loss, drain", "",
+            "`python -m tests.bench --sections elastic`. Times taken on a shared 2-core machine, loaded by "
+            "other Ray runs: read them as upper bounds. Scale-up: a head without CPUs, Ray's autoscaler v1 with "
             "the fake multi-node provider (a node of 2 CPUs), a queued job (fake entry point) whose pending "
             "placement group makes the node start. Resize: a tiny real `jobs.train` job on a 4-CPU head, "
-            "`PATCH /v1/jobs/{id}` 2 -> 1 -> 2 workers (checkpoint now, stop, restart from it).", "",
+            "`PATCH /v1/jobs/{id}` 2 -> 1 -> 2 workers (checkpoint now and hold, stop, restart from it): steps "
+            "lost are the steps logged past the step resumed from; the losses are those of the checkpoint's "
+            "step and of the next step, the first of the next attempt. The controller waits up to "
+            f"{STOP_CHECKPOINT_TIMEOUT_S:.0f} s for the stop checkpoint (default 20 s: one step can take longer "
+            "on this loaded machine).", "",
             "| queued -> node alive (s) | queued -> RUNNING (s) | job end -> idle node gone (s) | idle timeout (s) |",
             "|---:|---:|---:|---:|",
             f"| {up['queued_to_node_s']} | {up['queued_to_running_s']} | {up['idle_node_removed_after_end_s']} | "
             f"{up['idle_timeout_s']:g} |", "",
-            "| resize to | PATCH -> next step (s) | steps lost | loss before | loss after |",
-            "|---:|---:|---:|---:|---:|",
-            *[f"| {r['to_workers']} | {r['patch_to_next_step_s']} | {r['steps_lost']} | {r['loss_before']} | "
-              f"{r['loss_after']} |" for r in rows]]
+            "| resize to | PATCH -> next step (s) | checkpoint step | last step before | resumed from | steps lost | "
+            "loss at checkpoint | first loss after |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *[f"| {r['to_workers']} | {r['patch_to_next_step_s']} | {r['checkpoint_step']} | {r['last_step_before']} | "
+              f"{r['resumed_from']} | {r['steps_lost']} | {r['loss_before']} | {r['loss_after']} |" for r in rows],
+            "", *node_markdown(nodes)]
 
 
 def elastic_section(scratch: Path) -> dict:
     up = scale_up(scratch)
     rows = resize(scratch)
-    return {"data": {"name": "elastic", "scale_up": up, "resizes": rows}, "markdown": markdown(up, rows)}
+    nodes = node_rows(scratch / "nodes", scratch / "data", TINY)
+    return {"data": {"name": "elastic", "scale_up": up, "resizes": rows, **nodes},
+            "markdown": markdown(up, rows, nodes)}
