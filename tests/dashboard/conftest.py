@@ -41,7 +41,9 @@ def _playwright():
     return sync_playwright
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API keeps an event loop running on the main thread while it is
+# started; stopping it after the last browser test leaves later tests' asyncio.run() free to run.
+@pytest.fixture(scope="package")
 def browser():
     sync_playwright = _playwright()
     with sync_playwright() as p:
