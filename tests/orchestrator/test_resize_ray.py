@@ -29,7 +29,9 @@ DEMO = REPO / "jobs" / "examples" / "demo.yaml"
 TOKEN = "resize-token-0123456789"
 RAY_TOKEN = "ray-token-" + "0123456789abcdef" * 2
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-STEPS = 60
+# Long enough that the job is still running when the second resize lands on an idle machine (a
+# step of this tiny model takes ~0.1 s; each restart ~20 s): 60 steps could end before it.
+STEPS = 240
 TINY = [f"train.steps={STEPS}", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=2",
         "data.max_bytes=200000", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
 HEAD_CPUS = 4
