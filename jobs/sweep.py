@@ -29,6 +29,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -60,6 +61,8 @@ TRIAL_RUN = "train"  # the Train run name of a (non-PBT) trial inside its own fo
 # Restarts of a trial whose Train run failed as a whole (its workers' own restarts are the base spec's
 # resources.max_failures): the trial resumes from its latest checkpoint (its run name is stable).
 TRIAL_RETRIES = 2
+# How often a trial looks for a request to stop it (jobs/sweep_events.py), to end its run at once.
+STOP_POLL_S = 0.5
 # Logical CPUs a trial's Tune actor reserves: it only waits on its Train run, whose workers reserve
 # their own (Tune refuses an empty request, so a token amount).
 TRIAL_DRIVER_CPUS = 0.01
@@ -136,8 +139,11 @@ def _run_segments(spec: Any, data: Any, trial_out: Path, interval: int) -> None:
         loop = functools.partial(_segment_loop, init_checkpoint=init, stop_at_step=end)
         result = build_trainer(spec, data, trial_out, run_name=f"segment-{end:08d}-{uuid.uuid4().hex[:6]}",
                                train_loop=loop).fit()
-        init, start = result.checkpoint.path, end
+        init = result.checkpoint.path
+        start = read_meta(Path(init))["step"]  # before ``end`` when the trial was asked to stop
         tune.report(trial_metrics(result.metrics), checkpoint=tune.Checkpoint.from_directory(init))
+        if start < end:
+            return
 
 
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: str, s3: dict[str, str]) -> None:
@@ -155,11 +161,30 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
     os.environ.update(s3)
     swept = SweepSpec.model_validate(sweep)
     spec = swept.trial_spec(config["params"])
-    trial_out = Path(out) / "trials" / tune.get_context().get_trial_id()
-    if isinstance(swept.scheduler, PbtScheduler):
-        _run_segments(spec, data, trial_out, swept.scheduler.perturbation_interval)
-        return
-    _with_callbacks(build_trainer(spec, data, trial_out, run_name=TRIAL_RUN), [_trial_report()]).fit()
+    trial_id = tune.get_context().get_trial_id()
+    trial_out = Path(out) / "trials" / trial_id
+    ended = threading.Event()
+    threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended), daemon=True).start()
+    try:
+        if isinstance(swept.scheduler, PbtScheduler):
+            _run_segments(spec, data, trial_out, swept.scheduler.perturbation_interval)
+        else:
+            _with_callbacks(build_trainer(spec, data, trial_out, run_name=TRIAL_RUN), [_trial_report()]).fit()
+    finally:
+        ended.set()
+
+
+def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Event) -> None:
+    """Pass a request to stop this trial to its training loop: a checkpoint at the end of the current
+    step, then the run ends. The driver's stopper acts only on the reports Tune has taken in, which
+    trail the loop (Ray Train forwards them when its controller polls, every 2 s), so a short trial
+    could finish before its stop took effect."""
+    from workers.control import ControlChannel
+
+    while not ended.wait(STOP_POLL_S):
+        if stop_requested(out, trial_id):
+            ControlChannel(trial_out).request_checkpoint("the trial was asked to stop", stop=True)
+            return
 
 
 # -- the driver ---------------------------------------------------------------------------------------

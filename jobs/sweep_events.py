@@ -8,7 +8,8 @@ skipped). A driver restarted on the same folder keeps appending: a trial that st
 its history.
 
 Stopping one trial goes the other way: ``<out>/control/trials/<trial_id>.stop`` (written atomically);
-the driver's Tune stopper looks for it at each of the trial's reports.
+the trial passes it to its training loop, which checkpoints at the end of its current step and ends
+(jobs/sweep.py), and the driver's Tune stopper looks for it at each of the trial's reports.
 
 Torch-free and Ray-free: the control plane imports it.
 """

@@ -3,9 +3,10 @@ stop, resume, API, CLI) and by the dashboard's browser tests (its sweeps page re
 
 ``python -m jobs.sweep`` as a user runs it: 3 trials of the demo sweep's tiny model (15 steps, a
 report every 5, 1 worker each, 2 at once, FIFO). While it runs, the first trial to start is asked to
-stop (the file the API's stop route writes; the driver stops it at its first report); once that trial has stopped and another has a
-checkpoint, the driver is killed (SIGKILL to its process group, the embedded cluster included) and the
-same command is run again, which resumes the experiment. About 2.5-3 minutes on 2 busy cores.
+stop (the file the API's stop route writes: the trial's loop checkpoints at the end of its current
+step and ends, usually at step 1); once that trial has stopped and another has a checkpoint, the
+driver is killed (SIGKILL to its process group, the embedded cluster included) and the same command
+is run again, which resumes the experiment. About 2.5-3 minutes on 2 busy cores.
 
 Use: ``pytest_plugins = ["tests.sweeps"]`` in a test module registers the fixture ``real_sweep`` once for
 the whole session (importing the fixture function into each module would make one fixture, and one

@@ -74,3 +74,21 @@ def test_preemption_watch_turns_off_where_ray_has_no_notices(monkeypatch):
     monkeypatch.delattr(ray.train, "get_preemption_info")
     watch = PreemptionWatch(1)
     assert watch.poll(1) is None and watch.every == 0
+
+
+
+def test_a_stop_request_reaches_every_rank(tmp_path, monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from workers.interrupts import agreed_request
+
+    channel = ControlChannel(tmp_path)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: None)  # one rank: its own flags
+    assert agreed_request(channel, 0) is None
+    asked = channel.request_checkpoint("the trial was asked to stop", stop=True)
+    assert agreed_request(channel, 0) == asked and asked.stop and asked.hold_s == 0.0
+    # Another rank reads no folder: the all-reduce hands it rank 0's flags (request, hold, stop).
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: t.copy_(torch.tensor([1.0, 0.0, 1.0])))
+    seen = agreed_request(None, 1)
+    assert seen is not None and seen.stop and seen.id == "-"

@@ -8,7 +8,8 @@ end of that step. When the checkpoint has been reported the loop writes the conf
 names the request, the step and the reason. A request made before a stop also asks the loop to hold
 (``hold_s``): take no further step until it is stopped, at most that long (then it trains on, and
 nothing is lost). So a job stopped this way resumes from the step it had finished when asked, plus
-at most the step in flight, instead of up to a checkpoint interval back.
+at most the step in flight, instead of up to a checkpoint interval back. A request with ``stop`` ends
+the run after its checkpoint instead (a sweep's trial stopped on request, jobs/sweep.py).
 
 Files, not Ray actors: the writer may be the control plane, which reaches the cluster only through
 the Jobs API, and a retry of the job finds a request that its previous attempt never saw. Writes
@@ -38,6 +39,7 @@ class CheckpointRequest(BaseModel):
     reason: str = Field(max_length=500)
     requested_at: float  # unix seconds
     hold_s: float = Field(0.0, ge=0.0, le=3600.0)  # after the checkpoint, wait this long to be stopped
+    stop: bool = False  # after the checkpoint, end the run (its last report is that checkpoint's)
 
 
 class CheckpointDone(BaseModel):
@@ -73,11 +75,12 @@ class ControlChannel:
 
     # -- the requester's side ------------------------------------------------------------------
 
-    def request_checkpoint(self, reason: str, hold_s: float = 0.0) -> CheckpointRequest:
+    def request_checkpoint(self, reason: str, hold_s: float = 0.0, stop: bool = False) -> CheckpointRequest:
         """Ask the running loop for a checkpoint at the end of its current step; with ``hold_s``, the
-        loop then steps no further for up to that long (the requester is about to stop it)."""
+        loop then steps no further for up to that long (the requester is about to stop it); with
+        ``stop``, the loop ends there."""
         req = CheckpointRequest(id=uuid.uuid4().hex[:16], reason=reason[:500], requested_at=time.time(),
-                                hold_s=hold_s)
+                                hold_s=hold_s, stop=stop)
         _write_atomic(self.root / REQUEST_FILE, req.model_dump_json())
         return req
 

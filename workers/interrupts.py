@@ -23,13 +23,14 @@ HOLD_POLL_S = 0.1
 
 def agreed_request(control: ControlChannel | None, rank: int) -> CheckpointRequest | None:
     """Collective: the pending "checkpoint now" request, or None on every rank. Non-zero ranks get
-    only the decision and the hold (id "-")."""
+    only the decision, the hold and the stop (id "-")."""
     req = control.pending() if control is not None and rank == 0 else None
-    flag = torch.tensor([1.0 if req is not None else 0.0, req.hold_s if req is not None else 0.0])
+    flag = torch.tensor([1.0, req.hold_s, float(req.stop)] if req is not None else [0.0, 0.0, 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag[0].item() == 0:
         return None
-    return req or CheckpointRequest(id="-", reason="", requested_at=0.0, hold_s=flag[1].item())
+    return req or CheckpointRequest(id="-", reason="", requested_at=0.0, hold_s=flag[1].item(),
+                                    stop=bool(flag[2].item()))
 
 
 def hold(request: CheckpointRequest, control: ControlChannel | None, rank: int, step: int,

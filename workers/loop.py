@@ -338,6 +338,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if request is not None and run.rank == 0 and control is not None:
                 control.confirm(request, done)
                 channel.note(f"checkpoint at step {done} on request ({request.reason})")
+            if request is not None and request.stop:
+                return  # asked to end here (a sweep's trial stopped on request): its checkpoint was reported
             if request is not None and request.hold_s > 0:
                 hold(request, control, run.rank, done)  # the requester stops the job meanwhile
             if notice is not None and run.rank == 0:
