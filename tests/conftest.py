@@ -5,6 +5,11 @@ from pathlib import Path
 
 import pytest
 
+# Ray Train's controller registers a report, and so commits a checkpoint (which the loop waits for),
+# when it next polls its workers: every 2 s by default. Every Train run of the suite pays that wait at
+# each checkpoint and at its end; the drivers and Ray heads that tests start inherit this setting.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "examples" / "demo.yaml"
 

@@ -162,13 +162,16 @@ def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(
 
 @pytest.mark.ray
 def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_there(pool_cluster, shards_dir,
-                                                                                    tmp_path):
+                                                                                    tmp_path, monkeypatch):
     """Expert parallelism 2 on two nodes: the drained node's rank owns half the experts, so the job
     continues correctly only if the notice's checkpoint holds them before the node goes. The cloud
     replaces the node (a new one is added as the old one is removed) and the job resumes on 2 workers."""
-    from ray.train.v2._internal.constants import DEFAULT_PREEMPTION_POLL_INTERVAL_S
-
     from workers.progress import NOTE, PROGRESS
+
+    # Ray Train's watcher looks for drained nodes every 5 s by default (read from the driver's
+    # environment, handed to its controller); 1 s shortens the wait below.
+    watcher_poll_s = 1.0
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", str(watcher_poll_s))
 
     poll = 5
     spec = _spec(shards_dir, "train.checkpoint_every=1000", f"resources.preemption_check_every={poll}",
@@ -183,9 +186,9 @@ def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_t
             if kind == PROGRESS and payload.step >= 20 and not drained_after:  # the loss has fallen by then
                 pool_cluster.drain_node(target, "test", deadline_remaining_s=30)
                 drained_after.append(payload.step)
-                # The tiny job would end before Ray Train's watcher sees the drain (it polls every
-                # 5 s); rank 0 waits at its next record (queue_size=1) until the watcher has had a few polls.
-                time.sleep(3 * DEFAULT_PREEMPTION_POLL_INTERVAL_S)
+                # The tiny job would end before Ray Train's watcher sees the drain; rank 0 waits at
+                # its next record (queue_size=1) until the watcher has had a few polls.
+                time.sleep(3 * watcher_poll_s)
             elif kind == NOTE and "preemption notice" in payload and not answered:
                 answered.append(payload)
                 pool_cluster.remove_node(target)  # the cloud takes the node once the job has answered

@@ -45,6 +45,9 @@ SERVING = {"num_cpus": 0, "limits": {"max_tokens": 16, "default_max_tokens": 4},
 DEPLOY_TIMEOUT_S = 240.0
 POLL_S = 0.5
 REQUEST_TIMEOUT_S = 60.0
+# The head drains Serve for ~30 s when stopped; nothing of it is tested here, so it is then killed
+# (the head's processes, found by its temp dir, go with it).
+HEAD_DRAIN_S = 3.0
 
 
 class Env:
@@ -78,7 +81,7 @@ def env(tmp_path_factory):
     try:
         yield Env(head, tmp, free_port())
     finally:
-        head.stop()
+        head.stop(timeout_s=HEAD_DRAIN_S)
 
 
 def _wait_status(c: httpx.Client, deployment_id: str, statuses: set[str], timeout_s: float = DEPLOY_TIMEOUT_S,

@@ -1,8 +1,9 @@
 """A real training job (jobs.train, tiny) resized through PATCH /v1/jobs/{id} on a real local Ray
 cluster, 2 -> 1 -> 2 workers: each resize checkpoints, stops and restarts from that checkpoint, and
-the loss curve goes on from the checkpoint's step. (Steps the old attempt ran between its checkpoint
-and its end are redone: the loop keeps stepping until Ray's stop lands; tests/bench/elastic.py counts
-them.) Every wait is bounded."""
+the loss curve goes on from the checkpoint's step, and no step past the checkpoint is made (the loop
+holds after it until Ray's stop lands; tests/bench/elastic.py measures it). The job is long enough
+never to end during the test: it is left running when the test has seen the third attempt's curve,
+and the head's stop ends it. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -29,9 +30,7 @@ DEMO = REPO / "jobs" / "examples" / "demo.yaml"
 TOKEN = "resize-token-0123456789"
 RAY_TOKEN = "ray-token-" + "0123456789abcdef" * 2
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-# Long enough that the job is still running when the second resize lands on an idle machine (a
-# step of this tiny model takes ~0.1 s; each restart ~20 s): 60 steps could end before it.
-STEPS = 240
+STEPS = 100_000  # never reached: a job that ended before a resize landed would have nothing to resume
 TINY = [f"train.steps={STEPS}", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=2",
         "data.max_bytes=200000", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
 HEAD_CPUS = 4
@@ -81,17 +80,17 @@ def test_a_real_job_resized_2_1_2_continues_its_loss_curve(tmp_path):
                        what="the first attempt to report steps")
             _resize_and_wait(c, job_id, 1)
             _resize_and_wait(c, job_id, 2)
-            job = wait_until(lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["state"] in
-                             ("SUCCEEDED", "FAILED", "CANCELLED") and j, timeout_s=PHASE_TIMEOUT_S,
-                             interval_s=1.0, what=f"job {job_id} to end")
+            wait_until(lambda: len(_attempt_records(c, job_id, 3)) >= LOSS_WINDOW_STEPS, timeout_s=PHASE_TIMEOUT_S,
+                       interval_s=1.0, what="the third attempt's first steps")
+            job = c.get(f"/v1/jobs/{job_id}").json()
             attempts = [_attempt_records(c, job_id, n) for n in (1, 2, 3)]
     finally:
         head.stop()
-    assert job["state"] == "SUCCEEDED", job["message"]
+    assert job["state"] == "RUNNING", job["message"]
     assert job["attempts"] == 3 and job["resizes"] == 2 and job["max_retries"] == 1
     reasons = [h["reason"] for h in job["history"] if h["to_state"] == "RESIZING"]
     assert reasons == ["resizing from 2 workers to 1 worker", "resizing from 1 worker to 2 workers"]
-    assert job["spec"]["resources"]["num_workers"] == 2 and job["metrics"]["step"] == STEPS
+    assert job["spec"]["resources"]["num_workers"] == 2
     queued = [h["reason"] for h in job["history"] if h["to_state"] == "QUEUED" and "resized" in h["reason"]]
     saved_at = [re.search(r"checkpoint at step (\d+) first", r) for r in queued]
     assert len(saved_at) == 2 and all(saved_at), queued
