@@ -164,7 +164,8 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
     trial_id = tune.get_context().get_trial_id()
     trial_out = Path(out) / "trials" / trial_id
     ended = threading.Event()
-    threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended), daemon=True).start()
+    threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended, _tune_stopping()),
+                     daemon=True).start()
     try:
         if isinstance(swept.scheduler, PbtScheduler):
             _run_segments(spec, data, trial_out, swept.scheduler.perturbation_interval)
@@ -174,16 +175,29 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
         ended.set()
 
 
-def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Event) -> None:
-    """Pass a request to stop this trial to its training loop: a checkpoint at the end of the current
-    step, then the run ends. The driver's stopper acts only on the reports Tune has taken in, which
-    trail the loop (Ray Train forwards them when its controller polls, every 2 s), so a short trial
-    could finish before its stop took effect."""
+def _tune_stopping() -> Any:
+    """Whether Tune has stopped this trial (its scheduler, e.g. ASHA, or the stopper): the trial's
+    function session's stop event, which the trial actor's stop() sets (ray/train/_internal/session.py,
+    Ray 2.60; a Ray without it: never). Tune frees the trial's slot at once and starts the next trial,
+    while this actor, the Train run it owns and that run's workers go only when Ray collects the actor."""
+    from ray.train._internal.session import get_session
+
+    event = getattr(get_session(), "stop_event", None)
+    return event.is_set if event is not None else (lambda: False)
+
+
+def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Event, tune_stopping: Any) -> None:
+    """End this trial's training run when it is asked to stop, or Tune stops it: the loop checkpoints
+    at the end of its current step, then the run ends and frees its CPUs. The driver's stopper acts
+    only on the reports Tune has taken in, which trail the loop (Ray Train forwards them when its
+    controller polls), so a short trial could otherwise finish before its stop took effect."""
     from workers.control import ControlChannel
 
     while not ended.wait(STOP_POLL_S):
-        if stop_requested(out, trial_id):
-            ControlChannel(trial_out).request_checkpoint("the trial was asked to stop", stop=True)
+        why = ("the trial was asked to stop" if stop_requested(out, trial_id)
+               else "Tune stopped the trial" if tune_stopping() else None)
+        if why is not None:
+            ControlChannel(trial_out).request_checkpoint(why, stop=True)
             return
 
 

@@ -92,3 +92,20 @@ def test_a_stop_request_reaches_every_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: t.copy_(torch.tensor([1.0, 0.0, 1.0])))
     seen = agreed_request(None, 1)
     assert seen is not None and seen.stop and seen.id == "-"
+
+
+def test_a_request_older_than_the_attempt_gets_a_checkpoint_but_no_hold(tmp_path, monkeypatch):
+    import time
+
+    import torch.distributed as dist
+
+    from workers.interrupts import agreed_request
+
+    channel = ControlChannel(tmp_path)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: None)
+    # A killed driver's SIGTERM request, never withdrawn, found by the next attempt:
+    stale = channel.request_checkpoint("the driver got SIGTERM (job stopping)", hold_s=40.0, stop=True)
+    seen = agreed_request(channel, 0, since=time.time() + 1.0)
+    assert seen is not None and seen.id == stale.id and seen.hold_s == 0.0 and not seen.stop
+    fresh = agreed_request(channel, 0, since=stale.requested_at)  # made during this attempt: as asked
+    assert fresh.hold_s == 40.0 and fresh.stop

@@ -1,6 +1,6 @@
 """The sweep driver's Tune wiring with scripted trials (no training): ASHA stops the trials whose
-scripted curve is worse at a rung, the stop-request stopper ends a trial at its next report, the
-events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
+scripted curve is worse at a rung, the stop-request stopper ends a trial at its next report, a stop
+reaches the trial's training loop (_relay_stop), the events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
 (jobs/sweep.py, jobs/sweep_events.py). About 40 s on 2 cores."""
 
 from __future__ import annotations
@@ -111,3 +111,37 @@ def test_a_model_based_search_samples_the_space(local_ray, tmp_path, search):
         running += {"start": 1, "complete": -1}.get(event["event"], 0)
         most = max(most, running)
     assert most <= spec.max_concurrent
+
+
+def test_a_stop_reaches_the_trials_training_loop(tmp_path):
+    """_relay_stop, on its own: a stop request file, or Tune stopping the trial, becomes a "checkpoint
+    and end" request in the trial's control folder (workers/control.py), which its loop answers at
+    the end of its current step; nothing is asked while neither happens, or once the trial has ended."""
+    import threading
+
+    from jobs.sweep import _relay_stop
+    from workers.control import ControlChannel
+
+    def relay(trial: str, tune_stopping) -> tuple[threading.Thread, threading.Event, ControlChannel]:
+        ended = threading.Event()
+        t = threading.Thread(target=_relay_stop, args=(tmp_path, trial, tmp_path / trial, ended, tune_stopping))
+        t.start()
+        return t, ended, ControlChannel(tmp_path / trial)
+
+    asked, ended, channel = relay("t1", lambda: False)
+    assert channel.pending() is None
+    request_stop(tmp_path, "t1", "test")
+    asked.join(timeout=10)
+    assert not asked.is_alive() and channel.pending().stop and "asked to stop" in channel.pending().reason
+
+    stopping = threading.Event()
+    asked, ended, channel = relay("t2", stopping.is_set)
+    stopping.set()  # ASHA cut the trial
+    asked.join(timeout=10)
+    assert not asked.is_alive() and channel.pending().stop and channel.pending().reason == "Tune stopped the trial"
+
+    asked, ended, channel = relay("t3", lambda: False)
+    ended.set()  # the trial's run ended on its own
+    asked.join(timeout=10)
+    request_stop(tmp_path, "t3", "too late")
+    assert not asked.is_alive() and channel.pending() is None

@@ -21,10 +21,14 @@ from workers.control import CheckpointRequest, ControlChannel
 HOLD_POLL_S = 0.1
 
 
-def agreed_request(control: ControlChannel | None, rank: int) -> CheckpointRequest | None:
+def agreed_request(control: ControlChannel | None, rank: int, since: float = 0.0) -> CheckpointRequest | None:
     """Collective: the pending "checkpoint now" request, or None on every rank. Non-zero ranks get
-    only the decision, the hold and the stop (id "-")."""
+    only the decision, the hold and the stop (id "-"). A request made before ``since`` (unix s: when
+    this attempt started) was meant for an earlier attempt that ended unanswered (a driver killed
+    before it could withdraw its request): it gets its checkpoint, but no hold and no stop."""
     req = control.pending() if control is not None and rank == 0 else None
+    if req is not None and req.requested_at < since:
+        req = req.model_copy(update={"hold_s": 0.0, "stop": False})
     flag = torch.tensor([1.0, req.hold_s, float(req.stop)] if req is not None else [0.0, 0.0, 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag[0].item() == 0:

@@ -294,6 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.util.queue.Queue or None}."""
     import ray.train
 
+    started_at = time.time()  # requests made before this were meant for an earlier attempt
     cfg = WorkerConfig.model_validate(config["worker"])
     channel = ProgressChannel(config.get("progress"))
     control = ControlChannel(cfg.control_dir) if cfg.control_dir else None
@@ -331,7 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             split.update(len(x) / timer.seconds)
         reporter.add(step, tokens, result.loss.item() * weight, result.counts, time.perf_counter() - t_step)
         done = step + 1
-        request = agreed_request(control, run.rank) if done < loop.steps else None
+        request = agreed_request(control, run.rank, started_at) if done < loop.steps else None
         notice = preemption.poll(done) if done < loop.steps else None
         if request is not None or notice is not None or (done % loop.checkpoint_every == 0 and done < loop.steps):
             run.save(done, {"step": done, "loss": reporter.losses[-1]})
