@@ -9,6 +9,10 @@ autoscaling) use ``add_node`` / ``remove_node`` and put the cluster back as they
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 from jobs.pools import POOL_LABEL, pool_of
@@ -73,3 +77,47 @@ class PoolCluster:
 
         ray.shutdown()
         self.cluster.shutdown()
+
+
+def fit_watching(spec: Any, out: Any, on_event: Callable[[tuple[str, Any]], None], queue_size: int = 0,
+                 timeout_s: float = 420.0) -> tuple[list[tuple[str, Any]], Any]:
+    """Run ``spec``'s job to the end on the connected cluster (``build_trainer(...).fit()`` on a thread),
+    calling ``on_event`` with each (kind, payload) progress record or note of rank 0 as it arrives,
+    from this thread, so it may remove or drain nodes. Returns the events and Ray Train's result.
+    ``queue_size`` 1: rank 0 waits at its next record until the last one has been taken, so the
+    caller acts at the step it saw (0: rank 0 never waits). The queue lives on the driver's node,
+    which no test removes."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from jobs.trainer import build_trainer
+    from workers.data import build_shards
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=queue_size, actor_options={"scheduling_strategy": here})
+    trainer = build_trainer(spec, build_shards(spec.data, lambda msg: None), out, progress=queue)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised by the calling thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    events: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while (thread.is_alive() or not queue.empty()) and time.monotonic() < deadline:
+        try:
+            event = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        events.append(event)
+        on_event(event)
+    if thread.is_alive():
+        raise TimeoutError(f"the job did not end within {timeout_s:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return events, outcome["result"]

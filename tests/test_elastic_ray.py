@@ -18,19 +18,17 @@ elastic [1, 2] job on them through ``build_trainer``:
 from __future__ import annotations
 
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from queue import Empty
 from statistics import mean
 from typing import Any
 
 import pytest
 
 from jobs.specs import load_spec
-from jobs.trainer import build_trainer
+from tests.cluster import fit_watching
 from tests.conftest import DEMO, TINY
 
 # Logical CPUs of each worker and of each node added here: more than any standing node of the
@@ -59,45 +57,6 @@ def _two_worker_nodes(pool_cluster) -> Iterator[list[Any]]:
     finally:
         for node in alive:
             pool_cluster.remove_node(node)
-
-
-def _fit(spec, out: Path, on_event: Callable[[Event], None], queue_size: int = 0) -> tuple[list[Event], Any]:
-    """Run ``spec``'s job to the end, calling ``on_event`` with each progress record and note as it
-    arrives (from this thread, so it may remove or drain nodes); the events and Ray Train's result.
-    ``queue_size`` 1: rank 0 waits at its next record while ``on_event`` runs (0: never waits)."""
-    import ray
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from workers.data import build_shards
-
-    # On the driver's node, which no test removes.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(maxsize=queue_size, actor_options={"scheduling_strategy": here})
-    trainer = build_trainer(spec, build_shards(spec.data, lambda msg: None), out, progress=queue)
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # re-raised by the test thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    events: list[Event] = []
-    deadline = time.monotonic() + FIT_TIMEOUT_S
-    while (thread.is_alive() or not queue.empty()) and time.monotonic() < deadline:
-        try:
-            event = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        events.append(event)
-        on_event(event)
-    assert not thread.is_alive(), f"the job did not end within {FIT_TIMEOUT_S} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return events, outcome["result"]
 
 
 def _spec(shards_dir: Path, *sets: str):
@@ -152,7 +111,7 @@ def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(
                 pool_cluster.remove_node(nodes.pop(0))
                 removed_after.append(record.step)
 
-        events, result = _fit(spec, tmp_path, remove_a_node)
+        events, result = fit_watching(spec, tmp_path, remove_a_node, timeout_s=FIT_TIMEOUT_S)
     resumed_at, last_logged, before, after = _resume(events, saved_by=(2, 1), now=(1, 1))
     assert removed_after and resumed_at >= 2 * every and resumed_at % every == 0
     assert removed_after[0] <= last_logged <= resumed_at + every  # at most a checkpoint interval lost
@@ -195,7 +154,7 @@ def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_t
                 nodes.remove(target)
                 nodes.append(pool_cluster.add_node(num_cpus=WORKER_CPUS))  # and gives another
 
-        events, result = _fit(spec, tmp_path, preempt_a_node, queue_size=1)
+        events, result = fit_watching(spec, tmp_path, preempt_a_node, queue_size=1, timeout_s=FIT_TIMEOUT_S)
     assert drained_after and len(answered) == 1, [e for e in events if e[0] == NOTE]
     notice = re.search(rf"checkpoint at step (\d+) on a preemption notice: node {target.node_id} \(ranks [01]\), "
                        r"deadline in \d+ s", answered[0])

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 from jobs.specs import load_spec
@@ -90,47 +89,23 @@ def _holding_a_worker(nodes: list[Any]) -> list[Any]:
 
 
 def _fit(spec, out: Path, on_event: Callable[[_Event], None]) -> list[_Event]:
-    """Run ``spec``'s job to the end, calling ``on_event`` with each stamped record and note as it
-    arrives (from this thread, so it may remove or drain nodes). The queue holds one event: rank 0
-    waits at its next record until the driver has taken the last, so the driver acts at the step it
-    saw (on a loaded machine it would otherwise fall behind, and a tiny job could end before the
-    driver acts). ``out`` starts empty: a checkpoint left there by an earlier bench would be resumed from."""
-    import ray
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from jobs.trainer import build_trainer
-    from workers.data import build_shards
+    """Run ``spec``'s job to the end (tests/cluster.py ``fit_watching``), calling ``on_event`` with each
+    record and note, stamped as it arrives. The queue holds one event: rank 0 waits at its next record
+    until the driver has taken the last, so the driver acts at the step it saw (on a loaded machine it
+    would otherwise fall behind, and a tiny job could end before the driver acts). ``out`` starts
+    empty: a checkpoint left there by an earlier bench would be resumed from."""
+    from tests.cluster import fit_watching
 
     shutil.rmtree(out, ignore_errors=True)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # never removed
-    queue = Queue(maxsize=1, actor_options={"scheduling_strategy": here})
-    trainer = build_trainer(spec, build_shards(spec.data, lambda msg: None), out, progress=queue)
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # re-raised by this thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
     events: list[_Event] = []
-    deadline = time.monotonic() + FIT_TIMEOUT_S
-    while (thread.is_alive() or not queue.empty()) and time.monotonic() < deadline:
-        try:
-            kind, payload = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        events.append(_Event(time.time(), kind, payload))
+
+    def stamp(event: tuple[str, Any]) -> None:
+        events.append(_Event(time.time(), *event))
         on_event(events[-1])
-    if thread.is_alive():
-        raise TimeoutError(f"the job did not end within {FIT_TIMEOUT_S:.0f} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    if outcome["result"].metrics["world_size"] != 1:
-        raise AssertionError(f"the job ended on {outcome['result'].metrics['world_size']} workers, not the one left")
+
+    _, result = fit_watching(spec, out, stamp, queue_size=1, timeout_s=FIT_TIMEOUT_S)
+    if result.metrics["world_size"] != 1:
+        raise AssertionError(f"the job ended on {result.metrics['world_size']} workers, not the one left")
     return events
 
 
