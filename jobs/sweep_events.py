@@ -9,7 +9,7 @@ its history.
 
 Stopping one trial goes the other way: ``<out>/control/trials/<trial_id>.stop`` (written atomically);
 the trial passes it to its training loop, which checkpoints at the end of its current step and ends
-(jobs/sweep.py), and the driver's Tune stopper looks for it at each of the trial's reports.
+(jobs/sweep_trial.py), and the driver's Tune stopper looks for it at each of the trial's reports.
 
 Torch-free and Ray-free: the control plane imports it.
 """

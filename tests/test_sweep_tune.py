@@ -1,7 +1,7 @@
 """The sweep driver's Tune wiring with scripted trials (no training): ASHA stops the trials whose
 scripted curve is worse at a rung, the stop-request stopper ends a trial at its next report, a stop
-reaches the trial's training loop (_relay_stop), the events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
-(jobs/sweep.py, jobs/sweep_events.py). About 40 s on 2 cores."""
+reaches the trial's training loop (jobs/sweep_trial.py), the events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
+(jobs/sweep.py, jobs/sweep_trial.py, jobs/sweep_events.py). About 40 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_a_stop_reaches_the_trials_training_loop(tmp_path):
     the end of its current step; nothing is asked while neither happens, or once the trial has ended."""
     import threading
 
-    from jobs.sweep import _relay_stop
+    from jobs.sweep_trial import _relay_stop
     from workers.control import ControlChannel
 
     def relay(trial: str, tune_stopping) -> tuple[threading.Thread, threading.Event, ControlChannel]:

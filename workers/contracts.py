@@ -37,7 +37,7 @@ class WorkerConfig(Config):
     # The job's output folder: its control/ subfolder carries "checkpoint now" requests
     # (workers/control.py); None: nobody can ask.
     control_dir: str | None = None
-    # A PBT segment of a sweep (jobs/sweep.py): start from this checkpoint folder when the run has
+    # A PBT segment of a sweep (jobs/sweep_trial.py): start from this checkpoint folder when the run has
     # none of its own, and end after the checkpoint at stop_at_step. None: neither.
     init_checkpoint: str | None = None
     stop_at_step: int | None = Field(None, ge=1)

@@ -346,7 +346,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if notice is not None and run.rank == 0:
                 channel.note(f"checkpoint at step {done} on a preemption notice: {describe_preemption(notice)}")
         if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
-            return  # the end of a PBT segment (jobs/sweep.py): its checkpoint was just reported
+            return  # the end of a PBT segment (jobs/sweep_trial.py): its checkpoint was just reported
 
     # eval_batches 0: no held-out pass, and no Ray Data pipeline started for it
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val and loop.eval_batches else None

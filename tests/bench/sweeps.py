@@ -47,7 +47,7 @@ def timed_trial(config: dict[str, Any], **params: Any) -> None:
     """run_trial, timed from inside the trial (the trial's own run time)."""
     from ray import tune
 
-    from jobs.sweep import run_trial
+    from jobs.sweep_trial import run_trial
 
     start = time.time()
     run_trial(config, **params)

@@ -1,0 +1,140 @@
+"""A sweep's trial, inside its Tune actor (jobs/sweep.py drives the trials).
+
+Each trial is a Tune function (``run_trial``) that builds the trial's TorchTrainer
+(jobs.trainer.build_trainer) under a run name of its own and runs it, so a trial is a full Ray
+Train run with its own workers, checkpoints and failure handling. Rank 0's reports reach Tune
+through Ray's TuneReportCallback (``_TrialReport`` makes every report carry ``step`` and ``loss``).
+For PBT a trial runs in segments of perturbation_interval steps (``_run_segments``). A trial asked to
+stop, or stopped by Tune, tells its own training loop (``_relay_stop``), which checkpoints at the
+end of its current step and ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jobs.sweep_events import stop_requested
+from jobs.sweep_spec import PbtScheduler, SweepSpec
+
+TRIAL_RUN = "train"  # the Train run name of a (non-PBT) trial inside its own folder
+# How often a trial looks for a request to stop it (jobs/sweep_events.py), to end its run at once.
+STOP_POLL_S = 0.5
+
+
+def trial_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """A Tune result from one of the loop's reports: ``{"step", "loss"}`` at a checkpoint, RunMetrics
+    at the end (loss: the mean over the final window; eval_loss when there is a held-out set)."""
+    if "steps" not in m:
+        return {"step": int(m["step"]), "loss": float(m["loss"])}
+    final = {"step": int(m["steps"]), "loss": m["final_loss"], "tokens_per_s": m["tokens_per_s"]}
+    return final if m.get("eval_loss") is None else {**final, "eval_loss": m["eval_loss"]}
+
+
+def _trial_report() -> Any:
+    """Ray's TuneReportCallback, forwarding trial_metrics(rank 0's report) and the checkpoint path."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _TrialReport(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            super().after_report(run_context, [trial_metrics(metrics[0])], checkpoint)
+
+    return _TrialReport()
+
+
+def _with_callbacks(trainer: Any, callbacks: list[Any]) -> Any:
+    """Add Train callbacks to a built trainer. build_trainer owns the RunConfig; the trainer's run
+    context holds the same RunConfig object, so setting its callbacks reaches fit()."""
+    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), *callbacks]
+    return trainer
+
+
+def _segment_loop(config: dict[str, Any], *, init_checkpoint: str | None, stop_at_step: int) -> None:
+    """The worker loop of one PBT segment: start from ``init_checkpoint``, stop after the checkpoint
+    at ``stop_at_step`` (WorkerConfig fields the loop honours)."""
+    from workers.loop import train_loop_per_worker
+
+    worker = {**config["worker"], "init_checkpoint": init_checkpoint, "stop_at_step": stop_at_step}
+    train_loop_per_worker({**config, "worker": worker})
+
+
+def _run_segments(spec: Any, data: Any, trial_out: Path, interval: int) -> None:
+    """PBT: segments of ``interval`` steps, each a new Train run from the checkpoint Tune gave this
+    trial (its own latest, or a donor's after an exploit), each ending in a report with its checkpoint."""
+    from ray import tune
+
+    from jobs.trainer import build_trainer
+    from workers.checkpoint import read_meta
+
+    given = tune.get_checkpoint()
+    init = given.path if given is not None else None
+    start = read_meta(Path(init))["step"] if init else 0
+    while start < spec.train.steps:
+        end = min(start + interval, spec.train.steps)
+        loop = functools.partial(_segment_loop, init_checkpoint=init, stop_at_step=end)
+        result = build_trainer(spec, data, trial_out, run_name=f"segment-{end:08d}-{uuid.uuid4().hex[:6]}",
+                               train_loop=loop).fit()
+        init = result.checkpoint.path
+        start = read_meta(Path(init))["step"]  # before ``end`` when the trial was asked to stop
+        tune.report(trial_metrics(result.metrics), checkpoint=tune.Checkpoint.from_directory(init))
+        if start < end:
+            return
+
+
+def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: str, s3: dict[str, str]) -> None:
+    """One trial: the base train spec with this trial's values on ``data`` (workers.data.TrainingData,
+    opened once by the driver), as a Ray Train run in
+    ``out/trials/<trial id>`` (a stable run name, so a restarted trial resumes its checkpoints).
+
+    ``s3``: the driver's S3 settings (workers.data.s3_env). build_trainer runs here, in the trial's
+    actor, whose environment is its node's rather than the driver's, and hands the S3 settings it
+    finds to the run's workers and Ray Data tasks: set the driver's, as jobs.train hands its own."""
+    from ray import tune
+
+    from jobs.trainer import build_trainer
+
+    os.environ.update(s3)
+    swept = SweepSpec.model_validate(sweep)
+    spec = swept.trial_spec(config["params"])
+    trial_id = tune.get_context().get_trial_id()
+    trial_out = Path(out) / "trials" / trial_id
+    ended = threading.Event()
+    threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended, _tune_stopping()),
+                     daemon=True).start()
+    try:
+        if isinstance(swept.scheduler, PbtScheduler):
+            _run_segments(spec, data, trial_out, swept.scheduler.perturbation_interval)
+        else:
+            _with_callbacks(build_trainer(spec, data, trial_out, run_name=TRIAL_RUN), [_trial_report()]).fit()
+    finally:
+        ended.set()
+
+
+def _tune_stopping() -> Any:
+    """Whether Tune has stopped this trial (its scheduler, e.g. ASHA, or the stopper): the trial's
+    function session's stop event, which the trial actor's stop() sets (ray/train/_internal/session.py,
+    Ray 2.60; a Ray without it: never). Tune frees the trial's slot at once and starts the next trial,
+    while this actor, the Train run it owns and that run's workers go only when Ray collects the actor."""
+    from ray.train._internal.session import get_session
+
+    event = getattr(get_session(), "stop_event", None)
+    return event.is_set if event is not None else (lambda: False)
+
+
+def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Event, tune_stopping: Any) -> None:
+    """End this trial's training run when it is asked to stop, or Tune stops it: the loop checkpoints
+    at the end of its current step, then the run ends and frees its CPUs. The driver's stopper acts
+    only on the reports Tune has taken in, which trail the loop (Ray Train forwards them when its
+    controller polls), so a short trial could otherwise finish before its stop took effect."""
+    from workers.control import ControlChannel
+
+    while not ended.wait(STOP_POLL_S):
+        why = ("the trial was asked to stop" if stop_requested(out, trial_id)
+               else "Tune stopped the trial" if tune_stopping() else None)
+        if why is not None:
+            ControlChannel(trial_out).request_checkpoint(why, stop=True)
+            return
