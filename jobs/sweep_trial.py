@@ -5,8 +5,9 @@ Each trial is a Tune function (``run_trial``) that builds the trial's TorchTrain
 Train run with its own workers, checkpoints and failure handling. Rank 0's reports reach Tune
 through Ray's TuneReportCallback (``_TrialReport`` makes every report carry ``step`` and ``loss``).
 For PBT a trial runs in segments of perturbation_interval steps (``_run_segments``). A trial asked to
-stop, or stopped by Tune, tells its own training loop (``_relay_stop``), which checkpoints at the
-end of its current step and ends.
+stop tells its own training loop (``_relay_stop``), which checkpoints at the end of its current step
+and ends. (A trial that Tune stops, ASHA's cut, goes with its actor: Ray ends the Train run the
+actor owns, and its workers.)
 """
 
 from __future__ import annotations
@@ -103,8 +104,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
     trial_id = tune.get_context().get_trial_id()
     trial_out = Path(out) / "trials" / trial_id
     ended = threading.Event()
-    threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended, _tune_stopping()),
-                     daemon=True).start()
+    threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended), daemon=True).start()
     try:
         if isinstance(swept.scheduler, PbtScheduler):
             _run_segments(spec, data, trial_out, swept.scheduler.perturbation_interval)
@@ -114,27 +114,14 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
         ended.set()
 
 
-def _tune_stopping() -> Any:
-    """Whether Tune has stopped this trial (its scheduler, e.g. ASHA, or the stopper): the trial's
-    function session's stop event, which the trial actor's stop() sets (ray/train/_internal/session.py,
-    Ray 2.60; a Ray without it: never). Tune frees the trial's slot at once and starts the next trial,
-    while this actor, the Train run it owns and that run's workers go only when Ray collects the actor."""
-    from ray.train._internal.session import get_session
-
-    event = getattr(get_session(), "stop_event", None)
-    return event.is_set if event is not None else (lambda: False)
-
-
-def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Event, tune_stopping: Any) -> None:
-    """End this trial's training run when it is asked to stop, or Tune stops it: the loop checkpoints
-    at the end of its current step, then the run ends and frees its CPUs. The driver's stopper acts
-    only on the reports Tune has taken in, which trail the loop (Ray Train forwards them when its
-    controller polls), so a short trial could otherwise finish before its stop took effect."""
+def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Event) -> None:
+    """Pass a request to stop this trial to its training loop: a checkpoint at the end of the current
+    step, then the run ends. The driver's stopper acts only on the reports Tune has taken in, which
+    trail the loop (Ray Train forwards them when its controller polls), so a short trial could
+    otherwise finish before its stop took effect."""
     from workers.control import ControlChannel
 
     while not ended.wait(STOP_POLL_S):
-        why = ("the trial was asked to stop" if stop_requested(out, trial_id)
-               else "Tune stopped the trial" if tune_stopping() else None)
-        if why is not None:
-            ControlChannel(trial_out).request_checkpoint(why, stop=True)
+        if stop_requested(out, trial_id):
+            ControlChannel(trial_out).request_checkpoint("the trial was asked to stop", stop=True)
             return

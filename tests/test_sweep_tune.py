@@ -114,34 +114,28 @@ def test_a_model_based_search_samples_the_space(local_ray, tmp_path, search):
 
 
 def test_a_stop_reaches_the_trials_training_loop(tmp_path):
-    """_relay_stop, on its own: a stop request file, or Tune stopping the trial, becomes a "checkpoint
-    and end" request in the trial's control folder (workers/control.py), which its loop answers at
-    the end of its current step; nothing is asked while neither happens, or once the trial has ended."""
+    """_relay_stop, on its own: a stop request file becomes a "checkpoint and end" request in the
+    trial's control folder (workers/control.py), which its loop answers at the end of its current
+    step; nothing is asked before, or once the trial has ended."""
     import threading
 
     from jobs.sweep_trial import _relay_stop
     from workers.control import ControlChannel
 
-    def relay(trial: str, tune_stopping) -> tuple[threading.Thread, threading.Event, ControlChannel]:
+    def relay(trial: str) -> tuple[threading.Thread, threading.Event, ControlChannel]:
         ended = threading.Event()
-        t = threading.Thread(target=_relay_stop, args=(tmp_path, trial, tmp_path / trial, ended, tune_stopping))
+        t = threading.Thread(target=_relay_stop, args=(tmp_path, trial, tmp_path / trial, ended))
         t.start()
         return t, ended, ControlChannel(tmp_path / trial)
 
-    asked, ended, channel = relay("t1", lambda: False)
+    asked, ended, channel = relay("t1")
     assert channel.pending() is None
     request_stop(tmp_path, "t1", "test")
     asked.join(timeout=10)
     assert not asked.is_alive() and channel.pending().stop and "asked to stop" in channel.pending().reason
 
-    stopping = threading.Event()
-    asked, ended, channel = relay("t2", stopping.is_set)
-    stopping.set()  # ASHA cut the trial
-    asked.join(timeout=10)
-    assert not asked.is_alive() and channel.pending().stop and channel.pending().reason == "Tune stopped the trial"
-
-    asked, ended, channel = relay("t3", lambda: False)
+    asked, ended, channel = relay("t2")
     ended.set()  # the trial's run ended on its own
     asked.join(timeout=10)
-    request_stop(tmp_path, "t3", "too late")
+    request_stop(tmp_path, "t2", "too late")
     assert not asked.is_alive() and channel.pending() is None

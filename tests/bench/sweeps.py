@@ -44,16 +44,28 @@ ROW = "row.json"  # a finished sweep's figures, kept for --reuse
 
 
 def timed_trial(config: dict[str, Any], **params: Any) -> None:
-    """run_trial, timed from inside the trial (the trial's own run time)."""
+    """run_trial, timed from inside the trial (the trial's own run time). The end is written when the
+    function returns; a trial that Tune stops (ASHA, at a cut or at max_t) never returns, as its actor
+    goes, and ends at its "complete" event instead (_spans)."""
     from ray import tune
 
     from jobs.sweep_trial import run_trial
 
-    start = time.time()
-    run_trial(config, **params)
     path = Path(params["out"]) / TIMINGS / f"{tune.get_context().get_trial_id()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    path.write_text(json.dumps({"start": start}))
+    run_trial(config, **params)
     path.write_text(json.dumps({"start": start, "end": time.time()}))
+
+
+def _spans(out: Path) -> dict[str, dict[str, float]]:
+    """trial id -> its own run's start and end (unix s)."""
+    from jobs.sweep_events import read_events
+
+    completed = {e["trial"]: e["at"] for e in read_events(out) if e["event"] in ("complete", "error")}
+    spans = {p.stem: json.loads(p.read_text()) for p in (out / TIMINGS).glob("*.json")}
+    return {t: {"start": s["start"], "end": s.get("end", completed.get(t, s["start"]))} for t, s in spans.items()}
 
 
 def _spec(overrides: dict[str, Any]) -> Any:
@@ -83,7 +95,7 @@ def _overhead(out: Path, t0: float, t1: float) -> dict[str, Any]:
     """wall / ideal of the sweep in ``out`` (fit() from ``t0`` to ``t1``) and where the difference went."""
     from jobs.sweep_events import read_events
 
-    spans = {p.stem: json.loads(p.read_text()) for p in (out / TIMINGS).glob("*.json")}
+    spans = _spans(out)
     runs = [s["end"] - s["start"] for s in spans.values()]
     ideal, wall = sum(runs) / CONCURRENCY, t1 - t0
     first, last = min(s["start"] for s in spans.values()), max(s["end"] for s in spans.values())
