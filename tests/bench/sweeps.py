@@ -59,11 +59,9 @@ def timed_trial(config: dict[str, Any], **params: Any) -> None:
     path.write_text(json.dumps({"start": start, "end": time.time()}))
 
 
-def _spans(out: Path) -> dict[str, dict[str, float]]:
-    """trial id -> its own run's start and end (unix s)."""
-    from jobs.sweep_events import read_events
-
-    completed = {e["trial"]: e["at"] for e in read_events(out) if e["event"] in ("complete", "error")}
+def _spans(out: Path, events: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """trial id -> its own run's start and end (unix s); ``events``: the sweep's trial events."""
+    completed = {e["trial"]: e["at"] for e in events if e["event"] in ("complete", "error")}
     spans = {p.stem: json.loads(p.read_text()) for p in (out / TIMINGS).glob("*.json")}
     return {t: {"start": s["start"], "end": s.get("end", completed.get(t, s["start"]))} for t, s in spans.items()}
 
@@ -95,7 +93,8 @@ def _overhead(out: Path, t0: float, t1: float) -> dict[str, Any]:
     """wall / ideal of the sweep in ``out`` (fit() from ``t0`` to ``t1``) and where the difference went."""
     from jobs.sweep_events import read_events
 
-    spans = _spans(out)
+    events = read_events(out)
+    spans = _spans(out, events)
     runs = [s["end"] - s["start"] for s in spans.values()]
     ideal, wall = sum(runs) / CONCURRENCY, t1 - t0
     first, last = min(s["start"] for s in spans.values()), max(s["end"] for s in spans.values())
@@ -103,7 +102,7 @@ def _overhead(out: Path, t0: float, t1: float) -> dict[str, Any]:
     # A trial's Train start-up: its start to its first report, less the steps that report covers (at
     # the pace of its later reports).
     reports: dict[str, list[float]] = {}
-    for e in read_events(out):
+    for e in events:
         if e["event"] == "result" and e["trial"] in spans:
             reports.setdefault(e["trial"], []).append(e["at"])
     startups = []
