@@ -196,7 +196,7 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     place = placement(spec)
     if not isinstance(data, TrainingData):
         data = TrainingData.from_built(data)
-    datasets = make_datasets(data, spec.data.seq_len, spec.seed)
+    datasets = make_datasets(data, spec.data, spec.seed)
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
                           device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,

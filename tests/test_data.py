@@ -11,11 +11,11 @@ from workers.data import (
     DataError,
     build_shards,
     open_training_data,
-    pack_sequences,
     shard_paths,
     verify_shards,
 )
 from workers.order import global_batches, ordered_rows
+from workers.shard_reader import ShardSource, pack_sequences, packed_blocks
 
 
 @pytest.fixture
@@ -86,9 +86,46 @@ def test_corrupt_shard_is_named(corpus, tmp_path, damage):
 def test_pack_sequences_concatenates_and_cuts():
     docs = [np.arange(1, 11, dtype=np.uint16), np.arange(20, 27, dtype=np.uint16)]  # 10 + 7 tokens
     table = pa.table({"tokens": pa.array([d.tolist() for d in docs], pa.list_(pa.uint16()))})
-    rows = pack_sequences(table, seq_len=4)["input_ids"]  # 17 tokens -> 3 rows of 5, 2 dropped
+    rows = pack_sequences(table, seq_len=4)  # 17 tokens -> 3 rows of 5, 2 dropped
     assert rows.shape == (3, 5)
     assert rows.ravel().tolist() == list(range(1, 11)) + [20, 21, 22, 23, 24]
+
+
+def _docs_table(rng, n_docs):
+    docs = [rng.integers(1, 256, rng.integers(1, 40), dtype=np.uint16) for _ in range(n_docs)]
+    return pa.table({"tokens": pa.array([d.tolist() for d in docs], pa.list_(pa.uint16()))})
+
+
+@pytest.mark.parametrize("batch_docs", [1, 3, 50])
+def test_packing_a_shard_in_pieces_gives_the_rows_of_packing_it_whole(batch_docs):
+    table = _docs_table(np.random.default_rng(batch_docs), 50)
+    whole = pack_sequences(table, seq_len=7)
+    blocks = list(packed_blocks(table.to_batches(max_chunksize=batch_docs), seq_len=7, block_rows=4))
+    assert all(1 <= len(b) <= 4 for b in blocks)
+    assert np.array_equal(np.concatenate(blocks), whole)
+    assert len(whole) == sum(len(d) for d in table.column("tokens").to_pylist()) // 8
+
+
+def test_the_shard_source_plans_one_task_per_listed_shard_and_streams_it(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+    from ray.data.block import BlockAccessor
+
+    import workers.shard_reader as reader
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"s{i}.parquet"
+        pq.write_table(_docs_table(rng, 40), path, row_group_size=7)  # several row groups each
+        paths.append(str(path))
+    order = [paths[2], paths[0]]  # a manifest's list, in the run's order; s1 is not listed
+    monkeypatch.setattr(reader, "BLOCK_TOKENS", 5 * 8)  # 5 rows of seq_len 7 per block
+    tasks = ShardSource(order, pafs.LocalFileSystem(), seq_len=7).get_read_tasks(parallelism=200)
+    assert [t.metadata.input_files for t in tasks] == [(p,) for p in order]
+    for task, path in zip(tasks, order, strict=True):
+        blocks = [BlockAccessor.for_block(b).to_batch_format("numpy")["input_ids"] for b in task()]
+        assert len(blocks) > 1 and all(len(b) <= 5 for b in blocks)
+        assert np.array_equal(np.concatenate(blocks), pack_sequences(pq.read_table(path), seq_len=7))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,3 +235,15 @@ def test_the_training_pipeline_reads_ahead_a_bounded_amount_in_one_order():
     train = config._resolve_execution_options("train")  # what Ray Train hands the training pipeline
     assert train.preserve_order and train.resource_limits.object_store_memory == TRAIN_READ_AHEAD_BYTES
     assert config._datasets_to_split == ["val"]  # every worker streams the whole training split
+
+
+def test_a_shard_damaged_after_the_check_fails_its_read_naming_it(tmp_path):
+    import pyarrow.fs as pafs
+
+    path = tmp_path / "s0.parquet"
+    pq.write_table(_docs_table(np.random.default_rng(0), 40), path)
+    path.write_bytes(path.read_bytes()[:-100])  # the footer gone
+    (task,) = ShardSource([str(path)], pafs.LocalFileSystem(), seq_len=7).get_read_tasks(parallelism=1)
+    with pytest.raises(DataError, match=f"shard {path} cannot be read"):
+        list(task())
+

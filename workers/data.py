@@ -20,9 +20,10 @@ exactly the shards its manifest lists, checked first (``data.on_corrupt``), with
 
 Order (exactly once): every rank streams the whole training split in ONE order that depends on
 neither the world size nor the batch size: the files in a seeded order (the same at every
-execution, Ray Data's preserve_order), packed per block, cut into windows, each
-permuted by a generator seeded with (seed, epoch, window) (workers/order.py). A sequence is thus named by (epoch, index in the epoch); the loop cuts its rows out of
-each global batch and the checkpoint stores the index reached, so a resume on any world size
+execution, Ray Data's preserve_order), each packed on its own (workers/shard_reader.py), cut
+into windows, each permuted by a generator seeded with (seed, epoch, window) (workers/order.py).
+A sequence is thus named by (epoch, index in the epoch); the loop cuts its rows out of each
+global batch and the checkpoint stores the index reached, so a resume on any world size
 continues at exactly the next sequence.
 """
 
@@ -40,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -245,16 +245,6 @@ def shard_paths(manifest: dict[str, Any], split: str) -> list[str]:
     return [str(root / e["name"]) for e in manifest["splits"][split]["files"]]
 
 
-def pack_sequences(batch: pa.Table, seq_len: int) -> dict[str, np.ndarray]:
-    """Concatenate a block of documents and cut it into rows of seq_len + 1 tokens.
-
-    The tail shorter than one row is dropped (at most seq_len tokens per block).
-    """
-    flat = pc.list_flatten(batch.column("tokens")).to_numpy(zero_copy_only=False)  # (tokens,)
-    rows = len(flat) // (seq_len + 1)
-    return {"input_ids": flat[: rows * (seq_len + 1)].reshape(rows, seq_len + 1)}  # (rows, seq_len + 1)
-
-
 @dataclass(frozen=True)
 class TrainingData:
     """What a run trains on: the verified shards of each split (paths inside ``filesystem``), the
@@ -323,12 +313,15 @@ def s3_env() -> dict[str, str]:
     return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
 
 
-def make_datasets(data: TrainingData, seq_len: int, seed: int) -> dict[str, Any]:
-    """Ray Data streaming pipelines: read parquet -> pack. The training split's files come in one
-    seeded order at every execution (every epoch, every worker-group start): with Ray Data's
-    preserve_order (jobs/trainer.py) the packed rows then arrive in one order, which
-    workers/order.py's ``ordered_rows`` shuffles deterministically."""
+def make_datasets(data: TrainingData, cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """Ray Data streaming pipelines of packed rows (workers/shard_reader.py): the shards the manifest
+    lists, read ``cfg.read_tasks`` at a time; the training split's shards in one order seeded by
+    ``seed`` (the same at every execution: every epoch, every worker-group start). With Ray Data's
+    preserve_order (jobs/trainer.py) the rows then arrive in one order, which workers/order.py's
+    ``ordered_rows`` shuffles deterministically."""
     import ray.data
+
+    from workers.shard_reader import ShardSource
 
     env = s3_env()
     remote_args = {"runtime_env": {"env_vars": env}} if env else {}
@@ -337,9 +330,10 @@ def make_datasets(data: TrainingData, seq_len: int, seed: int) -> dict[str, Any]
         paths = data.shards.get(split)
         if not paths:
             continue
-        shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=False) if split == "train" else None
-        ds = ray.data.read_parquet(paths, filesystem=data.filesystem, columns=["tokens"], shuffle=shuffle,
-                                   ray_remote_args=remote_args)
-        datasets[split] = ds.map_batches(pack_sequences, fn_kwargs={"seq_len": seq_len},
-                                         batch_format="pyarrow", batch_size=None, **remote_args)
+        if split == "train":
+            paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+        # One block stream per shard: override_num_blocks keeps Ray from splitting them further.
+        datasets[split] = ray.data.read_datasource(ShardSource(paths, data.filesystem, cfg.seq_len),
+                                                   concurrency=cfg.read_tasks, override_num_blocks=len(paths),
+                                                   ray_remote_args=remote_args)
     return datasets

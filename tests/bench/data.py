@@ -21,8 +21,10 @@ Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BE
 - the share of a training step spent waiting for data: this module's per-worker function wraps the
   product loop's batch iterator (``workers.loop._batches``, in the worker process only; the loop does
   not know) and times each ``next()`` against the time between steps.
-- ``jobs.prepare``'s pipeline (``prepare`` with ``ray_runner``) on a slice of the standard library
-  with the bytes and the BPE tokenizer: input MB/s per core, and BPE tokens per input byte.
+- ``jobs.prepare``'s pipeline on a slice of the standard library with the bytes and the BPE
+  tokenizer (tests/bench/data_prepare.py): input MB/s per core, and BPE tokens per input byte.
+
+The tables are written by tests/bench/data_report.py.
 """
 
 from __future__ import annotations
@@ -45,12 +47,8 @@ import pyarrow.parquet as pq
 from jobs.specs import TrainSpec, load_spec
 from tests.conftest import DEMO
 
-SIZES_ENV = "MOE_BENCH_DATA_GB"  # "SMALL,LARGE" in GB of shard files, e.g. "1,8"
-# The issue asks for 1 GB vs 8 GB. On the shared 2-core machine these figures were first taken on
-# (load average 40 to 200 from other users), the trainer's input path moved ~30k rows/s (~4M
-# tokens/s: see ``ordering_cost``), so one pass over 8 GB (8G tokens) would take over half an hour,
-# past the ~20 minutes the section may take; 0.125 vs 1 GB keeps the 8x ratio.
-SIZES_GB = (0.125, 1.0)
+SIZES_ENV = "MOE_BENCH_DATA_GB"  # "SMALL,LARGE" in GB of shard files, e.g. "0.125,1" on a slow machine
+SIZES_GB = (1.0, 8.0)
 GB = 1e9
 MB = 1e6
 SHARD_TOKENS = 32 * 1024 * 1024  # jobs.prepare's default shard: 32 MiB of input, one byte token each
@@ -62,11 +60,6 @@ IDLE_WORKER = "ray::IDLE"  # the process title of a pooled Ray worker with no ta
 TRAIN_STEPS = 30
 # The demo spec, trimmed: no checkpoint before the end, no eval, a progress record every 10 steps.
 SETS = ["train.checkpoint_every=100000", "train.eval_batches=0", "train.log_every=10", "resources.max_failures=0"]
-PREP_INPUT_BYTES = 16_000_000  # the standard-library slice prepared with each tokenizer
-PREP_SHARD_BYTES = 2_000_000  # small shards, so every task slot has several
-PREP_WARMUP_BYTES = 4_000_000  # an unmeasured first preparation: Ray starts its task processes
-PREP_TASKS = os.cpu_count() or 1
-BPE_VOCAB = 8192
 ORDERING_BATCH_ROWS = 32  # the demo's global batch (2 workers x 16)
 GOALS = {"memory_ratio": 1.2, "ray_vs_arrow": 0.7, "wait_share": 0.05}
 
@@ -264,10 +257,31 @@ def ordering_cost(block_rows: int, seq_len: int, pieces: int) -> float:
 
 def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
     """The whole training split through the trainer's input path, consumed in the driver."""
-    from jobs.trainer import data_config
     from workers.data import make_datasets
 
-    ds = make_datasets(data, spec.data.seq_len, spec.seed)["train"]
+    return _driver_pass(make_datasets(data, spec.data, spec.seed)["train"], spec)
+
+
+def read_parquet_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
+    """The same pass with Ray Data's own parquet reader in place of workers/shard_reader.py's
+    manifest-planned source (the input path before it): ``read_parquet`` with a seeded file order,
+    each block packed by a ``map_batches``."""
+    import ray.data
+
+    from workers.shard_reader import pack_sequences
+
+    ds = ray.data.read_parquet(data.shards["train"], filesystem=data.filesystem, columns=["tokens"],
+                               shuffle=ray.data.FileShuffleConfig(seed=spec.seed, reseed_after_execution=False))
+    ds = ds.map_batches(lambda t: {"input_ids": pack_sequences(t, spec.data.seq_len)}, batch_format="pyarrow",
+                        batch_size=None)
+    return _driver_pass(ds, spec)
+
+
+def _driver_pass(ds: Any, spec: TrainSpec) -> dict[str, Any]:
+    """``ds`` (packed rows) through Ray Train's DataConfig for the training split, consumed in the
+    driver as the loop consumes it, with the memory sampled."""
+    from jobs.trainer import data_config
+
     it = data_config().configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
     with PeakMemory() as mem:
         result = _consume((b["input_ids"] for b in it.iter_batches(batch_size=None, batch_format="numpy")), spec)
@@ -276,12 +290,12 @@ def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
 
 def arrow_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
     """The same files and consumer, each file read whole by pyarrow in this process (no Ray)."""
-    from workers.data import pack_sequences
+    from workers.shard_reader import pack_sequences
 
     def blocks() -> Iterator[np.ndarray]:
         for path in data.shards["train"]:
             table = pq.read_table(path, columns=["tokens"], filesystem=data.filesystem)
-            yield pack_sequences(table, spec.data.seq_len)["input_ids"]
+            yield pack_sequences(table, spec.data.seq_len)
 
     return _consume(blocks(), spec)
 
@@ -341,54 +355,6 @@ def train_run(data: Any, spec: TrainSpec, out: Path) -> dict[str, Any]:
             "ranks": ranks, "wait_share": max(r["share"] for r in ranks)}
 
 
-# -- preparation --------------------------------------------------------------------------------
-
-
-def _cpu_s(procs: list[Any]) -> dict[int, float]:
-    out = {}
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except Exception:  # noqa: BLE001 (psutil.Error: a worker that just exited)
-            continue
-        out[p.pid] = t.user + t.system
-    return out
-
-
-def prepare_run(scratch: Path, tokenizer: str, input_bytes: int = PREP_INPUT_BYTES) -> dict[str, Any]:
-    """``jobs.prepare``'s pipeline on a standard-library slice: wall time of the whole preparation and
-    of the shard phase (the runner's part, after the tokenizer exists), and the CPU seconds the shard
-    tasks' processes used (a per-core figure that other users' load on the machine does not move)."""
-    from workers.corpus import PrepareConfig, prepare, ray_runner
-
-    out = scratch / f"prepare-{tokenizer}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = PrepareConfig(path=str(out), max_bytes=input_bytes, tokenizer=tokenizer, vocab_size=BPE_VOCAB,
-                        bpe_sample_bytes=input_bytes, shard_bytes=PREP_SHARD_BYTES)
-    tasks = ray_runner(max_tasks=PREP_TASKS)
-    raylet = PeakMemory().raylet
-    phase: dict[str, float] = {}
-
-    def timed_tasks(shards: list[Any], **kw: Any) -> Iterator[Any]:
-        cpu0, t0 = _cpu_s(raylet.children()), time.perf_counter()
-        yield from tasks(shards, **kw)
-        phase["seconds"] = time.perf_counter() - t0
-        cpu1 = _cpu_s(raylet.children())
-        phase["cpu_s"] = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
-        phase["shards"] = len(shards)
-
-    started = time.perf_counter()
-    manifest = prepare(cfg, log=lambda msg: None, runner=timed_tasks)
-    total_s = time.perf_counter() - started
-    in_mb = manifest.input_bytes / MB
-    tokens = sum(s.tokens - s.documents for s in manifest.splits.values())  # EOS excluded
-    cores = min(PREP_TASKS, phase["shards"])
-    return {"tokenizer": tokenizer, "input_mb": in_mb, "total_s": total_s, "shard_s": phase["seconds"],
-            "cores": cores, "mb_per_s_per_core": in_mb / phase["seconds"] / cores,
-            "end_to_end_mb_per_s": in_mb / total_s, "mb_per_cpu_s": in_mb / phase["cpu_s"],
-            "tokens_per_byte": tokens / manifest.input_bytes}
-
-
 # -- the section --------------------------------------------------------------------------------
 
 
@@ -403,106 +369,57 @@ def _cached(path: Path, reuse: bool, fn: Callable[[], dict[str, Any]]) -> dict[s
     return result
 
 
-def _measure_set(scratch: Path, gb: float, spec: TrainSpec, with_arrow: bool) -> dict[str, Any]:
-    """Generate a set, verify it as a run does, pass over it (Ray Data; pyarrow too if asked), train on it."""
+def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], reuse: bool) -> dict[str, dict]:
+    """Both sets generated and verified as a run does, then each pass over both sets, one kind of
+    pass after the other: a pass leaves the cluster larger than it found it (the driver's own reads,
+    Ray Train's actors), so the two sizes of one pass start from the same state."""
     from workers.data import open_training_data
 
-    root = scratch / f"shards-{gb:g}gb"
-    made = make_shards(root, gb * GB, scratch / "pool")
-    pa.default_memory_pool().release_unused()  # the drawing's buffers are not the passes' memory
-    started = time.perf_counter()
-    data = open_training_data(spec.data, spec.model.vocab_size, log=lambda msg: None)
-    result = {"size_gb": gb, **made, "verify_s": time.perf_counter() - started, "ray": ray_pass(data, spec)}
-    if with_arrow:
-        result["arrow"] = arrow_pass(data, spec)
-        rows = SHARD_TOKENS // (spec.data.seq_len + 1)
-        result["ordering"] = {"rows": rows, "rows_per_s": {str(n): ordering_cost(rows, spec.data.seq_len, n)
-                                                           for n in (1, 8)}}
-    result["train"] = train_run(data, spec, scratch / f"train-{gb:g}gb")
-    return result
+    results = scratch / "results"
+    labels = dict(zip(("small", "large"), sizes, strict=True))
+    specs = {label: load_spec(DEMO, [*base, f"data.path={scratch / f'shards-{gb:g}gb'}"]) for label, gb in labels.items()}
+    passes = {"ray": ray_pass, "read_parquet": read_parquet_pass, "arrow": arrow_pass,
+              "ordering": lambda data, spec: ordering(spec), "train": None}
+    wanted = [(kind, label) for kind in passes for label in labels if label == "small" or kind not in ("arrow", "ordering")]
+    files = {(kind, label): results / f"{kind}-{labels[label]:g}gb.json" for kind, label in wanted}
+    sets_file = results / "sets.json"
+    data: dict[str, Any] = {}
+    if reuse and sets_file.exists() and all(f.exists() for f in files.values()):
+        sets = json.loads(sets_file.read_text())
+    else:
+        warmup = scratch / "shards-warmup"  # an unmeasured pass first: Ray Data's read processes start here
+        make_shards(warmup, 1, scratch / "pool")
+        spec = load_spec(DEMO, [*base, f"data.path={warmup}"])
+        ray_pass(open_training_data(spec.data, spec.model.vocab_size, log=lambda msg: None), spec)
+        sets = {}
+        for label, gb in labels.items():
+            made = make_shards(scratch / f"shards-{gb:g}gb", gb * GB, scratch / "pool")
+            pa.default_memory_pool().release_unused()  # the drawing's buffers are not the passes' memory
+            started = time.perf_counter()
+            data[label] = open_training_data(specs[label].data, specs[label].model.vocab_size, log=lambda msg: None)
+            sets[label] = {"size_gb": gb, **made, "read_tasks": specs[label].data.read_tasks,
+                           "verify_s": time.perf_counter() - started}
+        os.sync()  # GBs of new files: their write-back would compete with the first passes
+        results.mkdir(parents=True, exist_ok=True)
+        sets_file.write_text(json.dumps(sets, indent=1))
+    for kind, label in wanted:
+        gb = labels[label]
+        run = passes[kind] or (lambda data, spec, gb=gb: train_run(data, spec, scratch / f"train-{gb:g}gb"))
+        sets[label][kind] = _cached(files[kind, label], reuse,
+                                    lambda run=run, label=label: run(data[label], specs[label]))
+    return sets
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def _goal(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
-def _markdown(sizes: tuple[float, float], sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[str]:
-    small, large = sets["small"], sets["large"]
-    default = sizes == SIZES_GB
-    md = ["## Data plane: memory as the data grows, Ray Data vs pyarrow, data wait, preparation", "",
-          f"`python -m tests.bench --sections data` (tests/bench/data.py): shards of random byte ids in the "
-          f"prepared format, {small['size_gb']:g} GB ({small['shards']} shards) vs {large['size_gb']:g} GB "
-          f"({large['shards']} shards) of files, {SHARD_TOKENS // 2**20} Mi tokens per shard; the demo spec "
-          f"(2 CPU workers, global batch {small['ray']['batch_rows']} x {small['ray']['seq_len']} + 1 tokens). "
-          + ("The issue asks for 1 vs 8 GB: on this shared 2-core machine (load average 40-200 from other "
-             "users while this was written) the trainer's input path moves ~30k rows/s (~4M tokens/s), so one "
-             "pass over 8 GB would take over half an hour, past the ~20 minutes this section may take; these "
-             f"sizes keep the 8x ratio (`{SIZES_ENV}=1,8` runs the original)."
-             if default else f"Sizes set by `{SIZES_ENV}`."), "",
-          "Memory: peaks sampled every 0.2 s of the summed RSS of the driver and every Ray worker process (the "
-          "raylet's children), the same without shared pages (each reader's mapped object-store pages count in "
-          "its RSS), and the object store's used bytes.", "",
-          "| pass | set | GiB RSS | GiB RSS without shared | GiB object store | seconds |", "|---|---|---:|---:|---:|---:|"]
-    for kind, label in (("ray", "data only, whole set"), ("train", f"training, {steps} steps")):
-        for s in (small, large):
-            p = s[kind]["memory"]["peak"]
-            md.append(f"| {label} | {s['size_gb']:g} GB | {_gib(p['rss_bytes'])} | {_gib(p['private_bytes'])} | "
-                      f"{_gib(p['store_bytes'])} | {s[kind]['seconds']:.0f} |")
-        ratio = {k: large[kind]["memory"]["peak"][k] / max(small[kind]["memory"]["peak"][k], 1)
-                 for k in ("rss_bytes", "private_bytes", "store_bytes")}
-        md.append(f"| {label}: large / small (goal <= {GOALS['memory_ratio']}) | | **{ratio['rss_bytes']:.2f}** "
-                  f"({_goal(ratio['rss_bytes'] <= GOALS['memory_ratio'])}) | {ratio['private_bytes']:.2f} | "
-                  f"{ratio['store_bytes']:.2f} | |")
-    ray_small, arrow = small["ray"], small["arrow"]
-    md += ["", "Rows/s of global batches into the trainer (packed rows put in the loop's training order, cut "
-               "into global batches, int64 tensors), Ray Data's path vs pyarrow reading the same files one after "
-               "the other in the driver; steady = after the first batch; reader s = time spent getting blocks:", "",
-           "| read | set | rows/s | / pyarrow (goal >= 0.7) | steady rows/s | first batch s | reader s | total s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for label, s, r in (("pyarrow, one file after the other", small, arrow),
-                        ("Ray Data, the trainer's iterator", small, ray_small),
-                        ("Ray Data, the trainer's iterator", large, large["ray"])):
-        ratio = r["rows_per_s"] / arrow["rows_per_s"]
-        shown = f"**{ratio:.2f}** ({_goal(ratio >= GOALS['ray_vs_arrow'])})" if r is ray_small else f"{ratio:.2f}"
-        md.append(f"| {label} | {s['size_gb']:g} GB | {r['rows_per_s']:,.0f} | {shown} | "
-                  f"{r['steady_rows_per_s']:,.0f} | {r['first_batch_s']:.1f} | {r['reader_s']:.0f} | "
-                  f"{r['seconds']:.0f} |")
-    order = small["ordering"]
-    md += ["", f"The loop's ordering alone (`workers.order.ordered_rows` + `global_batches`, no reader) over one "
-               f"shard's {order['rows']:,} packed rows: {order['rows_per_s']['1']:,.0f} rows/s handed over as one "
-               f"block (what a shard read whole gives), {order['rows_per_s']['8']:,.0f} rows/s as 8 blocks "
-               "(a window or batch copies only its own rows: the cost is linear in the block size; before "
-               "workers/order.py each cut copied the rest of its block, 41,596 vs 370,911 rows/s). Whole-pass "
-               "rows/s include the wait for the first batch (Ray Data starting its pipeline), which dominates "
-               "a pass over the small set; steady rows/s compare the reading itself.", "",
-           "Data wait: time in the loop's `next(batches)` over the time between steps, steps 2.. of the run; "
-           "whole run = all waits, the first (the pipeline starting) included, over the loop's time; worst rank:",
-           "", "| training run | s per step | data wait share (goal <= 5%) | whole run | longest wait s | "
-               "first batch s |", "|---|---:|---:|---:|---:|---:|"]
-    for s in (small, large):
-        worst = max(s["train"]["ranks"], key=lambda r: r["share"])
-        md.append(f"| {s['size_gb']:g} GB, {steps} steps | {worst['step_s']:.2f} | **{worst['share']:.1%}** "
-                  f"({_goal(worst['share'] <= GOALS['wait_share'])}) | {worst['run_share']:.0%} | "
-                  f"{worst['max_wait_s']:.3f} | {worst['first_batch_s']:.0f} |")
-    md += ["", f"Checking a set's SHA-256s before a run (`open_training_data`): {small['verify_s']:.0f} s for "
-               f"{small['size_gb']:g} GB, {large['verify_s']:.0f} s for {large['size_gb']:g} GB.", "",
-           f"Preparation (`prepare` with `ray_runner`, {PREP_TASKS} tasks at once) of {PREP_INPUT_BYTES / MB:.0f} MB "
-           f"of the standard library; per core = input MB / shard-phase s / tasks; per CPU-s = input MB / CPU "
-           f"seconds of the task processes (other users' load does not move it); end to end includes planning and "
-           f"BPE training on the slice ({BPE_VOCAB} ids):", "",
-           "| tokenizer | MB/s per core | MB per CPU-s | end-to-end MB/s | tokens per byte |", "|---|---:|---:|---:|---:|"]
-    md += [f"| {t} | {p['mb_per_s_per_core']:.2f} | {p['mb_per_cpu_s']:.2f} | {p['end_to_end_mb_per_s']:.2f} | "
-           f"{p['tokens_per_byte']:.3f} |" for t, p in prep.items()]
-    return md
+def ordering(spec: TrainSpec) -> dict[str, Any]:
+    """``ordering_cost`` over one shard's packed rows, as one block and as 8."""
+    rows = SHARD_TOKENS // (spec.data.seq_len + 1)
+    return {"rows": rows, "rows_per_s": {str(n): ordering_cost(rows, spec.data.seq_len, n) for n in (1, 8)}}
 
 
 def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -> dict:
     from jobs.trainer import init_ray
-    from workers.data import open_training_data
+    from tests.bench.data_prepare import PREP_WARMUP_BYTES, prepare_run
+    from tests.bench.data_report import markdown
 
     steps = steps or TRAIN_STEPS
     scratch = scratch.resolve() / "data"  # Ray Train's storage_path must be absolute
@@ -513,18 +430,9 @@ def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -
     prepare_run(scratch, "bytes", PREP_WARMUP_BYTES)  # starts the task processes the measured runs reuse
     prep = {tok: _cached(results / f"prepare-{tok}.json", reuse, lambda tok=tok: prepare_run(scratch, tok))
             for tok in ("bytes", "bpe")}
-    if not (reuse and all((results / f"set-{gb:g}gb.json").exists() for gb in sizes)):
-        warmup = scratch / "shards-warmup"  # an unmeasured pass first: Ray Data's read processes start here
-        make_shards(warmup, 1, scratch / "pool")
-        spec = load_spec(DEMO, [*base, f"data.path={warmup}"])
-        ray_pass(open_training_data(spec.data, spec.model.vocab_size, log=lambda msg: None), spec)
-    sets = {}
-    for label, gb in zip(("small", "large"), sizes, strict=True):
-        spec = load_spec(DEMO, [*base, f"data.path={scratch / f'shards-{gb:g}gb'}"])
-        sets[label] = _cached(results / f"set-{gb:g}gb.json", reuse,
-                              lambda gb=gb, spec=spec, label=label: _measure_set(scratch, gb, spec, label == "small"))
+    sets = _measure_sets(scratch, sizes, base, reuse)
     for folder in scratch.iterdir():  # the shards (GBs of them) and the runs' outputs; results/ stays
         if folder.name != "results":
             shutil.rmtree(folder)
     return {"data": {"name": "data", "sizes_gb": list(sizes), "sets": sets, "prepare": prep, "goals": GOALS},
-            "markdown": _markdown(sizes, sets, prep, steps)}
+            "markdown": markdown(sizes, sets, prep, steps)}

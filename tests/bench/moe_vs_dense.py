@@ -35,9 +35,10 @@ from torch import nn
 
 from workers.compression import CompressionConfig
 from workers.config import LoopConfig
-from workers.data import DataConfig, build_shards, pack_sequences, shard_paths
+from workers.data import DataConfig, build_shards, shard_paths
 from workers.moe.model import INIT_STD, FeedForward, ModelConfig, MoETransformer
 from workers.moe.stats import max_vio
+from workers.shard_reader import pack_sequences
 from workers.step import TrainStep, build_optimizer, evaluate, final_window
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def load_batches(steps: int, data_dir: Path = DATA_DIR) -> tuple[list[torch.Tens
         if not paths:
             raise SystemExit(f"bench moe: no {split} shards in {data_dir}")
         table = pq.read_table(paths, columns=["tokens"])
-        return pack_sequences(table, DEMO.max_seq_len)["input_ids"]  # (R, L + 1) uint16
+        return pack_sequences(table, DEMO.max_seq_len)  # (R, L + 1) uint16
 
     train = rows("train")
     train = train[np.random.default_rng(SEED).permutation(len(train))]  # (R, L + 1)

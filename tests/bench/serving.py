@@ -58,11 +58,12 @@ def _checkpoint(scratch: Path) -> tuple[Path, bool]:
 
 
 def _held_out(scratch: Path, seq_len: int) -> list[torch.Tensor]:
-    from workers.data import build_shards, pack_sequences, shard_paths
+    from workers.data import build_shards, shard_paths
+    from workers.shard_reader import pack_sequences
 
     manifest = build_shards(DataConfig(path=str(scratch / "data"), max_bytes=3_000_000, seq_len=seq_len),
                             log=lambda _: None)
-    rows = pack_sequences(pq.read_table(shard_paths(manifest, "val"), columns=["tokens"]), seq_len)["input_ids"]
+    rows = pack_sequences(pq.read_table(shard_paths(manifest, "val"), columns=["tokens"]), seq_len)
     return [torch.from_numpy(rows[i * EVAL_BATCH:(i + 1) * EVAL_BATCH].astype(np.int64))
             for i in range(min(EVAL_BATCHES, len(rows) // EVAL_BATCH))]
 

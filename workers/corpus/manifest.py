@@ -154,8 +154,8 @@ def write_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A verified preparation: what a trainer reads (``ray.data.read_parquet(data.paths("train"),
-    filesystem=data.filesystem)``, or ``data.shards["train"]`` as URIs) and the tokenizer to train with."""
+    """A verified preparation: what a trainer reads (``data.paths("train")`` inside ``data.filesystem``,
+    workers/shard_reader.py) and the tokenizer to train with."""
 
     root: str  # the data path as given: a folder or an s3:// prefix
     manifest: Manifest

@@ -1,0 +1,90 @@
+"""The data section's tables (tests/bench/data.py measures; this writes BENCHMARKS.md's part)."""
+
+from __future__ import annotations
+
+from tests.bench.data import GOALS, MB, SHARD_TOKENS, SIZES_ENV
+from tests.bench.data_prepare import BPE_VOCAB, PREP_INPUT_BYTES, PREP_TASKS
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _goal(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def markdown(sizes: tuple[float, float], sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[str]:
+    small, large = sets["small"], sets["large"]
+    md = ["## Data plane: memory as the data grows, Ray Data vs pyarrow, data wait, preparation", "",
+          f"`python -m tests.bench --sections data` (tests/bench/data.py): shards of random byte ids in the "
+          f"prepared format, {small['size_gb']:g} GB ({small['shards']} shards) vs {large['size_gb']:g} GB "
+          f"({large['shards']} shards) of files, {SHARD_TOKENS // 2**20} Mi tokens per shard; the demo spec "
+          f"(2 CPU workers, global batch {small['ray']['batch_rows']} x {small['ray']['seq_len']} + 1 tokens, "
+          f"`data.read_tasks` {small['read_tasks']}); `{SIZES_ENV}=SMALL,LARGE` sets the sizes.", "",
+          "Memory: peaks sampled every 0.2 s of the summed RSS of the driver and every Ray worker process (the "
+          "raylet's children), the same without shared pages (each reader's mapped object-store pages count in "
+          "its RSS), and the object store's used bytes; before = the summed RSS when the pass started (what "
+          "earlier passes left: each kind of pass runs over both sets in turn, so both start alike). \"Ray's read_parquet\": the same pass with "
+          "`ray.data.read_parquet` (seeded file order, a `map_batches` packing each block) in place of the "
+          "trainer's manifest-planned source (workers/shard_reader.py): the input path before it.", "",
+          "| pass | set | GiB RSS | GiB RSS without shared | GiB object store | GiB RSS before | seconds |",
+          "|---|---|---:|---:|---:|---:|---:|"]
+    for kind, label in (("ray", "data only, whole set"), ("read_parquet", "data only, Ray's read_parquet"),
+                        ("train", f"training, {steps} steps")):
+        for s in (small, large):
+            p = s[kind]["memory"]["peak"]
+            md.append(f"| {label} | {s['size_gb']:g} GB | {_gib(p['rss_bytes'])} | {_gib(p['private_bytes'])} | "
+                      f"{_gib(p['store_bytes'])} | {_gib(s[kind]['memory']['idle']['rss_bytes'])} | "
+                      f"{s[kind]['seconds']:.0f} |")
+        ratio = {k: large[kind]["memory"]["peak"][k] / max(small[kind]["memory"]["peak"][k], 1)
+                 for k in ("rss_bytes", "private_bytes", "store_bytes")}
+        shown = (f"{ratio['rss_bytes']:.2f}" if kind == "read_parquet" else
+                 f"**{ratio['rss_bytes']:.2f}** ({_goal(ratio['rss_bytes'] <= GOALS['memory_ratio'])})")
+        goal = "" if kind == "read_parquet" else f" (goal <= {GOALS['memory_ratio']})"
+        md.append(f"| {label}: large / small{goal} | | {shown} | {ratio['private_bytes']:.2f} | "
+                  f"{ratio['store_bytes']:.2f} | | |")
+    ray_small, arrow = small["ray"], small["arrow"]
+    md += ["", "Rows/s of global batches into the trainer (packed rows put in the loop's training order, cut "
+               "into global batches, int64 tensors), Ray Data's path vs pyarrow reading the same files one after "
+               "the other in the driver; steady = after the first batch; reader s = time spent getting blocks:", "",
+           "| read | set | rows/s | / pyarrow (goal >= 0.7) | steady rows/s | first batch s | reader s | total s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, s, r in (("pyarrow, one file after the other", small, arrow),
+                        ("Ray Data, the trainer's iterator", small, ray_small),
+                        ("Ray Data, the trainer's iterator", large, large["ray"]),
+                        ("Ray Data, Ray's read_parquet", small, small["read_parquet"]),
+                        ("Ray Data, Ray's read_parquet", large, large["read_parquet"])):
+        ratio = r["rows_per_s"] / arrow["rows_per_s"]
+        shown = f"**{ratio:.2f}** ({_goal(ratio >= GOALS['ray_vs_arrow'])})" if r is ray_small else f"{ratio:.2f}"
+        md.append(f"| {label} | {s['size_gb']:g} GB | {r['rows_per_s']:,.0f} | {shown} | "
+                  f"{r['steady_rows_per_s']:,.0f} | {r['first_batch_s']:.1f} | {r['reader_s']:.0f} | "
+                  f"{r['seconds']:.0f} |")
+    order = small["ordering"]
+    md += ["", f"The loop's ordering alone (`workers.order.ordered_rows` + `global_batches`, no reader) over one "
+               f"shard's {order['rows']:,} packed rows: {order['rows_per_s']['1']:,.0f} rows/s handed over as one "
+               f"block (what a shard read whole gives), {order['rows_per_s']['8']:,.0f} rows/s as 8 blocks "
+               "(a window or batch copies only its own rows: the cost is linear in the block size; before "
+               "workers/order.py each cut copied the rest of its block, 41,596 vs 370,911 rows/s). Whole-pass "
+               "rows/s include the wait for the first batch: `read_parquet` lists the files and reads every "
+               "footer before its first block, the manifest-planned source starts reading at once; steady "
+               "rows/s compare the reading itself.", "",
+           "Data wait: time in the loop's `next(batches)` over the time between steps, steps 2.. of the run; "
+           "whole run = all waits, the first (the pipeline starting) included, over the loop's time; worst rank:",
+           "", "| training run | s per step | data wait share (goal <= 5%) | whole run | longest wait s | "
+               "first batch s |", "|---|---:|---:|---:|---:|---:|"]
+    for s in (small, large):
+        worst = max(s["train"]["ranks"], key=lambda r: r["share"])
+        md.append(f"| {s['size_gb']:g} GB, {steps} steps | {worst['step_s']:.2f} | **{worst['share']:.1%}** "
+                  f"({_goal(worst['share'] <= GOALS['wait_share'])}) | {worst['run_share']:.0%} | "
+                  f"{worst['max_wait_s']:.3f} | {worst['first_batch_s']:.0f} |")
+    md += ["", f"Checking a set's SHA-256s before a run (`open_training_data`): {small['verify_s']:.0f} s for "
+               f"{small['size_gb']:g} GB, {large['verify_s']:.0f} s for {large['size_gb']:g} GB.", "",
+           f"Preparation (`prepare` with `ray_runner`, {PREP_TASKS} tasks at once) of {PREP_INPUT_BYTES / MB:.0f} MB "
+           f"of the standard library; per core = input MB / shard-phase s / tasks; per CPU-s = input MB / CPU "
+           f"seconds of the task processes (other users' load does not move it); end to end includes planning and "
+           f"BPE training on the slice ({BPE_VOCAB} ids):", "",
+           "| tokenizer | MB/s per core | MB per CPU-s | end-to-end MB/s | tokens per byte |", "|---|---:|---:|---:|---:|"]
+    md += [f"| {t} | {p['mb_per_s_per_core']:.2f} | {p['mb_per_cpu_s']:.2f} | {p['end_to_end_mb_per_s']:.2f} | "
+           f"{p['tokens_per_byte']:.3f} |" for t, p in prep.items()]
+    return md
