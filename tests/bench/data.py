@@ -18,6 +18,8 @@ Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BE
   the driver and every Ray worker process (the raylet's children) and the object store's used bytes.
 - rows/s of global batches through that path vs the same consumer fed by ``pyarrow.parquet``
   reading the same files one after the other in this process (no Ray).
+- the same data-only pass through ``ray.data.read_parquet``, the input path before the trainer's
+  manifest-planned source (workers/shard_reader.py), side by side.
 - the share of a training step spent waiting for data: this module's per-worker function wraps the
   product loop's batch iterator (``workers.loop._batches``, in the worker process only; the loop does
   not know) and times each ``next()`` against the time between steps.
