@@ -19,10 +19,11 @@ EXIT_INTERRUPTED = 130  # the shell's code for SIGINT: only the following stoppe
 JobId = Annotated[str, typer.Argument(metavar="ID", help="the job's id (orch list)")]
 
 
-@app.command(help="submit a job spec (YAML or JSON)")
+@app.command(help="submit a job spec (YAML or JSON) of any kind: train (default), prepare, sweep, serve")
 def submit(
     ctx: typer.Context,
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="e.g. jobs/examples/demo.yaml")],
+    kind: Annotated[str, typer.Option(help="the job kind (jobs/kinds.py): train, prepare, sweep, serve")] = "train",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="override a spec field (repeatable)")] = None,
     max_retries: Annotated[int, typer.Option(help="new attempts after a lost driver (0-10)")] = 2,
@@ -31,13 +32,15 @@ def submit(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the logs until the job ends")] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    from jobs.specs import SpecError, load_spec  # validated here, before anything is sent
+    from jobs.kinds import job_kind
+    from jobs.specs import SpecError, load_spec, read_yaml, validate_as  # validated here, before anything is sent
 
     try:
-        loaded = load_spec(spec, set_ or [])
-    except SpecError as e:
+        model = job_kind(kind).spec
+        loaded = load_spec(spec, set_ or []) if kind == "train" else validate_as(model, read_yaml(spec), set_ or [], kind)
+    except (SpecError, ValueError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    body = {"spec": loaded.model_dump(mode="json"), "max_retries": max_retries}
+    body = {"kind": kind, "spec": loaded.model_dump(mode="json"), "max_retries": max_retries}
     # A key per invocation makes the client's own retries safe; --idempotency-key makes reruns safe.
     headers = {"Idempotency-Key": idempotency_key or f"cli-{uuid.uuid4()}"}
     with api(api_url(ctx)) as c:

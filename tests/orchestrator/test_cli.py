@@ -66,6 +66,21 @@ def test_invalid_spec_exits_2_and_submits_nothing(api, app, capsys):
     assert app.state.store.list()[1] == 0
 
 
+def test_submit_takes_any_job_kind(api, app, capsys):
+    prepare = DEMO.with_name("prepare.yaml")
+    code, _, err = run(capsys, "submit", str(prepare))  # read as a train spec: its fields are unknown there
+    assert code == 2 and "tokenizer: unknown field" in err
+    code, _, err = run(capsys, "submit", str(prepare), "--kind", "nosuch")
+    assert code == 2 and "unknown job kind 'nosuch'" in err
+    code, _, err = run(capsys, "submit", str(prepare), "--kind", "prepare", "--set", "vocab_size=1")
+    assert code == 2 and "vocab_size" in err
+    assert app.state.store.list()[1] == 0
+    code, out, err = run(capsys, "submit", str(prepare), "--kind", "prepare", "--set", "vocab_size=512", "--json")
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["kind"] == "prepare" and job["spec"]["vocab_size"] == 512
+
+
 def test_unknown_job_and_unreachable_api(api, capsys, monkeypatch):
     code, _, err = run(capsys, "status", "nosuchjob")
     assert code == 1 and "404" in err
