@@ -324,7 +324,7 @@ def make_datasets(data: TrainingData, cfg: DataConfig, seed: int) -> dict[str, A
     from workers.shard_reader import ShardSource
 
     env = s3_env()
-    remote_args = {"runtime_env": {"env_vars": env}} if env else {}
+    runtime_env = {"env_vars": env} if env else None
     datasets = {}
     for split in SPLITS:
         paths = data.shards.get(split)
@@ -335,5 +335,5 @@ def make_datasets(data: TrainingData, cfg: DataConfig, seed: int) -> dict[str, A
         # One block stream per shard: override_num_blocks keeps Ray from splitting them further.
         datasets[split] = ray.data.read_datasource(ShardSource(paths, data.filesystem, cfg.seq_len),
                                                    concurrency=cfg.read_tasks, override_num_blocks=len(paths),
-                                                   ray_remote_args=remote_args)
+                                                   runtime_env=runtime_env)
     return datasets
