@@ -32,8 +32,9 @@ def submit(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the logs until the job ends")] = False,
     json_out: JsonFlag = False,
 ) -> None:
+    # The spec is validated here, before anything is sent.
     from jobs.kinds import job_kind
-    from jobs.specs import SpecError, load_spec, read_yaml, validate_as  # validated here, before anything is sent
+    from jobs.specs import SpecError, load_spec, read_yaml, validate_as
 
     try:
         model = job_kind(kind).spec
