@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from workers.data import DataError
+
 # Tokens per block a read task yields: 8 MiB of uint16 ids, small enough that a shard streams in
 # several blocks, large enough that Ray's cost per object is noise.
 BLOCK_TOKENS = 4 * 1024 * 1024
@@ -59,8 +61,6 @@ def pack_sequences(table: pa.Table, seq_len: int) -> np.ndarray:
 
 def _read_shard(filesystem: pafs.FileSystem, path: str, seq_len: int) -> Iterator[Block]:
     """The read task of one shard; a shard that cannot be read or decoded fails naming it."""
-    from workers.data import DataError
-
     block_rows = max(1, BLOCK_TOKENS // (seq_len + 1))
     try:
         with filesystem.open_input_file(path) as f:

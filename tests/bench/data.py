@@ -381,7 +381,8 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
     labels = dict(zip(("small", "large"), sizes, strict=True))
     specs = {label: load_spec(DEMO, [*base, f"data.path={scratch / f'shards-{gb:g}gb'}"]) for label, gb in labels.items()}
     passes = {"ray": ray_pass, "read_parquet": read_parquet_pass, "arrow": arrow_pass,
-              "ordering": lambda data, spec: ordering(spec), "train": None}
+              "ordering": lambda data, spec: ordering(spec),
+              "train": lambda data, spec: train_run(data, spec, scratch / f"train-{Path(spec.data.path).name}")}
     wanted = [(kind, label) for kind in passes for label in labels if label == "small" or kind not in ("arrow", "ordering")]
     files = {(kind, label): results / f"{kind}-{labels[label]:g}gb.json" for kind, label in wanted}
     sets_file = results / "sets.json"
@@ -405,10 +406,8 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
         results.mkdir(parents=True, exist_ok=True)
         sets_file.write_text(json.dumps(sets, indent=1))
     for kind, label in wanted:
-        gb = labels[label]
-        run = passes[kind] or (lambda data, spec, gb=gb: train_run(data, spec, scratch / f"train-{gb:g}gb"))
         sets[label][kind] = _cached(files[kind, label], reuse,
-                                    lambda run=run, label=label: run(data[label], specs[label]))
+                                    lambda run=passes[kind], label=label: run(data[label], specs[label]))
     return sets
 
 
@@ -437,4 +436,4 @@ def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -
         if folder.name != "results":
             shutil.rmtree(folder)
     return {"data": {"name": "data", "sizes_gb": list(sizes), "sets": sets, "prepare": prep, "goals": GOALS},
-            "markdown": markdown(sizes, sets, prep, steps)}
+            "markdown": markdown(sets, prep, steps)}
