@@ -255,6 +255,9 @@ class SweepSpec(Config):
             if any(not isinstance(d, Choice) for d in self.space.values()):
                 bad = next(p for p, d in self.space.items() if not isinstance(d, Choice))
                 raise ValueError(f"space.{bad}: a grid search needs every dimension to be a choice")
+            if self.grid_size > MAX_TRIALS:
+                raise ValueError(f"space: the grid expands to {self.grid_size} trials, more than the limit of "
+                                 f"{MAX_TRIALS}; list fewer values, or use search random with a trials budget")
             if self.trials is not None and self.trials != self.grid_size:
                 raise ValueError(f"trials ({self.trials}) must be the grid's size ({self.grid_size}) or unset")
         return self

@@ -47,11 +47,24 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise _StopSignal(signum)
 
 
+def _say(message: str) -> None:
+    """A line on stderr, which may be a pipe whose reader is gone: ``orch up 2>&1 | tee up.log``
+    stopped with Ctrl-C, where the terminal's SIGINT ended ``tee`` too. Stopping the head must not
+    depend on it (a failed write would skip the ``finally`` that stops the head)."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def _die_of(signum: int) -> None:
     """Ends this process by ``signum``'s default action, so whoever sent it sees that it worked (Python
     does the same after an uncaught KeyboardInterrupt); systemd counts that as a clean stop."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a pipe whose reader is gone (_say)
+            pass
     signal.signal(signum, signal.SIG_DFL)
     signal.raise_signal(signum)
 
@@ -121,7 +134,7 @@ def up(
             signal.signal(s, signal.SIG_IGN)
         try:
             if head is not None:
-                print("stopping the local Ray head ...", file=sys.stderr)
+                _say("stopping the local Ray head ...")
                 head.stop()
         finally:
             for s, handler in previous_handlers.items():

@@ -10,6 +10,7 @@ process of that session outlives `orch up`.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -115,4 +116,36 @@ def test_up_stopped_by_a_signal_stops_its_ray_head(signum):
         sid = sid or _head_session(ray_dir)  # a test that failed early may have left a head
         if sid is not None:
             _kill_session(sid)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_ctrl_c_through_a_pipe_still_stops_the_head():
+    """``orch up --local 2>&1 | tee up.log`` and Ctrl-C: the terminal's SIGINT reaches the whole
+    pipeline, so ``tee`` dies with `orch up` and every later write to stderr fails. The head must
+    stop all the same (it did not when the "stopping" line's write raised BrokenPipeError)."""
+    state_dir = Path(tempfile.mkdtemp(prefix="orch-up-", dir="/tmp"))
+    ray_dir, log_path, port = state_dir / "ray", state_dir / "up.log", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "RAY_"))}
+    env.update(ORCH_API_TOKEN=TOKEN, ORCH_STATE_DIR=str(state_dir), PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "orchestrator.cli", "up", "--port", str(port), "--num-cpus", "1"]
+    pipeline = f"{shlex.join(argv)} 2>&1 | tee {shlex.quote(str(log_path))} >/dev/null"
+    # Its own session and process group: the group is what a terminal's Ctrl-C signals.
+    proc = subprocess.Popen(["/bin/sh", "-c", pipeline], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    sid = None
+    try:
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}", log_path.read_text, timeout_s=UP_HEALTHY_TIMEOUT_S)
+        sid = _head_session(ray_dir)
+        assert sid is not None, f"no `ray start --head --temp-dir {ray_dir}` leading its own session"
+        os.killpg(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + UP_EXIT_TIMEOUT_S + SESSION_GONE_TIMEOUT_S
+        while (_session_members(proc.pid) or _session_members(sid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _session_members(proc.pid), f"`orch up` outlived Ctrl-C: {sorted(_session_members(proc.pid))}"
+        assert not _session_members(sid), f"{len(_session_members(sid))} Ray head processes outlived `orch up`"
+    finally:
+        for group in (proc.pid, sid):
+            if group is not None:
+                _kill_session(group)
+        proc.wait(30)
         shutil.rmtree(state_dir, ignore_errors=True)
