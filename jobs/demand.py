@@ -8,8 +8,9 @@ asks for the maximum), the driver's own reservation (``ORCH_DRIVER_RESOURCES``, 
 
 The driver and the data tasks are counted in the pool of the job's largest worker group: Ray places
 them anywhere, and that pool is the one sure to be up while the job runs. A serve job holds its
-replicas at their maximum, a prepare job one shard task at least (it takes what is free beyond that);
-both run on CPUs.
+replicas at their maximum (as a deployment does, orchestrator/scheduler/service.py: Serve's autoscaler
+adds replicas up to it without asking), a prepare job one shard task at least (it takes what is free
+beyond that); both run on CPUs.
 """
 
 from __future__ import annotations

@@ -26,11 +26,16 @@ class JobKind:
     module: str  # run as `python -m MODULE --spec FILE --out DIR`
     spec: type[BaseModel]
     summary: str  # one line, for docs and `--help`
+    # A kind that serves holds a Serve application (a name, a route prefix) after its driver exits:
+    # through the service it runs only as a deployment (POST /v1/deployments: one namespace, its
+    # uniqueness and nesting rules, its reconciler, its quota); never as a plain job.
+    serves: bool = False
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("train", "jobs.train", TrainSpec, "distributed MoE training on Ray Train"),
-    JobKind("serve", "jobs.serve", ServeSpec, "a checkpoint behind OpenAI-compatible routes on Ray Serve"),
+    JobKind("serve", "jobs.serve", ServeSpec, "a checkpoint behind OpenAI-compatible routes on Ray Serve",
+            serves=True),
     JobKind("prepare", "jobs.prepare", PrepareSpec, "corpus -> tokenizer -> packed parquet shards + manifest"),
     JobKind("sweep", "jobs.sweep", SweepSpec, "a hyperparameter sweep of training runs on Ray Tune"),
 )}

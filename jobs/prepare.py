@@ -58,8 +58,9 @@ def init_ray(verbose: bool) -> None:
 
 
 def failure_message(e: BaseException) -> str | None:
-    """The user-facing cause of a failure: a CorpusError / StorageError / TokenizerError raised here
-    or inside a shard task (Ray wraps a task's exception; its cause chain holds the original)."""
+    """The user-facing cause of a failure: a CorpusError / StorageError / TokenizerError (or a file
+    linked out of the job's data roots, OutsideRoots) raised here or inside a shard task (Ray wraps a task's exception; its cause chain holds the original)."""
+    from workers.confine import OutsideRoots
     from workers.corpus import CorpusError
     from workers.storage import StorageError
     from workers.tokenizer import TokenizerError
@@ -71,7 +72,7 @@ def failure_message(e: BaseException) -> str | None:
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if isinstance(exc, (CorpusError, StorageError, TokenizerError)):
+        if isinstance(exc, (CorpusError, StorageError, TokenizerError, OutsideRoots)):
             return str(exc)
         stack += [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
     return None
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"name": spec.name, "path": spec.path, "fingerprint": manifest.fingerprint,
                "tokenizer": manifest.tokenizer.kind, "vocab_size": manifest.tokenizer.vocab_size,
                "input_bytes": manifest.input_bytes, "skipped_binary": manifest.skipped_binary,
+               "skipped_links": manifest.skipped_links,
                **{f"{s}_tokens": manifest.splits[s].tokens for s in manifest.splits},
                **{f"{s}_rows": manifest.splits[s].rows for s in manifest.splits},
                "wall_time_s": round(time.perf_counter() - started, 1)}

@@ -13,8 +13,16 @@ Checkpoints: a folder or an ``s3://`` prefix (the checkpoint itself, or a run's 
 checkpoint copy it themselves, with this process's AWS_* settings in their runtime_env.
 
 Bearer keys: a spec carries at most the key's SHA-256 (``key_sha256``). The key itself comes from
-``--key-file`` or MOE_SERVE_API_KEY, or is made here and printed once (``Deployment.api_key``);
-replicas only ever see the hash.
+``--key-file`` or MOE_SERVE_API_KEY, or is made here; replicas only ever see the hash. A key made
+here is never printed or logged (a job's log outlives the terminal and is readable by the whole
+team): it is written to ``<out>/api_key``, readable by its owner only (0600; ``--out``, default
+``runs/<name>-<time>``), and only that path is printed. ``--prompt`` keeps it in memory.
+``deploy()`` hands a key it made back to its caller (``Deployment.api_key``).
+
+Checkpoint files are read under the job's data roots (ORCH_DATA_ROOTS, workers/confine.py): a
+checkpoint, ``step-*`` folder or file linking outside them is refused, here (exit 2) for what this
+process reads and in the replicas (the deploy fails naming the file) for what they load; replicas
+get the same roots through their runtime_env (``replica_runtime_env``).
 
 Run directly, an embedded Ray cluster starts and the command serves until Ctrl-C (the cluster ends
 with it). Under ``ray job submit`` (RAY_ADDRESS set) it deploys, prints the URL and exits: Serve
@@ -45,12 +53,14 @@ from pydantic import BaseModel
 
 from jobs.serve_spec import ServeSpec, load_serve_spec
 from jobs.specs import SpecError
+from workers import confine
 from workers.storage import StorageError  # resolve_s3_checkpoint's; the control plane catches it from here
 
 KEY_ENV = "MOE_SERVE_API_KEY"
 DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT = "127.0.0.1", 8000
 # Bytes of randomness in a key made here (43 URL-safe characters).
 KEY_BYTES = 32
+KEY_FILE = "api_key"  # in the --out folder: a key made by the command line, mode 0600
 # One --prompt request: the whole completion on a busy CPU, with the replica just started.
 PROMPT_TIMEOUT_S = 120.0
 
@@ -74,14 +84,19 @@ class DeploymentStatus(BaseModel):
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder itself, or the newest (highest step) checkpoint under a run's output
-    folder (``<out>/ray-train/step-XXXXXXXX``); SpecError naming ``checkpoint`` otherwise."""
-    root = Path(path).expanduser().resolve()
-    if (root / "meta.json").is_file():
-        return root
-    found = sorted(root.glob("**/step-*/meta.json")) if root.is_dir() else []
-    if not found:
-        raise SpecError(f"checkpoint: {root} is neither a checkpoint (meta.json) nor a run folder holding one")
-    return max(found, key=lambda p: (int(p.parent.name.removeprefix("step-")), str(p))).parent
+    folder (``<out>/ray-train/step-XXXXXXXX``); SpecError naming ``checkpoint`` otherwise, also when
+    the folder or the chosen ``step-*`` leads outside the team's data roots (a link; workers/confine.py)."""
+    try:
+        root = confine.check(Path(path).expanduser(), "checkpoint")
+        if (root / "meta.json").is_file():
+            return root
+        found = sorted(root.glob("**/step-*/meta.json")) if root.is_dir() else []
+        if not found:
+            raise SpecError(f"checkpoint: {root} is neither a checkpoint (meta.json) nor a run folder holding one")
+        newest = max(found, key=lambda p: (int(p.parent.name.removeprefix("step-")), str(p))).parent
+        return confine.check(newest, "checkpoint")
+    except confine.OutsideRoots as e:
+        raise SpecError(f"checkpoint: {e}") from None
 
 
 def resolve_s3_checkpoint(uri: str) -> str:
@@ -110,7 +125,10 @@ def checkpoint_context(checkpoint: str) -> int:
     from workers.storage import is_s3, join, open_fs, read_bytes
 
     if not is_s3(checkpoint):
-        return read_meta(Path(checkpoint))["model"]["max_seq_len"]
+        try:
+            return read_meta(Path(checkpoint))["model"]["max_seq_len"]
+        except confine.OutsideRoots as e:  # meta.json itself links out of the roots
+            raise SpecError(f"checkpoint: {e}") from None
     fs, root = open_fs(checkpoint)
     meta = json.loads(read_bytes(fs, join(root, "meta.json")))
     if meta.get("format") != FORMAT_VERSION:
@@ -147,8 +165,7 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
                         f"({context} tokens), which also holds the prompt")
     config = ReplicaConfig(name=spec.name, checkpoint=checkpoint, key_sha256=digest, batching=spec.batching,
                            limits=spec.limits, int8=spec.int8, torch_threads=spec.torch_threads)
-    # Replicas of an s3:// checkpoint copy it themselves, with the deployer's AWS_* settings.
-    env = s3_env() if on_s3 else {}
+    runtime_env = replica_runtime_env(s3_env() if on_s3 else {})
     b = spec.batching
     app = CompletionServer.options(
         name=spec.name,
@@ -156,12 +173,43 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
         # Serve's batch queue needs room for every row of every concurrent batch, plus a few
         # non-generating calls (models, score, stats) beside them.
         max_ongoing_requests=b.max_batch_size * b.max_concurrent_batches + 4,
-        ray_actor_options={"num_cpus": spec.num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})},
+        ray_actor_options={"num_cpus": spec.num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})},
     ).bind(config.model_dump())
     serve.start(http_options={"host": http_host, "port": http_port})
-    serve.run(app, name=spec.name, route_prefix=spec.prefix, blocking=False)
+    try:
+        serve.run(app, name=spec.name, route_prefix=spec.prefix, blocking=False)
+    except RuntimeError as e:  # Serve says which deployment failed; its status says why
+        raise RuntimeError(f"{e} {replica_error(spec.name)}".strip()) from None
     return Deployment(name=spec.name, route_prefix=spec.prefix, checkpoint=checkpoint, api_key=made_key,
                       base_url=f"http://{http_host}:{http_port}{spec.prefix.rstrip('/')}/v1", key_sha256=digest)
+
+
+def replica_runtime_env(env_vars: dict[str, str]) -> dict | None:
+    """The replicas' runtime_env: this driver's job runtime_env plus ``env_vars`` (an ``s3://``
+    checkpoint's AWS_* settings: replicas copy it themselves) and this job's data roots
+    (``ORCH_DATA_ROOTS``: replicas open the checkpoint's files under them, workers/confine.py), or
+    None when there is nothing to add. Why explicit: Serve gives a deployment the driver's job
+    runtime_env only when it sets none itself (``build_app._set_default_runtime_env``, Ray 2.60),
+    and the roots of a driver run by hand live in its process environment, not in a runtime_env."""
+    import ray
+
+    extra = dict(env_vars)
+    if (roots := os.environ.get(confine.ROOTS_ENV)) is not None:
+        extra[confine.ROOTS_ENV] = roots
+    if not extra:
+        return None
+    job = dict(ray.get_runtime_context().runtime_env or {})
+    return {**job, "env_vars": {**(job.get("env_vars") or {}), **extra}}
+
+
+def replica_error(name: str) -> str:
+    """The exception that stopped the application's replicas from starting (the last line of each
+    failed deployment's message, which ends in the replica's traceback), or ""."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    messages = [dep.message for dep in app.deployments.values() if dep.message] if app is not None else []
+    return " ".join(m.strip().splitlines()[-1] for m in messages)
 
 
 def delete(name: str) -> None:
@@ -197,7 +245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default=DEFAULT_HTTP_HOST, help="Serve's HTTP host when this starts Serve")
     p.add_argument("--port", type=int, help=f"Serve's HTTP port when this starts Serve (default {DEFAULT_HTTP_PORT}; "
                                              "--prompt on an embedded cluster: a free port)")
-    p.add_argument("--out", help="accepted for the job-kind contract; serving writes nothing there")
+    p.add_argument("--out", help=f"folder for the {KEY_FILE} file (mode 0600) when a key is made here "
+                                  "(default runs/<name>-<time>)")
     p.add_argument("--verbose", action="store_true", help="also show the logs of Serve and of the replicas")
     args = p.parse_args(argv)
     if args.prompt is not None and args.spec is None:
@@ -229,6 +278,18 @@ def delete_main(name: str) -> int:
     return 0
 
 
+def write_key_file(key: str, folder: Path) -> Path:
+    """``folder/api_key`` holding ``key``, readable and writable by its owner only from its first
+    byte (created 0600; an old file, or a link in its place, is removed first, never followed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / KEY_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return path.resolve()
+
+
 def answer(d: Deployment, key: str, prompt: str) -> str:
     """The completion of ``prompt`` (greedy, the deployment's default length), over plain HTTP."""
     import httpx
@@ -252,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: --key-file: {e.strerror}", file=sys.stderr)
         return 2
+    key_file = None
+    if key is None and spec.key_sha256 is None and args.prompt is None:  # made here: to a file, never printed
+        key = secrets.token_urlsafe(KEY_BYTES)
+        try:
+            key_file = write_key_file(key, Path(args.out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        except OSError as e:
+            print(f"error: --out: cannot write the key file: {e}", file=sys.stderr)
+            return 2
     import ray
 
     attached = bool(os.environ.get("RAY_ADDRESS"))
@@ -284,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             delete(d.name)
         return 0
-    if d.api_key is not None:
-        print(f"  API key (shown once, only its SHA-256 is kept): {d.api_key}", flush=True)
+    if key_file is not None:
+        print(f"  API key: made here, in {key_file} (readable by you only; the service keeps its SHA-256)",
+              flush=True)
     if attached:
         return 0
     print("serving until Ctrl-C (the embedded Ray cluster ends with this process)", flush=True)

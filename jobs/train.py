@@ -11,7 +11,9 @@ With ``--out DIR``, checkpoints go under DIR and the run resumes from DIR's late
 there is one, so rerunning the same command continues an interrupted job. A spec's
 ``checkpoint_storage`` (a folder or ``s3://bucket/prefix``) holds the checkpoints instead, with the
 same resume rule; DIR then keeps summary.json and the "checkpoint now" control folder, which are
-local by nature (workers/control.py).
+local by nature (workers/control.py). Under a team's data roots (ORCH_DATA_ROOTS, set by the
+control plane), a checkpoint folder that is, or holds, a link leading outside them is refused
+before anything is written (exit 1, naming the link; jobs/trainer.py ``check_storage``).
 
 Output: one live progress bar on a terminal, else one ``[progress] ...`` line per report (which the
 control plane parses from the job's log); see jobs/display.py. The logs of Ray's own processes and
@@ -30,7 +32,7 @@ from typing import Any
 from jobs.contracts import TrainSummary
 from jobs.display import RunDisplay, follow
 from jobs.specs import SpecError, TrainSpec, load_spec
-from jobs.trainer import build_trainer, init_ray
+from jobs.trainer import build_trainer, check_storage, init_ray
 
 # Ray Jobs sends SIGKILL 3 s after SIGTERM; the driver waits for a checkpoint a little less than that.
 SIGTERM_GRACE_S = 2.5
@@ -89,20 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from workers.confine import OutsideRoots
     from workers.data import DataError, open_training_data
     from workers.device import DeviceUnavailable, check_available
     from workers.storage import StorageError, open_fs
 
+    out = Path(args.out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     try:
         check_available(spec.resources.device)
+        check_storage(spec.checkpoint_storage, out)  # a link out of the team's roots: refused before any write
         data = open_training_data(spec.data, spec.model.vocab_size, _log)
         if spec.checkpoint_storage:  # an unreachable bucket fails here, before any Ray work
             open_fs(spec.checkpoint_storage)
-    except (DataError, DeviceUnavailable, StorageError) as e:
+    except (DataError, DeviceUnavailable, StorageError, OutsideRoots) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    out = Path(args.out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     _log(f"train: {spec.resources.num_workers} workers on {spec.resources.device}, "
          f"{spec.train.steps} steps, compression {spec.compression.method}"
@@ -138,12 +142,17 @@ def checkpoint_uri(checkpoint: Any) -> str:
 def sample_checkpoint(checkpoint: Any, spec: TrainSpec) -> list[str]:
     """The summary's samples from a reported checkpoint (copied to a temporary folder first when it
     lies on S3), decoded with the tokenizer it stores."""
+    import pyarrow.fs as pafs
+
     from workers.checkpoint import load_model, load_tokenizer_for
     from workers.sampling import sample_text
 
     with checkpoint.as_directory() as folder:
         path = Path(folder)
-        return sample_text(load_model(path, spec.model), load_tokenizer_for(path), seed=spec.seed)
+        # A local checkpoint is read under the job's roots; an S3 one from the copy Ray just made here.
+        also = () if isinstance(checkpoint.filesystem, pafs.LocalFileSystem) else (folder,)
+        return sample_text(load_model(path, spec.model, also=also), load_tokenizer_for(path, also=also),
+                           seed=spec.seed)
 
 
 def training_error(e: Exception, verbose: bool) -> str:

@@ -41,6 +41,9 @@ NODE_ID_LABEL = "ray.io/node-id"
 RUN_NAME = "ray-train"  # Ray Train's run folder inside the output folder; fixed so a rerun finds the checkpoints
 # Python processes the embedded cluster's raylet starts at once (and a quarter of the count it warns at).
 STARTUP_CONCURRENCY = 8
+# Ray Train's record of a run's checkpoints, in the run folder: it names each by a path relative to
+# that folder, restores the latest from it and deletes the ones past keep_checkpoints by that name.
+TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # Logical CPUs Ray Data's read/pack tasks need beside the training workers (one task at a time suffices).
 DATA_TASK_CPUS = 1.0
 # Logical CPUs a local cluster made for training offers beyond what its workers take (the embedded one
@@ -77,6 +80,59 @@ def check_room(spec: TrainSpec) -> None:
             f"{workers:g} and Ray Data's read tasks need {DATA_TASK_CPUS:g} more beside them, so the job "
             "would wait forever. Lower resources.num_workers or resources.cpus_per_worker, or give the "
             "cluster more CPUs (orch up --num-cpus N)")
+
+
+def check_storage(storage: str | None, out: Path, run_name: str = RUN_NAME) -> None:
+    """Refuse, before Ray Train writes anything, a run whose checkpoints would be written, pruned or
+    resumed outside the team's data roots (``ORCH_DATA_ROOTS``, workers/confine.py; the job's own
+    ``out`` folder is always allowed): raises OutsideRoots naming the entry when the storage folder
+    (``storage``, else ``out``) or its run folder resolves outside them, when any entry inside the run
+    folder is a link leading outside them, or when Train's snapshot names a checkpoint outside the
+    run folder (``../``, an absolute path). The roots were checked at submission on the top folder
+    only; Train would follow such a link or name when it saves, prunes (deletes) and resumes.
+    Unconfined jobs and ``s3://`` storage (keys have no links): nothing to check."""
+    import json
+
+    from workers import confine
+    from workers.storage import is_s3, open_fs
+
+    roots = confine.from_env()
+    if roots is None or (storage and is_s3(storage)):
+        return
+    roots = roots.with_roots(out)
+    base = Path(open_fs(storage)[1] if storage else out)
+    roots.check(base, "checkpoint_storage" if storage else "output folder")
+    run = roots.check(base / run_name, "checkpoint folder")
+    for folder, dirs, files in os.walk(run):  # links are listed, never entered (followlinks=False)
+        for name in dirs + files:
+            if (entry := Path(folder, name)).is_symlink():
+                roots.check(entry, "link")
+    snapshot = run / TRAIN_SNAPSHOT_FILE
+    if snapshot.is_file():
+        with roots.open(snapshot) as f:
+            names = _checkpoint_names(json.load(f))
+        for name in names:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise confine.OutsideRoots(f"{snapshot} names checkpoint {name!r} outside its run folder; "
+                                           "Ray Train would resume from it and delete it")
+
+
+def _checkpoint_names(obj: Any) -> list[str]:
+    """Every checkpoint folder name in Ray Train's snapshot (``checkpoint_dir_name`` fields and
+    ``..._checkpoint_dir_names`` lists, at any depth)."""
+    if isinstance(obj, list):
+        return [n for item in obj for n in _checkpoint_names(item)]
+    if not isinstance(obj, dict):
+        return []
+    names = []
+    for key, value in obj.items():
+        if key.endswith("checkpoint_dir_name") and isinstance(value, str):
+            names.append(value)
+        elif key.endswith("checkpoint_dir_names") and isinstance(value, list):
+            names += [v for v in value if isinstance(v, str)]
+        else:
+            names += _checkpoint_names(value)
+    return names
 
 
 @dataclass
@@ -176,7 +232,8 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
                   train_loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """A TorchTrainer for ``spec`` on ``data`` (workers.data.TrainingData, or the manifest dict of
     ``build_shards``), checkpointing under ``<storage or out>/run_name``
-    (and resuming from the latest checkpoint there). ``storage``: a local folder or ``s3://`` prefix
+    (and resuming from the latest checkpoint there; refused with OutsideRoots when that folder leads
+    outside the team's roots, ``check_storage``). ``storage``: a local folder or ``s3://`` prefix
     (jobs.train passes the spec's ``checkpoint_storage``), reached through workers/storage.py's
     filesystem so the AWS_* endpoint and keys reach Ray Train's controller and workers; raises
     StorageError naming the bucket when it does not answer. ``progress``: a ray.util.queue.Queue that rank 0
@@ -192,6 +249,7 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     from workers.storage import open_fs
 
     storage_fs, storage_path = open_fs(storage) if storage else (None, str(out))
+    check_storage(storage, out, run_name)
     check_room(spec)
     place = placement(spec)
     if not isinstance(data, TrainingData):

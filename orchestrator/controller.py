@@ -11,11 +11,10 @@ the driver killed from outside (supervisor died, driver killed by a signal), the
 RETRYING and the next pass starts attempt n+1 with the same --out, so jobs.train resumes from the
 latest checkpoint. Exit codes 1 and 2 (training error, invalid spec) are the job's own failure: FAILED.
 
-Scheduling: QUEUED jobs are admitted by the scheduler (orchestrator/scheduler/) once per pass, after
-every other job moved; a job it preempts goes RUNNING -> PREEMPTING (its loop checkpoints, Ray stops
-it) -> QUEUED, and its next attempt resumes from that checkpoint. Jobs that wait for room have their
-demand shown to the autoscaler (orchestrator/demand_groups.py), withdrawn before an admitted job's
-attempt is submitted. Reading progress, summaries and stalls is orchestrator/observe.py's.
+Scheduling: QUEUED jobs and deployments are admitted by the scheduler (orchestrator/scheduler/) once
+per pass, after every job moved; a preempted job goes RUNNING -> PREEMPTING (its loop checkpoints, Ray
+stops it) -> QUEUED, its next attempt resuming from that checkpoint. Waiting demand is shown to the
+autoscaler (orchestrator/demand_groups.py), withdrawn before an admitted attempt is submitted.
 
 Resize: a user's ``PATCH /v1/jobs/{id}`` stores the spec at the new size (``resize_spec``); a RUNNING
 job then goes RUNNING -> RESIZING (checkpoint now, stop, as a preemption) -> QUEUED, the new spec
@@ -38,7 +37,7 @@ from jobs.elastic import describe_size
 from jobs.kinds import job_kind
 from jobs.specs import field_errors
 from orchestrator.demand_groups import DemandSink, demand_group, demand_sink
-from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, job_paths
+from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, confinement_env, job_paths
 from orchestrator.observe import AttemptReader, latest_progress  # noqa: F401 (re-exported)
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
 from orchestrator.scheduler.schedule import Decisions, Policies
@@ -157,17 +156,23 @@ class Controller:
             self._resizing(job)
 
     def _schedule(self, jobs: list[JobRecord]) -> None:
-        """Admit, queue and preempt by one scheduler pass over the jobs as this pass first read them."""
+        """Admit, queue and preempt by one scheduler pass over the jobs as this pass first read them and
+        every stored deployment (whose reconciler deploys only what this pass admitted)."""
         quotas = {name: team.quotas for name, team in self.store.teams().items() if team.quotas}
-        decisions = self.scheduler.plan(jobs, self.ray, quotas)
+        decisions = self.scheduler.plan(jobs, self.ray, quotas, self.store.deployments()[0])
         by_id = {job.id: job for job in jobs}
         for victim in decisions.preempt:
             self._guarded(by_id[victim.job_id], lambda job, v=victim: self._preempt(job, v.reason))
         # Before any admitted attempt is submitted: its demand group would hold the room it gets.
-        self.demand.publish({w.job_id: self._demand_group(by_id[w.job_id]) for w in decisions.wait if w.needs_room})
+        groups = {w.job_id: self._demand_group(by_id[w.job_id]) for w in decisions.wait if w.needs_room}
+        queued = {v.id: v.demand for v in self.scheduler.snapshot.queued}  # deployments' too
+        groups |= {w.job_id: demand_group(None, queued[w.job_id], {}) for w in decisions.serving_wait if w.needs_room}
+        self.demand.publish(groups)
         for admit in decisions.admit:
             self._guarded(by_id[admit.job_id], self._start_attempt)
         self._record_queue(decisions, by_id)
+        self.store.record_deployment_queue([a.job_id for a in decisions.serving_admit],
+                                           [(w.job_id, w.reason) for w in decisions.serving_wait])
 
     def _demand_group(self, job: JobRecord):
         spec = job_kind(job.kind).spec.model_validate(job.spec)
@@ -209,7 +214,8 @@ class Controller:
                     submission_id=attempt.submission_id,
                     entrypoint=build_entrypoint(job.kind, paths, self.settings.job_python, self.entrypoints),
                     runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "ORCH_JOB_ID": job.id,
-                                              "ORCH_ATTEMPT": str(attempt.number)}},
+                                              "ORCH_ATTEMPT": str(attempt.number),
+                                              **confinement_env(job.team, self.store.team(job.team).roots, paths)}},
                     metadata={"orch_job_id": job.id, "orch_attempt": str(attempt.number)},
                     entrypoint_resources=dict(self.settings.driver_resources),
                 )

@@ -17,6 +17,17 @@ How it acts on Ray:
   missing from the set, including ones this service did not create. The reconciler only ever
   deletes an application it deployed and a user asked to delete.
 
+Admission is not the reconciler's: a deployment is stored QUEUED and the controller's scheduler
+(orchestrator/scheduler/service.py) admits it (PENDING) once its replicas fit its team's quota and
+the pools' free capacity, counting them against both for as long as the deployment holds. The
+reconciler never deploys a QUEUED deployment (it only removes one deleted while it waits), so
+replicas never take resources the scheduler has not booked.
+
+A non-admin team's deploy job gets ``ORCH_DATA_ROOTS`` (workers/confine.py): the team's local
+data roots as they are at the deploy, plus the checkpoint folder pinned at creation (checked then
+to lie under those roots or in the team's own job's output folder), so the driver and its replicas
+open no file elsewhere, links resolved.
+
 One pass, for each stored deployment: while its deploy or delete job runs, wait (a delete first
 stops a deploy still running). A deployment whose application is missing (never deployed, deleted
 behind the service's back, a restarted cluster) is deployed again; one whose deploy job failed is
@@ -40,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS
+from orchestrator.entrypoints import ADMIN_TEAM, ALLOWED_ENTRYPOINTS, DATA_ROOTS_ENV
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
 from orchestrator.settings import Settings
 from orchestrator.store import (
@@ -171,6 +182,8 @@ class DeploymentReconciler:
             try:
                 if d.status is DeploymentStatus.DELETING:
                     self._delete(d, apps.get(d.name), deploy_job, delete_job)
+                elif d.status is DeploymentStatus.QUEUED:
+                    continue  # not admitted: the scheduler has not booked its replicas
                 else:
                     self._sync(d, apps.get(d.name), deploy_job)
             except DeploymentNotFound:
@@ -226,12 +239,23 @@ class DeploymentReconciler:
         spec = write_spec(self.settings, d)
         argv = [self.settings.job_python, "-m", ALLOWED_ENTRYPOINTS["serve"], "--spec", str(spec),
                 "--host", self.settings.serve_host, "--port", str(self.settings.serve_port)]
-        self._submit(d, deploy_submission_id(d.id, number), argv, "deploy")
+        self._submit(d, deploy_submission_id(d.id, number), argv, "deploy", self._confinement(d))
 
-    def _submit(self, d: DeploymentRecord, submission_id: str, argv: list[str], action: str) -> None:
+    def _confinement(self, d: DeploymentRecord) -> dict[str, str]:
+        """``ORCH_DATA_ROOTS`` for a non-admin team's deploy (see the module docstring); none for the
+        admin team's. ``s3://`` roots and checkpoints are left out: object stores have no links."""
+        if d.team == ADMIN_TEAM:
+            return {}
+        local = [r for r in self.store.team(d.team).roots if os.path.isabs(r)]
+        if os.path.isabs(d.checkpoint):
+            local.append(d.checkpoint)
+        return {DATA_ROOTS_ENV: json.dumps(local)}
+
+    def _submit(self, d: DeploymentRecord, submission_id: str, argv: list[str], action: str,
+                env: Mapping[str, str] | None = None) -> None:
         try:
             self.ray.submit(submission_id=submission_id, entrypoint=shlex.join(argv),
-                            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+                            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}},
                             metadata={"orch_deployment_id": d.id, "orch_action": action},
                             entrypoint_resources=dict(self.settings.driver_resources))
         except RayRefused as e:

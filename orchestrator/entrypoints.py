@@ -24,6 +24,10 @@ from jobs.kinds import KINDS
 # Job kind -> module run with `python -m`, from the registry of job kinds (jobs/kinds.py).
 ALLOWED_ENTRYPOINTS: dict[str, str] = {name: kind.module for name, kind in KINDS.items()}
 
+# Where a team's job may open files (read by workers/confine.py in every process of the job).
+DATA_ROOTS_ENV = "ORCH_DATA_ROOTS"
+ADMIN_TEAM = "admin"  # the bootstrap admin's own jobs (orchestrator.auth.ADMIN): unconfined
+
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -66,3 +70,14 @@ def build_entrypoint(kind: str, paths: JobPaths, python: str = "python",
         raise ValueError(f"not a module name: {module!r}")
     argv = [python, "-m", module, "--spec", str(paths.spec), "--out", str(paths.out)]
     return shlex.join(argv)
+
+
+def confinement_env(team: str, roots: tuple[str, ...], paths: JobPaths) -> dict[str, str]:
+    """The env var that confines a team's job (``ORCH_DATA_ROOTS``): the team's local roots as they
+    are when the attempt starts (an ``s3://`` root has no links to follow), plus the job's own
+    folder. Every file the job opens must then lie under them, links resolved (workers/confine.py).
+    The admin team's jobs run unconfined, as do jobs submitted with ``ray job submit``."""
+    if team == ADMIN_TEAM:
+        return {}
+    local = [r for r in roots if os.path.isabs(r)]
+    return {DATA_ROOTS_ENV: json.dumps([*local, str(paths.root)])}

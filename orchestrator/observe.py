@@ -4,6 +4,10 @@ Stalls: Ray says RUNNING forever when workers or Ray Data wait for CPUs the clus
 attempt with no new step for ``stall_after_s`` (counted from when this process first sees it RUNNING)
 gets ``stalled`` and ``stalled_for_s`` metrics and counts in ``orch_jobs_stalled`` until a step comes.
 Split from the controller, which decides; this module only reads and records figures.
+
+Logs are read by offset: each pass reads what the attempt's driver wrote since the last pass (at most
+``PROGRESS_READ_BYTES``; when more came, the log's last ``PROGRESS_READ_BYTES``), so a pass costs the
+same however old and long the log is.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 STALL_KEYS = frozenset({"stalled", "stalled_for_s"})  # the metrics a stalled attempt carries
+PROGRESS_READ_BYTES = 256 * 1024  # the most one pass reads of one attempt's log
+
+
+@dataclass
+class _LogMark:
+    """How far an attempt's log was read, and the latest progress record in what was read."""
+    submission_id: str
+    offset: int | None = None  # None: not read yet (the first read takes the log's end)
+    latest: dict[str, Any] | None = None
 
 
 @dataclass
@@ -42,11 +55,15 @@ class AttemptReader:
         self.store, self.ray, self.settings, self.telemetry, self.clock = store, ray, settings, telemetry, clock
         self._read_at: dict[str, float] = {}
         self._progress: dict[str, _Progress] = {}  # RUNNING job id -> its last step, for stall detection
+        self._marks: dict[str, _LogMark] = {}  # job id -> where its current attempt's log was read to
 
     def keep_only(self, running: Iterable[str]) -> None:
         """Forget the attempts no longer RUNNING (finished, retried, cancelled since the last pass)."""
-        for gone in self._progress.keys() - set(running):
+        running = set(running)
+        for gone in self._progress.keys() - running:
             del self._progress[gone]
+        for gone in self._marks.keys() - running:
+            del self._marks[gone]
 
     @property
     def stalled(self) -> int:
@@ -58,15 +75,30 @@ class AttemptReader:
         if not final and last is not None and now - last < self.settings.metrics_interval_s:
             return
         self._read_at[job.id] = now
-        latest = latest_progress(self.ray.logs(submission_id))
+        latest = self._latest(job.id, submission_id)
         metrics = _unstalled({**(job.metrics or {}), **(latest or {})})
         if final:
             metrics.update(read_summary(job_paths(self.settings.job_root, job.id).summary))
             self._read_at.pop(job.id, None)
+            self._marks.pop(job.id, None)
         else:
             metrics.update(self._stall_marks(job, latest["step"] if latest else None, now))
         if metrics != (job.metrics or {}):
             self.store.set_metrics(job.id, metrics)
+
+    def _latest(self, job_id: str, submission_id: str) -> dict[str, Any] | None:
+        """The attempt's latest progress record, from what its log gained since the last read."""
+        mark = self._marks.get(job_id)
+        if mark is None or mark.submission_id != submission_id:
+            mark = self._marks[job_id] = _LogMark(submission_id)
+        part = None
+        if mark.offset is not None:
+            part = self.ray.read_log(submission_id, mark.offset, PROGRESS_READ_BYTES)
+        if part is None or part.end < part.size or part.size < mark.offset:
+            part = self.ray.read_log(submission_id, None, PROGRESS_READ_BYTES)  # first, far behind, or a new log
+        mark.offset = part.whole_lines()[1]  # an unterminated last line is read again next pass
+        mark.latest = latest_progress(part.data.decode(errors="replace")) or mark.latest
+        return mark.latest
 
     def _stall_marks(self, job: JobRecord, step: int | None, now: float) -> dict[str, Any]:
         """The stall metrics of a RUNNING attempt whose latest step is ``step`` ({} while it progresses)."""

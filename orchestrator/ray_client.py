@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 RAY_TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})
+# Where a Ray node's job supervisor writes a driver's output, in that node's session logs folder
+# (ray.dashboard.modules.job.common.JOB_LOGS_PATH_TEMPLATE).
+DRIVER_LOG = "job-driver-{}.log"
+_SUBMISSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+STREAM_CHUNK_BYTES = 1 << 20  # one piece of a log streamed from Ray's state API
 
 
 class RayUnavailable(RuntimeError):
@@ -38,6 +45,27 @@ class RayJobView:
     @property
     def terminal(self) -> bool:
         return self.status in RAY_TERMINAL
+
+
+@dataclass(frozen=True)
+class LogSlice:
+    """Bytes ``[start, end)`` of a driver's log, which was ``size`` bytes long when read."""
+    data: bytes
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+    def whole_lines(self) -> tuple[str, int]:
+        """The complete lines of a slice read from a line start, and the offset after them (where the
+        next read starts, so a line being written is read whole next time). A line longer than a whole
+        read is passed over rather than read forever."""
+        cut = self.data.rfind(b"\n") + 1
+        if cut == 0 and self.end < self.size:
+            cut = len(self.data)
+        return self.data[:cut].decode(errors="replace"), self.start + cut
 
 
 @dataclass(frozen=True)
@@ -72,7 +100,10 @@ class RayJobs(Protocol):
 
     def stop(self, submission_id: str) -> None: ...
 
-    def logs(self, submission_id: str) -> str: ...
+    def read_log(self, submission_id: str, start: int | None, max_bytes: int) -> LogSlice:
+        """At most ``max_bytes`` of the driver's log from byte ``start``, or (``start`` None) its last
+        ``max_bytes``; a submission Ray does not know reads as an empty log. What one call costs the
+        service is bounded by ``max_bytes``, however long the log."""
 
     def tail(self, submission_id: str) -> AsyncIterator[str]:
         """Log chunks as the driver writes them, ending when the Ray job ends."""
@@ -84,11 +115,19 @@ class RayJobs(Protocol):
 
 
 class SdkRayJobs:
-    """``RayJobs`` over the Ray Jobs SDK and state API, with a timeout on every HTTP call."""
+    """``RayJobs`` over the Ray Jobs SDK and state API, with a timeout on every HTTP call.
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0):
+    ``logs_dir``: the Ray session's logs folder when the head runs on this machine (``orch up``:
+    ``<ray temp dir>/session_latest/logs``). A driver's log found there is read by offset, so a read
+    costs what it returns. Otherwise (a remote cluster, a driver on another node) the log comes through
+    Ray's state API, which can only stream a driver's log whole: memory stays bounded by ``max_bytes``
+    but every read moves the whole file over the network."""
+
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0,
+                 logs_dir: Path | None = None):
         self.address = address
         self.timeout_s = timeout_s
+        self.logs_dir = logs_dir
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client: Any = None
         self._lock = threading.Lock()
@@ -154,15 +193,48 @@ class SdkRayJobs:
             if "does not exist" not in str(e):
                 raise RayUnavailable(_short(e)) from None
 
-    def logs(self, submission_id: str) -> str:
+    def read_log(self, submission_id: str, start: int | None, max_bytes: int) -> LogSlice:
+        if self.logs_dir is not None and _SUBMISSION_ID.fullmatch(submission_id):  # a name, never a path
+            try:
+                return read_file(self.logs_dir / DRIVER_LOG.format(submission_id), start, max_bytes)
+            except FileNotFoundError:
+                pass  # the driver ran on another node or in an earlier session of the head: ask Ray
+        return self._stream_log(submission_id, start, max_bytes)
+
+    def _stream_log(self, submission_id: str, start: int | None, max_bytes: int) -> LogSlice:
+        """The slice, kept from Ray's state API stream of the whole log (its ``lines=-1``)."""
+        import requests
+
         try:
-            return self._call("get_job_logs", submission_id)
+            info = self._call("get_job_info", submission_id)
         except RuntimeError as e:
             if isinstance(e, RayUnavailable):
                 raise
-            if "does not exist" in str(e):
-                return ""
+            if "status code 404" in str(e) or "does not exist" in str(e):
+                return LogSlice(b"", 0, 0)
             raise RayUnavailable(_short(e)) from None
+        node_id = getattr(info, "driver_node_id", None)
+        if not node_id:
+            return LogSlice(b"", 0, 0)  # the driver has not started: nothing written yet
+        params = {"node_id": node_id, "submission_id": submission_id, "lines": -1, "timeout": int(self.timeout_s)}
+        window, size = bytearray(), 0
+        try:
+            with requests.get(f"{self._jobs().get_address()}/api/v0/logs/file", params=params, headers=self._headers,
+                              stream=True, timeout=self.timeout_s) as r:
+                if r.status_code != 200:
+                    log.info("no log for %s from Ray: %s", submission_id, _short(RuntimeError(r.text)))
+                    return LogSlice(b"", 0, 0)
+                for chunk in r.iter_content(chunk_size=STREAM_CHUNK_BYTES):
+                    if start is None:
+                        window += chunk
+                        del window[:max(0, len(window) - max_bytes)]
+                    else:  # the part of [start, start + max_bytes) in this chunk, which begins at byte size
+                        window += chunk[max(0, start - size):max(0, start + max_bytes - size)]
+                    size += len(chunk)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise RayUnavailable(f"Ray at {self.address} is not reachable: {_short(e)}") from None
+        begin = size - len(window) if start is None else min(start, size)
+        return LogSlice(bytes(window), begin, size)
 
     async def tail(self, submission_id: str) -> AsyncIterator[str]:
         try:
@@ -237,6 +309,17 @@ class SdkRayJobs:
                 for j in jobs]
 
 
+def read_file(path: Path, start: int | None, max_bytes: int) -> LogSlice:
+    """``RayJobs.read_log`` of a log file on this machine: one positioned read of at most ``max_bytes``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        begin = max(0, size - max_bytes) if start is None else min(start, size)
+        return LogSlice(os.pread(fd, min(max_bytes, size - begin), begin), begin, size)
+    finally:
+        os.close(fd)
+
+
 def _make_client(address: str, headers: dict[str, str], timeout_s: float) -> Any:
     from ray.job_submission import JobSubmissionClient
 
@@ -268,7 +351,7 @@ class NoRay:
     def _down(self, *args: Any, **kwargs: Any) -> Any:
         raise RayUnavailable("no Ray cluster configured: set RAY_ADDRESS (the dashboard URL) or run `orch up`")
 
-    submit = status = stop = logs = nodes = unmanaged_jobs = _down
+    submit = status = stop = read_log = nodes = unmanaged_jobs = _down
 
     async def tail(self, submission_id: str) -> AsyncIterator[str]:
         return

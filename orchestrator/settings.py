@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Ray dashboard HTTP address used by the Jobs SDK, e.g. http://127.0.0.1:8265. RAY_ADDRESS is read
     # too (the Jobs SDK itself prefers it), so one variable points both `ray job submit` and us at a cluster.
     ray_address: str | None = Field(None, validation_alias=AliasChoices("ORCH_RAY_ADDRESS", "RAY_ADDRESS"))
+    # The Ray session's logs folder on this machine (`orch up` sets it): driver logs found there are read
+    # by offset; without it, through Ray's state API (whole files).
+    ray_logs_dir: Path | None = None
     # host:port of the cluster's GCS (``ray start --head --port``). When set, the service connects a Ray
     # driver there and shows each job that waits for room to the autoscaler as a pending placement
     # group (orchestrator/demand_groups.py); unset: queued jobs' demand stays invisible to Ray.
@@ -119,7 +122,7 @@ class Settings(BaseSettings):
             check_pool_name(name)
         return v
 
-    @field_validator("state_dir", "jobs_dir", mode="after")
+    @field_validator("state_dir", "jobs_dir", "ray_logs_dir", mode="after")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()

@@ -1,12 +1,19 @@
-"""Prometheus instruments of one service instance (own registry, so apps in one process stay apart)."""
+"""Prometheus instruments of one service instance (own registry, so apps in one process stay apart).
+
+``render()`` is everything (admins and ``scrape`` tokens); ``render_team`` is what a user sees: the
+service-wide figures (HTTP traffic, controller passes, the queue and bookings per pool, as
+``/v1/cluster`` shows any token), job counts of its team only, and the per-job series (loss,
+throughput, ``job_id``) of its team's jobs only.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from orchestrator.states import JobState
 
@@ -17,15 +24,21 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
+CountByState = Callable[..., Mapping[JobState, int]]  # JobStore.count_by_state(team=None)
+
+
 class _JobsByState:
-    """Collector reading job counts from the store at scrape time (no double bookkeeping)."""
+    """Collector reading job counts from the store at scrape time (no double bookkeeping); ``team``:
+    that team's jobs only."""
 
-    def __init__(self, count_by_state):
+    def __init__(self, count_by_state: CountByState, team: str | None = None):
         self._count = count_by_state
+        self._team = team
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("orch_jobs", "Jobs in the store by state", labels=["state"])
-        for state, n in self._count().items():
+        counts = self._count() if self._team is None else self._count(team=self._team)
+        for state, n in counts.items():
             g.add_metric([JobState(state).value], n)
         yield g
 
@@ -74,8 +87,29 @@ class _Scheduling:
         yield from (jobs, demand, reserved)
 
 
+class _TeamView(Collector):
+    """The registry as a user of ``team`` sees it (see the module docstring). ``team_jobs``: ids of
+    the team's jobs; a per-job series of any other job is left out (so is one of a job the caller
+    did not list: fail closed)."""
+
+    def __init__(self, telemetry: Telemetry, team: str, team_jobs: Collection[str]):
+        self._t, self._team, self._jobs = telemetry, team, team_jobs
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._t.registry.collect():
+            if family.name == "orch_jobs" and self._t.count_by_state is not None:
+                yield from _JobsByState(self._t.count_by_state, self._team).collect()
+            elif family.name in TRAINING_FIGURES:
+                mine = Metric(family.name, family.documentation, family.type, family.unit)
+                mine.samples = [s for s in family.samples if s.labels.get("job_id") in self._jobs]
+                yield mine
+            else:
+                yield family
+
+
 class Telemetry:
-    def __init__(self, count_by_state=None):
+    def __init__(self, count_by_state: CountByState | None = None):
+        self.count_by_state = count_by_state
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -106,4 +140,9 @@ class Telemetry:
             r.register(_JobsByState(count_by_state))
 
     def render(self) -> bytes:
+        """Every series: for admins and ``scrape`` tokens."""
         return generate_latest(self.registry)
+
+    def render_team(self, team: str, team_jobs: Collection[str]) -> bytes:
+        """What a user of ``team`` may see; ``team_jobs``: the ids of its team's unfinished jobs."""
+        return generate_latest(_TeamView(self, team, team_jobs))

@@ -21,7 +21,7 @@ def test_demo_spec_is_valid():
         ({"train": {"steps": "many"}}, "train.steps", "valid integer"),
         ({"compression": {"density": 1.5}}, "compression.density", "less than or equal to 1"),
         ({"compression": {"density": 0}}, "compression.density", "greater than 0"),
-        ({"compression": {"method": "gzip"}}, "compression.method", "'topk' or 'powersgd'"),
+        ({"compression": {"method": "gzip"}}, "compression.method", "'powersgd' or 'local'"),
         ({"model": {"n_experts": 8}}, "model.n_experts", "unknown field"),
         ({"trainer": {}}, "trainer", "unknown field"),
         ({"resources": {"device": "tpu"}}, "resources.device", "'cpu', 'gpu' or 'npu'"),

@@ -29,6 +29,12 @@ into the single-process state dict (``...experts.w1`` of shape (E, ...)), for we
 moments and residuals alike, and ``shard_expert_state`` cuts them again for whatever EP size
 loads them, so the files never depend on the layout that wrote them.
 
+Why every read goes through workers/confine.py: a team's checkpoint folder is checked at
+submission on its top folder only; a ``step-*`` folder or ``model.pt`` inside it that links to
+another team's files would otherwise serve or resume from their weights. Each file is opened under
+the job's roots (``ORCH_DATA_ROOTS``) and refused with OutsideRoots naming it; unconfined jobs read
+as before. ``torch.load`` always runs with ``weights_only=True``: a checkpoint never runs code.
+
 Shape suffixes used in comments:
     E  routed experts in the model (global ids)
     G  experts owned by one rank (E / EP size)
@@ -37,14 +43,16 @@ Shape suffixes used in comments:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from workers import confine
 from workers.compression import CommState
 from workers.config import ModelConfig
 from workers.moe.dispatch import ExpertParallelExperts
@@ -55,6 +63,7 @@ from workers.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2
 TOKENIZER_FILE = "tokenizer.json"
+Also = Iterable[str | os.PathLike]  # folders a reader may open beyond the job's roots (confine.open_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,42 +218,60 @@ def save(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer,
     (path / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}))
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    meta = json.loads((path / "meta.json").read_text())
+def _open(path: Path, also: Also) -> IO:
+    """``path`` opened for reading under this job's confinement (workers/confine.py): a checkpoint
+    file, or a ``step-*`` folder holding it, that links out of the team's roots is refused
+    (OutsideRoots naming it), whenever it was planted; ``also``: folders this process made itself
+    (a download of an ``s3://`` checkpoint)."""
+    return confine.open_file(path, also=also)
+
+
+def _torch_load(path: Path, map_location: str | torch.device, also: Also) -> Any:
+    # weights_only: a checkpoint folder may come from elsewhere; never unpickle code from it.
+    with _open(path, also) as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def read_meta(path: Path, *, also: Also = ()) -> dict[str, Any]:
+    with _open(path / "meta.json", also) as f:
+        meta = json.loads(f.read())
     if meta.get("format") != FORMAT_VERSION:
         raise RuntimeError(f"checkpoint {path} has format {meta.get('format')}, this code reads {FORMAT_VERSION}")
     return meta
 
 
-def load_tokenizer_for(path: Path) -> Tokenizer:
+def load_tokenizer_for(path: Path, *, also: Also = ()) -> Tokenizer:
     """The tokenizer the checkpoint in ``path`` was trained with; the byte tokenizer for checkpoints
     that store none (trained on byte shards before checkpoints carried one)."""
     stored = path / TOKENIZER_FILE
-    return load_tokenizer(stored.read_text()) if stored.is_file() else ByteTokenizer()
+    if not stored.is_file():
+        return ByteTokenizer()
+    with _open(stored, also) as f:
+        return load_tokenizer(f.read().decode("utf-8"))
 
 
-def load_model(path: Path, config: ModelConfig | None = None, device: str | torch.device = "cpu") -> MoETransformer:
+def load_model(path: Path, config: ModelConfig | None = None, device: str | torch.device = "cpu", *,
+               also: Also = ()) -> MoETransformer:
     """The checkpoint's model in one process, in eval mode, for sampling and serving: whatever
     world and EP sizes wrote it (model.pt holds every expert by global id). ``config`` defaults to
     the one saved in meta.json."""
-    meta = read_meta(path)
+    meta = read_meta(path, also=also)
     if config is None:
         if "model" not in meta:
             raise RuntimeError(f"checkpoint {path} does not record its model config; pass the spec's model section")
         config = ModelConfig.model_validate(meta["model"])
     model = MoETransformer(config).to(device)
-    # weights_only: a checkpoint folder may come from elsewhere; never unpickle code from it.
-    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True), strict=True)
+    model.load_state_dict(_torch_load(path / "model.pt", device, also), strict=True)
     return model.eval()
 
 
 def load_model_and_optimizer(path: Path, *, model: MoETransformer, optimizer: torch.optim.Optimizer,
                              groups: ParallelGroups | None, device: torch.device,
-                             scaler: torch.amp.GradScaler | None = None) -> None:
+                             scaler: torch.amp.GradScaler | None = None, also: Also = ()) -> None:
     """Weights and optimizer moments in place, sliced for this rank's experts (every rank loads the
     same files, so DDP's replicas stay equal); the fp16 loss scale when both sides have a scaler."""
-    model.load_state_dict(_shard(model, groups, torch.load(path / "model.pt", map_location=device)), strict=True)
-    saved = torch.load(path / "optim.pt", map_location=device)
+    model.load_state_dict(_shard(model, groups, _torch_load(path / "model.pt", device, also)), strict=True)
+    saved = _torch_load(path / "optim.pt", device, also)
     params = dict(model.named_parameters())
     for kind, full in saved["state"].items():
         for name, tensor in _shard(model, groups, full).items():
@@ -256,14 +283,14 @@ def load_model_and_optimizer(path: Path, *, model: MoETransformer, optimizer: to
 
 
 def load_compression(path: Path, *, model: MoETransformer, comm: CommState, esync: ExpertGradSync | None,
-                     groups: ParallelGroups | None) -> None:
+                     groups: ParallelGroups | None, also: Also = ()) -> None:
     """After the hooks exist: each rank starts from the saved mean residuals (any world size)."""
-    saved = torch.load(path / "compression.pt", map_location="cpu")
+    saved = _torch_load(path / "compression.pt", "cpu", also)
     if esync is None:
         comm.import_state(saved)
         return
     params = dict(model.named_parameters())
-    full_shapes = {name: t.shape for name, t in torch.load(path / "model.pt", map_location="cpu").items()}
+    full_shapes = {name: t.shape for name, t in _torch_load(path / "model.pt", "cpu", also).items()}
     expert_full = {full for full in full_shapes if full not in params}  # sharded: EP names differ
     dense = {k: v for k, v in saved.items() if k == "steps" or k.partition("/")[2] not in expert_full}
     comm.import_state(dense)

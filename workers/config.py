@@ -9,7 +9,8 @@ typo in a spec fails before any Ray work starts.
 
 from __future__ import annotations
 
-from typing import Literal
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,8 +30,31 @@ def device_kind(value: object) -> object:
 DEFAULT_EXTENSIONS = (".py", ".pyi", ".txt", ".md", ".rst", ".c", ".h", ".rs", ".go", ".js", ".ts", ".java")
 
 
+def _numeric(annotation: object) -> bool:
+    """An int or float field (optional or not), but not one that also takes a boolean."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return bool not in args and any(a in (int, float) for a in args)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_booleans(cls, data: object) -> object:
+        """Numbers and booleans do not stand for each other: pydantic's lax mode reads ``false`` as 0
+        and ``0`` or ``"yes"`` as a boolean, where a spec's author made a mistake to name (and JSON
+        Schema, which the API publishes, refuses both); ``8.0`` for an int still passes."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is None:
+                    continue
+                if isinstance(value, bool) and _numeric(field.annotation):
+                    raise ValueError(f"{name}: must be a number, not a boolean")
+                if field.annotation is bool and not isinstance(value, bool):
+                    raise ValueError(f"{name}: must be true or false")
+        return data
 
 
 class ModelConfig(Config):
@@ -68,12 +92,28 @@ class ModelConfig(Config):
         return self
 
 
+# Fields that only method "local" reads (an explicit value with another method is a spec error).
+LOCAL_FIELDS = ("local_steps", "value_bits", "outer_lr", "error_decay")
+
+
 class CompressionConfig(Config):
     # none: dense allreduce (still byte-counted); topk: sparse (index, value) allgather with the DGC
-    # tricks below; powersgd: PyTorch's PowerSGD hook (low-rank), for comparison.
-    method: Literal["none", "topk", "powersgd"] = "topk"
-    # Fraction of each bucket's elements sent per step (after the warm-up).
+    # tricks below; powersgd: PyTorch's PowerSGD hook (low-rank), for comparison; local: local_steps
+    # optimizer steps per worker with no gradient sync, then a chunk-wise top-k + error-feedback sync
+    # of the weights' change (workers/compression/DESIGN.md, "Local steps").
+    method: Literal["none", "topk", "powersgd", "local"] = "topk"
+    # Fraction of each bucket's elements sent per step (after the warm-up); method local: of each
+    # chunk's elements sent per outer sync.
     density: float = Field(0.01, gt=0.0, le=1.0)
+    # method local: optimizer steps between two outer syncs (1: a sync after every step).
+    local_steps: int = Field(8, ge=1, le=100_000)
+    # method local: bits per sent value (2, 4, 8: codes with one float32 scale per chunk; 32: float32).
+    value_bits: Literal[2, 4, 8, 32] = 8
+    # method local: the start weights move by outer_lr times the averaged sent change.
+    outer_lr: float = Field(1.0, gt=0.0, le=10.0)
+    # method local: the error-feedback accumulator is multiplied by this before each round's change
+    # is added (1: plain error feedback; < 1 forgets stale mass, as SparseLoCo's beta).
+    error_decay: float = Field(0.95, ge=0.0, le=1.0)
     # Keep what was not sent and add it to the next step's gradient (Stich et al. 2018).
     error_feedback: bool = True
     # DGC momentum correction, 0 = off (e.g. 0.9). The optimizer must then be plain SGD without
@@ -83,7 +123,8 @@ class CompressionConfig(Config):
     # accumulation; None = off.
     clip_norm: float | None = Field(None, gt=0.0, le=1e6)
     # Density warm-up over the first warmup_steps hook steps, 0 = off: exponential decrease from
-    # warmup_start_density to density (DGC: 25% -> 0.1% over 4 stages).
+    # warmup_start_density to density (DGC: 25% -> 0.1% over 4 stages). method local: the first
+    # warmup_steps steps sync after every step, densely (a dense allreduce of the change).
     warmup_steps: int = Field(0, ge=0, le=10_000_000)
     warmup_start_density: float = Field(0.25, gt=0.0, le=1.0)
     # exact: torch.topk on the whole bucket; sampled: threshold from the top-k of a ~1% sample,
@@ -121,7 +162,15 @@ class CompressionConfig(Config):
         if self.precondition == "adam" and (self.method != "topk" or not self.error_feedback or self.momentum > 0):
             raise ValueError("precondition 'adam' needs method 'topk' with error_feedback on and momentum 0 "
                              "(Adam's first moment is the momentum)")
-        if self.warmup_steps > 0 and self.warmup_start_density < self.density:
+        if self.method != "local":
+            # Compared with the default, not by "was it set": a stored spec is dumped whole and read again.
+            local_only = sorted(f for f in LOCAL_FIELDS if getattr(self, f) != type(self).model_fields[f].default)
+            if local_only:
+                raise ValueError(f"{', '.join(local_only)}: only for method 'local' (method is {self.method!r})")
+        elif self.momentum > 0 or self.precondition != "none" or self.clip_norm is not None:
+            raise ValueError("method 'local' keeps the optimizer (AdamW) on each worker: momentum, precondition "
+                             "and clip_norm apply to method 'topk' only (use train.grad_clip)")
+        if self.warmup_steps > 0 and self.method != "local" and self.warmup_start_density < self.density:
             raise ValueError(f"warmup_start_density ({self.warmup_start_density}) must be >= density "
                              f"({self.density}): the warm-up decreases the density")
         return self

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
@@ -156,6 +157,7 @@ class _Run:
         """Collective checkpoint + report: every rank takes part; rank 0's folder holds the files."""
         import ray.train
 
+        self.step.finish_round()  # method local: a checkpoint closes the round (DESIGN.md, "Local steps")
         totals = self.byte_totals()
         meta = {"step": step, "epoch": self.pos.epoch,
                 "sequences_in_epoch": self.pos.sequence,
@@ -163,8 +165,9 @@ class _Run:
                 "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item(),
                 "model": self.cfg.model.model_dump()}
         s = self.step
+        comm, esync = s.checkpoint_state()
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(Path(tmp), model=s.model, optimizer=s.optimizer, comm=s.comm, esync=s.esync,
+            checkpoint.save(Path(tmp), model=s.model, optimizer=s.optimizer, comm=comm, esync=esync,
                             groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler,
                             tokenizer_json=self.tokenizer_json)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None,
@@ -193,11 +196,15 @@ def _setup(cfg: WorkerConfig, channel: ProgressChannel, tokenizer_json: str | No
         return run
     with saved.as_directory() as saved_dir:
         path = Path(saved_dir)
-        meta = checkpoint.read_meta(path)
+        # Ray's own fresh download of a remote checkpoint (object stores hold no links) is read as is;
+        # a local one only under the job's data roots (workers/confine.py).
+        also = () if isinstance(saved.filesystem, pafs.LocalFileSystem) else (saved_dir,)
+        meta = checkpoint.read_meta(path, also=also)
         # In place, after DDP and the hooks exist: every rank loads the same files.
         checkpoint.load_model_and_optimizer(path, model=step.model, optimizer=step.optimizer, groups=step.groups,
-                                            device=device, scaler=step.scaler)
-        checkpoint.load_compression(path, model=step.model, comm=step.comm, esync=step.esync, groups=step.groups)
+                                            device=device, scaler=step.scaler, also=also)
+        comm, esync = step.checkpoint_state()
+        checkpoint.load_compression(path, model=step.model, comm=comm, esync=esync, groups=step.groups, also=also)
     run.start, run.pos = meta["step"], _Position.from_meta(meta)
     run.base_bytes = torch.tensor([meta["wire_bytes"], meta["dense_bytes"]], dtype=torch.float64)
     if rank == 0:
@@ -350,6 +357,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # eval_batches 0: no held-out pass, and no Ray Data pipeline started for it
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val and loop.eval_batches else None
+    step_fn.finish_round()  # method local: evaluate the synced weights
     eval_loss = evaluate(step_fn.model, _eval_batches(val_shard, loop, device), loop.eval_batches).loss
     metrics = reporter.final(eval_loss)
     run.save(loop.steps, metrics.model_dump())

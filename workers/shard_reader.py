@@ -11,6 +11,10 @@ shorter than one row is dropped) and yields blocks of about ``BLOCK_TOKENS`` tok
 
 Packing each shard on its own makes the rows a function of the shard alone, not of Ray's
 block-size estimates, which the training order (workers/order.py) and exactly-once resume need.
+
+A confined job's local shard is opened under its data roots (workers/confine.py, checked on the
+descriptor opened): one replaced by a link out of them after the manifest was checked fails its
+read, naming the file.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from workers.confine import Confinement
 from workers.data import DataError
 
 # Tokens per block a read task yields: 8 MiB of uint16 ids, small enough that a shard streams in
@@ -59,11 +64,13 @@ def pack_sequences(table: pa.Table, seq_len: int) -> np.ndarray:
     return blocks[0] if blocks else np.empty((0, seq_len + 1), dtype=np.uint16)
 
 
-def _read_shard(filesystem: pafs.FileSystem, path: str, seq_len: int) -> Iterator[Block]:
-    """The read task of one shard; a shard that cannot be read or decoded fails naming it."""
+def _read_shard(filesystem: pafs.FileSystem, path: str, seq_len: int,
+                roots: Confinement | None) -> Iterator[Block]:
+    """The read task of one shard; a shard that cannot be read or decoded (or lies outside ``roots``,
+    OutsideRoots) fails naming it."""
     block_rows = max(1, BLOCK_TOKENS // (seq_len + 1))
     try:
-        with filesystem.open_input_file(path) as f:
+        with roots.open(path) if roots is not None else filesystem.open_input_file(path) as f:
             shard = pq.ParquetFile(f)
             groups = (shard.read_row_group(i, columns=["tokens"]) for i in range(shard.num_row_groups))
             for rows in packed_blocks(groups, seq_len, block_rows):
@@ -73,18 +80,20 @@ def _read_shard(filesystem: pafs.FileSystem, path: str, seq_len: int) -> Iterato
 
 
 class ShardSource(Datasource):
-    """One read task per shard of ``paths`` (inside ``filesystem``), in that order."""
+    """One read task per shard of ``paths`` (inside ``filesystem``), in that order; local shards
+    opened under ``roots`` when given (TrainingData.confinement)."""
 
-    def __init__(self, paths: list[str], filesystem: pafs.FileSystem, seq_len: int):
+    def __init__(self, paths: list[str], filesystem: pafs.FileSystem, seq_len: int,
+                 roots: Confinement | None = None):
         super().__init__()
-        self.paths, self.filesystem, self.seq_len = paths, filesystem, seq_len
+        self.paths, self.filesystem, self.seq_len, self.roots = paths, filesystem, seq_len, roots
 
     def estimate_inmemory_data_size(self) -> None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(_read_shard, self.filesystem, path, self.seq_len),
+        return [ReadTask(functools.partial(_read_shard, self.filesystem, path, self.seq_len, self.roots),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path]),
                          per_task_row_limit=per_task_row_limit)
                 for path in self.paths]

@@ -5,7 +5,9 @@ the benchmarks, so the golden curves and the benchmark figures guard the code th
 expert-parallel groups and expert gradient sync, optimizer); ``TrainStep.__call__`` is the step:
 learning-rate schedule, forward, LM loss + auxiliary loss, backward (the hook syncs dense gradients
 bucket by bucket), expert gradient sync, clipping, optimizer, router-bias update from the
-all-reduced routing counts. It runs the same inside a process group (Ray Train, the golden run's
+all-reduced routing counts. With ``compression.method: local`` there is no DDP and no expert
+gradient sync: each rank steps on its own and ``LocalSGD`` syncs the weights every
+``local_steps`` steps (workers/compression/DESIGN.md, "Local steps"). It runs the same inside a process group (Ray Train, the golden run's
 gloo ranks) and in one plain process (the MoE benchmark: no DDP, no collectives).
 """
 
@@ -15,6 +17,7 @@ import datetime
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,10 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from workers import compression
-from workers.compression import CommState, CompressionConfig
+from workers.compression import CommState, CompressionConfig, LocalSGD
 from workers.config import LoopConfig
 from workers.device import autocast, grad_scaler
 from workers.moe import parallel
+from workers.moe.grad_sync import expert_param_names
 from workers.moe.model import ModelConfig, MoETransformer
 
 # Collective timeout of the expert-parallel groups (torch's default for new groups is 30 minutes).
@@ -83,6 +87,10 @@ class TrainStep:
     # of it (unscaled residuals, agreed skips) is the guard, built by build_step.
     scaler: torch.amp.GradScaler | None = None
     guard: compression.LossScaleGuard | None = None
+    # method local: the outer syncs, of the dense parameters over the world and (EP > 1) of the
+    # experts over their replicas; no DDP and no ExpertGradSync then (workers/compression/local.py).
+    outer: LocalSGD | None = None
+    outer_experts: LocalSGD | None = None
 
     def __post_init__(self) -> None:
         if self.scaler is None:
@@ -100,10 +108,24 @@ class TrainStep:
         return self.loop.grad_clip
 
     def byte_counts(self) -> tuple[int, int]:
-        """(wire, dense-equivalent) bytes this rank's hooks have sent so far."""
-        wire = (self.comm.wire_bytes if self.comm else 0) + (self.esync.wire_bytes if self.esync else 0)
-        dense = (self.comm.dense_bytes if self.comm else 0) + (self.esync.dense_bytes if self.esync else 0)
-        return wire, dense
+        """(wire, dense-equivalent) bytes this rank's hooks (or outer syncs) have sent so far."""
+        parts = [p for p in (self.comm, self.esync, self.outer, self.outer_experts) if p is not None]
+        return sum(p.wire_bytes for p in parts), sum(p.dense_bytes for p in parts)
+
+    def finish_round(self) -> None:
+        """method local: sync now if a round is open (a collective), so every replica holds the same
+        weights; call before evaluating or checkpointing. No-op for the per-step methods."""
+        for outer in (self.outer, self.outer_experts):
+            if outer is not None:
+                outer.finish_round()
+
+    def checkpoint_state(self) -> tuple[Any, Any]:
+        """What workers/checkpoint.py saves and loads as the compression state: (the dense part with
+        ``export_state`` / ``import_state``, the expert part as ``.state`` or None). method local:
+        the outer syncs' accumulators; otherwise the DDP hook's and ExpertGradSync's."""
+        if self.outer is None:
+            return self.comm, self.esync
+        return self.outer, (_ExpertPart(self.outer_experts) if self.outer_experts is not None else None)
 
     def set_lr(self, step: int) -> float:
         lr = lr_at(step, self.loop)
@@ -132,6 +154,8 @@ class TrainStep:
         ``loss_weight`` scales this rank's LM loss before backward, so that DDP's mean over ranks is
         the global batch's mean when ranks hold different numbers of tokens (workers/balance.py)."""
         self.set_lr(step)
+        if self.outer is not None:
+            loss_weight = 1.0  # local steps: each rank's own mean; the outer sync weights by tokens
         inputs, targets = x[:, :-1], x[:, 1:]  # (batch, seq_len) each
         with autocast(self.loop.precision, self.device):  # fp32: no-op; master weights stay fp32
             logits = self.forward(inputs)  # (batch, seq_len, vocab)
@@ -141,6 +165,8 @@ class TrainStep:
         self._backward(objective + self.model.aux_loss())  # the comm hook syncs dense gradients bucket by bucket here
         if self.esync is not None:
             self.esync.sync()  # expert gradients, over the replicas of each expert
+        elif self.outer is not None and self.groups is not None:
+            _scale_expert_grads(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # true gradients for clipping; records an inf/NaN
         clip = self.clip
@@ -157,6 +183,10 @@ class TrainStep:
         if _distributed():
             dist.all_reduce(counts)  # every rank applies the same bias update
         self.model.update_router_bias(counts)
+        tokens = float(targets.numel())
+        for outer in (self.outer, self.outer_experts):
+            if outer is not None:
+                outer.step(tokens)  # the outer sync at a round's end (a collective)
         return StepResult(loss=loss.detach(), counts=counts)
 
 
@@ -178,6 +208,8 @@ def build_step(model_cfg: ModelConfig, comp_cfg: CompressionConfig, loop_cfg: Lo
               if expert_parallel > 1 else None)
     torch.manual_seed(seed)
     model = MoETransformer(model_cfg).to(device)
+    if comp_cfg.method == "local":
+        return _build_local_step(model, comp_cfg, loop_cfg, groups)
     if groups is not None:
         parallel.apply_expert_parallel(model, groups.ep_group)  # this rank keeps its experts' rows
         parallel.ignore_experts_in_ddp(model)  # experts: synced over their replicas by ExpertGradSync
@@ -192,6 +224,42 @@ def build_step(model_cfg: ModelConfig, comp_cfg: CompressionConfig, loop_cfg: Lo
         step.guard = compression.LossScaleGuard(
             comm, [esync.state] if esync else [], [p for m in esync.modules for p in m.parameters()] if esync else [])
     return step
+
+
+def _build_local_step(model: MoETransformer, comp_cfg: CompressionConfig, loop_cfg: LoopConfig,
+                      groups: parallel.ParallelGroups | None) -> TrainStep:
+    """method local: no DDP (nothing is synced during a round); the dense parameters' outer sync
+    spans the world, the experts' spans their replicas (the expert-DP group). The token all-to-all
+    of expert parallelism still runs every step, inside the forward."""
+    experts: set[str] = set()
+    if groups is not None:
+        parallel.apply_expert_parallel(model, groups.ep_group)
+        experts = set(expert_param_names(model))
+    named = dict(model.named_parameters())
+    outer = LocalSGD({n: p for n, p in named.items() if n not in experts}, comp_cfg)
+    outer_experts = (LocalSGD({n: p for n, p in named.items() if n in experts}, comp_cfg, groups.expert_dp_group)
+                     if groups is not None else None)
+    return TrainStep(model=model, forward=model, optimizer=build_optimizer(model, loop_cfg, comp_cfg), loop=loop_cfg,
+                     compression=comp_cfg, groups=groups, outer=outer, outer_experts=outer_experts)
+
+
+def _scale_expert_grads(model: MoETransformer) -> None:
+    """Local steps with EP: an expert's gradient is the SUM over its EP group's ranks of their losses'
+    gradients (the all-to-all backward), so 1 / EP size makes it the mean over the tokens it saw, as
+    ExpertGradSync's rule does before averaging over replicas (workers/moe/grad_sync.py)."""
+    for moe in model.moe_layers():
+        scale = 1.0 / getattr(moe.experts, "ep_size", 1)
+        if scale != 1.0:
+            for p in moe.experts.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+
+@dataclass
+class _ExpertPart:
+    """The experts' outer sync as workers/checkpoint.py reads an expert sync (its ``.state``)."""
+
+    state: LocalSGD
 
 
 @dataclass

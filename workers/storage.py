@@ -10,6 +10,10 @@ arrow#49643, hence it is passed), but an URI cannot carry timeouts, and an unrea
 must end in an error within seconds instead of stalling a job. ``open_fs`` then probes the path,
 retrying with backoff, and raises ONE ``StorageError`` naming the bucket and endpoint.
 
+A local file is read or written here only under the job's data roots when it is opened
+(workers/confine.py, ``ORCH_DATA_ROOTS``; unset: anywhere): a link out of them raises
+``OutsideRoots`` naming the file, never retried. S3 keys have no links.
+
 Ray pickles a filesystem handed to it (Ray Data's readers, Ray Train's storage) into other
 processes; the endpoint, region, timeouts and the environment's static keys travel with it, so
 those processes reach the same bucket whatever their own environment (``_static_credentials``).
@@ -21,13 +25,16 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from workers import confine
+from workers.confine import OutsideRoots
 
 # The S3 client's own bounds: connect and per-request (stall) timeouts, attempts per request.
 S3_CONNECT_TIMEOUT_S = 3.0
@@ -99,6 +106,8 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int = PROBE_ATTEMPTS,
     for attempt in range(attempts):
         try:
             return fn()
+        except OutsideRoots:  # a refusal, not a hiccup
+            raise
         except (OSError, pa.ArrowException) as e:
             if attempt == attempts - 1:
                 raise StorageError(f"{what}: {e} (after {attempts} attempts)") from None
@@ -140,20 +149,34 @@ def open_fs(uri: str, *, must_exist: bool = False) -> tuple[pafs.FileSystem, str
     return fs, path
 
 
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+def confined(fs: pafs.FileSystem, path: str, *, also: Iterable[str] = ()) -> str:
+    """``path``, checked to lie under the job's roots (widened by ``also``, folders the service chose)
+    if it is local; raises OutsideRoots naming it. For a file pyarrow opens next."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        confine.check(path, also=also)
+    return path
+
+
+def read_bytes(fs: pafs.FileSystem, path: str, *, also: Iterable[str] = ()) -> bytes:
+    """The file's bytes; a local file is opened under the job's roots (OutsideRoots otherwise)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        with confine.open_file(path, "rb", also=also) as f:
+            return f.read()
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, *, also: Iterable[str] = ()) -> None:
     """Write ``data`` so that ``path`` is either absent or complete: an S3 PUT (or completed
-    multipart upload) appears whole; a local file is written beside and renamed over."""
+    multipart upload) appears whole; a local file is written beside, under the job's roots
+    (OutsideRoots before anything is created otherwise), and renamed over."""
     if isinstance(fs, pafs.LocalFileSystem):
+        confine.check(path, also=also)  # its folders too: no folder is created through a link out
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
+        with confine.open_file(tmp, "wb", also=also) as f:
             f.write(data)
-        fs.move(tmp, path)
+        os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)

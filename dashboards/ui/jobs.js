@@ -7,6 +7,7 @@ import { LiveTable, badge, el, fmtAge, fmtNum, fmtTime, kv, progressBar, replace
 
 const LIST_LIMIT = 200;
 const LOG_TAIL_LINES = 200;
+const LOG_TAIL_BYTES = 64 * 1024; // what one poll asks of the log: its end, never the whole log
 const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
 
 function progressCell(job) {
@@ -90,6 +91,8 @@ export function jobDetailPage(root, id) {
     el("section", { class: "card" }, el("h2", {}, "Attempts"), attempts),
     el("details", { class: "card" }, el("summary", {}, "Spec"), spec));
   let done = false;
+  let logShown = null; // attempt and end offset of the log text shown: an unchanged log is not redrawn
+  let curveShown = null; // size and last point of the curve drawn, likewise
 
   async function cancel(button) {
     button.disabled = true;
@@ -103,7 +106,7 @@ export function jobDetailPage(root, id) {
       // Both read Ray: when it is away (503) the job's stored state still shows.
       const [curve, log] = await Promise.all([
         api(`/v1/jobs/${id}/curve`).catch((e) => ({ points: [], error: describe(e) })),
-        api(`/v1/jobs/${id}/logs`).catch((e) => ({ logs: `(log unavailable: ${describe(e)})` }))]);
+        api(`/v1/jobs/${id}/logs?tail=${LOG_TAIL_BYTES}`).catch((e) => ({ error: describe(e) }))]);
       const stop = el("button", { class: "danger", type: "button", disabled: job.cancel_requested,
                                   onclick: (e) => cancel(e.target) }, job.cancel_requested ? "Cancelling" : "Cancel");
       replace(head,
@@ -114,10 +117,17 @@ export function jobDetailPage(root, id) {
               ["progress", progressCell(job)], ["attempts", `${job.attempts} of ${job.max_retries + 1}`],
               ["created", fmtTime(job.created_at)]]),
           TERMINAL.has(job.state) ? null : el("p", {}, stop)));
-      replace(chart, curveChart(curve));
+      const curveKey = curve.error ? null : JSON.stringify([curve.points.length, curve.points.at(-1)]);
+      if (curveKey === null || curveKey !== curveShown) replace(chart, curveChart(curve));
+      curveShown = curveKey;
       replace(metrics, metricsList(job));
-      logs.textContent = log.logs ? log.logs.split("\n").slice(-LOG_TAIL_LINES).join("\n") : "(no log yet)";
-      logs.scrollTop = logs.scrollHeight; // a tail: show its end
+      const logKey = log.error ? null : `${log.attempt}:${log.end}`;
+      if (logKey === null || logKey !== logShown) {
+        logs.textContent = log.error ? `(log unavailable: ${log.error})`
+          : log.logs ? log.logs.split("\n").slice(-LOG_TAIL_LINES).join("\n") : "(no log yet)";
+        logs.scrollTop = logs.scrollHeight; // a tail: show its end
+      }
+      logShown = logKey;
       replace(history, historyTable(job));
       replace(attempts, attemptsTable(job));
       spec.textContent = JSON.stringify(job.spec, null, 2);

@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.api.errors import validation_error_response
+from orchestrator.api.errors import http_error_response, validation_error_response
 from orchestrator.api.middleware import HttpMetrics
-from orchestrator.api.routes import admin, cluster, curves, deployments, jobs, sweeps, system, ui
+from orchestrator.api.routes import admin, cluster, curves, deployments, jobs, logs, sweeps, system, ui
 from orchestrator.api.schemas import Problem
 from orchestrator.api.security import TokenGuard, require_token
 from orchestrator.auth import Authenticator
@@ -31,7 +32,8 @@ def make_ray_client(settings: Settings) -> RayJobs:
     if not settings.ray_address:
         return NoRay()
     token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
-    return SdkRayJobs(settings.ray_address, token=token, timeout_s=settings.ray_timeout_s)
+    return SdkRayJobs(settings.ray_address, token=token, timeout_s=settings.ray_timeout_s,
+                      logs_dir=settings.ray_logs_dir)
 
 
 def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStore | None = None,
@@ -71,7 +73,8 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
         openapi_url=None, docs_url=None, redoc_url=None,
         max_body_size=settings.max_body_bytes,
         # One formatter for every 422: it echoes inputs only in a form that always encodes.
-        exception_handlers={RequestValidationError: validation_error_response},
+        exception_handlers={RequestValidationError: validation_error_response,
+                            StarletteHTTPException: http_error_response},
     )
     app.state.settings = settings
     app.state.store = store
@@ -87,8 +90,10 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     for router in (jobs.router, sweeps.router, cluster.router, deployments.router):
         app.include_router(router, dependencies=[Depends(require_token)], responses=unauthorized)
     app.include_router(admin.router, responses=unauthorized)  # each route states its own rule (admin.py)
-    # The job's curve reads the same job with the same authorization as /v1/jobs (routes/curves.py).
-    app.include_router(curves.router, dependencies=[Depends(require_token)], responses=unauthorized)
+    # A job's logs and curve read the same job with the same authorization as /v1/jobs (routes/logs.py,
+    # routes/curves.py).
+    for router in (logs.router, curves.router):
+        app.include_router(router, dependencies=[Depends(require_token)], responses=unauthorized)
     app.add_middleware(TokenGuard, authenticator=app.state.authenticator)
     app.add_middleware(HttpMetrics, telemetry=telemetry)
     # Outermost: the dashboard's static files need no token (they hold no data; see routes/ui.py).

@@ -109,7 +109,7 @@ class DeploymentPublic(BaseModel):
     team: str
     owner: str
     status: DeploymentStatus
-    message: str | None
+    message: str | None  # what happened last; while QUEUED, why it waits (quota, room) and its place
     checkpoint: str  # the checkpoint folder it serves (resolved when it was created)
     source: str | None  # where the checkpoint came from: a path, "job <id>", "sweep <id> trial <t>"
     route_prefix: str

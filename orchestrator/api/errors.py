@@ -7,6 +7,14 @@ FastAPI's own 422 handler echoes each error's input and crashed on them, as did 
 one back. So ``unencodable`` finds them in a request body (``JobCreate`` rejects them, located), and
 ``validation_error_response`` is the one formatter of every request validation error: locations,
 messages, inputs and contexts go through ``json_safe``.
+
+``http_error_response`` is the handler of every ``HTTPException``: FastAPI's own, less two breaches
+of the documented contract. A 422 raised with a string (a rule no schema states: a reserved user
+name, a job that can never fit) answers the documented ``HTTPValidationError``, a list of ``{loc,
+msg, type}``; and a 405's ``Allow`` lists every method the document gives the path, where Starlette
+lists those of the first route it matched (``POST /v1/jobs`` answered ``Allow: POST``; GET is there too).
+``query_errors`` makes a query parameter no route declares a 422 (FastAPI ignores it, so ``?limt=5``
+silently listed 100), as does a single-valued one given twice (FastAPI keeps the last).
 """
 
 from __future__ import annotations
@@ -14,11 +22,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 # Errors listed per 422: a 1 MiB body of NaN tokens would otherwise list some 200,000.
 MAX_REPORTED_ERRORS = 50
@@ -27,6 +38,8 @@ MAX_ECHO_DEPTH = 32
 
 Location = tuple[str | int, ...]
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# "field.path: message", the form of a string 422 that names its field (see ``string_detail_errors``).
+_FIELD_MESSAGE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): (.+)", re.DOTALL)
 
 
 class TooDeep(ValueError):
@@ -118,3 +131,71 @@ def format_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     """The app's handler for ``RequestValidationError``: a 422 whose body always encodes."""
     return JSONResponse(status_code=422, content={"detail": format_errors(exc.errors())})
+
+
+def string_detail_errors(detail: str) -> list[dict[str, Any]]:
+    """A string 422 detail as the one-item list ``HTTPValidationError`` promises: located in the body,
+    at the field its message starts with (``"user: 'admin' is reserved"`` -> ``["body", "user"]``)."""
+    m = _FIELD_MESSAGE.fullmatch(detail)
+    loc: list[str | int] = ["body"]
+    if m is not None:
+        loc += [int(p) if p.isdigit() else p for p in m.group(1).split(".")]
+        detail = m.group(2)
+    return [{"type": "value_error", "loc": loc, "msg": scrub(detail)}]
+
+
+async def http_error_response(request: Request, exc: HTTPException) -> Response:
+    """The app's handler for ``HTTPException`` (see the module docstring)."""
+    if exc.status_code == 422 and isinstance(exc.detail, str):
+        return JSONResponse(status_code=422, content={"detail": string_detail_errors(exc.detail)}, headers=exc.headers)
+    if exc.status_code == 405:
+        allow = ", ".join(documented_methods(request.app.openapi(), request.scope["path"]))
+        exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": allow})
+    return await http_exception_handler(request, exc)
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def documented_methods(document: Mapping[str, Any], path: str) -> list[str]:
+    """The methods the OpenAPI ``document`` gives the paths that ``path`` matches (``{param}``: one
+    path segment), upper case and sorted: what a 405's ``Allow`` must list."""
+    methods: set[str] = set()
+    for template, operations in document.get("paths", {}).items():
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                          for part in re.split(r"(\{[^}]*\})", template))
+        if re.fullmatch(pattern, path):
+            methods |= {m.upper() for m in operations if m in _HTTP_METHODS}
+    return sorted(methods)
+
+
+def _query_params(dependant: Any) -> dict[str, bool]:
+    """The query parameters a route and its dependencies take, each with whether it may repeat (a
+    list), walked per request (a handful of nodes)."""
+    params = {p.alias: _repeatable(p.field_info.annotation) for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        params |= _query_params(sub)
+    return params
+
+
+def _repeatable(annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    return origin in (Union, UnionType) and any(_repeatable(a) for a in get_args(annotation))
+
+
+def query_errors(request: Request) -> list[dict[str, Any]]:
+    """A 422 item for each query parameter the matched route does not declare, and for each one
+    given twice that takes one value (FastAPI would keep the last silently); none off a route."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return []
+    declared = _query_params(dependant)
+    errors = []
+    for name in dict.fromkeys(request.query_params.keys()):
+        if name not in declared:
+            errors.append({"type": "extra_forbidden", "loc": ("query", scrub(name)), "msg": "Extra inputs are not permitted"})
+        elif not declared[name] and len(request.query_params.getlist(name)) > 1:
+            errors.append({"type": "too_long", "loc": ("query", name), "msg": "takes one value, given several"})
+    return errors[:MAX_REPORTED_ERRORS]

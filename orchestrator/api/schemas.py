@@ -5,7 +5,15 @@ from __future__ import annotations
 from itertools import islice
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from jobs.kinds import KINDS, AnySpec, KindName
@@ -32,6 +40,17 @@ MAX_RETRIES_LIMIT = 10
 
 
 Priority = Literal["low", "normal", "high"]
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+# On an int field: pydantic's lax mode reads false as 0; strict mode refuses 8.0, which JSON
+# Schema's "integer" allows. Only the boolean is refused.
+NOT_BOOL = BeforeValidator(_not_bool)
 TeamName = Annotated[str, Field(pattern=NAME_PATTERN)]
 UserName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
@@ -54,7 +73,7 @@ class JobCreate(_Schema):
     spec: AnySpec  # validated by the kind's spec model
     # New attempts after the driver dies for a reason outside the job (cluster restart, node loss).
     # Ray Train's own worker restarts inside one attempt are spec.resources.max_failures.
-    max_retries: int = Field(2, ge=0, le=MAX_RETRIES_LIMIT)
+    max_retries: Annotated[int, NOT_BOOL] = Field(2, ge=0, le=MAX_RETRIES_LIMIT)
     # Queue order and preemption: a high job may stop a low one of any team when the pool is full.
     priority: Priority = "normal"
     # The job's team; only an admin may name one other than its own (403 otherwise). Default: own team.
@@ -97,14 +116,14 @@ class JobCreate(_Schema):
 class ResizeWorkers(_Schema):
     """A training job on one pool at a new size; bounds come from the job (jobs/elastic.py)."""
 
-    num_workers: int = Field(ge=1, le=4096)
+    num_workers: Annotated[int, NOT_BOOL] = Field(ge=1, le=4096)
 
 
 class ResizePools(_Schema):
     """A training job that spans pools at new worker counts for the same pools."""
 
     # additionalProperties: keys outside the pattern are invalid in the document too, as in pydantic.
-    pools: dict[Annotated[str, Field(pattern=POOL_NAME_PATTERN)], Annotated[int, Field(ge=1, le=4096)]] = Field(
+    pools: dict[Annotated[str, Field(pattern=POOL_NAME_PATTERN)], Annotated[int, Field(ge=1, le=4096), NOT_BOOL]] = Field(
         min_length=1, max_length=16, json_schema_extra={"additionalProperties": False})
 
 
@@ -222,7 +241,8 @@ def _data_root(value: str) -> str:
 
 DataRoot = Annotated[str, Field(min_length=1, max_length=4096, pattern=ROOT_PATTERN), AfterValidator(_data_root)]
 PoolName = Annotated[str, Field(pattern=NAME_PATTERN)]
-Devices = Annotated[float, Field(ge=0.0, le=MAX_QUOTA_DEVICES)]
+# Strict: a JSON number only (``false`` is not a quota of 0).
+Devices = Annotated[float, Field(ge=0.0, le=MAX_QUOTA_DEVICES, strict=True)]
 
 
 class TokenCreate(_Schema):
@@ -263,16 +283,19 @@ class TeamUpdate(_Schema):
     roots: list[DataRoot] | None = Field(None, max_length=MAX_ROOTS)
     # Pool or kind name -> devices (GPUs/NPUs for gpu/npu pools, CPUs for cpu pools).
     quotas: dict[PoolName, Devices] | None = Field(None, max_length=MAX_QUOTAS)
+    # The highest priority the team's users may submit at (a new team: normal).
+    max_priority: Priority | None = None
 
 
 class TeamPublic(_Schema):
     name: str
     roots: list[str]
     quotas: dict[str, float]
+    max_priority: Priority
 
     @classmethod
     def of(cls, t: TeamRecord) -> TeamPublic:
-        return cls(name=t.name, roots=list(t.roots), quotas=t.quotas)
+        return cls(name=t.name, roots=list(t.roots), quotas=t.quotas, max_priority=t.max_priority)  # type: ignore[arg-type]
 
 
 class TeamsPublic(_Schema):

@@ -3,14 +3,22 @@
 * ``principals``: ``Principal`` (user, team, role) and the bootstrap admin behind ``ORCH_API_TOKEN``.
 * ``tokens``: user tokens (made here, shown once, stored as SHA-256) and ``Authenticator``, which turns
   an ``Authorization`` header into a principal with a small per-process cache.
-* ``policy``: which jobs a principal sees and which team a submission lands in.
+* ``policy``: which jobs a principal sees, which team a submission lands in and at which priorities.
 * ``roots``: ``check_data_roots``, the paths a non-admin's job may read and write, per job kind.
 
 Free of FastAPI: the API (``orchestrator.api.security``), the scheduler and the CLI all use it.
 """
 
-from orchestrator.auth.policy import Forbidden, can_see, submission_team, visible_team
-from orchestrator.auth.principals import ADMIN, NAME_PATTERN, RESERVED_USERS, ROLES, Principal, Role
+from orchestrator.auth.policy import Forbidden, can_see, priority_refusal, submission_team, visible_team
+from orchestrator.auth.principals import (
+    ADMIN,
+    NAME_PATTERN,
+    RESERVED_USERS,
+    ROLES,
+    SCRAPE_PATHS,
+    Principal,
+    Role,
+)
 from orchestrator.auth.roots import (
     PATH_FIELDS,
     check_data_roots,
@@ -26,6 +34,7 @@ __all__ = [
     "PATH_FIELDS",
     "RESERVED_USERS",
     "ROLES",
+    "SCRAPE_PATHS",
     "TOKEN_CACHE_MAX_ENTRIES",
     "Authenticator",
     "Forbidden",
@@ -35,6 +44,7 @@ __all__ = [
     "check_data_roots",
     "hash_token",
     "new_token",
+    "priority_refusal",
     "register_path_fields",
     "root_error",
     "root_violations",

@@ -1,11 +1,12 @@
 """Object-level rules: a user sees (and so cancels, follows, ...) only its team's jobs; an admin sees
 all. A job the principal may not see is reported exactly like a job that does not exist (404), so that
-job ids of other teams cannot be probed."""
+job ids of other teams cannot be probed. A user submits at most at its team's ``max_priority``."""
 
 from __future__ import annotations
 
-from orchestrator.auth.principals import Principal
-from orchestrator.store import JobRecord
+from orchestrator.auth.principals import ADMIN, Principal
+from orchestrator.scheduler.views import RANK
+from orchestrator.store import JobRecord, TeamRecord
 
 
 class Forbidden(PermissionError):
@@ -34,3 +35,14 @@ def submission_team(principal: Principal, requested: str | None) -> str:
     if not principal.is_admin:
         raise Forbidden(f"team: you may submit only to your own team {principal.team!r}")
     return requested
+
+
+def priority_refusal(principal: Principal, team: TeamRecord, priority: str) -> str | None:
+    """Why ``principal`` may not submit at ``priority`` for ``team`` (the 403's message), or None.
+
+    A high job preempts every team's lower ones, so the priorities a team may use are an admin's
+    grant (``max_priority``, default ``normal``). Admins, and the admin team, are never refused."""
+    if principal.is_admin or team.name == ADMIN.team or RANK[priority] <= RANK[team.max_priority]:
+        return None
+    return (f"priority: team {team.name} may use at most {team.max_priority} (an admin raises it: "
+            f"orch team set {team.name} --max-priority {priority})")

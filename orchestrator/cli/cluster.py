@@ -1,4 +1,6 @@
-"""`orch cluster`: the pools the scheduler sees (capacity, held, free, waiting), then the nodes by kind.
+"""`orch cluster`: the nodes by kind, the pools the scheduler sees (capacity, held, free, waiting),
+then what each team holds (your own team's only, unless you are an admin): its jobs and its
+deployments' replicas apart, so serving shows beside training.
 
 It replaces the `cluster` command of orchestrator/cli/jobs.py (which shows the kinds table only).
 """
@@ -25,7 +27,13 @@ def pool_rows(pools: dict[str, Any]) -> list[list[Any]]:
             for name, p in sorted(pools.items())]
 
 
-@app.command(help="pools (cpu | gpu | npu): capacity, in use, reserved, free, queued demand; nodes by kind")
+def team_rows(teams: dict[str, Any]) -> list[list[Any]]:
+    return [[name, _amounts(t["jobs"]), _amounts(t["serving"]), t["deployments"], t["queued_deployments"]]
+            for name, t in sorted(teams.items())]
+
+
+@app.command(help="pools (cpu | gpu | npu): capacity, in use, reserved, free, queued demand; nodes by kind; "
+                  "what each team's jobs and deployments hold")
 def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with api(api_url(ctx)) as c:
         data = check(c.get("/v1/cluster"))
@@ -39,6 +47,9 @@ def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
         out += [render.section("pools"),
                 render.table(["POOL", "NODES", "CAPACITY", "IN USE", "RESERVED", "FREE", "QUEUED", "QUEUED DEMAND"],
                              pool_rows(data["pools"]))]
+    if data.get("teams"):
+        out += [render.section("teams"),
+                render.table(["TEAM", "JOBS HOLD", "SERVING HOLDS", "DEPLOYMENTS", "QUEUED"], team_rows(data["teams"]))]
     if data.get("unmanaged_jobs"):
         out.append(f"({data['unmanaged_jobs']} Ray job(s) not submitted by the service hold resources; counted "
                    "as in use)")

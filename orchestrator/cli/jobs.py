@@ -19,11 +19,12 @@ EXIT_INTERRUPTED = 130  # the shell's code for SIGINT: only the following stoppe
 JobId = Annotated[str, typer.Argument(metavar="ID", help="the job's id (orch list)")]
 
 
-@app.command(help="submit a job spec (YAML or JSON) of any kind: train (default), prepare, sweep, serve")
+@app.command(help="submit a job spec (YAML or JSON) of a kind: train (default), prepare, sweep "
+                  "(a serve spec is a deployment: orch serve)")
 def submit(
     ctx: typer.Context,
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="e.g. jobs/examples/demo.yaml")],
-    kind: Annotated[str, typer.Option(help="the job kind (jobs/kinds.py): train, prepare, sweep, serve")] = "train",
+    kind: Annotated[str, typer.Option(help="the job kind (jobs/kinds.py): train, prepare, sweep")] = "train",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="override a spec field (repeatable)")] = None,
     max_retries: Annotated[int, typer.Option(help="new attempts after a lost driver (0-10)")] = 2,
@@ -37,6 +38,9 @@ def submit(
     from jobs.specs import SpecError, load_spec, read_yaml, validate_as
 
     try:
+        if job_kind(kind).serves:
+            raise CliError(f"{kind} specs run as deployments: orch serve CHECKPOINT --set KEY=VALUE "
+                           "(POST /v1/deployments)", EXIT_USAGE)
         model = job_kind(kind).spec
         loaded = load_spec(spec, set_ or []) if kind == "train" else validate_as(model, read_yaml(spec), set_ or [], kind)
     except (SpecError, ValueError) as e:
@@ -54,12 +58,14 @@ def submit(
         _follow(api_url(ctx), job["id"], json_out)
 
 
-def _follow(url: str, job_id: str, json_out: bool) -> None:
-    """Streams the job's logs until it ends; exits 0 only if it SUCCEEDED. The final state goes to
-    stderr (stdout is the logs), or as the job's JSON to stdout with ``--json``."""
+def _follow(url: str, job_id: str, json_out: bool, tail: int | None = None) -> None:
+    """Streams the job's logs until it ends (or the server's ORCH_FOLLOW_MAX_S passes); exits 0 only if
+    it SUCCEEDED. The final state goes to stderr (stdout is the logs), or as the job's JSON to stdout
+    with ``--json``. No read timeout: a quiet job sends nothing for long stretches."""
+    params = {"follow": "true", **({"tail": tail} if tail else {})}
     with api(url) as c:
         try:
-            with c.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
+            with c.stream("GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None) as r:
                 if not r.is_success:
                     r.read()
                     check(r)
@@ -120,14 +126,21 @@ def logs(
     job_id: JobId,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
     attempt: Annotated[int | None, typer.Option(help="attempt number (default: the latest)")] = None,
+    tail: Annotated[int | None, typer.Option(
+        min=1, help="bytes of the log's end to show (default: the server's, 256 KiB); with -f, of what is already written")] = None,
+    before: Annotated[int | None, typer.Option(
+        min=0, help="page back: the bytes before this offset (the START an earlier page names)")] = None,
 ) -> None:
     if follow:
-        _follow(api_url(ctx), job_id, json_out=False)
+        _follow(api_url(ctx), job_id, json_out=False, tail=tail)
         return
-    params = {"attempt": attempt} if attempt else {}
+    params = {k: v for k, v in {"attempt": attempt, "tail": tail, "before": before}.items() if v is not None}
     with api(api_url(ctx)) as c:
         data = check(c.get(f"/v1/jobs/{job_id}/logs", params=params))
     sys.stdout.write(data["logs"])
+    if data["truncated"]:
+        print(f"(bytes {data['start']}-{data['end']} of {data['size']}; earlier: orch logs {job_id} "
+              f"--attempt {data['attempt']} --before {data['start']})", file=sys.stderr)
 
 
 @app.command(help="cancel a job")

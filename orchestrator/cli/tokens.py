@@ -14,7 +14,7 @@ from orchestrator.cli.client import api, check
 from orchestrator.cli.core import EXIT_USAGE, CliError, JsonFlag, api_url, app
 
 token_app = typer.Typer(help="user API tokens (admin only)", no_args_is_help=True)
-team_app = typer.Typer(help="teams: data roots and quotas (admin only)", no_args_is_help=True)
+team_app = typer.Typer(help="teams: data roots, quotas and priorities (admin only)", no_args_is_help=True)
 app.add_typer(token_app, name="token", rich_help_panel="Access")
 app.add_typer(team_app, name="team", rich_help_panel="Access")
 
@@ -28,7 +28,8 @@ def token_create(
     ctx: typer.Context,
     user: Annotated[str, typer.Option(help="user name")],
     team: Annotated[str, typer.Option(help="the team whose jobs the user sees")],
-    role: Annotated[str, typer.Option(help="user | admin")] = "user",
+    role: Annotated[str, typer.Option(
+        help="user | admin | scrape (for Prometheus: reads /metrics, every team's series, nothing else)")] = "user",
     json_out: JsonFlag = False,
 ) -> None:
     with api(api_url(ctx)) as c:
@@ -79,7 +80,7 @@ def _quotas(items: list[str]) -> dict[str, float]:
     return quotas
 
 
-@team_app.command("set", help="set a team's data roots and/or quotas (what is not given is kept)")
+@team_app.command("set", help="set a team's data roots, quotas and/or highest priority (what is not given is kept)")
 def team_set(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="TEAM")],
@@ -88,6 +89,8 @@ def team_set(
     no_roots: Annotated[bool, typer.Option("--no-roots", help="remove every root")] = False,
     quota: Annotated[list[str] | None, typer.Option(
         metavar="POOL=DEVICES", help="devices the team may hold in a pool, e.g. gpu=8 (repeatable; replaces)")] = None,
+    max_priority: Annotated[str | None, typer.Option(
+        help="low | normal | high: the highest priority the team's users may submit at (a new team: normal)")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     body: dict = {}
@@ -95,14 +98,16 @@ def team_set(
         body["roots"] = [] if no_roots else root
     if quota:
         body["quotas"] = _quotas(quota)
+    if max_priority is not None:
+        body["max_priority"] = max_priority
     if not body:
-        raise CliError("nothing to set: give --root, --no-roots or --quota", EXIT_USAGE)
+        raise CliError("nothing to set: give --root, --no-roots, --quota or --max-priority", EXIT_USAGE)
     with api(api_url(ctx)) as c:
         team = check(c.put(f"/v1/teams/{name}", json=body))
     _show([team], json_out, single=True)
 
 
-@team_app.command("show", help="a team's data roots and quotas (every team without TEAM)")
+@team_app.command("show", help="a team's data roots, quotas and highest priority (every team without TEAM)")
 def team_show(ctx: typer.Context, name: Annotated[str | None, typer.Argument(metavar="[TEAM]")] = None,
               json_out: JsonFlag = False) -> None:
     with api(api_url(ctx)) as c:
@@ -115,8 +120,9 @@ def _show(teams: list[dict], json_out: bool, single: bool) -> None:
         render.print_json(teams[0] if single else {"data": teams})
         return
     rows = [[t["name"], ", ".join(t["roots"]) or "-",
-             ", ".join(f"{k}={render.fmt(v)}" for k, v in sorted(t["quotas"].items())) or "-"] for t in teams]
-    render.emit(render.table(["TEAM", "ROOTS", "QUOTAS"], rows))
+             ", ".join(f"{k}={render.fmt(v)}" for k, v in sorted(t["quotas"].items())) or "-", t["max_priority"]]
+            for t in teams]
+    render.emit(render.table(["TEAM", "ROOTS", "QUOTAS", "MAX PRIORITY"], rows))
 
 
 @app.command(rich_help_panel="Access", help="who submitted, cancelled, resized or preempted what, newest first")

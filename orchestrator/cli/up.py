@@ -115,7 +115,8 @@ def up(
             head.start()
             if fake_nodes is not None:  # queued jobs' demand goes to the autoscaler (orchestrator/demand_groups.py)
                 overrides.update(ray_gcs_address=head.gcs_address, autoscaler_max_extra=fake_nodes.max_extra())
-            settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token)
+            settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token,
+                                     ray_logs_dir=head.temp_dir / "session_latest" / "logs")
             print(f"Ray dashboard {head.dashboard_url}, token auth on; for `ray job submit` against it: "
                   f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
                   file=sys.stderr)

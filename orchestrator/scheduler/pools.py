@@ -92,8 +92,8 @@ def candidates(pools: Iterable[str], key: str) -> list[str]:
     return [p for p in pools if satisfies(p, key)]
 
 
-def never_fits(demand: Demand, pools: Mapping[str, Pool]) -> str | None:
-    """Why ``demand`` cannot run even with every node the autoscaler may add (None: it can)."""
+def never_fits(demand: Demand, pools: Mapping[str, Pool], what: str = "the job") -> str | None:
+    """Why ``demand`` (of ``what``) cannot run even with every node the autoscaler may add (None: it can)."""
     problems = []
     for key, need in demand.items():
         options = candidates(pools, key)
@@ -104,7 +104,7 @@ def never_fits(demand: Demand, pools: Mapping[str, Pool]) -> str | None:
             continue
         best = min(options, key=lambda p: sum(missing(pools[p].max_capacity, need).values()))
         problems.append(f"pool {best} can hold at most {describe(pools[best].max_capacity) or 'nothing'}; "
-                        f"the job needs {describe(need)} there (short by {describe(missing(pools[best].max_capacity, need))})")
+                        f"{what} needs {describe(need)} there (short by {describe(missing(pools[best].max_capacity, need))})")
     return "; ".join(problems) or None
 
 

@@ -11,6 +11,10 @@ Rules, in order, for each queued job:
    and holds nothing up: the quota is the team's own limit);
 5. otherwise, room being made by jobs already preempting is claimed, or the preemption policy picks
    lower-priority victims; either way it waits, and its pools are held for it.
+
+A serving deployment is one more view here (``orchestrator/scheduler/service.py`` makes them): its
+replicas queue, hold and count against quotas like a job's workers, but take no active-job slot
+and are never preempted (a replica has no checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ class Decisions:
     preempt: list[Preempt] = field(default_factory=list)
     reserved: dict[str, dict[str, float]] = field(default_factory=dict)  # pool -> held by admitted jobs
     queued_demand: dict[str, dict[str, float]] = field(default_factory=dict)  # pool or kind -> waiting jobs'
+    # Deployments' decisions, which Scheduler.plan moves out of ``admit`` and ``wait`` (those are the
+    # jobs whose attempts the controller starts); the store records them (``record_deployment_queue``).
+    serving_admit: list[Admit] = field(default_factory=list)
+    serving_wait: list[Wait] = field(default_factory=list)
 
 
 def team_usage(jobs: Sequence[JobView]) -> dict[str, dict[str, float]]:
@@ -92,7 +100,7 @@ def quota_breach(job: JobView, placement: Mapping[str, str], usage: Mapping[str,
         adding = sum(devices(pool, job.demand[key]) for key, pool in placement.items() if satisfies(pool, scope))
         if adding and held + adding > limit:
             return (f"team {job.team} quota for {scope} is {limit:g} devices; it holds {held:g} "
-                    f"and this job needs {adding:g}")
+                    f"and this one needs {adding:g}")
     return None
 
 
@@ -109,7 +117,7 @@ def schedule_pass(pools: Mapping[str, Pool], queued: Sequence[JobView], admitted
     for job in preempting:
         _add(incoming, job.placement, job.demand)
     usage = team_usage([*admitted, *preempting])
-    slots = max_active - len(admitted) - len(preempting)
+    slots = max_active - sum(j.slot for j in [*admitted, *preempting])
     running = [j for j in admitted if j.preemptible]
     out = Decisions()
     blocked: dict[str, str] = {}  # pool -> the waiting job it is held for
@@ -119,7 +127,7 @@ def schedule_pass(pools: Mapping[str, Pool], queued: Sequence[JobView], admitted
         reason = _admit_or_reason(job, pools, ledger, incoming, usage, quotas, slots, running, blocked,
                                   policies, out)
         if reason is None:
-            slots -= 1
+            slots -= job.slot
         else:
             waiting.append((job.id, reason, job.demand))
 
@@ -145,7 +153,7 @@ def _admit_or_reason(job: JobView, pools: Mapping[str, Pool], ledger: Ledger, in
     wanted = {p for key in job.demand for p in candidates(pools, key)}
     if held_for := sorted({blocked[p] for p in wanted if p in blocked}):
         return f"waiting behind job {held_for[0]}, ahead in the queue for the same pool", True
-    if slots <= 0:
+    if job.slot and slots <= 0:
         return "waiting for an active-job slot (ORCH_MAX_ACTIVE_JOBS)", False
     placement = policies.placement.place(job.demand, ledger.free)
     if placement is not None:

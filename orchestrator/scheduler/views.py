@@ -1,4 +1,5 @@
-"""The scheduler's view of a job: who it belongs to, how urgent it is, what it holds or asks for."""
+"""The scheduler's view of a job or a serving deployment: who it belongs to, how urgent it is, what it
+holds or asks for."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 class JobView:
     """``demand`` is per pool or kind (jobs/demand.py). ``placement`` maps each demand key to the
     concrete pool it is booked in (admitted jobs only). ``preemptible``: RUNNING, so it can
-    checkpoint on request; a job still starting has no checkpoint to resume from."""
+    checkpoint on request; a job still starting has no checkpoint to resume from. ``slot``: it takes
+    one of the ``ORCH_MAX_ACTIVE_JOBS`` slots (a deployment's replicas do not: the limit counts jobs)."""
 
     id: str
     team: str
@@ -25,6 +27,7 @@ class JobView:
     demand: Demand
     placement: dict[str, str] = field(default_factory=dict)
     preemptible: bool = False
+    slot: bool = True
 
     @property
     def rank(self) -> int:

@@ -19,7 +19,8 @@ from orchestrator.store.tables import audit_t, teams_t, tokens_t
 
 
 def _team(row: Any) -> TeamRecord:
-    return TeamRecord(row.name, tuple(json.loads(row.roots)), {k: float(v) for k, v in json.loads(row.quotas).items()})
+    return TeamRecord(row.name, tuple(json.loads(row.roots)), {k: float(v) for k, v in json.loads(row.quotas).items()},
+                      row.max_priority)
 
 
 def _token(row: Any) -> TokenRecord:
@@ -38,20 +39,23 @@ class AccessRecords:
             return {r.name: _team(r) for r in conn.execute(select(teams_t).order_by(teams_t.c.name))}
 
     def team(self, name: str) -> TeamRecord:
-        """The team's settings; a team nobody configured has no roots and no quotas."""
+        """The team's settings; a team nobody configured has no roots, no quotas and may use ``low``
+        and ``normal``."""
         with self._tx(write=False) as conn:
             row = conn.execute(select(teams_t).where(teams_t.c.name == name)).first()
         return _team(row) if row is not None else TeamRecord(name)
 
     def set_team(self, name: str, roots: Iterable[str] | None = None,
-                 quotas: Mapping[str, float] | None = None) -> TeamRecord:
-        """Create or update a team; an argument left None keeps what is stored (empty for a new team)."""
+                 quotas: Mapping[str, float] | None = None, max_priority: str | None = None) -> TeamRecord:
+        """Create or update a team; an argument left None keeps what is stored (a new team's defaults)."""
         with self._tx() as conn:
             row = conn.execute(select(teams_t).where(teams_t.c.name == name)).first()
             current = _team(row) if row is not None else TeamRecord(name)
             new = TeamRecord(name, tuple(roots) if roots is not None else current.roots,
-                             {k: float(v) for k, v in quotas.items()} if quotas is not None else current.quotas)
-            values = {"roots": json.dumps(list(new.roots)), "quotas": json.dumps(new.quotas), "updated_at": time.time()}
+                             {k: float(v) for k, v in quotas.items()} if quotas is not None else current.quotas,
+                             max_priority if max_priority is not None else current.max_priority)
+            values = {"roots": json.dumps(list(new.roots)), "quotas": json.dumps(new.quotas),
+                      "max_priority": new.max_priority, "updated_at": time.time()}
             if row is None:
                 conn.execute(teams_t.insert().values(name=name, **values))
             else:

@@ -1,7 +1,9 @@
 """Serving deployments, stored beside the jobs: the set of Ray Serve applications the service keeps
 running. ``JobStore`` inherits these methods (one database, one write lock). The API writes the
-intent (create, delete request); the reconciler (orchestrator/deployments.py) is the only writer of
-what Serve reports and of the deploy/delete counters.
+intent (create, delete request); the controller's scheduler admits a QUEUED deployment or says why
+it waits (``record_deployment_queue``, the only write while it is QUEUED); the reconciler
+(orchestrator/deployments.py) is the only writer of what Serve reports and of the deploy/delete
+counters, and never touches a QUEUED deployment.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,7 +24,8 @@ from orchestrator.store.tables import deployments_t
 
 
 class DeploymentStatus(str, Enum):
-    PENDING = "PENDING"  # stored; the reconciler has not submitted its deploy yet
+    QUEUED = "QUEUED"  # stored; waits for the scheduler to admit its replicas (the message says why)
+    PENDING = "PENDING"  # admitted; the reconciler has not submitted its deploy yet
     DEPLOYING = "DEPLOYING"  # its deploy job runs, or Serve starts its replicas
     RUNNING = "RUNNING"  # Serve reports the application RUNNING: it answers
     UNHEALTHY = "UNHEALTHY"  # Serve reports replicas failing health checks (Serve replaces them)
@@ -77,6 +80,13 @@ class DeploymentRecord:
     def checkpoint(self) -> str:
         return self.spec["checkpoint"]
 
+    @property
+    def holds(self) -> bool:
+        """Whether its replicas hold (or are admitted to take) their booking: admitted and neither
+        given up nor deleted before any deploy (a DELETING one holds until its row goes)."""
+        never_deployed = self.deploys == 0 and self.status is DeploymentStatus.DELETING
+        return self.status not in (DeploymentStatus.QUEUED, DeploymentStatus.FAILED) and not never_deployed
+
 
 def _record(row: Any) -> DeploymentRecord:
     m = dict(row._mapping)
@@ -109,7 +119,7 @@ class DeploymentRecords:
         now = time.time()
         record = DeploymentRecord(id=deployment_id or new_deployment_id(), name=name, route_prefix=route_prefix,
                                   team=team, owner=owner, spec=spec, source=source,
-                                  status=DeploymentStatus.PENDING, message="waiting for the reconciler",
+                                  status=DeploymentStatus.QUEUED, message="waiting for the scheduler",
                                   created_at=now, updated_at=now)
         with self._tx() as conn:
             for other in conn.execute(select(deployments_t.c.name, deployments_t.c.route_prefix)):
@@ -166,6 +176,23 @@ class DeploymentRecords:
             conn.execute(deployments_t.update().where(deployments_t.c.id == deployment_id)
                          .values(**values, updated_at=time.time()))
             return _record(conn.execute(select(deployments_t).where(deployments_t.c.id == deployment_id)).one())
+
+    def record_deployment_queue(self, admitted: Iterable[str], waiting: Iterable[tuple[str, str]]) -> None:
+        """The scheduler's pass, in one transaction: ``admitted`` deployments go QUEUED -> PENDING (the
+        reconciler deploys them); ``waiting`` ones (id, reason) keep QUEUED with the reason as their
+        message. Only rows still QUEUED change (a delete asked meanwhile wins); unchanged rows are
+        not written."""
+        t = deployments_t
+        queued = t.c.status == DeploymentStatus.QUEUED.value
+        now = time.time()
+        with self._tx() as conn:
+            for deployment_id in admitted:
+                conn.execute(t.update().where(t.c.id == deployment_id, queued).values(
+                    status=DeploymentStatus.PENDING.value, message="admitted; waiting for the reconciler",
+                    updated_at=now))
+            for deployment_id, reason in waiting:
+                conn.execute(t.update().where(t.c.id == deployment_id, queued, t.c.message.is_distinct_from(reason))
+                             .values(message=reason, updated_at=now))
 
     def request_deployment_delete(self, deployment_id: str) -> DeploymentRecord:
         """Mark the deployment DELETING (asking again resets a delete that kept failing)."""

@@ -101,11 +101,13 @@ class JobRecord:
 @dataclass(frozen=True)
 class TeamRecord:
     """A team's settings: data roots (local folders, ``s3://`` prefixes) its jobs may read and write,
-    and quotas (pool or kind name -> devices: GPUs/NPUs for gpu/npu pools, CPUs for cpu pools)."""
+    quotas (pool or kind name -> devices: GPUs/NPUs for gpu/npu pools, CPUs for cpu pools) and the
+    highest priority its users may submit at (a high job preempts every team's normal ones)."""
 
     name: str
     roots: tuple[str, ...] = ()
     quotas: dict[str, float] = field(default_factory=dict)
+    max_priority: str = "normal"  # low | normal | high
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class TokenRecord:
     id: str
     user: str
     team: str
-    role: str  # user | admin
+    role: str  # user | admin | scrape
     created_at: float
     created_by: str
     revoked_at: float | None

@@ -151,12 +151,21 @@ class JobStore(AccessRecords, DeploymentRecords):
             ).scalars().all()
             return [self._load(conn, i) for i in ids]
 
-    def count_by_state(self) -> dict[JobState, int]:
+    def count_by_state(self, team: str | None = None) -> dict[JobState, int]:
+        """How many jobs are in each state; ``team``: that team's only."""
+        q = select(jobs_t.c.state, func.count()).group_by(jobs_t.c.state)
         with self._tx(write=False) as conn:
-            rows = conn.execute(select(jobs_t.c.state, func.count()).group_by(jobs_t.c.state)).all()
+            rows = conn.execute(q.where(jobs_t.c.team == team) if team is not None else q).all()
         counts = {s: 0 for s in JobState}
         counts.update({JobState(s): n for s, n in rows})
         return counts
+
+    def unfinished_ids(self, team: str) -> set[str]:
+        """Ids of the team's non-terminal jobs (ids only: ``/metrics`` asks at every scrape)."""
+        open_states = [s.value for s in JobState if not s.terminal]
+        q = select(jobs_t.c.id).where(jobs_t.c.team == team, jobs_t.c.state.in_(open_states))
+        with self._tx(write=False) as conn:
+            return set(conn.execute(q).scalars())
 
     def ping(self) -> None:
         with self._tx(write=False) as conn:

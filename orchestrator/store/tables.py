@@ -88,20 +88,22 @@ tokens_t = Table(
     Column("id", String(32), primary_key=True),
     Column("user", String(64), nullable=False),
     Column("team", String(64), nullable=False),
-    Column("role", String(8), nullable=False),  # user | admin
+    Column("role", String(8), nullable=False),  # user | admin | scrape
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", DOUBLE_PRECISION, nullable=False),
     Column("created_by", String(64), nullable=False),
     Column("revoked_at", DOUBLE_PRECISION),
 )
 
-# Per-team settings an admin sets: data roots (JSON list of local folders and s3:// prefixes) and
-# quotas (JSON object: pool or kind name -> devices, GPUs/NPUs for gpu/npu pools, CPUs for cpu).
+# Per-team settings an admin sets: data roots (JSON list of local folders and s3:// prefixes),
+# quotas (JSON object: pool or kind name -> devices, GPUs/NPUs for gpu/npu pools, CPUs for cpu) and
+# the highest priority the team's users may submit at.
 teams_t = Table(
     "teams", metadata,
     Column("name", String(64), primary_key=True),
     Column("roots", Text, nullable=False, server_default=text("'[]'")),
     Column("quotas", Text, nullable=False, server_default=text("'{}'")),
+    Column("max_priority", String(8), nullable=False, server_default=text("'normal'")),  # low | normal | high
     Column("updated_at", DOUBLE_PRECISION, nullable=False),
 )
 

@@ -45,7 +45,7 @@ def updated_share(run_dir: Path, sets: list[str]) -> float:
     torch.manual_seed(spec.seed)
     initial = MoETransformer(spec.model)
     final_dir = max((run_dir / "ray-train").glob("step-*"))
-    final = torch.load(final_dir / "model.pt", map_location="cpu")
+    final = torch.load(final_dir / "model.pt", map_location="cpu", weights_only=True)
     updated = total = 0
     for name, p in initial.named_parameters():
         p0, p1 = p.detach().float(), final[name].float()

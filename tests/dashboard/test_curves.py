@@ -1,6 +1,6 @@
 """GET /v1/jobs/{id}/curve: the progress records of every attempt's log, thinned to a bound, with
-non-finite figures as null, under the jobs routes' authorization. Real app and database, fake Ray.
-Under a second."""
+non-finite figures as null, under the jobs routes' authorization, read as the log grows. Real app and
+database, fake Ray. A few seconds."""
 
 from __future__ import annotations
 
@@ -84,6 +84,37 @@ def test_a_long_log_is_thinned_to_the_bound_keeping_the_last_point(app, client, 
     body = client.get(f"/v1/jobs/{job_id}/curve", headers=AUTH).json()
     assert body["sampled"] and len(body["points"]) <= MAX_CURVE_POINTS
     assert body["points"][0]["step"] == 1 and body["points"][-1]["step"] == steps
+
+
+def _steps(client, job_id) -> list[int]:
+    return [p["step"] for p in client.get(f"/v1/jobs/{job_id}/curve", headers=AUTH).json()["points"]]
+
+
+def test_a_growing_log_adds_its_new_records_and_a_line_being_written_once(app, client, fake_ray):
+    """Each poll parses what was appended since the last; a last line without its newline counts
+    while it parses, and is not counted twice once it is finished."""
+    job_id = _submitted(app, 1)
+    [attempt] = app.state.store.get(job_id).attempt_records
+    sid, line = attempt.submission_id, progress_line(2, 8, 2.5)
+    fake_ray.job_logs[sid] = progress_line(1, 8, 3.0) + "\n" + line[:len(line) // 2]
+    assert _steps(client, job_id) == [1]  # half a record is none
+    fake_ray.job_logs[sid] += line[len(line) // 2:]
+    assert _steps(client, job_id) == [1, 2]
+    fake_ray.job_logs[sid] += "\n" + progress_line(3, 8, 2.0) + "\n"
+    assert _steps(client, job_id) == [1, 2, 3]
+
+
+def test_a_curve_read_over_many_polls_stays_within_the_bound(app, client, fake_ray):
+    job_id = _submitted(app, 1)
+    [attempt] = app.state.store.get(job_id).attempt_records
+    steps = 3 * MAX_CURVE_POINTS + 7
+    fake_ray.job_logs[attempt.submission_id] = ""
+    for first in range(1, steps + 1, MAX_CURVE_POINTS // 2):
+        fake_ray.job_logs[attempt.submission_id] += "".join(
+            progress_line(s, steps, 1.0) + "\n" for s in range(first, min(first + MAX_CURVE_POINTS // 2, steps + 1)))
+        shown = _steps(client, job_id)
+        assert len(shown) <= MAX_CURVE_POINTS and shown[0] == 1 and shown[-1] == min(first + MAX_CURVE_POINTS // 2 - 1, steps)
+    assert shown == sorted(shown) and shown[-1] == steps
 
 
 def test_thin_and_parse_edge_cases():

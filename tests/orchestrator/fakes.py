@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from orchestrator.ray_client import NodeView, RayJobView, RayRefused, RayUnavailable, UnmanagedJob
+from orchestrator.ray_client import LogSlice, NodeView, RayJobView, RayRefused, RayUnavailable, UnmanagedJob
 from workers.contracts import TrainSummary
 from workers.progress import ProgressRecord
 
@@ -81,9 +81,11 @@ class FakeRay:
         if view is not None and not view.terminal:
             self.jobs[submission_id] = replace(view, status="STOPPED", message="stopped")
 
-    def logs(self, submission_id) -> str:
+    def read_log(self, submission_id, start, max_bytes) -> LogSlice:
         self._check()
-        return self.job_logs.get(submission_id, "")
+        data = self.job_logs.get(submission_id, "").encode()
+        begin = max(0, len(data) - max_bytes) if start is None else min(start, len(data))
+        return LogSlice(data[begin:begin + max_bytes], begin, len(data))
 
     async def tail(self, submission_id) -> AsyncIterator[str]:
         text = self.job_logs.get(submission_id, "")

@@ -273,6 +273,7 @@ def test_logs_and_follow(client, fake_ray):
     _wait_state(client, job_id, {"SUCCEEDED"})
     r = client.get(f"/v1/jobs/{job_id}/logs", headers=AUTH)
     assert r.status_code == 200 and "[progress] step=1/1" in r.json()["logs"] and r.json()["attempt"] == 1
+    assert r.json()["start"] == 0 and r.json()["end"] == r.json()["size"] > 0 and r.json()["truncated"] is False
     with client.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, headers=AUTH) as s:
         assert s.headers["content-type"].startswith("text/plain")
         text = "".join(s.iter_text())

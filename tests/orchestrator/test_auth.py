@@ -82,6 +82,8 @@ def test_a_user_lists_only_its_team_and_the_admin_lists_all(client, users):
 
 def test_team_and_priority_of_a_submission(client, users):
     assert _submit(client, users["alice"], team="cv").status_code == 403
+    assert _submit(client, users["alice"], team="nlp", priority="low").json()["priority"] == "low"
+    assert client.put("/v1/teams/nlp", json={"max_priority": "high"}, headers=AUTH).status_code == 200
     assert _submit(client, users["alice"], team="nlp", priority="high").json()["priority"] == "high"
     admin_job = _submit(client, AUTH).json()
     assert (admin_job["team"], admin_job["owner"]) == ("admin", "admin")

@@ -1,5 +1,5 @@
 """/v1/deployments and /v1/sweeps/{id}/promote without a cluster (the reconciler needs one; here rows
-stay PENDING): the key shown once and stored hashed, team scoping on every route, data roots,
+stay QUEUED): the key shown once and stored hashed, team scoping on every route, data roots,
 conflicts, a finished job's and a sweep's best checkpoint, s3:// checkpoints (the session's moto
 server) and a job's ``checkpoint_storage``. The reconciler's decisions are checked
 one pass at a time against a fake Ray and a scripted Serve. Real Ray + Serve: test_deployments_ray.py.
@@ -21,6 +21,7 @@ from orchestrator.deployments import AppView, DeploymentReconciler, parse_applic
 from orchestrator.entrypoints import job_paths
 from orchestrator.local_ray import free_port
 from orchestrator.ray_client import RayJobView
+from orchestrator.scheduler.service import Scheduler
 from orchestrator.states import JobState
 from orchestrator.store import DeploymentStatus, deploy_submission_id
 from tests.orchestrator.conftest import AUTH
@@ -96,7 +97,7 @@ def test_create_shows_the_key_once_and_stores_only_its_hash(client, app, users, 
     d = r.json()
     key = d["api_key"]
     assert d["name"] == d["id"] and d["route_prefix"] == f"/{d['id']}" and d["team"] == "nlp"
-    assert d["checkpoint"] == str(ckpt) and d["status"] == "PENDING"  # the newest, pinned at creation
+    assert d["checkpoint"] == str(ckpt) and d["status"] == "QUEUED"  # the newest, pinned at creation
     assert d["base_url"] == f"http://127.0.0.1:8000/{d['id']}/v1"
     assert d["spec"]["key_sha256"] == hashlib.sha256(key.encode()).hexdigest()
     shown = client.get(f"/v1/deployments/{d['id']}", headers=users["alice"]).json()
@@ -128,7 +129,7 @@ def test_another_team_gets_a_404_on_every_deployment_route(client, app, users, n
     assert client.get("/v1/deployments", headers=users["carol"]).json() == {"data": [], "count": 0}
     assert client.get("/v1/deployments", headers=users["alice"]).json()["count"] == 1
     assert client.get("/v1/deployments", headers=AUTH).json()["count"] == 1  # admin sees all
-    assert client.get(f"/v1/deployments/{mine}", headers=users["alice"]).json()["status"] == "PENDING"
+    assert client.get(f"/v1/deployments/{mine}", headers=users["alice"]).json()["status"] == "QUEUED"
     r = client.delete(f"/v1/deployments/{mine}", headers=users["alice"])
     assert r.status_code == 202 and r.json()["status"] == "DELETING"
 
@@ -208,9 +209,13 @@ class ScriptedServe:
 
 
 def _deployment(client, app, tmp_path, name="alpha"):
+    """A new deployment, admitted as the controller's scheduling step would (no controller runs here)."""
     ckpt = _checkpoint(tmp_path / name)
     r = client.post("/v1/deployments", json={"name": name, "spec": {"checkpoint": str(ckpt)}}, headers=AUTH)
-    return app.state.store.deployment(r.json()["id"])
+    store = app.state.store
+    decisions = Scheduler(app.state.settings).plan([], app.state.ray, {}, store.deployments()[0])
+    store.record_deployment_queue([a.job_id for a in decisions.serving_admit], [])
+    return store.deployment(r.json()["id"])
 
 
 def test_reconciler_deploys_retries_gives_up_and_never_takes_a_foreign_name(client, app, fake_ray, tmp_path):

@@ -127,6 +127,29 @@ def test_create_over_rest_serves_and_shows_status_replicas_and_checkpoint(env):
     assert env.serve_apps()["alpha"].status == "RUNNING"
 
 
+def test_another_team_can_neither_replace_nor_shadow_a_running_application(env):
+    """Team cv, with its own roots and a checkpoint in them, tries every door to alpha's name and
+    routes: a ``kind: serve`` job (which used to call serve.run under any name and prefix), the same
+    name, ``/`` and a prefix nested in alpha's. Each is refused; alpha keeps answering its own key."""
+    ckpt = write_checkpoint(env.tmp / "cv" / "ckpt", TINY, seed=3)
+    with BackgroundServer(create_app(env.settings)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        assert c.put("/v1/teams/cv", json={"roots": [str(env.tmp / "cv")]}).status_code == 200
+        token = c.post("/v1/tokens", json={"user": "mallory", "team": "cv"}).json()["token"]
+        as_cv = {"Authorization": f"Bearer {token}"}
+        job = {"kind": "serve", "spec": {"name": "alpha", "checkpoint": str(ckpt), "route_prefix": "/", **SERVING}}
+        r = c.post("/v1/jobs", json=job, headers=as_cv)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "kind"], r.text
+        assert "POST /v1/deployments" in r.json()["detail"][0]["msg"]
+        for name, prefix in (("alpha", None), ("root", "/"), ("nested", "/alpha/v1")):
+            spec = {"checkpoint": str(ckpt), **SERVING, **({"route_prefix": prefix} if prefix else {})}
+            r = c.post("/v1/deployments", json={"name": name, "spec": spec}, headers=as_cv)
+            assert r.status_code == 409, (name, prefix, r.text)
+        assert c.get("/v1/jobs", headers=as_cv).json()["count"] == 0
+        assert c.get("/v1/deployments", headers=as_cv).json()["count"] == 0
+        assert env.ask(c, "alpha")
+    assert set(env.serve_apps()) == {"alpha"}
+
+
 def test_a_second_deployment_from_a_finished_job_leaves_the_first_serving(env):
     store = env.store()
     job, _ = store.create(kind="train", name="beta-run", spec={"name": "beta-run"}, max_retries=0)

@@ -110,8 +110,18 @@ def test_team_quota_is_enforced_and_holds_up_no_one_else():
     d = schedule_pass(build_pools(CLUSTER), [_gpu("a1", 2, team="a", at=1), _gpu("b1", 2, team="b", at=2)],
                       admitted=held, quotas=quotas)
     assert [a.job_id for a in d.admit] == ["b1"]
-    assert d.wait[0].reason == ("waiting for quota: team a quota for gpu is 4 devices; it holds 3 and this job "
+    assert d.wait[0].reason == ("waiting for quota: team a quota for gpu is 4 devices; it holds 3 and this one "
                                 "needs 2; 0 jobs ahead")
+
+
+def test_serving_replicas_take_no_active_job_slot_and_are_never_preempted():
+    replicas = JobView("d1", "a", "low", 0.0, {"cpu": {"CPU": 4.0}}, {"cpu": "cpu"}, slot=False)
+    queued = [JobView("d2", "a", "normal", 1.0, {"cpu": {"CPU": 2.0}}, slot=False), _gpu("j1", 2, at=2)]
+    d = schedule_pass(build_pools(CLUSTER), queued, admitted=[replicas], max_active=1)
+    assert [a.job_id for a in d.admit] == ["d2", "j1"]  # one slot: the job's; the deployments take none
+    urgent = JobView("j2", "b", "high", 3.0, {"cpu": {"CPU": 8.0}})
+    d = schedule_pass(build_pools(CLUSTER), [urgent], admitted=[replicas])
+    assert d.preempt == [] and d.wait[0].reason.startswith("waiting for 4 CPU in pool cpu")
 
 
 def test_quota_holds_within_one_pass_of_many_submits():

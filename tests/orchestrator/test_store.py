@@ -370,13 +370,15 @@ def test_queue_places_and_preemptions(store):
 
 
 def test_teams_are_upserted_and_keep_what_is_not_given(store):
-    assert store.teams() == {} and store.team("nlp").roots == ()
+    assert store.teams() == {} and store.team("nlp").roots == () and store.team("nlp").max_priority == "normal"
     store.set_team("nlp", roots=["/data/nlp", "s3://bucket/nlp"])
     store.set_team("nlp", quotas={"gpu": 8})
+    store.set_team("nlp", max_priority="high")
     nlp = store.teams()["nlp"]
-    assert nlp.roots == ("/data/nlp", "s3://bucket/nlp") and nlp.quotas == {"gpu": 8.0}
+    assert nlp.roots == ("/data/nlp", "s3://bucket/nlp") and nlp.quotas == {"gpu": 8.0} and nlp.max_priority == "high"
     assert store.set_team("nlp", roots=[]).quotas == {"gpu": 8.0}
-    assert store.team("nlp").roots == ()
+    assert store.team("nlp").roots == () and store.team("nlp").max_priority == "high"
+
 
 
 def test_tokens_are_stored_by_hash_and_revoked(store):

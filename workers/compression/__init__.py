@@ -1,4 +1,5 @@
-"""Gradient compression as DDP communication hooks: top-k with error feedback (DGC), or PowerSGD.
+"""Gradient compression as DDP communication hooks: top-k with error feedback (DGC), or PowerSGD;
+and local steps with a top-k + error-feedback outer sync (``LocalSGD``, method local).
 
 Why: cross-node gradient sync is bandwidth bound; sending the k largest entries of each DDP bucket
 as (index, value) pairs, and keeping the rest per rank for the next step (error feedback), cuts the
@@ -15,14 +16,22 @@ Use on any DDP model (``register`` returns the state that carries this rank's by
     ...  # train as usual
     comm.report()  # {"wire_bytes": ..., "dense_bytes": ..., "steps": ..., ...}
 
+Local steps with a compressed outer sync (``method: local``) work on any model without DDP::
+
+    from workers.compression import LocalSGD
+    sync = LocalSGD(model, CompressionConfig(method="local", local_steps=8, density=0.01, value_bits=2))
+    ...  # after every optimizer.step(): sync.step(tokens=...); before eval or saving: sync.finish_round()
+
 Modules: ``selection`` (k, warm-up, exact or sampled top-k), ``wire`` (payload format, byte
 model), ``feedback`` (error feedback, momentum correction, Adam preconditioner), ``state``
 (``CommState``, ``export_state`` / ``import_state``), ``hooks`` (the hooks and ``register``),
-``scaling`` (``LossScaleGuard``: fp16 loss scaling with unscaled residuals and agreed skips).
+``scaling`` (``LossScaleGuard``: fp16 loss scaling with unscaled residuals and agreed skips),
+``local`` (``LocalSGD``) and ``chunks`` (its chunk-wise top-k payload with low-bit values).
 """
 
 from workers.compression.feedback import accumulate, adam_direction, select_and_mask, topk_with_feedback
 from workers.compression.hooks import POWERSGD_START_ITER, allreduce_hook, powersgd_hook, register, topk_hook
+from workers.compression.local import LocalSGD
 from workers.compression.scaling import LossScaleGuard
 from workers.compression.selection import (
     SAMPLED_MIN_NUMEL,
@@ -57,6 +66,7 @@ __all__ = [
     "VALUE_DTYPES",
     "CommState",
     "CompressionConfig",
+    "LocalSGD",
     "LossScaleGuard",
     "accumulate",
     "adam_direction",

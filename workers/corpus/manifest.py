@@ -5,6 +5,10 @@ tokenizer are written first under ``<path>/shards-<fingerprint>/`` (the staging 
 last, in one atomic write (local: rename; S3: one PUT). A reader reads only what a manifest lists,
 after checking each file's size and SHA-256 against it, so a half-written or later damaged file is
 never trained on: it is named in an error, or left out and counted (``on_corrupt="skip"``).
+
+Every file a manifest names lies inside its folder or prefix: an entry that is absolute or climbs
+out with ``..`` is refused, naming it, and a local file that is a link out of the job's data roots
+(workers/confine.py) is refused before it is read.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from workers.storage import join, open_fs, read_bytes, uri_of, with_retries, write_bytes_atomic
+from workers.confine import OutsideRoots
+from workers.storage import confined, join, open_fs, read_bytes, uri_of, with_retries, write_bytes_atomic
 from workers.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -50,10 +56,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def inside(name: str) -> bool:
+    """``name`` is a relative path that stays inside the folder it is relative to."""
+    return not name.startswith("/") and ".." not in PurePosixPath(name).parts
+
+
 class FileEntry(_Model):
     file: str = Field(min_length=1)  # relative to the manifest's folder
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, name: str) -> str:
+        if not inside(name):
+            raise ValueError(f"entry {name!r} lies outside the manifest's folder (absolute, or with '..')")
+        return name
 
 
 class ShardEntry(FileEntry):
@@ -63,6 +81,7 @@ class ShardEntry(FileEntry):
     documents: int = Field(ge=0)
     input_bytes: int = Field(ge=0)
     skipped_binary: int = Field(ge=0)
+    skipped_links: int = Field(0, ge=0)  # files linked out of the job's data roots, never read
 
 
 class TokenizerEntry(FileEntry):
@@ -91,6 +110,7 @@ class Manifest(_Model):
     input_files: int = Field(ge=0)
     input_bytes: int = Field(ge=0)
     skipped_binary: int = Field(ge=0)
+    skipped_links: int = Field(0, ge=0)
     splits: dict[Literal["train", "val"], SplitEntry]
     spec: dict  # the PrepareConfig that made it
 
@@ -131,7 +151,10 @@ def load_manifest(fs: pafs.FileSystem, root: str, *, missing_ok: bool = False) -
             return None
         raise CorpusError(f"no {MANIFEST} at {uri_of(fs, root)}: nothing was prepared there "
                           f"(run `python -m jobs.prepare`), or a preparation has not finished")
-    raw = with_retries(f"cannot read {uri}", lambda: read_bytes(fs, path))
+    try:
+        raw = with_retries(f"cannot read {uri}", lambda: read_bytes(fs, path))
+    except OutsideRoots as e:
+        raise CorpusError(str(e)) from None
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -144,7 +167,8 @@ def load_manifest(fs: pafs.FileSystem, root: str, *, missing_ok: bool = False) -
     try:
         return Manifest.model_validate(obj)
     except ValidationError as e:
-        raise CorpusError(f"{uri} does not validate: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+        err = e.errors()[0]
+        raise CorpusError(f"{uri} does not validate: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def write_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
@@ -182,6 +206,12 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
     manifest = load_manifest(fs, root)
     assert manifest is not None
     manifest_uri = uri_of(fs, join(root, MANIFEST))
+    entries = [e for s in SPLITS for e in manifest.splits[s].shards]
+    for listed in [manifest.tokenizer, *entries]:  # the job's own inputs: a link out is refused, not skipped
+        try:
+            confined(fs, join(root, listed.file))
+        except OutsideRoots as e:
+            raise CorpusError(f"{e} (listed in {manifest_uri})") from None
 
     tok_path = join(root, manifest.tokenizer.file)
     reason = check_file(fs, tok_path, manifest.tokenizer, checksums=True)
@@ -203,7 +233,6 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
                 reason = f"unreadable parquet: {e}"
         return reason
 
-    entries = [e for s in SPLITS for e in manifest.splits[s].shards]
     with ThreadPoolExecutor(VERIFY_THREADS) as pool:
         reasons = list(pool.map(check, entries))
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}

@@ -5,17 +5,23 @@ The assignment depends only on the listing and the config, so a rerun after an i
 the same shards under the same names and finds the finished ones by their done-records. The
 fingerprint (listing + every setting that changes a shard's content) names the staging prefix:
 a changed corpus or config gets a fresh one and never mixes with shards of another plan.
+
+A local file whose real path lies outside the job's data roots (a link out of them; see
+workers/confine.py) is left out of the listing and counted, and checked again when it is opened.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 import zlib
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from workers import confine
+from workers.confine import OutsideRoots
 from workers.corpus.config import PrepareConfig
 from workers.corpus.manifest import MANIFEST_VERSION, CorpusError
 from workers.storage import join, open_fs, read_bytes, uri_of, where, with_retries
@@ -78,26 +84,40 @@ def source_uri(cfg: PrepareConfig) -> str:
     return cfg.source or sysconfig.get_paths()["stdlib"]
 
 
-def list_source(cfg: PrepareConfig) -> tuple[pafs.FileSystem, str, list[SourceFile]]:
-    """The files to read, in a stable order, capped at ``max_bytes``. Raises CorpusError when none
-    match the extensions; StorageError when the source cannot be reached or does not exist."""
+def service_roots(source: str) -> tuple[str, ...]:
+    """Folders a confined job may read outside its data roots: the default corpus, the running
+    Python's standard library (no team's data), when it is ``source``."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return (stdlib,) if os.path.realpath(source) == os.path.realpath(stdlib) else ()
+
+
+def list_source(cfg: PrepareConfig) -> tuple[pafs.FileSystem, str, list[SourceFile], int]:
+    """The files to read, in a stable order, capped at ``max_bytes``, and how many matching files
+    were left out as links out of the job's data roots. Raises CorpusError when none match the
+    extensions; StorageError when the source cannot be reached or does not exist."""
     src = source_uri(cfg)
     fs, root = open_fs(src, must_exist=True)
     infos = with_retries(f"cannot list {where(src)}",
                          lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True)))
-    files, total = [], 0
+    roots = confine.from_env() if isinstance(fs, pafs.LocalFileSystem) else None
+    roots = roots and roots.with_roots(*service_roots(root))
+    files, total, linked_out = [], 0, 0
     for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
         rel = info.path[len(root):].lstrip("/")
         parts = rel.split("/")
         if any(p in SKIP_DIRS or p.startswith(".") for p in parts[:-1]) or not rel.endswith(cfg.extensions):
+            continue
+        if roots is not None and not roots.allows(info.path):  # a link (or a linked folder) out: never read
+            linked_out += 1
             continue
         if cfg.max_bytes is not None and files and total + info.size > cfg.max_bytes:
             break
         files.append(SourceFile(rel, info.size, info.mtime_ns or 0))
         total += info.size
     if not files:
-        raise CorpusError(f"source {where(src)}: no files ending in {', '.join(cfg.extensions)}")
-    return fs, root, files
+        raise CorpusError(f"source {where(src)}: no files ending in {', '.join(cfg.extensions)}"
+                          + (f" (skipped {linked_out} linked outside the data roots)" if linked_out else ""))
+    return fs, root, files, linked_out
 
 
 def require_text(fs: pafs.FileSystem, root: str, files: list[SourceFile]) -> None:
@@ -105,12 +125,24 @@ def require_text(fs: pafs.FileSystem, root: str, files: list[SourceFile]) -> Non
     any work). Files are sniffed in order and the first text file ends the check, so a usual corpus
     costs one small read."""
     for f in files:
-        path = join(root, f.rel)
-        with fs.open_input_file(path) as h:
-            if f.size and is_text(h.read(SNIFF_BYTES)):
-                return
+        try:
+            head = read_head(fs, root, f.rel)
+        except OutsideRoots:  # linked out after the listing: never read
+            continue
+        if f.size and is_text(head):
+            return
     raise CorpusError(f"source {uri_of(fs, root)}: none of its {len(files)} matching files is UTF-8 text "
                       f"(each holds NUL or invalid UTF-8, or is empty)")
+
+
+def read_head(fs: pafs.FileSystem, root: str, rel: str) -> bytes:
+    """The first SNIFF_BYTES of a source file, opened under the job's roots if it is local."""
+    path = join(root, rel)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with confine.open_file(path, "rb", also=service_roots(root)) as h:
+            return h.read(SNIFF_BYTES)
+    with fs.open_input_file(path) as h:
+        return h.read(SNIFF_BYTES)
 
 
 def make_plan(cfg: PrepareConfig, fs: pafs.FileSystem, root: str, files: list[SourceFile]) -> Plan:
@@ -143,8 +175,13 @@ def bpe_sample(fs: pafs.FileSystem, root: str, plan: Plan, sample_bytes: int) ->
     total = sum(sizes[r] for r in train)
     step = max(1, round(total / sample_bytes)) if total > sample_bytes else 1
     texts, taken = [], 0
+    also = service_roots(root)
     for rel in train[::step]:
-        raw = with_retries(f"cannot read {uri_of(fs, join(root, rel))}", lambda r=rel: read_bytes(fs, join(root, r)))
+        try:
+            raw = with_retries(f"cannot read {uri_of(fs, join(root, rel))}",
+                               lambda r=rel: read_bytes(fs, join(root, r), also=also))
+        except OutsideRoots:  # linked out after the listing: never read
+            continue
         if is_text(raw):
             texts.append(raw.decode("utf-8"))
             taken += len(raw)

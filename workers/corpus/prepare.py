@@ -22,6 +22,7 @@ from typing import Protocol
 
 import pyarrow.fs as pafs
 
+from workers.confine import ROOTS_ENV
 from workers.corpus.config import PrepareConfig
 from workers.corpus.manifest import (
     SPLITS,
@@ -42,7 +43,7 @@ from workers.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bp
 
 TOKENIZER_FILE = "tokenizer.json"
 # The S3 settings a shard task needs; passed to the tasks' runtime_env (workers on other nodes do
-# not inherit the driver's environment). Only those set on the driver are passed.
+# not inherit the driver's environment), with the job's data roots. Only those set on the driver are passed.
 S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 MB = 1e6
@@ -75,7 +76,7 @@ def ray_runner(max_tasks: int | None = None, cpus_per_task: float = 1.0) -> Shar
 
         if not shards:
             return
-        env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+        env = {k: os.environ[k] for k in (*S3_ENV_VARS, ROOTS_ENV) if os.environ.get(k)}
         items = [{"plan": json.dumps(asdict(s))} for s in shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             build_shard_batch, batch_size=1, num_cpus=cpus_per_task,
@@ -119,7 +120,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
     resumes, building only the shards without a done-record. Raises CorpusError / StorageError
     (naming the file or bucket) before any work for a missing, empty or binary-only source.
     """
-    fs, root, files = list_source(cfg)
+    fs, root, files, linked_out = list_source(cfg)
     require_text(fs, root, files)
     plan = make_plan(cfg, fs, root, files)
     out_fs, out_root = open_fs(cfg.path)
@@ -132,6 +133,8 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
     tokenizer, tok_raw = _tokenizer(cfg, out_fs, staging, fs, root, plan, log)
     done = {s.name: e for s in plan.shards if (e := read_done(out_fs, staging, s)) is not None}
     todo = [s for s in plan.shards if s.name not in done]
+    if linked_out:
+        log(f"prepare: skipped {linked_out} file{'s' if linked_out > 1 else ''} linked outside the data roots")
     log(f"prepare: {len(files)} files ({plan.input_bytes / MB:.1f} MB) from {plan.source} -> "
         f"{len(plan.shards)} shards in {uri_of(out_fs, staging)} ({len(done)} already done, {len(todo)} to build)")
     started = time.perf_counter()
@@ -159,7 +162,8 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
         tokenizer=TokenizerEntry(**tok_file.model_dump(), kind=tokenizer.kind, vocab_size=tokenizer.vocab_size,
                                  eos_id=tokenizer.eos_id),
         input_files=len(files), input_bytes=plan.input_bytes,
-        skipped_binary=sum(e.skipped_binary for e in entries), splits=splits,
+        skipped_binary=sum(e.skipped_binary for e in entries),
+        skipped_links=linked_out + sum(e.skipped_links for e in entries), splits=splits,
         spec=cfg.model_dump(mode="json"))
     if manifest.splits["train"].tokens == 0:
         raise CorpusError(f"prepare: no text in {plan.source} (skipped {manifest.skipped_binary} binary files); "
@@ -168,5 +172,6 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
     log(f"prepare: committed {uri_of(out_fs, join(out_root, 'manifest.json'))}: "
         + ", ".join(f"{s} {manifest.splits[s].tokens / 1e6:.2f}M tokens in {len(manifest.splits[s].shards)} shards"
                     for s in SPLITS)
-        + f"; skipped {manifest.skipped_binary} binary files")
+        + f"; skipped {manifest.skipped_binary} binary files"
+        + (f", {manifest.skipped_links} linked outside the data roots" if manifest.skipped_links else ""))
     return manifest

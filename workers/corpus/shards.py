@@ -4,7 +4,8 @@ Runs inside a Ray Data task (or in-process in unit tests). A shard is written wh
 (``write_bytes_atomic``), under a name fixed by the plan, so a retried or re-run task rewrites the
 same bytes and a crash never leaves a partial file under that name. The done-record, written after
 the shard, is what a resumed preparation trusts; the manifest, written after every shard, is what
-a reader trusts.
+a reader trusts. A source file linked out of the job's data roots since the listing (workers/confine.py)
+is skipped and counted, never read.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workers.confine import OutsideRoots
 from workers.corpus.manifest import ShardEntry, sha256_hex
-from workers.corpus.plan import ShardPlan, is_text
+from workers.corpus.plan import ShardPlan, is_text, service_roots
 from workers.storage import join, open_fs, read_bytes, uri_of, where, with_retries, write_bytes_atomic
 from workers.tokenizer import TOKEN_DTYPE, Tokenizer, load_tokenizer
 
@@ -62,18 +64,25 @@ def build_shard(shard: ShardPlan, *, source: str, out: str, out_rel: str, tokeni
     """Tokenize ``shard``'s files from ``source`` and write ``<out>/<name>.parquet`` + its done-record.
 
     ``out`` is the staging prefix (a URI), ``out_rel`` the same prefix relative to the manifest.
-    Files that are not UTF-8 text (NUL, invalid UTF-8, empty) are skipped and counted.
+    Files that are not UTF-8 text (NUL, invalid UTF-8, empty) are skipped and counted, and so are
+    files linked out of the job's data roots.
     """
     src_fs, src_root = open_fs(source)
     out_fs, out_root = open_fs(out)
+    also = service_roots(src_root)
     paths: list[str] = []
     docs: list[np.ndarray] = []
-    skipped = 0
+    skipped = linked_out = 0
     for i in range(0, len(shard.files), ENCODE_BATCH_DOCS):
         batch_paths, batch_raw = [], []
         for rel in shard.files[i: i + ENCODE_BATCH_DOCS]:
             path = join(src_root, rel)
-            raw = with_retries(f"cannot read {where(uri_of(src_fs, path))}", lambda p=path: read_bytes(src_fs, p))
+            try:
+                raw = with_retries(f"cannot read {where(uri_of(src_fs, path))}",
+                                   lambda p=path: read_bytes(src_fs, p, also=also))
+            except OutsideRoots:
+                linked_out += 1
+                continue
             if not raw or not is_text(raw):
                 skipped += 1
                 continue
@@ -90,7 +99,8 @@ def build_shard(shard: ShardPlan, *, source: str, out: str, out_rel: str, tokeni
     data = sink.getvalue().to_pybytes()
     entry = ShardEntry(file=f"{out_rel}/{shard.name}.parquet", bytes=len(data), sha256=sha256_hex(data),
                        split=shard.split, rows=table.num_rows, tokens=int(sum(len(d) for d in docs)),
-                       documents=documents, input_bytes=shard.input_bytes, skipped_binary=skipped)
+                       documents=documents, input_bytes=shard.input_bytes, skipped_binary=skipped,
+                       skipped_links=linked_out)
     write_bytes_atomic(out_fs, join(out_root, f"{shard.name}.parquet"), data)
     record = {"files": list(shard.files), "entry": entry.model_dump(mode="json")}
     write_bytes_atomic(out_fs, done_path(out_root, shard.name), json.dumps(record).encode())

@@ -15,8 +15,15 @@ engine drops it from the KV cache) and its caller's stream closes, instead of ho
 longest row ends. Model steps run on one thread per replica, so concurrent batches interleave step
 by step and the event loop stays free to accept requests.
 
+Bounds before work: a body over ``limits.max_body_bytes`` is a 413 before any of it is parsed
+(``BodyLimit``; a declared Content-Length at once, a chunked body once it passes the limit), and a
+prompt longer in characters than the context could hold at the tokenizer's most bytes per token is
+a 422 before it is tokenized; the exact token count is checked after.
+
 Checkpoint and tokens: a replica loads its checkpoint from a folder or an ``s3://`` prefix (copied to
-a temporary folder, loaded, deleted), with the tokenizer stored in it (bytes or BPE): prompts,
+a temporary folder, loaded, deleted; local files are opened under the job's data roots,
+ORCH_DATA_ROOTS in the replica's runtime_env, so a file linking outside them fails the deploy
+naming it: workers/checkpoint.py), with the tokenizer stored in it (bytes or BPE): prompts,
 context limits and usage count that tokenizer's tokens, and text streams out through each token's
 bytes (workers/serving/tokens.py).
 """
@@ -56,14 +63,57 @@ from workers.serving.schemas import (
     ScoreResponse,
     Usage,
 )
-from workers.serving.tokens import encode_prompt, token_pieces
-from workers.storage import local_copy
+from workers.serving.tokens import encode_prompt, max_token_bytes, token_pieces
+from workers.storage import is_s3, local_copy
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None)
 # Rows whose time to first token the stats keep (a sliding window).
 TTFT_WINDOW_ROWS = 1000
+
+
+class BodyLimit:
+    """A request body over ``app.state.max_body_bytes`` (set by the replica) is answered 413 before
+    any of it is parsed: a declared Content-Length over it at once, unread; else the body is read
+    here up to the limit (a chunked body declares no length) and handed on, so at most the limit is
+    held. Added before ``require_key``, so it runs after it: a caller without the key gets the 401."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > limit:
+            return await self._refuse(limit, scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client left
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await self._refuse(limit, scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(limit: int, scope: dict, receive: Any, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body over this deployment's limit of {limit} bytes "
+                                           "(limits.max_body_bytes)"}, status_code=413)
+        await response(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
 
 
 @api.middleware("http")
@@ -130,10 +180,13 @@ class CompletionServer:
     def __init__(self, config: dict[str, Any]):
         self.config = ReplicaConfig.model_validate(config)
         api.state.key_sha256 = self.config.key_sha256
+        api.state.max_body_bytes = self.config.limits.max_body_bytes
         torch.set_num_threads(self.config.torch_threads)
         with local_copy(self.config.checkpoint) as folder:  # an s3:// checkpoint: a temporary copy
-            self.model = load_model(folder)
-            self.tokenizer = load_tokenizer_for(folder)
+            also = (folder,) if is_s3(self.config.checkpoint) else ()  # the copy this replica made
+            self.model = load_model(folder, also=also)
+            self.tokenizer = load_tokenizer_for(folder, also=also)
+        self.max_token_bytes = max_token_bytes(self.tokenizer)
         self.pieces = token_pieces(self.tokenizer, self.model.config.vocab_size)
         self.int8_share = quantize_model(self.model).share if self.config.int8 else 0.0
         self.context = self.model.config.max_seq_len
@@ -191,10 +244,13 @@ class CompletionServer:
         if len(stops) > limits.max_stop_sequences or any(len(s) > MAX_STOP_CHARS for s in stops):
             raise unprocessable(["stop"], f"at most {limits.max_stop_sequences} sequences of at most "
                                           f"{MAX_STOP_CHARS} characters")
+        locs: list[list[str | int]] = [["prompt"] if isinstance(req.prompt, str) else ["prompt", p]
+                                       for p in range(len(prompts))]
+        for text, loc in zip(prompts, locs, strict=True):  # every prompt, before any is tokenized
+            self._check_length(text, self.context - 1 - max_tokens, loc, f"left by max_tokens {max_tokens} in")
         seed = req.seed if req.seed is not None else secrets.randbits(62)
         rows, prompt_tokens = [], 0
-        for p, text in enumerate(prompts):
-            loc: list[str | int] = ["prompt"] if isinstance(req.prompt, str) else ["prompt", p]
+        for text, loc in zip(prompts, locs, strict=True):
             tokens = tokenize_prompt(self.tokenizer, text, loc)
             if len(tokens) + max_tokens > self.context:
                 raise unprocessable(loc, f"{len(tokens)} prompt tokens + max_tokens {max_tokens} exceed the "
@@ -203,6 +259,15 @@ class CompletionServer:
             rows += [RowRequest(tuple(tokens), max_tokens, req.temperature, req.top_p, stops, seed + j)
                      for j in range(req.n)]
         return rows, prompt_tokens
+
+    def _check_length(self, text: str, budget: int, loc: list[str | int], where: str) -> None:
+        """A 422 for a text too long to fit ``budget`` tokens (after the EOS that starts it) whatever
+        it encodes to: more characters than ``budget`` tokens of the tokenizer's longest can hold.
+        Cheap (a length), so an over-long text is refused before it is tokenized."""
+        if len(text) > budget * self.max_token_bytes:
+            raise unprocessable(loc, f"{len(text)} characters cannot fit the {budget} tokens {where} the model's "
+                                     f"context of {self.context} tokens (at most {self.max_token_bytes} bytes "
+                                     "per token)")
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
@@ -244,6 +309,7 @@ class CompletionServer:
     @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         self._check_model(req.model)
+        self._check_length(req.text, self.context - 1, ["text"], "left in")
         tokens = tokenize_prompt(self.tokenizer, req.text, ["text"])
         if len(tokens) > self.context:
             raise unprocessable(["text"], f"{len(tokens)} tokens exceed the model's context of {self.context} tokens")

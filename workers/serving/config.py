@@ -54,6 +54,9 @@ class LimitsConfig(Config):
     # Prompts per request times choices per prompt (n): the rows one request adds to batches.
     max_rows_per_request: int = Field(16, ge=1, le=512)
     max_stop_sequences: int = Field(4, ge=0, le=16)
+    # Bytes of one request's body; a larger body is a 413 before it is parsed (prompts beyond the
+    # model's context are a 422 before they are tokenized).
+    max_body_bytes: int = Field(2**20, ge=2**10, le=2**26)
 
     @model_validator(mode="after")
     def _check(self) -> LimitsConfig:

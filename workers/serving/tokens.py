@@ -23,6 +23,17 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     return [EOS_TOKEN, *ids.tolist()]
 
 
+def max_token_bytes(tokenizer: Tokenizer) -> int:
+    """At least the most UTF-8 bytes of text one token can stand for, so a text of more than
+    ``n * max_token_bytes`` bytes (or characters: each is at least one byte) encodes to more than
+    ``n`` tokens, known before encoding it. Byte-level BPE tokens are spelled one character per byte,
+    so their UTF-8 length (up to 2 bytes per character) bounds the bytes they stand for; added tokens
+    match their text literally."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return 1
+    return max(len(token.encode("utf-8")) for token in tokenizer.hf.get_vocab(with_added_tokens=True))
+
+
 def _byte_level_chars() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's, which ``tokenizers``' ByteLevel uses): each byte is one
     printable character; printable Latin-1 bytes stand for themselves, the other 68 bytes take the

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi.exceptions import RequestValidationError
 
 from orchestrator.api.deps import AdminDep, AuthenticatorDep, PrincipalDep, StoreDep
 from orchestrator.api.schemas import (
@@ -32,15 +33,20 @@ TokenId = Annotated[str, Path(pattern=TOKEN_ID_PATTERN, description="token id (o
 TeamPath = Annotated[str, Path(pattern=NAME_PATTERN, description="team name")]
 
 
+def _invalid(field: str, message: str) -> RequestValidationError:
+    """A 422 located like pydantic's, for a rule of the body that its schema cannot state."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message}])
+
+
 @router.post("/v1/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated, responses=_WITH_BODY)
 def create_token(body: TokenCreate, store: StoreDep, admin: AdminDep) -> TokenCreated:
     """A new token for ``user`` in ``team``. The answer holds the secret; nothing can show it again
-    (only its SHA-256 is stored)."""
+    (only its SHA-256 is stored). Role ``scrape`` is for Prometheus: it reads ``/metrics`` (every
+    team's series) and nothing else."""
     if body.user in RESERVED_USERS:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"user: {body.user!r} is reserved for the service")
+        raise _invalid("user", f"{body.user!r} is reserved for the service")
     if body.role == "user" and body.team == "admin":
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            "team: 'admin' holds the bootstrap admin's jobs; give users a team of their own")
+        raise _invalid("team", "'admin' holds the bootstrap admin's jobs; give users a team of their own")
     secret, token_hash = new_token()
     record = store.create_token(user=body.user, team=body.team, role=body.role, token_hash=token_hash,
                                 created_by=admin.user)
@@ -77,14 +83,14 @@ def list_teams(store: StoreDep, _: AdminDep) -> TeamsPublic:
 
 @router.get("/v1/teams/{team}", response_model=TeamPublic, responses=_ADMIN_ONLY)
 def get_team(team: TeamPath, store: StoreDep, _: AdminDep) -> TeamPublic:
-    """A team's data roots and quotas (a team nobody configured has none)."""
+    """A team's data roots, quotas and highest priority (a team nobody configured: none, none, normal)."""
     return TeamPublic.of(store.team(team))
 
 
 @router.put("/v1/teams/{team}", response_model=TeamPublic, responses=_WITH_BODY)
 def set_team(team: TeamPath, body: TeamUpdate, store: StoreDep, admin: AdminDep) -> TeamPublic:
-    """Set a team's data roots and/or quotas; a field left out keeps its value."""
-    record = store.set_team(team, roots=body.roots, quotas=body.quotas)
+    """Set a team's data roots, quotas and/or highest priority; a field left out keeps its value."""
+    record = store.set_team(team, roots=body.roots, quotas=body.quotas, max_priority=body.max_priority)
     store.audit(admin.user, "team.set", team, detail=body.model_dump_json(exclude_none=True), team=team)
     return TeamPublic.of(record)
 

@@ -1,5 +1,7 @@
-"""/v1/cluster: the Ray cluster's nodes and resources, totalled by node kind, and per pool what is
-held (by the service's admitted jobs and by unmanaged Ray jobs), what is free and what waits."""
+"""/v1/cluster: the Ray cluster's nodes and resources, totalled by node kind, per pool what is held
+(by the service's admitted jobs and deployments and by unmanaged Ray jobs), what is free and what
+waits, and per team what its jobs and its deployments' replicas hold (an admin sees every team, a
+user its own: one team's usage is not another's business)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,34 @@ from collections import defaultdict
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
 
-from orchestrator.api.deps import ControllerDep, RayDep, SettingsDep
+from orchestrator.api.deps import ControllerDep, PrincipalDep, RayDep, SettingsDep
 from orchestrator.api.schemas import ClusterPublic, KindPublic, NodePublic, PoolPublic, Problem
+from orchestrator.auth import Principal
 from orchestrator.ray_client import NodeView, RayUnavailable, UnmanagedJob
 from orchestrator.scheduler.pools import build_pools, candidates
 from orchestrator.scheduler.service import Snapshot
 
 router = APIRouter(prefix="/v1/cluster", tags=["cluster"])
+
+
+class TeamUsagePublic(BaseModel):
+    """What a team holds by the scheduler's bookings (Ray resource -> amount, over all pools)."""
+    jobs: dict[str, float]  # its admitted jobs: workers, Ray Data CPUs, drivers
+    serving: dict[str, float]  # its deployments' replicas, at their maximum count
+    deployments: int  # deployments holding resources
+    queued_deployments: int  # deployments waiting for quota or room
+
+
+class ClusterUsagePublic(ClusterPublic):
+    teams: dict[str, TeamUsagePublic] = {}  # from the controller's last pass; a user sees its own team
+
+
+def team_report(snapshot: Snapshot | None, principal: Principal) -> dict[str, TeamUsagePublic]:
+    teams = snapshot.teams if snapshot else {}
+    return {name: TeamUsagePublic(**vars(usage)) for name, usage in teams.items()
+            if principal.is_admin or name == principal.team}
 
 
 def _kind(resources: dict[str, float]) -> str:
@@ -82,18 +104,20 @@ def summarize(nodes: list[NodeView], address: str | None) -> ClusterPublic:
     )
 
 
-@router.get("", response_model=ClusterPublic,
+@router.get("", response_model=ClusterUsagePublic,
             responses={503: {"model": Problem, "description": "Ray is not reachable"}})
-async def cluster(ray: RayDep, settings: SettingsDep, controller: ControllerDep) -> ClusterPublic:
+async def cluster(ray: RayDep, settings: SettingsDep, controller: ControllerDep,
+                  principal: PrincipalDep) -> ClusterUsagePublic:
     """Nodes (alive and dead) and schedulable resources of alive nodes, in total and by node kind;
-    per pool: capacity, reserved, unmanaged, in use, free, queued demand."""
+    per pool: capacity, reserved, unmanaged, in use, free, queued demand; per team (yours, or every
+    team's for an admin): what its jobs and its deployments' replicas hold."""
     try:
         nodes = await run_in_threadpool(ray.nodes)
         unmanaged = await run_in_threadpool(ray.unmanaged_jobs)
     except RayUnavailable as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
     snapshot = controller.scheduler.snapshot if controller is not None else None
-    summary = summarize(nodes, settings.ray_address)
-    return summary.model_copy(update={
-        "pools": pool_report(nodes, unmanaged, settings.autoscaler_max_extra, snapshot),
-        "unmanaged_jobs": len(unmanaged)})
+    summary = dict(summarize(nodes, settings.ray_address))
+    summary.update(pools=pool_report(nodes, unmanaged, settings.autoscaler_max_extra, snapshot),
+                   unmanaged_jobs=len(unmanaged), teams=team_report(snapshot, principal))
+    return ClusterUsagePublic(**summary)

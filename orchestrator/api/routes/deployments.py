@@ -9,6 +9,10 @@ lie under the team's data roots (the "serve" kind's ``checkpoint`` field), and a
 checkpoint needs the job to be visible (and the roots too when it lies outside the job's own output
 folder: a spec's ``checkpoint_storage``). The bearer key is made here, answered once (201) and stored
 as its SHA-256 inside the spec the replicas get. Creates and deletes go to the audit log.
+
+A new deployment is stored QUEUED: the controller's scheduler admits its replicas against the team's
+quota and the pools' free capacity (orchestrator/scheduler/service.py), and until then its message
+says why it waits. One whose replicas could never fit the cluster is a 422 naming the spec field.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ CHECKPOINT_META = "meta.json"  # what makes a folder a checkpoint (as jobs.serve
 TRAIN_KIND = "train"  # the job kind whose output a job_id deployment serves (a sweep: promote)
 _NOT_FOUND = {404: {"model": Problem, "description": "no such deployment (or another team's)"}}
 _CREATE_ERRORS = {
-    422: {"description": "invalid spec, a checkpoint outside the team's data roots or not a checkpoint "
-                         "(the field is named); nothing is stored"},
+    422: {"description": "invalid spec, a checkpoint outside the team's data roots or not a checkpoint, "
+                         "or replicas the cluster can never hold (the field is named); nothing is stored"},
     403: {"model": Problem, "description": "a user named another team"},
     400: {"model": Problem, "description": "the body is not decodable text"},
     404: {"model": Problem, "description": "no such job or sweep (or another team's)"},
@@ -152,9 +156,20 @@ def _job_checkpoint(settings: Settings, job: JobRecord) -> tuple[str, bool]:
 
 
 def _wake(request: Request) -> None:
-    reconciler = request.app.state.deployments
-    if reconciler is not None:
-        reconciler.wake()
+    """The controller's next pass admits (or frees) the deployment's replicas, the reconciler's acts on Serve."""
+    for loop in (request.app.state.controller, request.app.state.deployments):
+        if loop is not None:
+            loop.wake()
+
+
+def _check_fits(request: Request, options: ServeOptions) -> None:
+    """A 422 naming the field when the replicas could never run here, even at the autoscaler's
+    maximum (as a job's submit; one that fits only later is stored QUEUED and waits)."""
+    controller = request.app.state.controller
+    refusal = controller.scheduler.deployment_refusal(options) if controller is not None else None
+    if refusal:
+        loc, why = refusal
+        raise _unprocessable(("spec", *loc), why)
 
 
 def _check_roots(store: JobStore, principal: Principal, path: str, loc: tuple[str, ...]) -> None:
@@ -176,6 +191,7 @@ def _create(request: Request, store: JobStore, settings: Settings, principal: Pr
         team = submission_team(principal, team)
     except Forbidden as e:
         raise _forbidden(e) from None
+    _check_fits(request, options)
     if user_path:
         _check_roots(store, principal, checkpoint, loc)
     resolved = _pin_checkpoint(checkpoint, loc)
@@ -202,7 +218,8 @@ def create_deployment(body: DeploymentCreate, request: Request, store: StoreDep,
                       principal: PrincipalDep) -> DeploymentCreated:
     """Serve a checkpoint (``spec.checkpoint``: a folder or ``s3://`` prefix) or a finished training
     job's latest one (``job_id``: the one its summary names, else the newest in its checkpoint
-    storage). The answer holds the bearer key, shown this once; the reconciler deploys within moments."""
+    storage). The answer holds the bearer key, shown this once; the deployment is QUEUED until its
+    replicas fit the team's quota and the cluster, then the reconciler deploys it."""
     if body.job_id is not None:
         job = _get(store, body.job_id, principal)
         if job.kind != TRAIN_KIND:

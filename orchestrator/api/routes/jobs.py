@@ -1,5 +1,5 @@
-"""/v1/jobs: submit, list, inspect, follow logs, cancel, resize. Handlers touch the store only; Ray is
-the controller's business, except for reading logs.
+"""/v1/jobs: submit, list, inspect, cancel, resize. Handlers touch the store only; Ray is the
+controller's business (a job's logs and curve, which read Ray, are routes/logs.py and routes/curves.py).
 
 Every handler acts for a principal (``PrincipalDep``): a user sees only its team's jobs, and another
 team's job is a 404 like a job that does not exist (``_get``, the one way a handler loads a job by
@@ -8,26 +8,22 @@ Submissions, cancels and resizes go to the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from jobs.elastic import ResizeError, check_size, describe_size, resized, size_bounds
+from jobs.kinds import job_kind
 from jobs.specs import TrainSpec, field_errors
-from orchestrator.api.deps import ControllerDep, PrincipalDep, RayDep, SettingsDep, StoreDep
+from orchestrator.api.deps import ControllerDep, PrincipalDep, StoreDep
 from orchestrator.api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
     JOB_ID_PATTERN,
     JobCreate,
-    JobLogs,
     JobPublic,
     JobResize,
     JobsPublic,
@@ -40,11 +36,11 @@ from orchestrator.auth import (
     Forbidden,
     Principal,
     can_see,
+    priority_refusal,
     root_violations,
     submission_team,
     visible_team,
 )
-from orchestrator.ray_client import RayUnavailable
 from orchestrator.states import JobState
 from orchestrator.store import IdempotencyConflict, JobNotFound, JobRecord, JobStore, ResizeConflict
 
@@ -56,7 +52,6 @@ IdempotencyKey = Annotated[
     Header(alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY_PATTERN,
            description="repeat a POST safely: the same key and body return the same job"),
 ]
-FOLLOW_POLL_S = 0.5  # how often a follow stream looks for a new attempt or the job's end
 _NOT_FOUND = {404: {"model": Problem, "description": "no such job (or another team's)"}}
 
 
@@ -108,6 +103,14 @@ def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, prin
         team = submission_team(principal, body.team)
     except Forbidden as e:
         raise _forbidden(e) from None
+    refusal = priority_refusal(principal, store.team(team), body.priority)
+    if refusal:
+        store.audit(principal.user, "submit.refused", team, detail=refusal, team=team)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, refusal)
+    if job_kind(body.kind).serves:
+        raise RequestValidationError([{"type": "kind", "loc": ("body", "kind"), "msg": (
+            f"{body.kind} jobs run as deployments: POST /v1/deployments (orch serve create), which keeps "
+            "every team's application names and routes apart")}])
     payload = body.model_dump(mode="json")
     _check_roots(store, principal, body.kind, payload["spec"])
     # A job no pool can ever hold (even at the autoscaler's maximum) is refused, naming the shortfall.
@@ -219,82 +222,3 @@ def resize_job(job_id: JobId, store: StoreDep, controller: ControllerDep, princi
     if controller is not None:
         controller.wake()
     return JobPublic.of(job)
-
-
-@router.get(
-    "/{job_id}/logs", response_model=JobLogs,
-    responses={**_NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                                   "description": "JSON, or with follow=true a text stream"},
-               503: {"model": Problem, "description": "Ray is not reachable"}},
-)
-async def job_logs(
-    job_id: JobId, store: StoreDep, ray: RayDep, settings: SettingsDep, principal: PrincipalDep,
-    follow: Annotated[bool, Query(description="stream text until the job ends")] = False,
-    attempt: Annotated[int | None, Query(ge=1, le=1000)] = None,
-) -> JobLogs | StreamingResponse:
-    """The driver's logs of one attempt (the latest by default); ``follow=true`` streams every attempt
-    from ``attempt`` on, as text, until the job ends."""
-    job = await run_in_threadpool(_get, store, job_id, principal)
-    if follow:
-        return StreamingResponse(_follow(store, ray, job_id, attempt or 1, settings.follow_max_s),
-                                 media_type="text/plain; charset=utf-8")
-    record = job.current_attempt if attempt is None else next(
-        (a for a in job.attempt_records if a.number == attempt), None)
-    if attempt is not None and record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no attempt {attempt}")
-    if record is None or record.submitted_at is None:
-        return JobLogs(job_id=job_id, attempt=record.number if record else None,
-                       ray_submission_id=record.submission_id if record else None, logs="")
-    try:
-        text = await run_in_threadpool(ray.logs, record.submission_id)
-    except RayUnavailable as e:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
-    return JobLogs(job_id=job_id, attempt=record.number, ray_submission_id=record.submission_id, logs=text)
-
-
-async def _follow(store: JobStore, ray, job_id: str, first_attempt: int, max_s: float) -> AsyncIterator[str]:
-    """Tail each attempt from ``first_attempt`` on until the job ends or ``max_s`` passes. A tail that
-    breaks while its attempt still runs is reopened, skipping what was already sent."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max_s
-    sent: dict[int, int] = {}  # attempt -> characters already streamed
-    done: set[int] = set()
-    while loop.time() < deadline:
-        job = await run_in_threadpool(store.get, job_id)
-        for a in job.attempt_records:
-            if a.number < first_attempt or a.number in done or a.submitted_at is None:
-                continue
-            if a.number > 1 and a.number not in sent:
-                yield f"--- attempt {a.number} ({a.submission_id}) ---\n"
-            skip = sent.setdefault(a.number, 0)
-            async for chunk in _bounded(ray.tail(a.submission_id), deadline):
-                if skip >= len(chunk):
-                    skip -= len(chunk)
-                    continue
-                chunk, skip = chunk[skip:], 0
-                sent[a.number] += len(chunk)
-                yield chunk
-            if a.ended_at is not None or job.state.terminal or a.number < job.attempts:
-                done.add(a.number)
-        if job.state.terminal and all(a.number in done or a.number < first_attempt or a.submitted_at is None
-                                      for a in job.attempt_records):
-            return
-        await asyncio.sleep(FOLLOW_POLL_S)
-
-
-async def _bounded(chunks: AsyncIterator[str], deadline: float) -> AsyncIterator[str]:
-    loop = asyncio.get_running_loop()
-    it = chunks.__aiter__()
-    try:
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            try:
-                yield await asyncio.wait_for(it.__anext__(), remaining)
-            except (StopAsyncIteration, asyncio.TimeoutError):
-                return
-    finally:
-        aclose = getattr(it, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -1,4 +1,8 @@
-"""/healthz (no token), /metrics (Prometheus text) and /openapi.json (behind the token)."""
+"""/healthz (no token), /metrics (Prometheus text) and /openapi.json (behind the token).
+
+``/metrics`` answers by who asks: an admin or a ``scrape`` token (made for Prometheus: ``orch token
+create --user prometheus --team admin --role scrape``; it may read nothing else) gets every series; a
+user gets the service-wide figures and its own team's jobs only (orchestrator/telemetry.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from orchestrator.api.deps import StoreDep, TelemetryDep
+from orchestrator.api.deps import PrincipalDep, StoreDep, TelemetryDep
 from orchestrator.api.schemas import Health, Problem
 from orchestrator.api.security import require_token
 
@@ -27,10 +31,15 @@ async def healthz(store: StoreDep) -> Health:
 
 @private.get("/metrics", response_class=Response, response_model=None,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-async def metrics(telemetry: TelemetryDep) -> Response:
-    """Prometheus text exposition: HTTP traffic, controller passes, submissions, retries, jobs by state."""
-    body = await run_in_threadpool(telemetry.render)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+async def metrics(telemetry: TelemetryDep, store: StoreDep, principal: PrincipalDep) -> Response:
+    """Prometheus text exposition: HTTP traffic, controller passes, submissions, retries, jobs by state
+    and RUNNING jobs' training figures; a user's token sees only its team's jobs in them."""
+    def render() -> bytes:
+        if principal.sees_every_team:
+            return telemetry.render()
+        return telemetry.render_team(principal.team, store.unfinished_ids(principal.team))
+
+    return Response(await run_in_threadpool(render), media_type=CONTENT_TYPE_LATEST)
 
 
 @private.get("/openapi.json", include_in_schema=False)
