@@ -215,7 +215,7 @@ class Controller:
                     entrypoint=build_entrypoint(job.kind, paths, self.settings.job_python, self.entrypoints),
                     runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "ORCH_JOB_ID": job.id,
                                               "ORCH_ATTEMPT": str(attempt.number),
-                                              **confinement_env(job.team, self.store.team(job.team).roots, paths)}},
+                                              **confinement_env(job.team, self.store.team(job.team).roots, paths.root)}},
                     metadata={"orch_job_id": job.id, "orch_attempt": str(attempt.number)},
                     entrypoint_resources=dict(self.settings.driver_resources),
                 )

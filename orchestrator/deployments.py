@@ -51,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.entrypoints import ADMIN_TEAM, ALLOWED_ENTRYPOINTS, DATA_ROOTS_ENV
+from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, confinement_env
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
 from orchestrator.settings import Settings
 from orchestrator.store import (
@@ -244,12 +244,7 @@ class DeploymentReconciler:
     def _confinement(self, d: DeploymentRecord) -> dict[str, str]:
         """``ORCH_DATA_ROOTS`` for a non-admin team's deploy (see the module docstring); none for the
         admin team's. ``s3://`` roots and checkpoints are left out: object stores have no links."""
-        if d.team == ADMIN_TEAM:
-            return {}
-        local = [r for r in self.store.team(d.team).roots if os.path.isabs(r)]
-        if os.path.isabs(d.checkpoint):
-            local.append(d.checkpoint)
-        return {DATA_ROOTS_ENV: json.dumps(local)}
+        return confinement_env(d.team, self.store.team(d.team).roots, d.checkpoint)
 
     def _submit(self, d: DeploymentRecord, submission_id: str, argv: list[str], action: str,
                 env: Mapping[str, str] | None = None) -> None:

@@ -72,12 +72,13 @@ def build_entrypoint(kind: str, paths: JobPaths, python: str = "python",
     return shlex.join(argv)
 
 
-def confinement_env(team: str, roots: tuple[str, ...], paths: JobPaths) -> dict[str, str]:
-    """The env var that confines a team's job (``ORCH_DATA_ROOTS``): the team's local roots as they
-    are when the attempt starts (an ``s3://`` root has no links to follow), plus the job's own
-    folder. Every file the job opens must then lie under them, links resolved (workers/confine.py).
-    The admin team's jobs run unconfined, as do jobs submitted with ``ray job submit``."""
+def confinement_env(team: str, roots: tuple[str, ...], *own: str | Path) -> dict[str, str]:
+    """The env var that confines a team's job or deploy (``ORCH_DATA_ROOTS``): the team's local roots
+    as they are when it starts (an ``s3://`` root has no links to follow), plus the local folders the
+    service chose for it (``own``: a job's folder, a deployment's pinned checkpoint). Every file it
+    opens must then lie under them, links resolved (workers/confine.py). The admin team's jobs run
+    unconfined, as do jobs submitted with ``ray job submit``."""
     if team == ADMIN_TEAM:
         return {}
-    local = [r for r in roots if os.path.isabs(r)]
-    return {DATA_ROOTS_ENV: json.dumps([*local, str(paths.root)])}
+    local = [str(r) for r in (*roots, *own) if os.path.isabs(r)]
+    return {DATA_ROOTS_ENV: json.dumps(local)}

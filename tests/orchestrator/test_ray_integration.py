@@ -181,8 +181,10 @@ def test_a_job_the_cluster_can_never_fit_is_refused_naming_the_shortfall(ray_hea
                    what="the controller's first look at the cluster")
         r = c.post("/v1/jobs", json={"spec": _spec(tmp_path, ["resources.cpus_per_worker=2"])})
         assert r.status_code == 422, r.text
-        assert "the job can never run on this cluster: pool cpu can hold at most" in r.json()["detail"]
-        assert "short by" in r.json()["detail"]
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["body", "spec", "resources"]
+        assert "the job can never run on this cluster: pool cpu can hold at most" in error["msg"]
+        assert "short by" in error["msg"]
         assert c.get("/v1/jobs").json()["count"] == 0
 
 

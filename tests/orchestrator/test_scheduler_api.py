@@ -72,7 +72,9 @@ def test_a_job_no_pool_can_ever_hold_is_refused_naming_the_shortfall(served):
     big = {"spec": {**TINY_SPEC, "resources": {"num_workers": 8, "device": "gpu"}}}
     r = httpx.post(f"{url}/v1/jobs", json=big, headers=AUTH)
     assert r.status_code == 422
-    assert r.json()["detail"] == ("the job can never run on this cluster: pool gpu-a100 can hold at most 4 GPU, "
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "spec", "resources"]
+    assert error["msg"] == ("the job can never run on this cluster: pool gpu-a100 can hold at most 4 GPU, "
                                   "16 CPU; the job needs 8 GPU, 9 CPU there (short by 4 GPU)")
     assert app.state.store.list()[1] == 0  # nothing stored
     fits_later = {"spec": {**TINY_SPEC, "resources": {"num_workers": 4, "device": "gpu"}}}

@@ -53,12 +53,12 @@ def test_a_rule_the_route_checks_itself_answers_the_documented_list(client):
 
 
 def test_a_job_that_can_never_fit_is_a_422_list(app, client):
-    """(Needs app.py to register errors.http_error_response: routes/jobs.py raises this one as a string.)"""
+    """The documented list, located at the size that cannot fit (it was a bare string)."""
     wait_until(lambda: app.state.controller.scheduler.snapshot is not None, timeout_s=20, interval_s=0.02,
                what="a scheduling pass")
     spec = {**TINY_SPEC, "resources": {"num_workers": 512}}
     [item] = _items(client.post("/v1/jobs", json={"spec": spec}, headers=AUTH))
-    assert item["loc"] == ["body"] and item["msg"].startswith("the job can never run on this cluster")
+    assert item["loc"] == ["body", "spec", "resources"] and item["msg"].startswith("the job can never run on this cluster")
     assert client.get("/v1/jobs", headers=AUTH).json()["count"] == 0
 
 

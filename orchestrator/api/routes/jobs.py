@@ -79,6 +79,11 @@ def _check_roots(store: JobStore, principal: Principal, kind: str, spec: dict) -
         raise RequestValidationError([{"type": "data_root", "loc": _body_loc(f), "msg": m} for f, m in problems])
 
 
+def _never_fits(refusal: str, loc: tuple[str, ...]) -> RequestValidationError:
+    """422 for a job no pool can ever hold (even at the autoscaler's maximum), at the size's field."""
+    return RequestValidationError([{"type": "capacity", "loc": loc, "msg": refusal}])
+
+
 def _body_loc(field: str) -> tuple[str | int, ...]:
     """``data.source`` -> ("body", "spec", "data", "source"), as pydantic locates a spec field."""
     if field == "kind":
@@ -116,7 +121,7 @@ def submit_job(body: JobCreate, store: StoreDep, controller: ControllerDep, prin
     # A job no pool can ever hold (even at the autoscaler's maximum) is refused, naming the shortfall.
     refusal = controller.scheduler.refusal(body.kind, payload["spec"]) if controller is not None else None
     if refusal:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, refusal)
+        raise _never_fits(refusal, ("body", "spec", "resources"))
     # Keys are global; hashing the submitter in makes another user's key a 409, never their job.
     signed = {"request": payload, "team": team, "owner": principal.user}
     request_hash = hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
@@ -212,7 +217,7 @@ def resize_job(job_id: JobId, store: StoreDep, controller: ControllerDep, princi
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(field_errors(e.errors()))) from None
     refusal = scheduler.refusal(job.kind, new_spec) if scheduler else None
     if refusal:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, refusal)
+        raise _never_fits(refusal, ("body", field))
     try:
         job = store.request_resize(job_id, new_spec)
     except ResizeConflict as e:

@@ -3,7 +3,8 @@ cluster, Ray Serve on a loopback port, tiny random-weight checkpoints. A body ov
 limit is a 413 (declared or chunked) and an over-long prompt a 422, both after the key check; the
 replicas get the deploying job's data roots (ORCH_DATA_ROOTS) and refuse a ``model.pt`` linking
 outside them; ``python -m jobs.serve`` never prints a key it made, it writes it to a 0600 file.
-About 90 s on 2 cores.
+About 90 s on 2 cores. (Here, not in tests/security/: Ray caches its auth settings per process, so
+a module that starts Ray in the test process must run after test_autoscale_ray's token-auth driver.)
 """
 
 from __future__ import annotations
