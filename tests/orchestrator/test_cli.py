@@ -79,6 +79,10 @@ def test_submit_takes_any_job_kind(api, app, capsys):
     assert code == 0, err
     job = json.loads(out)
     assert job["kind"] == "prepare" and job["spec"]["vocab_size"] == 512
+    # A serve spec is a deployment (one namespace for every team's applications), never a plain job.
+    code, _, err = run(capsys, "submit", str(DEMO.with_name("serve.yaml")), "--kind", "serve")
+    assert code == 2 and "orch serve CHECKPOINT" in err
+    assert app.state.store.list()[1] == 1
 
 
 def test_unknown_job_and_unreachable_api(api, capsys, monkeypatch):
