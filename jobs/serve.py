@@ -54,6 +54,8 @@ from pydantic import BaseModel
 from jobs.serve_spec import ServeSpec, load_serve_spec
 from jobs.specs import SpecError
 from workers import confine
+from workers.config import ModelConfig
+from workers.serving.config import LimitsConfig
 from workers.storage import StorageError  # resolve_s3_checkpoint's; the control plane catches it from here
 
 KEY_ENV = "MOE_SERVE_API_KEY"
@@ -120,20 +122,43 @@ def resolve_s3_checkpoint(uri: str) -> str:
 
 
 def checkpoint_context(checkpoint: str) -> int:
-    """The model's context (max_seq_len, tokens) from a resolved checkpoint's meta.json, local or s3://."""
-    from workers.checkpoint import FORMAT_VERSION, read_meta
+    """The model's context (max_seq_len, tokens) from a resolved checkpoint's meta.json, local (under
+    the job's data roots) or s3://. Torch-free: the control plane sizes a deployment's limits with it."""
     from workers.storage import is_s3, join, open_fs, read_bytes
 
-    if not is_s3(checkpoint):
-        try:
-            return read_meta(Path(checkpoint))["model"]["max_seq_len"]
-        except confine.OutsideRoots as e:  # meta.json itself links out of the roots
-            raise SpecError(f"checkpoint: {e}") from None
-    fs, root = open_fs(checkpoint)
-    meta = json.loads(read_bytes(fs, join(root, "meta.json")))
-    if meta.get("format") != FORMAT_VERSION:
-        raise SpecError(f"checkpoint: {checkpoint} has format {meta.get('format')}, this code reads {FORMAT_VERSION}")
-    return meta["model"]["max_seq_len"]
+    try:
+        if is_s3(checkpoint):
+            fs, root = open_fs(checkpoint)
+            raw = read_bytes(fs, join(root, "meta.json"))
+        else:
+            with confine.open_file(Path(checkpoint) / "meta.json") as f:
+                raw = f.read()
+        # As load_model reads it: ModelConfig's default where meta.json's model leaves it out.
+        context = json.loads(raw).get("model", {}).get("max_seq_len", ModelConfig.model_fields["max_seq_len"].default)
+    except confine.OutsideRoots as e:  # meta.json itself links out of the roots
+        raise SpecError(f"checkpoint: {e}") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise SpecError(f"checkpoint: {checkpoint}/meta.json cannot be read: {e}") from None
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        raise SpecError(f"checkpoint: {checkpoint}/meta.json names no model.max_seq_len")
+    return context
+
+
+def fit_limits(limits: LimitsConfig, context: int) -> LimitsConfig:
+    """``limits`` for a model of ``context`` tokens: ``max_tokens`` and ``default_max_tokens`` that
+    the spec leaves unset are derived from it (half the context, at most the defaults), so a spec
+    naming only a checkpoint fits any model; a value set that cannot fit is a SpecError naming it."""
+    max_tokens = limits.max_tokens if "max_tokens" in limits.model_fields_set else min(limits.max_tokens,
+                                                                                       context // 2)
+    default = limits.default_max_tokens if "default_max_tokens" in limits.model_fields_set else min(
+        limits.default_max_tokens, max_tokens)
+    if max_tokens >= context:
+        raise SpecError(f"limits.max_tokens: {max_tokens} must be below the model's context ({context} tokens), "
+                        "which also holds the prompt")
+    if default > max_tokens:
+        raise SpecError(f"limits.default_max_tokens: {default} must be <= limits.max_tokens ({max_tokens}, "
+                        f"{'as set' if 'max_tokens' in limits.model_fields_set else 'derived from the context'})")
+    return LimitsConfig(**{**limits.model_dump(), "max_tokens": max_tokens, "default_max_tokens": default})
 
 
 def key_hash(key: str) -> str:
@@ -159,12 +184,10 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
         raise SpecError("key_sha256: does not match the key given to deploy it")
     on_s3 = is_s3(spec.checkpoint)
     checkpoint = resolve_s3_checkpoint(spec.checkpoint) if on_s3 else str(resolve_checkpoint(spec.checkpoint))
-    context = checkpoint_context(checkpoint)
-    if spec.limits.max_tokens >= context:
-        raise SpecError(f"limits.max_tokens ({spec.limits.max_tokens}) must be below the model's context "
-                        f"({context} tokens), which also holds the prompt")
+    limits = fit_limits(spec.limits, checkpoint_context(checkpoint))
     config = ReplicaConfig(name=spec.name, checkpoint=checkpoint, key_sha256=digest, batching=spec.batching,
-                           limits=spec.limits, int8=spec.int8, torch_threads=spec.torch_threads)
+                           limits=limits, int8=spec.int8, torch_threads=spec.torch_threads,
+                           chat_template=spec.chat_template)
     runtime_env = replica_runtime_env(s3_env() if on_s3 else {})
     b = spec.batching
     app = CompletionServer.options(

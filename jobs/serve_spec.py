@@ -14,7 +14,13 @@ from pydantic import Field
 
 from jobs.specs import read_yaml, validate_as
 from workers.config import Config
-from workers.serving.config import SHA256_HEX_PATTERN, AutoscalingSpec, BatchingConfig, LimitsConfig
+from workers.serving.config import (
+    SHA256_HEX_PATTERN,
+    AutoscalingSpec,
+    BatchingConfig,
+    ChatTemplate,
+    LimitsConfig,
+)
 
 
 class ServeSpec(Config):
@@ -35,6 +41,9 @@ class ServeSpec(Config):
     num_cpus: float = Field(1.0, ge=0.0, le=512.0)
     torch_threads: int = Field(1, ge=1, le=256)
     int8: bool = False
+    # How /v1/chat/completions renders messages ({role}/{content} slots, workers/serving/chat.py);
+    # None: the checkpoint's chat_template.json, else a plain "role: content" transcript.
+    chat_template: ChatTemplate | None = None
 
     @property
     def prefix(self) -> str:

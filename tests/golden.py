@@ -19,6 +19,9 @@ another path in some library still runs the same code.
 ``MUTATIONS`` are deliberate small regressions (error feedback off, half the density, twice the
 learning rate, a frozen router bias): each must move its base curve by far more than the tolerance,
 which shows the tolerance is tight enough to catch them.
+
+A new curve is added without touching the others: ``python -m tests.golden --add NAME ...`` runs only
+the named variants and writes their curves beside the checked-in ones, which stay byte-identical.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -49,6 +53,10 @@ TOPK = CompressionConfig(method="topk", density=0.05, error_feedback=True, selec
 # The demo's own compression (jobs/examples/demo.yaml) at this model's density: Adam-preconditioned
 # top-k with local clipping, the optimizer plain SGD.
 DEMO_TOPK = TOPK.model_copy(update={"precondition": "adam", "clip_norm": 1.0})
+# Local steps with the chunk-wise top-k + error-feedback outer sync (workers/compression/local.py):
+# 10 rounds of 4 steps after a 2-step dense warm-up, 5% of each chunk at 2-bit values.
+LOCAL = CompressionConfig(method="local", local_steps=4, density=0.05, value_bits=2, error_decay=0.95,
+                          warmup_steps=2)
 # name -> the changes to build_step's arguments from (MODEL, dense, LOOP, EP 1)
 VARIANTS: dict[str, dict] = {
     "dense": {"comp": CompressionConfig(method="none")},
@@ -56,6 +64,8 @@ VARIANTS: dict[str, dict] = {
     "topk_5pct_no_ef": {"comp": TOPK.model_copy(update={"error_feedback": False})},
     "demo_adam": {"comp": DEMO_TOPK},
     "demo_adam_ep2": {"comp": DEMO_TOPK, "expert_parallel": 2},
+    "local_h4_5pct_2bit": {"comp": LOCAL},
+    "local_h4_5pct_2bit_ep2": {"comp": LOCAL, "expert_parallel": 2},
 }
 # name -> (the variant whose golden curve it is compared with, what changes)
 MUTATIONS: dict[str, tuple[str, dict]] = {
@@ -63,6 +73,8 @@ MUTATIONS: dict[str, tuple[str, dict]] = {
     "half_density": ("topk_5pct_ef", {"comp": TOPK.model_copy(update={"density": TOPK.density / 2})}),
     "double_lr": ("dense", {"loop": LOOP.model_copy(update={"lr": 2 * LOOP.lr})}),
     "frozen_router_bias": ("dense", {"model": MODEL.model_copy(update={"bias_update_rate": 0.0})}),
+    "local_ef_off": ("local_h4_5pct_2bit", {"comp": LOCAL.model_copy(update={"error_feedback": False})}),
+    "local_twice_the_steps": ("local_h4_5pct_2bit", {"comp": LOCAL.model_copy(update={"local_steps": 8})}),
 }
 # Set in every rank before torch starts: MKL's conditional numerical reproducibility (the same code
 # path on any x86 CPU, Intel or AMD) and ATen's scalar kernels (no AVX-512 vs AVX2 choice).
@@ -70,6 +82,8 @@ NUMERICS_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}
 DTYPE = torch.float64
 COLLECTIVE_TIMEOUT_S = 120
 JOIN_TIMEOUT_S = 600
+# Comma-separated names: the ranks run only these (``--add``); unset, every variant and mutation.
+ONLY_ENV = "GOLDEN_ONLY"
 
 
 def corpus(seed: int = 0, n_lines: int = 4000) -> bytes:
@@ -107,26 +121,36 @@ def _train(rank: int, change: dict) -> list[float]:
     return curve
 
 
-SCENARIOS = {name: functools.partial(_train, change=change) for name, change in VARIANTS.items()} | {
+ALL = {name: functools.partial(_train, change=change) for name, change in VARIANTS.items()} | {
     name: functools.partial(_train, change=VARIANTS[base] | change) for name, (base, change) in MUTATIONS.items()}
+_ONLY = [name for name in os.environ.get(ONLY_ENV, "").split(",") if name]
+SCENARIOS = {name: ALL[name] for name in _ONLY} if _ONLY else ALL
 
 
-def run_curves() -> dict[str, list[float]]:
-    """Every variant's and mutation's curve, from one spawn of WORLD gloo ranks."""
+def run_curves(names: list[str] | None = None) -> dict[str, list[float]]:
+    """Every variant's and mutation's curve (or only ``names``'), from one spawn of WORLD gloo ranks."""
+    unknown = sorted(set(names or ()) - set(ALL))
+    if unknown:
+        raise ValueError(f"unknown golden runs {unknown}; known: {sorted(ALL)}")
+    env = NUMERICS_ENV | ({ONLY_ENV: ",".join(names)} if names else {})
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_scenarios(__name__, Path(tmp), WORLD, COLLECTIVE_TIMEOUT_S, JOIN_TIMEOUT_S, NUMERICS_ENV)
-    return {name: scenario_values(results, name)[0] for name in SCENARIOS}
+        results = run_scenarios(__name__, Path(tmp), WORLD, COLLECTIVE_TIMEOUT_S, JOIN_TIMEOUT_S, env)
+    return {name: scenario_values(results, name)[0] for name in names or ALL}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tests.golden")
-    p.add_argument("--update", action="store_true", help=f"rewrite {CURVES.name}")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--update", action="store_true", help=f"rewrite every curve of {CURVES.name}")
+    what.add_argument("--add", nargs="+", metavar="NAME", choices=sorted(VARIANTS),
+                      help=f"run only these variants and write their curves into {CURVES.name}, the others kept as they are")
     args = p.parse_args()
-    curves = run_curves()
+    curves = run_curves(args.add)
     for name, curve in curves.items():
         print(f"{name}: {curve[0]:.3f} -> {curve[-1]:.3f}")
-    if args.update:
-        golden = {name: curves[name] for name in VARIANTS}
+    if args.update or args.add:
+        golden = json.loads(CURVES.read_text())["curves"] if args.add else {}
+        golden.update({name: curves[name] for name in VARIANTS if name in curves})
         CURVES.write_text(json.dumps({"steps": STEPS, "dtype": str(DTYPE), "curves": golden}, indent=1) + "\n")
         print(f"wrote {CURVES}")
 

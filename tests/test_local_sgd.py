@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tests.distributed import results_fixture, scenario_values
 from tests.expert_parallel import COLLECTIVE_TIMEOUT_S, RANKS_JOIN_TIMEOUT_S, WORLD_SIZE, tiny_config
 from workers import checkpoint
-from workers.compression import LocalSGD, chunks
+from workers.compression import CommState, LocalSGD, chunks
 from workers.config import CompressionConfig, LoopConfig
 from workers.step import build_step
 
@@ -84,6 +84,17 @@ def test_config_rules() -> None:
         CompressionConfig(method="local", value_bits=3)
     assert CompressionConfig().method == "topk"  # the default is unchanged
     assert not CompressionConfig(method="local").hook_owns_optimizer_state
+
+
+def test_a_per_step_method_resumes_from_a_local_checkpoint(caplog: pytest.LogCaptureFixture) -> None:
+    """Switching a job from method local to topk keeps its checkpoint usable: the outer accumulators
+    (weight units) are dropped with a warning, the warm-up position is kept; a foreign kind still fails."""
+    comm = CommState(CompressionConfig(method="topk"), parameters={"w": torch.zeros(3)})
+    saved = LocalSGD({"w": torch.nn.Parameter(torch.ones(3))}, LOCAL).export_state()
+    comm.import_state(saved | {"steps": torch.tensor(7)})
+    assert comm.steps == 7 and "outer_error tensors dropped" in caplog.text
+    with pytest.raises(ValueError, match="unknown compression state key 'moments/w'"):
+        comm.import_state({"moments/w": torch.zeros(3)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,15 +108,15 @@ def test_samples_decode_with_the_checkpoints_tokenizer(bpe, bpe_checkpoint):
 def _complete(server, req: CompletionRequest) -> tuple[str, int]:
     """The replica's text and prompt tokens for ``req``, its batch handler run on this event loop
     (Serve's own batching needs a replica context)."""
-    rows, prompt_tokens = server._rows(req)
+    batch = server._rows(req, [(req.prompt, ["prompt"])], req.max_tokens, "max_tokens")
 
     async def run() -> str:
         text = ""
-        async for step in server._run_batch(rows):
+        async for step in server._run_batch(batch.rows):
             text += "".join(chunk.text for chunk in step if chunk is not StopIteration)
         return text
 
-    return asyncio.run(run()), prompt_tokens
+    return asyncio.run(run()), batch.prompt_tokens
 
 
 def test_replica_counts_and_decodes_bpe_tokens(bpe, bpe_checkpoint):

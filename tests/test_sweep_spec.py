@@ -17,7 +17,8 @@ from jobs.sweep_events import TrialState, append_event, fold, read_events, reque
 from jobs.sweep_spec import load_sweep_spec, validate_sweep_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = [ROOT / "jobs" / "examples" / "sweep.yaml", ROOT / "jobs" / "examples" / "sweep-demo.yaml"]
+EXAMPLES = [ROOT / "jobs" / "examples" / "sweep.yaml", ROOT / "jobs" / "examples" / "sweep-demo.yaml",
+            ROOT / "jobs" / "examples" / "sweep-local.yaml"]
 BASE = {"train": {"steps": 40}, "model": {"n_routed_experts": 8}}
 SPACE = {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
 

@@ -85,9 +85,23 @@ def _data(scratch: Path, args: argparse.Namespace) -> dict:
     return data_section(scratch, args.steps, args.reuse)
 
 
+def _local_frontier(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.local_sections import frontier_section
+
+    return frontier_section(args.steps)
+
+
+def _local_link(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.local_sections import link_section
+
+    return link_section(args.steps)
+
+
 SECTIONS = {
     "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants, args.reuse),
     "horizon": lambda scratch, args: horizon_section(scratch, args.steps, args.reuse),
+    "local-frontier": _local_frontier,
+    "local-link": _local_link,
     "selection": _selection,
     "moe": _moe,
     "projection": _projection,

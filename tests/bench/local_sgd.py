@@ -1,17 +1,21 @@
-"""The bytes-vs-loss frontier of method local (local steps + chunk-wise top-k/EF outer sync) on the
-demo model: eval gap vs dense AdamW (DDP) and dense / sent bytes, at equal steps.
+"""One timed 2-rank run per compression variant of the demo model, with its eval curve: the runner of
+the local-steps sections (tests/bench/local_sections.py) and a command of its own.
 
-Two gloo ranks (tests/distributed.py) run the product's training step (workers/step.py) on the
-demo spec's model and schedule, on byte windows of this Python's standard library source (held-out
-files by a hash of the path, as the demo's data), without Ray, so a setting costs one short run.
-Dense is DDP + AdamW with the global clip (the compression bench's "dense" row).
+Two gloo ranks (tests/distributed.py: plain torch.distributed processes, one torch thread each) run
+the product's training step (workers/step.py) on the demo spec's model and schedule, on byte
+windows of this Python's standard library source (held-out files by a hash of the path), without
+Ray. Every ``EVAL_EVERY`` steps the ranks evaluate the weights they agree on (method local: the last
+synced start weights, so an eval never closes a round) on one fixed held-out set; the clock stops
+meanwhile, so ``seconds`` is training time only (compute + sync). Inside a network namespace with a
+shaped loopback (tests/bench/local_sections.py) the same command measures a slow link.
 
-    python -m tests.bench.local_sgd [--steps 300] [--variants dense,H8_1pct_2bit,...]
+    python -m tests.bench.local_sgd [--steps 300] [--variants dense,local_h8_3pct,...] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sysconfig
@@ -27,32 +31,36 @@ from jobs.specs import load_spec
 from tests.conftest import DEMO
 from tests.distributed import run_scenarios, scenario_values
 from workers.config import CompressionConfig
-from workers.step import build_step, evaluate
+from workers.step import TrainStep, build_step, evaluate
 
 WORLD = 2
-EVAL_BATCHES = 16
+EVAL_BATCHES = 8  # held-out batches per rank at every eval: 2 x 8 x 16 sequences of 128 tokens
+EVAL_EVERY = 16  # steps; a multiple of every local_steps here, so the evals see whole rounds
 VAL_PERCENT = 2  # held-out share of files, by CRC-32 of the relative path
 VARIANTS_ENV, STEPS_ENV = "LOCAL_SGD_BENCH_VARIANTS", "LOCAL_SGD_BENCH_STEPS"
 
 
-def _local(h: int, density: float, bits: int, decay: float = 0.95, warmup: int = 0) -> CompressionConfig:
+def _local(h: int, density: float, bits: int = 2, decay: float = 0.95, warmup: int = 0) -> CompressionConfig:
     return CompressionConfig(method="local", local_steps=h, density=density, value_bits=bits, error_decay=decay,
                              warmup_steps=warmup)
 
 
-# name -> compression config (None: dense DDP)
-VARIANTS: dict[str, CompressionConfig] = {
-    "dense": CompressionConfig(method="none"),
-    "H1_1pct_8bit": _local(1, 0.01, 8),
-    "H8_dense_avg": CompressionConfig(method="local", local_steps=8, density=1.0, value_bits=32, error_decay=0.0),
-    "H8_3pct_8bit": _local(8, 0.03, 8),
-    "H8_1pct_8bit": _local(8, 0.01, 8),
-    "H8_1pct_2bit": _local(8, 0.01, 2),
-    "H16_1pct_2bit": _local(16, 0.01, 2),
+# name -> (label, compression config). The demo's per-step top-k keeps its own optimizer contract
+# (SGD on Adam directions, local clipping); every other variant is AdamW with the global clip 1.0.
+VARIANTS: dict[str, tuple[str, CompressionConfig]] = {
+    "dense": ("dense (DDP)", CompressionConfig(method="none")),
+    "topk_1pct": ("per-step top-k 1% + EF, Adam-preconditioned (the demo's)",
+                  CompressionConfig(method="topk", density=0.01, precondition="adam", clip_norm=1.0)),
+    "diloco_h8": ("DiLoCo H 8, plain average (outer lr 1)",
+                  CompressionConfig(method="local", local_steps=8, density=1.0, value_bits=32, error_decay=0.0)),
+    "local_h4_3pct": ("local H 4, top-k 3%, 2-bit", _local(4, 0.03)),
+    "local_h8_3pct": ("local H 8, top-k 3%, 2-bit", _local(8, 0.03)),
+    "local_h8_1pct": ("local H 8, top-k 1%, 2-bit", _local(8, 0.01)),
+    "local_h16_1pct": ("local H 16, top-k 1%, 2-bit", _local(16, 0.01)),
 }
 
 
-def _corpus(seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _corpus() -> tuple[np.ndarray, np.ndarray]:
     """(train, val) uint8 token arrays: this Python's stdlib .py files, split by file."""
     root = Path(sysconfig.get_paths()["stdlib"])
     train, val = [], []
@@ -66,62 +74,91 @@ def _corpus(seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _windows(tokens: np.ndarray, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(n, seq_len + 1) windows at random offsets, from ``seed``."""
     gen = np.random.default_rng(seed)
     starts = gen.integers(0, len(tokens) - seq_len - 1, n)
     return torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
 
 
-def _run(rank: int, name: str) -> dict:
+def _synced_model(step: TrainStep) -> torch.nn.Module:
+    """The weights every rank agrees on now: the model (per-step methods), or for method local a copy
+    holding the round's start weights (the open round is left as it is)."""
+    if step.outer is None:
+        return step.model
+    model = copy.deepcopy(step.model)
+    params = dict(model.named_parameters())
+    sizes = [p.numel() for p in step.outer.params.values()]
+    with torch.no_grad():
+        for name, part in zip(step.outer.params, step.outer.anchor.split(sizes), strict=True):
+            params[name].copy_(part.view_as(params[name]))
+    return model
+
+
+def run_variant(rank: int, name: str, steps: int) -> dict:
+    """One rank of one variant: {"curve": [[step, train seconds, eval loss], ...], "wire", "dense",
+    "seconds", "tokens"} (bytes and tokens this rank's)."""
     spec = load_spec(DEMO)
-    steps = int(os.environ[STEPS_ENV])
-    comp = VARIANTS[name]
+    seq = spec.data.seq_len
     loop = spec.train.model_copy(update={"steps": steps, "grad_clip": 1.0})
-    train, val = _corpus(spec.data.seq_len)
-    step = build_step(spec.model, comp, loop, seed=spec.seed)
-    start = time.perf_counter()
+    train, val = _corpus()
+    step = build_step(spec.model, VARIANTS[name][1], loop, seed=spec.seed)
+    held_out = [_windows(val, loop.batch_size, seq, seed=777_000 + 100 * b + rank) for b in range(EVAL_BATCHES)]
+    curve, seconds = [], 0.0
     for i in range(steps):
-        step(i, _windows(train, loop.batch_size, spec.data.seq_len, seed=10_000 * i + rank))
-    step.finish_round()
-    seconds = time.perf_counter() - start
-    batches = [_windows(val, loop.batch_size, spec.data.seq_len, seed=777_000 + 100 * b + rank)
-               for b in range(EVAL_BATCHES)]
+        x = _windows(train, loop.batch_size, seq, seed=10_000 * i + rank)  # (batch, seq + 1)
+        start = time.perf_counter()
+        step(i, x)
+        if i + 1 == steps:
+            step.finish_round()
+        seconds += time.perf_counter() - start
+        if (i + 1) % EVAL_EVERY == 0 or i + 1 == steps:
+            curve.append([i + 1, seconds, evaluate(_synced_model(step), held_out, EVAL_BATCHES).loss])
     wire, dense = step.byte_counts()
-    return {"eval": evaluate(step.model, batches, EVAL_BATCHES).loss, "wire": wire, "dense": dense,
-            "seconds": seconds}
+    return {"curve": curve, "wire": wire, "dense": dense, "seconds": seconds,
+            "tokens": steps * loop.batch_size * seq}
 
 
-def _scenario(name: str):
-    return lambda rank: _run(rank, name)
+SCENARIOS = {name: (lambda rank, name=name: run_variant(rank, name, int(os.environ[STEPS_ENV])))
+             for name in os.environ.get(VARIANTS_ENV, "").split(",") if name}
 
 
-SCENARIOS = {name: _scenario(name) for name in os.environ.get(VARIANTS_ENV, "").split(",") if name}
+def run(names: list[str], steps: int) -> dict[str, dict]:
+    """Each variant on WORLD ranks, one after the other in one process group: name -> {"curve" (the
+    slower rank's seconds), "eval" (final), "wire" / "dense" (summed over ranks), "seconds",
+    "tokens_per_s"}."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_scenarios(__name__, Path(tmp), WORLD, collective_timeout_s=600, join_timeout_s=7200,
+                                env={VARIANTS_ENV: ",".join(names), STEPS_ENV: str(steps), "OMP_NUM_THREADS": "1"})
+    rows = {}
+    for name in names:
+        values = scenario_values(results, name)
+        curve = [[s, max(v["curve"][j][1] for v in values), loss] for j, (s, _, loss) in enumerate(values[0]["curve"])]
+        seconds = max(v["seconds"] for v in values)
+        rows[name] = {"label": VARIANTS[name][0], "steps": steps, "curve": curve, "eval": curve[-1][2],
+                      "wire": sum(v["wire"] for v in values), "dense": sum(v["dense"] for v in values),
+                      "seconds": seconds, "tokens_per_s": sum(v["tokens"] for v in values) / seconds}
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", help="write the rows here as JSON")
     args = parser.parse_args()
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = run_scenarios(__name__, Path(tmp), WORLD, collective_timeout_s=600, join_timeout_s=7200,
-                                env={VARIANTS_ENV: ",".join(names), STEPS_ENV: str(args.steps), "OMP_NUM_THREADS": "1"})
-    rows = {}
-    for name in names:
-        values = scenario_values(results, name)
-        rows[name] = {"eval": values[0]["eval"], "wire": sum(v["wire"] for v in values),
-                      "dense": sum(v["dense"] for v in values), "seconds": max(v["seconds"] for v in values)}
+    rows = run(args.variants.split(","), args.steps)
     base = rows.get("dense", {}).get("eval")
     print(f"| variant ({args.steps} steps) | eval loss | vs dense | dense / sent | seconds |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         gap = f"{100 * (r['eval'] / base - 1):+.1f}%" if base else "n/a"
         ratio = r["dense"] / r["wire"] if r["wire"] else float("nan")
-        print(f"| {name} | {r['eval']:.4f} | {gap} | {ratio:.0f}x | {r['seconds']:.0f} |")
-    print(json.dumps(rows))
+        print(f"| {name} | {r['eval']:.4f} | {gap} | {ratio:.0f}x | {r['seconds']:.0f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

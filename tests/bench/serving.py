@@ -124,6 +124,70 @@ def _load(client, name: str) -> tuple[int, list[float]]:
     return tokens, ttft
 
 
+LEVELS = (1, 8, 32)  # concurrent streaming clients in the latency table
+PREFIX_TOKENS, PREFIX_CONTEXT = 512, 1024  # the shared prefix, and the context of the model serving it
+GOAL_PREFIX = 3.0  # TTFT with reuse at least this many times lower
+
+
+def prefix_reuse(scratch: Path) -> dict[str, float]:
+    """Time to first token (the prefill step, in-process, 1 thread) of a prompt that shares a
+    PREFIX_TOKENS-token prefix with an earlier one, with the prefix cache and without; a
+    random-weight demo-width model with a PREFIX_CONTEXT context (the demo's 128 cannot hold it)."""
+    from workers.serving.engine import BatchGeneration, RowRequest
+    from workers.serving.prefix import PrefixCache
+
+    torch.set_num_threads(1)
+    model = load_model(write_checkpoint(scratch / "long", ModelConfig(max_seq_len=PREFIX_CONTEXT), seed=0))
+    shared = [1 + i % 200 for i in range(PREFIX_TOKENS)]
+    cache = PrefixCache(2**28)
+    counter = iter(range(10**6))
+
+    def first_token(prefixes: PrefixCache | None) -> None:
+        tail = [ord(c) for c in f"question {next(counter)}?"]
+        BatchGeneration(model, [RowRequest((0, *shared, *tail), 1, 0.0, 1.0, (), 0)], prefixes=prefixes).step()
+
+    off, on = _median_s(lambda: first_token(None), LATENCY_REPS), _median_s(lambda: first_token(cache), LATENCY_REPS)
+    return {"prefix_ttft_off_ms": 1000 * off, "prefix_ttft_on_ms": 1000 * on, "prefix_speedup": off / on}
+
+
+def _timed_stream(client, name: str, route: str, i: int) -> tuple[float, float | None]:
+    """One streamed request of MAX_TOKENS on ``route``: (time to first token, time per output token
+    after it), in seconds; the same tokens either way (chat renders a transcript first)."""
+    t0, first, n = time.perf_counter(), None, 0
+    if route == "chat":
+        events = client.chat.completions.create(model=name, messages=[{"role": "user", "content": f"# {i}"}],
+                                                max_tokens=MAX_TOKENS, temperature=0.8, stream=True)
+        texts = (c.choices[0].delta.content for c in events if c.choices)
+    else:
+        events = client.completions.create(model=name, prompt=f"user: # {i}\nassistant:", max_tokens=MAX_TOKENS,
+                                           temperature=0.8, stream=True)
+        texts = (c.choices[0].text for c in events if c.choices)
+    for text in texts:
+        if text and first is None:
+            first = time.perf_counter() - t0
+        n += bool(text)
+    end = time.perf_counter() - t0
+    return first if first is not None else end, (end - first) / (n - 1) if first is not None and n > 1 else None
+
+
+def latency_by_clients(client, name: str) -> dict[str, dict[str, float]]:
+    """TTFT and TPOT p50/p95 (ms) per route and number of concurrent clients, each sending
+    REQUESTS_PER_CLIENT streams."""
+    out = {}
+    for clients in LEVELS:
+        for route in ("completions", "chat"):
+            with ThreadPoolExecutor(clients) as pool:
+                times = [t for ts in pool.map(lambda c, r=route: [_timed_stream(client, name, r, c * 100 + k)
+                                                                  for k in range(REQUESTS_PER_CLIENT)], range(clients))
+                         for t in ts]
+            ttft = sorted(1000 * t for t, _ in times)
+            tpot = sorted(1000 * t for _, t in times if t is not None) or [float("nan")]
+            q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+            out[f"{route}@{clients}"] = {"ttft_p50": q(ttft, 0.5), "ttft_p95": q(ttft, 0.95),
+                                         "tpot_p50": q(tpot, 0.5), "tpot_p95": q(tpot, 0.95)}
+    return out
+
+
 def over_serve(ckpt: Path) -> dict[str, Any]:
     import openai
     import ray
@@ -164,6 +228,7 @@ def over_serve(ckpt: Path) -> dict[str, Any]:
             lambda: engine_call(model), 1)) for _ in range(LATENCY_REPS)]
         out["http_p50_s"] = statistics.median(h for h, _ in pairs)
         out["local_p50_s"] = statistics.median(e for _, e in pairs)
+        out["latency"] = latency_by_clients(clients["batched"], "batched")
         stats = clients["batched"].get("/stats", cast_to=object)
         out["batch_sizes"] = stats["batch_sizes"]
         return out
@@ -175,7 +240,7 @@ def over_serve(ckpt: Path) -> dict[str, Any]:
 def serving_section(scratch: Path) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     ckpt, trained = _checkpoint(scratch)
-    local = in_process(ckpt, scratch)
+    local = {**in_process(ckpt, scratch), **prefix_reuse(scratch)}
     remote = over_serve(ckpt)
     batched, unbatched = statistics.median(remote["batched_tok_s"]), statistics.median(remote["unbatched_tok_s"])
     ratio = batched / unbatched
@@ -186,7 +251,8 @@ def serving_section(scratch: Path) -> dict:
     data = {"name": "serving", "checkpoint": str(ckpt), "trained": trained, "clients": CLIENTS,
             "batched_tok_s": batched, "unbatched_tok_s": unbatched, "batched_ratio": ratio,
             "ttft_ms_p50_batched": statistics.median(ttft_b), "ttft_ms_p50_unbatched": statistics.median(ttft_u),
-            "serve_added_p50_ms": added_ms, "http_p50_s": remote["http_p50_s"], "local_p50_s": remote["local_p50_s"], "batch_sizes": remote["batch_sizes"], **local}
+            "serve_added_p50_ms": added_ms, "http_p50_s": remote["http_p50_s"], "local_p50_s": remote["local_p50_s"], "batch_sizes": remote["batch_sizes"],
+            "latency_ms": remote["latency"], **local}
     mark = lambda ok: "yes" if ok else "NO"  # noqa: E731
     md = [
         "## Serving (Ray Serve, OpenAI routes, KV cache, batching, int8)", "",
@@ -204,6 +270,12 @@ def serving_section(scratch: Path) -> dict:
         f"{local['no_cache_tok_s']:.0f} tokens/s = **{local['cache_tok_s'] / local['no_cache_tok_s']:.1f}x** | faster |",
         f"| Serve's added p50 latency ({MAX_TOKENS} greedy tokens, HTTP + proxy + replica vs in-process engine) | "
         f"{added_ms:.1f} ms ({1000 * remote['http_p50_s']:.1f} vs {1000 * remote['local_p50_s']:.1f} ms, alternating) | |",
+        *[f"| TTFT / TPOT p50 (p95), {route}, {clients} streaming client{'s' * (clients > 1)} | "
+          f"{v['ttft_p50']:.0f} ({v['ttft_p95']:.0f}) ms / {v['tpot_p50']:.1f} ({v['tpot_p95']:.1f}) ms | |"
+          for key, v in remote["latency"].items() for route, clients in [(key.split("@")[0], int(key.split("@")[1]))]],
+        f"| prefix reuse: TTFT of a prompt sharing a {PREFIX_TOKENS}-token prefix, cache off / on (in-process) | "
+        f"{local['prefix_ttft_off_ms']:.1f} / {local['prefix_ttft_on_ms']:.1f} ms = **{local['prefix_speedup']:.1f}x** | "
+        f">= {GOAL_PREFIX:.0f}x: {mark(local['prefix_speedup'] >= GOAL_PREFIX)} |",
         f"| int8 share of parameters | {100 * local['int8_share']:.1f}% | >= {100 * GOAL_INT8_SHARE:.0f}%: "
         f"{mark(local['int8_share'] >= GOAL_INT8_SHARE)} |",
         f"| int8 vs fp32 latency ({MAX_TOKENS} greedy tokens, in-process) | {1000 * local['int8_p50_s']:.1f} vs "

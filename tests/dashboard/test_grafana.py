@@ -1,6 +1,9 @@
 """dashboards/grafana/orch.json names only metrics that exist: the service's in a real scrape of
 /metrics (with a RUNNING job reporting progress and two QUEUED behind it, so the per-job and queue
-series are there), Ray's in the dashboards the installed Ray ships. About 3 s."""
+series are there), Ray's in the dashboards the installed Ray ships, and the serving replicas' own
+(``ray_serving_*``, workers/serving/metrics.py) among those the replicas export; that every one of
+those reaches a real scrape of Ray's metrics agent is tests/test_serving_openai.py's to show (it
+needs Serve running). About 3 s."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
 from tests.orchestrator.fakes import progress_line
+from workers.serving.metrics import EXPORTED as SERVING_EXPORTED
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "grafana" / "orch.json"
 METRIC = re.compile(r"\b((?:orch|ray)_[a-z0-9_]+)\b")
@@ -53,8 +57,24 @@ def test_every_service_metric_on_the_dashboard_is_in_a_real_scrape(service, fake
     wait_until(lambda: wanted <= scraped(), timeout_s=10, interval_s=0.1, what="every dashboard metric in /metrics")
 
 
+def _serving_series(metric: str) -> str:
+    """The exported metric a series belongs to (a histogram's _bucket, _sum and _count)."""
+    return re.sub(r"_(bucket|sum|count)$", "", metric) if metric not in SERVING_EXPORTED else metric
+
+
+def serving_metrics_on_the_dashboard() -> set[str]:
+    return {m for m in _named_metrics() if m.startswith("ray_serving_")}
+
+
+def test_every_serving_metric_on_the_dashboard_is_one_the_replicas_export():
+    named = {_serving_series(m) for m in serving_metrics_on_the_dashboard()}
+    assert {"ray_serving_ttft_seconds", "ray_serving_time_per_output_token_seconds", "ray_serving_queue_wait_seconds",
+            "ray_serving_batch_rows", "ray_serving_requests_total"} <= named
+    assert named <= set(SERVING_EXPORTED)
+
+
 def test_every_ray_metric_on_the_dashboard_is_one_ray_exports():
     shipped = "".join(p.read_text() for p in Path(ray_dashboards.__file__).parent.glob("*_panels.py"))
-    ray_metrics = {m for m in _named_metrics() if m.startswith("ray_")}
+    ray_metrics = {m for m in _named_metrics() if m.startswith("ray_") and not m.startswith("ray_serving_")}
     assert ray_metrics, "the dashboard shows none of Ray's metrics"
     assert not {m for m in ray_metrics if not re.search(rf"\b{m}\b", shipped)}

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from workers.compression import chunks
+from workers.compression.state import LOCAL_KIND
 from workers.compression.wire import dense_allreduce_bytes, payload_dtype_for
 from workers.config import CompressionConfig
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # The per-parameter kind in export_state's "<kind>/<name>" keys (distinct from the per-step
 # hooks' "residual": that one holds gradient units, this one weight units).
-ERROR_KIND = "outer_error"
+ERROR_KIND = LOCAL_KIND
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # Per-parameter state kinds, as "<kind>/<parameter name>" keys in export_state's dict.
 KINDS = ("residual", "velocity", "exp_avg", "exp_avg_sq")
+# The kind method local saves (workers/compression/local.py, ERROR_KIND): weight units, not
+# gradient units, so a per-step method resuming from such a checkpoint drops it (logged).
+LOCAL_KIND = "outer_error"
 
 
 @dataclass
@@ -243,18 +246,24 @@ class CommState:
 
         Replaces all per-parameter state held so far; it is mapped onto buckets by parameter name
         when each bucket is next seen. Unknown keys are an error; a kind the config does not use
-        (error feedback or momentum off, no preconditioner) is dropped with a warning.
+        (error feedback or momentum off, no preconditioner, method local's accumulators) is dropped
+        with a warning.
         """
         pending: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
-        steps = self.steps
+        steps, local = self.steps, 0
         for key, tensor in state.items():
             kind, _, name = key.partition("/")
             if key == "steps":
                 steps = int(tensor)
             elif kind in KINDS and name:
                 pending[kind][name] = tensor.detach().reshape(-1).clone()
+            elif kind == LOCAL_KIND and name:
+                local += 1
             else:
                 raise ValueError(f"unknown compression state key {key!r}")
+        if local:
+            logger.warning("compression: %d saved %s tensors dropped (method local's; this run syncs every step)",
+                           local, LOCAL_KIND)
         for kind in KINDS:
             if pending[kind] and kind not in self._kinds():
                 logger.warning("compression: %d saved %s tensors dropped (not used by this config)",

@@ -1,31 +1,35 @@
 """The Ray Serve deployment: a checkpoint answering OpenAI-compatible routes under its own prefix.
 
 Routes (every one needs ``Authorization: Bearer <the deployment's key>``, else 401):
-    POST /v1/completions   prompt(s) -> completions; ``stream: true`` sends server-sent events
-                           ending in ``data: [DONE]``
-    GET  /v1/models        the one model this deployment serves (its name)
-    POST /v1/score         log-likelihood of a text, per token and in total
-    GET  /v1/stats         this replica's batch-size histogram and time to first token
+    POST /v1/completions       prompt(s) -> completions; ``stream: true`` sends server-sent events
+                               ending in ``data: [DONE]``; ``logprobs: k``; ``echo`` (with
+                               ``max_tokens: 0``: the prompt scored, nothing generated)
+    POST /v1/chat/completions  messages -> answers, through the deployment's chat template
+                               (workers/serving/chat.py); ``logprobs`` + ``top_logprobs``, streaming
+    GET  /v1/models            the one model this deployment serves (its name)
+    POST /v1/score             log-likelihood of a text, per token and in total
+    GET  /v1/stats             this replica's batch-size histogram, rows running, time to first token
 
 Batching: each row (one per prompt and choice) enters ``@serve.batch``, whose handler is an async
 generator yielding one chunk per row per token. Ray Serve runs such a batch until its generator
 ends, and rows that arrive meanwhile wait for one of ``max_concurrent_batches`` slots; so a row
 that finishes leaves the running batch at once (the handler yields StopIteration for it and the
 engine drops it from the KV cache) and its caller's stream closes, instead of holding on until the
-longest row ends. Model steps run on one thread per replica, so concurrent batches interleave step
-by step and the event loop stays free to accept requests.
+longest row ends. A caller that goes away (a dropped stream: Serve cancels its request) marks its
+rows cancelled, and they leave at the next step. Model steps run on one thread per replica, so
+concurrent batches interleave step by step and the event loop stays free to accept requests.
 
 Bounds before work: a body over ``limits.max_body_bytes`` is a 413 before any of it is parsed
-(``BodyLimit``; a declared Content-Length at once, a chunked body once it passes the limit), and a
-prompt longer in characters than the context could hold at the tokenizer's most bytes per token is
-a 422 before it is tokenized; the exact token count is checked after.
+(workers/serving/http.py), and a prompt longer in characters than the context could hold at the
+tokenizer's most bytes per token is a 422 before it is tokenized; the exact token count is checked
+after. Any other bad body (a wrong type, NaN, a lone surrogate) is a 422 naming the field.
 
 Checkpoint and tokens: a replica loads its checkpoint from a folder or an ``s3://`` prefix (copied to
 a temporary folder, loaded, deleted; local files are opened under the job's data roots,
 ORCH_DATA_ROOTS in the replica's runtime_env, so a file linking outside them fails the deploy
 naming it: workers/checkpoint.py), with the tokenizer stored in it (bytes or BPE): prompts,
 context limits and usage count that tokenizer's tokens, and text streams out through each token's
-bytes (workers/serving/tokens.py).
+bytes (workers/serving/tokens.py). Latency and load go to Ray's metrics (workers/serving/metrics.py).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations through Serve's
@@ -44,13 +48,19 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from workers.checkpoint import load_model, load_tokenizer_for
-from workers.serving.config import ReplicaConfig
-from workers.serving.engine import BatchGeneration, Chunk, RowRequest
+from workers.serving import chat
+from workers.serving.config import ChatTemplate, ReplicaConfig
+from workers.serving.engine import BatchGeneration, Chunk, RowRequest, Rows, prompt_logprobs
+from workers.serving.http import BodyLimit, merge, unprocessable, validation_error_response
 from workers.serving.int8 import quantize_model
+from workers.serving.logprobs import chat_logprobs, completion_logprobs
+from workers.serving.metrics import ServingMetrics
+from workers.serving.prefix import PrefixCache
 from workers.serving.schemas import (
     MAX_STOP_CHARS,
     Completion,
@@ -59,6 +69,7 @@ from workers.serving.schemas import (
     ModelCard,
     ModelList,
     ReplicaStats,
+    Sampling,
     ScoreRequest,
     ScoreResponse,
     Usage,
@@ -68,70 +79,38 @@ from workers.storage import is_s3, local_copy
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("ray.serve")
-api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None)
+api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None,
+              exception_handlers={RequestValidationError: validation_error_response})
+api.add_middleware(BodyLimit)
 # Rows whose time to first token the stats keep (a sliding window).
 TTFT_WINDOW_ROWS = 1000
-
-
-class BodyLimit:
-    """A request body over ``app.state.max_body_bytes`` (set by the replica) is answered 413 before
-    any of it is parsed: a declared Content-Length over it at once, unread; else the body is read
-    here up to the limit (a chunked body declares no length) and handed on, so at most the limit is
-    held. Added before ``require_key``, so it runs after it: a caller without the key gets the 401."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = scope["app"].state.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > limit:
-            return await self._refuse(limit, scope, receive, send)
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":  # the client left
-                break
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await self._refuse(limit, scope, receive, send)
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> dict:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _refuse(limit: int, scope: dict, receive: Any, send: Any) -> None:
-        response = JSONResponse({"detail": f"request body over this deployment's limit of {limit} bytes "
-                                           "(limits.max_body_bytes)"}, status_code=413)
-        await response(scope, receive, send)
-
-
-api.add_middleware(BodyLimit)
+SSE = "text/event-stream"
+# Answers besides 200 and 422 (documented, so clients and the schema tests know them).
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or wrong key"},
+                                           413: {"description": "body over limits.max_body_bytes"}}
+MODEL_ERRORS = {**ERRORS, 400: {"description": "the body cannot be parsed (not UTF-8, or nested too deep)"},
+                404: {"description": "model names another deployment"}}
+STREAMS = {**MODEL_ERRORS, 200: {"description": "the answer; server-sent events with stream: true",
+                                 "content": {SSE: {"schema": {"type": "string"}}}}}
 
 
 @api.middleware("http")
 async def require_key(request: Request, call_next: Any) -> Response:
     """Every route needs the deployment's bearer key, checked before the body is even parsed (a
     caller without the key learns nothing, not even which fields are wrong). Only the key's SHA-256
-    is known here (``app.state.key_sha256``, set by the replica: one app object per replica process)."""
+    is known here (``app.state.key_sha256``, set by the replica: one app object per replica process).
+    Every answer is counted by route and status (``serving_requests``)."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     digest = hashlib.sha256(key.strip().encode()).hexdigest()
     if scheme.lower() != "bearer" or not hmac.compare_digest(digest, request.app.state.key_sha256):
-        return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
-
-
-def unprocessable(loc: list[str | int], msg: str) -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors: the field's location and the limit."""
-    return HTTPException(422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+        response: Response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"},
+                                          status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    else:
+        response = await call_next(request)
+    route = request.scope.get("route")
+    request.app.state.metrics.requests.inc(tags={"route": getattr(route, "path", "other"),
+                                                 "status": str(response.status_code)})
+    return response
 
 
 def tokenize_prompt(tokenizer: Tokenizer, text: str, loc: list[str | int]) -> list[int]:
@@ -145,33 +124,8 @@ def tokenize_prompt(tokenizer: Tokenizer, text: str, loc: list[str | int]) -> li
         raise unprocessable(loc, f"is not valid UTF-8 (character {e.start}: {e.reason})") from None
 
 
-async def merge(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
-    """(row, chunk) from several row streams as they come."""
-    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
-        try:
-            async for chunk in stream:  # to its end (one step after the last chunk), so Serve's
-                await queue.put((i, chunk))  # end-of-stream future is always awaited
-        except Exception as e:  # handed to the consumer, which raises it
-            await queue.put((i, e))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        ended = 0
-        while ended < len(tasks):
-            i, item = await queue.get()
-            if item is None:
-                ended += 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
+def _sse(body: Any) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 @serve.deployment
@@ -181,11 +135,13 @@ class CompletionServer:
         self.config = ReplicaConfig.model_validate(config)
         api.state.key_sha256 = self.config.key_sha256
         api.state.max_body_bytes = self.config.limits.max_body_bytes
+        api.state.metrics = self.metrics = ServingMetrics(self.config.name)
         torch.set_num_threads(self.config.torch_threads)
         with local_copy(self.config.checkpoint) as folder:  # an s3:// checkpoint: a temporary copy
             also = (folder,) if is_s3(self.config.checkpoint) else ()  # the copy this replica made
             self.model = load_model(folder, also=also)
             self.tokenizer = load_tokenizer_for(folder, also=also)
+            self.template = self.config.chat_template or chat.checkpoint_template(folder, also) or ChatTemplate()
         self.max_token_bytes = max_token_bytes(self.tokenizer)
         self.pieces = token_pieces(self.tokenizer, self.model.config.vocab_size)
         self.int8_share = quantize_model(self.model).share if self.config.int8 else 0.0
@@ -195,9 +151,11 @@ class CompletionServer:
         b = self.config.batching
         self.batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
                                    max_concurrent_batches=b.max_concurrent_batches)(self._run_batch)
+        self.prefixes = PrefixCache(b.prefix_cache_mib * 2**20) if b.prefix_cache_mib else None
         self.batch_sizes: Counter[int] = Counter()
         self.ttft_s: deque[float] = deque(maxlen=TTFT_WINDOW_ROWS)
-        self.requests = self.rows = self.completion_tokens = 0
+        self.running: set[BatchGeneration] = set()
+        self.requests = self.rows = self.completion_tokens = self.tokens_generated = 0
         log.info("serving %s from %s (%s tokenizer, int8 %s, share %.3f)", self.config.name, self.config.checkpoint,
                  self.tokenizer.kind, self.config.int8, self.int8_share)
 
@@ -205,22 +163,52 @@ class CompletionServer:
 
     async def _run_batch(self, rows: list[RowRequest]) -> AsyncIterator[list[Chunk | type[StopIteration]]]:
         """The @serve.batch handler: one list per step, a chunk per running row, StopIteration for
-        rows that finished in an earlier step."""
+        rows that finished in an earlier step or were cancelled."""
+        start = time.perf_counter()
         self.batch_sizes[len(rows)] += 1
-        gen = BatchGeneration(self.model, rows, self.pieces)
+        self.metrics.batch_rows.observe(len(rows))
+        for row in rows:
+            self.metrics.queue_wait.observe(start - row.enqueued_s)
+        gen = BatchGeneration(self.model, rows, self.pieces, self.prefixes)
+        self.running.add(gen)
         loop = asyncio.get_running_loop()
         ended = [False] * len(rows)
-        while not gen.done:
-            chunks = await loop.run_in_executor(self.executor, gen.step)
-            out: list[Chunk | type[StopIteration]] = []
-            for i in range(len(rows)):
-                chunk = chunks.get(i)
-                out.append(StopIteration if ended[i] or chunk is None else chunk)
-                if chunk is not None and chunk.finish_reason is not None:
-                    ended[i] = True
-                    self.completion_tokens += chunk.completion_tokens
-            yield out
-        self.ttft_s.extend(gen.first_token_s.values())
+        first_at = [0.0] * len(rows)
+        try:
+            while not gen.done:
+                chunks = await loop.run_in_executor(self.executor, gen.step)
+                now = time.perf_counter()
+                self.tokens_generated += len(chunks)
+                if chunks:
+                    self.metrics.completion_tokens.inc(len(chunks))
+                out: list[Chunk | type[StopIteration]] = []
+                for i, row in enumerate(rows):
+                    chunk = chunks.get(i)
+                    out.append(StopIteration if ended[i] or chunk is None else chunk)
+                    if chunk is None:
+                        continue
+                    if chunk.completion_tokens == 1:
+                        first_at[i] = now
+                        self.ttft_s.append(now - row.enqueued_s)
+                        self.metrics.ttft.observe(now - row.enqueued_s)
+                    if chunk.finish_reason is not None:
+                        ended[i] = True
+                        self.completion_tokens += chunk.completion_tokens
+                        if chunk.completion_tokens > 1:
+                            self.metrics.tpot.observe((now - first_at[i]) / (chunk.completion_tokens - 1))
+                yield out
+        finally:
+            self.running.discard(gen)
+
+    async def _generate(self, rows: list[RowRequest]) -> AsyncIterator[tuple[int, Chunk]]:
+        """(row, chunk) as the rows generate; rows still running when this ends (its caller went
+        away: Serve cancels a dropped request) are cancelled, so they leave their batch."""
+        try:
+            async for item in merge([self.batched(row) for row in rows]):  # queued now, together
+                yield item
+        finally:
+            for row in rows:
+                row.cancelled.set()
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -228,37 +216,38 @@ class CompletionServer:
         if model is not None and model != self.config.name:
             raise HTTPException(404, detail=f"model {model!r} not found; this deployment serves {self.config.name!r}")
 
-    def _rows(self, req: CompletionRequest) -> tuple[list[RowRequest], int]:
-        """The rows a request asks for and its prompt tokens, or a 422 naming the field and limit."""
+    def _rows(self, req: Sampling, texts: list[tuple[str, list[str | int]]], max_tokens: int | None,
+              max_loc: str, logprobs: int | None = None, stops: tuple[str, ...] = ()) -> Rows:
+        """The rows a request asks for (``n`` per prompt text, each with its body location), or a
+        422 naming the field and limit."""
+        self._check_model(req.model)
         limits = self.config.limits
-        max_tokens = req.max_tokens or limits.default_max_tokens
+        max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > limits.max_tokens:
-            raise unprocessable(["max_tokens"], f"{max_tokens} is above this deployment's limit of {limits.max_tokens}")
-        prompts = req.prompts()
-        if not prompts:
-            raise unprocessable(["prompt"], "must hold at least one prompt")
-        if len(prompts) * req.n > limits.max_rows_per_request:
-            raise unprocessable(["n"], f"{len(prompts)} prompts x n={req.n} is above this deployment's limit of "
+            raise unprocessable([max_loc], f"{max_tokens} is above this deployment's limit of {limits.max_tokens}")
+        if len(texts) * req.n > limits.max_rows_per_request:
+            raise unprocessable(["n"], f"{len(texts)} prompts x n={req.n} is above this deployment's limit of "
                                        f"{limits.max_rows_per_request} completions per request")
-        stops = req.stops()
-        if len(stops) > limits.max_stop_sequences or any(len(s) > MAX_STOP_CHARS for s in stops):
+        own = req.stops()
+        if len(own) > limits.max_stop_sequences or any(len(s) > MAX_STOP_CHARS for s in own):
             raise unprocessable(["stop"], f"at most {limits.max_stop_sequences} sequences of at most "
                                           f"{MAX_STOP_CHARS} characters")
-        locs: list[list[str | int]] = [["prompt"] if isinstance(req.prompt, str) else ["prompt", p]
-                                       for p in range(len(prompts))]
-        for text, loc in zip(prompts, locs, strict=True):  # every prompt, before any is tokenized
-            self._check_length(text, self.context - 1 - max_tokens, loc, f"left by max_tokens {max_tokens} in")
+        for text, loc in texts:  # every prompt, before any is tokenized
+            self._check_length(text, self.context - 1 - max_tokens, loc, f"left by {max_loc} {max_tokens} in")
         seed = req.seed if req.seed is not None else secrets.randbits(62)
-        rows, prompt_tokens = [], 0
-        for text, loc in zip(prompts, locs, strict=True):
+        rows, prompts = [], []
+        for text, loc in texts:
             tokens = tokenize_prompt(self.tokenizer, text, loc)
             if len(tokens) + max_tokens > self.context:
-                raise unprocessable(loc, f"{len(tokens)} prompt tokens + max_tokens {max_tokens} exceed the "
+                raise unprocessable(loc, f"{len(tokens)} prompt tokens + {max_loc} {max_tokens} exceed the "
                                          f"model's context of {self.context} tokens")
-            prompt_tokens += len(tokens)
-            rows += [RowRequest(tuple(tokens), max_tokens, req.temperature, req.top_p, stops, seed + j)
-                     for j in range(req.n)]
-        return rows, prompt_tokens
+            prompts.append(tokens)
+            rows += [RowRequest(tuple(tokens), max_tokens, req.temperature, req.top_p, own + stops, seed + j,
+                                logprobs) for j in range(req.n)]
+        self.requests += 1
+        self.rows += len(rows)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        return Rows(rows, prompts)
 
     def _check_length(self, text: str, budget: int, loc: list[str | int], where: str) -> None:
         """A 422 for a text too long to fit ``budget`` tokens (after the EOS that starts it) whatever
@@ -269,66 +258,118 @@ class CompletionServer:
                                      f"context of {self.context} tokens (at most {self.max_token_bytes} bytes "
                                      "per token)")
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.name, created=self.created)])
 
-    @api.post("/v1/completions", response_model=None)
+    @api.post("/v1/completions", response_model=None, responses=STREAMS)
     async def completions(self, req: CompletionRequest) -> Completion | StreamingResponse:
-        self._check_model(req.model)
-        rows, prompt_tokens = self._rows(req)
-        self.requests += 1
-        self.rows += len(rows)
-        streams = [self.batched(row) for row in rows]  # every row is queued now, together
+        if req.max_tokens == 0 and not req.echo:
+            raise unprocessable(["max_tokens"], "must be greater than or equal to 1 (0 only with echo: true, "
+                                                "to score the prompt)")
+        if req.echo and req.stream:
+            raise unprocessable(["echo"], "is not supported with stream: true")
+        prompts = req.prompts()
+        if not prompts:
+            raise unprocessable(["prompt"], "must hold at least one prompt")
+        locs: list[list[str | int]] = [["prompt"] if isinstance(req.prompt, str) else ["prompt", p]
+                                       for p in range(len(prompts))]
+        batch = self._rows(req, list(zip(prompts, locs, strict=True)), req.max_tokens, "max_tokens", req.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.name}
         if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(self._events(streams, head, prompt_tokens, include_usage),
-                                     media_type="text/event-stream")
-        texts, finish, used = [""] * len(rows), [None] * len(rows), [0] * len(rows)
-        async for i, chunk in merge(streams):
-            texts[i] += chunk.text
-            finish[i], used[i] = chunk.finish_reason, chunk.completion_tokens
-        choices = [CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(used), total_tokens=prompt_tokens + sum(used))
-        return Completion(**head, choices=choices, usage=usage)
+            return StreamingResponse(self._completion_events(batch, head, req), media_type=SSE)
+        if batch.rows[0].max_tokens > 0:
+            async for i, chunk in self._generate(batch.rows):
+                batch.add(i, chunk)
+        echoed = [await self._echo(tokens, req.logprobs) for tokens in batch.prompts] if req.echo else None
+        choices = []
+        for i, row in enumerate(batch.rows):
+            p = i // req.n
+            text = (prompts[p] if req.echo else "") + batch.texts[i]
+            logprobs = None
+            if req.logprobs is not None:
+                scored = ([*echoed[p]] if echoed else []) + (batch.scored[i] if row.max_tokens else [])
+                logprobs = completion_logprobs(self.pieces, scored, with_top=req.logprobs > 0)
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                            finish_reason=batch.finish[i] or "length"))
+        return Completion(**head, choices=choices, usage=Usage.of(batch.prompt_tokens, sum(batch.used)))
 
-    async def _events(self, streams: list[AsyncIterator[Chunk]], head: dict[str, Any], prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[str]:
-        used = 0
-        async for i, chunk in merge(streams):
-            choice = CompletionChoice(index=i, text=chunk.text, finish_reason=chunk.finish_reason)
-            yield f"data: {Completion(**head, choices=[choice]).model_dump_json()}\n\n"
-            if chunk.finish_reason is not None:
-                used += chunk.completion_tokens
-        if include_usage:
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used)
-            yield f"data: {Completion(**head, choices=[], usage=usage).model_dump_json()}\n\n"
+    async def _echo(self, tokens: list[int], k: int | None) -> list[tuple[int, float | None, tuple]]:
+        """An echoed prompt's tokens (after its EOS) with their scores when ``logprobs`` asks."""
+        if k is None:
+            return [(t, None, ()) for t in tokens[1:]]
+        scores = await asyncio.get_running_loop().run_in_executor(self.executor, prompt_logprobs, self.model,
+                                                                  tokens, k)
+        return [(t, lp, top) for t, (lp, top) in zip(tokens[1:], scores, strict=True)]
+
+    async def _completion_events(self, batch: Rows, head: dict[str, Any], req: CompletionRequest
+                                 ) -> AsyncIterator[str]:
+        offsets = [0] * len(batch.rows)
+        async for i, chunk in self._generate(batch.rows):
+            batch.add(i, chunk)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(self.pieces, [batch.scored[i][-1]], offsets[i], req.logprobs > 0)
+                offsets[i] = len(batch.texts[i])
+            choice = CompletionChoice(index=i, text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason)
+            yield _sse(Completion(**head, choices=[choice]))
+        if req.include_usage:
+            yield _sse(Completion(**head, choices=[], usage=Usage.of(batch.prompt_tokens, sum(batch.used))))
         yield "data: [DONE]\n\n"
 
-    @api.post("/v1/score", response_model=ScoreResponse)
+    @api.post("/v1/chat/completions", response_model=None, responses=STREAMS)
+    async def chat_completions(self, req: chat.ChatCompletionRequest) -> chat.ChatCompletion | StreamingResponse:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise unprocessable(["top_logprobs"], "needs logprobs: true")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        loc = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        batch = self._rows(req, [(chat.render(self.template, req.messages), ["messages"])], req.limit, loc, k,
+                           self.template.stop)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.name}
+        if req.stream:
+            return StreamingResponse(self._chat_events(batch, head, req), media_type=SSE)
+        async for i, chunk in self._generate(batch.rows):
+            batch.add(i, chunk)
+        choices = [chat.ChatChoice(index=i, message=chat.AssistantMessage(content=batch.texts[i]),
+                                   finish_reason=batch.finish[i] or "length",
+                                   logprobs=chat_logprobs(self.pieces, batch.scored[i]) if k is not None else None)
+                   for i in range(len(batch.rows))]
+        return chat.ChatCompletion(**head, choices=choices, usage=Usage.of(batch.prompt_tokens, sum(batch.used)))
+
+    async def _chat_events(self, batch: Rows, head: dict[str, Any], req: chat.ChatCompletionRequest
+                           ) -> AsyncIterator[str]:
+        yield _sse(chat.ChatCompletionChunk(**head, choices=[
+            chat.ChunkChoice(index=i, delta=chat.Delta(role="assistant", content="")) for i in range(len(batch.rows))]))
+        async for i, chunk in self._generate(batch.rows):
+            batch.add(i, chunk)
+            logprobs = chat_logprobs(self.pieces, [batch.scored[i][-1]]) if req.logprobs else None
+            choice = chat.ChunkChoice(index=i, delta=chat.Delta(content=chunk.text), logprobs=logprobs,
+                                      finish_reason=chunk.finish_reason)
+            yield _sse(chat.ChatCompletionChunk(**head, choices=[choice]))
+        if req.include_usage:
+            yield _sse(chat.ChatCompletionChunk(**head, choices=[], usage=Usage.of(batch.prompt_tokens, sum(batch.used))))
+        yield "data: [DONE]\n\n"
+
+    @api.post("/v1/score", response_model=ScoreResponse, responses=MODEL_ERRORS)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         self._check_model(req.model)
         self._check_length(req.text, self.context - 1, ["text"], "left in")
         tokens = tokenize_prompt(self.tokenizer, req.text, ["text"])
         if len(tokens) > self.context:
             raise unprocessable(["text"], f"{len(tokens)} tokens exceed the model's context of {self.context} tokens")
-        logprobs = await asyncio.get_running_loop().run_in_executor(self.executor, self._logprobs, tokens)
+        scores = await asyncio.get_running_loop().run_in_executor(self.executor, prompt_logprobs, self.model,
+                                                                  tokens, 0)
+        logprobs = [lp for lp, _ in scores]
         return ScoreResponse(model=self.config.name, tokens=tokens[1:], logprobs=logprobs,
                              total_logprob=sum(logprobs), n_tokens=len(logprobs))
 
-    @torch.no_grad()
-    def _logprobs(self, tokens: list[int]) -> list[float]:
-        idx_1L = torch.tensor([tokens])  # (1, L)
-        logp_LV = torch.log_softmax(self.model(idx_1L)[0, :-1].float(), dim=-1)  # (L - 1, V)
-        return logp_LV.gather(1, idx_1L[0, 1:, None])[:, 0].tolist()
-
-    @api.get("/v1/stats", response_model=ReplicaStats)
+    @api.get("/v1/stats", response_model=ReplicaStats, responses=ERRORS)
     async def stats(self) -> ReplicaStats:
         ttft = sorted(self.ttft_s)
         pct = (lambda q: round(1000 * ttft[min(len(ttft) - 1, int(q * len(ttft)))], 2)) if ttft else (lambda q: None)
         return ReplicaStats(
             replica=serve.get_replica_context().replica_id.unique_id, checkpoint=self.config.checkpoint,
-            int8=self.config.int8, requests=self.requests, rows=self.rows,
-            completion_tokens=self.completion_tokens, batch_sizes=dict(sorted(self.batch_sizes.items())),
-            ttft_ms_p50=pct(0.5), ttft_ms_p90=pct(0.9))
+            int8=self.config.int8, requests=self.requests, rows=self.rows, completion_tokens=self.completion_tokens,
+            tokens_generated=self.tokens_generated, running_rows=sum(len(g.running) for g in self.running),
+            prefix_hit_tokens=self.prefixes.hit_tokens if self.prefixes is not None else 0,
+            batch_sizes=dict(sorted(self.batch_sizes.items())), ttft_ms_p50=pct(0.5), ttft_ms_p90=pct(0.9))

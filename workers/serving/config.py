@@ -25,6 +25,9 @@ class BatchingConfig(Config):
     # Batches a replica runs at once. A batch runs until its last row ends and rows arriving
     # meanwhile wait for a free batch slot, so 2 lets a new batch start beside a long one.
     max_concurrent_batches: int = Field(2, ge=1, le=64)
+    # Memory for the keys and values of prompt prefixes kept for reuse by later requests that
+    # start the same way (workers/serving/prefix.py), in MiB per replica; 0 turns reuse off.
+    prefix_cache_mib: int = Field(64, ge=0, le=65536)
 
 
 class AutoscalingSpec(Config):
@@ -48,6 +51,7 @@ class LimitsConfig(Config):
     """What one request may ask for; beyond these it gets a 422 naming the field and the limit."""
 
     # Upper bound of a request's max_tokens (the model's context bounds prompt + max_tokens too).
+    # Left unset, jobs/serve.py derives it and default_max_tokens from the checkpoint's context.
     max_tokens: int = Field(256, ge=1, le=131072)
     # max_tokens when a request does not say.
     default_max_tokens: int = Field(16, ge=1, le=131072)
@@ -65,6 +69,26 @@ class LimitsConfig(Config):
         return self
 
 
+class ChatTemplate(Config):
+    """How /v1/chat/completions turns messages into the prompt text: each message is ``message``
+    with ``{role}`` and ``{content}`` replaced (nothing else in it is special: no expressions are
+    evaluated), then ``generation_prompt`` follows, where the model's answer starts. ``stop``: sequences
+    that end an answer besides the request's own (the next turn's start). The default is a plain
+    transcript, what a base model trained on documents can continue."""
+
+    message: str = Field("{role}: {content}\n", min_length=1, max_length=1024)
+    generation_prompt: str = Field("assistant:", max_length=1024)
+    stop: tuple[str, ...] = Field(("\nuser:",), max_length=4)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatTemplate:
+        if "{content}" not in self.message:
+            raise ValueError("message must hold {content}")
+        if any(not s or len(s) > 64 for s in self.stop):
+            raise ValueError("stop sequences must hold 1 to 64 characters")
+        return self
+
+
 class ReplicaConfig(Config):
     """Everything one replica needs, passed as the deployment's init argument."""
 
@@ -78,3 +102,5 @@ class ReplicaConfig(Config):
     int8: bool = False
     # torch intra-op threads per replica; replicas share a node's cores.
     torch_threads: int = Field(1, ge=1, le=256)
+    # The spec's chat template; None: the checkpoint's own (chat_template.json), else ChatTemplate().
+    chat_template: ChatTemplate | None = None

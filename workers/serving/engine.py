@@ -12,6 +12,7 @@ Shape suffixes: B rows in the batch, L positions, V vocabulary.
 from __future__ import annotations
 
 import codecs
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from workers.data import EOS_TOKEN
 from workers.moe.model import KVCache, MoETransformer
+from workers.serving.prefix import PrefixCache
 from workers.serving.tokens import token_pieces
 from workers.tokenizer import ByteTokenizer
 
@@ -38,7 +40,11 @@ class RowRequest:
     top_p: float
     stop: tuple[str, ...]
     seed: int
+    # None: no log-probabilities; k: the sampled token's and the k most likely tokens' at each step.
+    logprobs: int | None = None
     enqueued_s: float = field(default_factory=time.perf_counter)  # for time to first token
+    # Set by the route when its caller has gone (a dropped stream): the row leaves at the next step.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class Chunk:
     text: str
     completion_tokens: int
     finish_reason: str | None  # "stop" (EOS or a stop sequence) or "length" (max_tokens)
+    token: int = -1  # the token this step sampled
+    logprob: float | None = None  # its natural-log probability (rows that asked for logprobs)
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and theirs, most likely first
 
 
 class TextStream:
@@ -97,12 +106,15 @@ def sample_token(logits_V: Tensor, temperature: float, top_p: float, generator: 
 
 class BatchGeneration:
     """Generates a fixed set of rows together; ``step()`` until ``done``. The first step prefills
-    every prompt in one right-padded forward; later steps feed one token per running row. Rows
-    leave the batch (and the cache) as soon as they finish. ``pieces``: every id's bytes, from the
+    every prompt in one right-padded forward (from the end of its cached prefix, with ``prefixes``:
+    workers/serving/prefix.py); later steps feed one token per running row. Rows leave the batch
+    (and the cache) as soon as they finish or are cancelled. ``pieces``: every id's bytes, from the
     checkpoint's tokenizer (``token_pieces``); the byte tokenizer's by default."""
 
-    def __init__(self, model: MoETransformer, rows: list[RowRequest], pieces: Sequence[bytes] | None = None):
+    def __init__(self, model: MoETransformer, rows: list[RowRequest], pieces: Sequence[bytes] | None = None,
+                 prefixes: PrefixCache | None = None):
         self.model = model
+        self.prefixes = prefixes
         self.rows = rows
         self.generators = [torch.Generator().manual_seed(r.seed) for r in rows]
         pieces = pieces if pieces is not None else token_pieces(ByteTokenizer(), model.config.vocab_size)
@@ -122,20 +134,58 @@ class BatchGeneration:
         """(B, V) next-token logits of the running rows."""
         device = self.model.tok_emb.weight.device
         if self.cache is None:
-            lengths = [len(self.rows[i].tokens) for i in self.running]
-            padded = [list(self.rows[i].tokens) + [EOS_TOKEN] * (max(lengths) - n)
-                      for i, n in zip(self.running, lengths, strict=True)]
-            self.cache = self.model.new_cache(len(self.running))
-            logits_BLV = self.model(torch.tensor(padded, device=device), self.cache)  # (B, L, V)
-            last_B = torch.tensor(lengths, device=device)  # (B,)
-            self.cache.lengths_B = last_B  # the padding's slots are free again
-            return logits_BLV[torch.arange(len(lengths), device=device), last_B - 1]  # (B, V)
+            return self._prefill(device)
         idx_B1 = torch.tensor(self.last_tokens, device=device)[:, None]  # (B, 1)
         return self.model(idx_B1, self.cache)[:, -1]  # (B, V)
 
+    def _prefill(self, device: torch.device) -> Tensor:
+        """Every prompt in one right-padded forward, each from the end of its longest cached
+        prefix (``prefixes``) whose keys and values are copied in first; then the prompts' blocks
+        are cached for later requests."""
+        prompts = [self.rows[i].tokens for i in self.running]
+        self.cache = self.model.new_cache(len(prompts))
+        starts = [0] * len(prompts)
+        for b, tokens in enumerate(prompts):
+            hit = self.prefixes.lookup(tokens) if self.prefixes is not None else None
+            if hit is not None:
+                starts[b], k_NHPC, v_NHPC = hit
+                self.cache.k_NBHLC[:, b, :, :starts[b]] = k_NHPC
+                self.cache.v_NBHLC[:, b, :, :starts[b]] = v_NHPC
+        while True:  # a padded suffix may not run past the context: such rows start from 0
+            width = max(len(t) - s for t, s in zip(prompts, starts, strict=True))
+            over = [b for b, s in enumerate(starts) if s and s + width > self.model.config.max_seq_len]
+            if not over:
+                break
+            for b in over:
+                starts[b] = 0
+        padded = [list(t[s:]) + [EOS_TOKEN] * (width - len(t) + s) for t, s in zip(prompts, starts, strict=True)]
+        self.cache.lengths_B = torch.tensor(starts, device=device)  # (B,)
+        logits_BLV = self.model(torch.tensor(padded, device=device), self.cache)  # (B, L, V)
+        self.cache.lengths_B = torch.tensor([len(t) for t in prompts], device=device)  # the padding is free again
+        if self.prefixes is not None:
+            for b, tokens in enumerate(prompts):
+                self.prefixes.store(tokens, self.cache.k_NBHLC[:, b], self.cache.v_NBHLC[:, b])
+        last_B = torch.tensor([len(t) - s - 1 for t, s in zip(prompts, starts, strict=True)], device=device)  # (B,)
+        return logits_BLV[torch.arange(len(prompts), device=device), last_B]  # (B, V)
+
+    def _drop_cancelled(self) -> None:
+        """Rows whose caller has gone leave the batch and the cache before the next forward."""
+        keep_b = [b for b, i in enumerate(self.running) if not self.rows[i].cancelled.is_set()]
+        if len(keep_b) == len(self.running):
+            return
+        if self.cache is not None and keep_b:
+            self.cache.keep(torch.tensor(keep_b, device=self.cache.lengths_B.device))
+            self.last_tokens = [self.last_tokens[b] for b in keep_b]
+        self.running = [self.running[b] for b in keep_b]
+
     def step(self) -> dict[int, Chunk]:
-        """One token for every running row: row index -> its chunk. Finished rows leave."""
+        """One token for every running row: row index -> its chunk. Finished and cancelled rows leave."""
+        self._drop_cancelled()
+        if not self.running:
+            return {}
         logits_BV = self._logits().float().cpu()  # (B, V)
+        wanted = any(self.rows[i].logprobs is not None for i in self.running)
+        logp_BV = torch.log_softmax(logits_BV, dim=-1) if wanted else None  # (B, V)
         now = time.perf_counter()
         out: dict[int, Chunk] = {}
         keep_b: list[int] = []
@@ -150,7 +200,7 @@ class BatchGeneration:
                 "length" if self.generated[i] >= row.max_tokens else None)
             if finish == "length" or token == EOS_TOKEN:
                 text += stream.flush()
-            out[i] = Chunk(text, self.generated[i], finish)
+            out[i] = Chunk(text, self.generated[i], finish, token, *_token_logprobs(logp_BV, b, token, row.logprobs))
             if finish is None:
                 keep_b.append(b)
                 next_tokens.append(token)
@@ -159,3 +209,43 @@ class BatchGeneration:
         self.running = [self.running[b] for b in keep_b]
         self.last_tokens = next_tokens
         return out
+
+
+class Rows:
+    """One request's rows (prompt-major, ``n`` per prompt) and what they produce, gathered."""
+
+    def __init__(self, rows: list[RowRequest], prompts: list[list[int]]):
+        self.rows, self.prompts = rows, prompts
+        self.texts = [""] * len(rows)
+        self.finish: list[str | None] = [None] * len(rows)
+        self.used = [0] * len(rows)
+        self.scored: list[list[tuple[int, float | None, tuple]]] = [[] for _ in rows]
+
+    def add(self, i: int, chunk: Chunk) -> None:
+        self.texts[i] += chunk.text
+        self.finish[i], self.used[i] = chunk.finish_reason, chunk.completion_tokens
+        self.scored[i].append((chunk.token, chunk.logprob, chunk.top))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def _token_logprobs(logp_BV: Tensor | None, b: int, token: int, k: int | None
+                    ) -> tuple[float | None, tuple[tuple[int, float], ...]]:
+    """Row b's log-probability of ``token`` and its k most likely tokens, or (None, ()) if not asked."""
+    if logp_BV is None or k is None:
+        return None, ()
+    top = logp_BV[b].topk(k) if k else None
+    return float(logp_BV[b, token]), tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if k else ()
+
+
+@torch.no_grad()
+def prompt_logprobs(model: MoETransformer, tokens: Sequence[int], k: int
+                    ) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """For each token after the first (the EOS a prompt starts with): log p(token | those before)
+    and the k most likely tokens there, from one forward (an echoed prompt's scores)."""
+    device = model.tok_emb.weight.device
+    idx_1L = torch.tensor([list(tokens)], device=device)  # (1, L)
+    logp_LV = torch.log_softmax(model(idx_1L)[0, :-1].float(), dim=-1).cpu()  # (L - 1, V)
+    return [(float(logp_LV[t, tok]), _token_logprobs(logp_LV, t, tok, k)[1]) for t, tok in enumerate(tokens[1:])]

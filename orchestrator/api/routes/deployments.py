@@ -26,8 +26,15 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
 from jobs.contracts import TrainSummary
-from jobs.serve import KEY_BYTES, StorageError, key_hash, resolve_s3_checkpoint
-from jobs.serve_spec import ServeSpec
+from jobs.serve import (
+    KEY_BYTES,
+    StorageError,
+    checkpoint_context,
+    fit_limits,
+    key_hash,
+    resolve_s3_checkpoint,
+)
+from jobs.serve_spec import LimitsConfig, ServeSpec
 from jobs.specs import SpecError
 from orchestrator.api.deployment_schemas import (
     DEPLOYMENT_ID_PATTERN,
@@ -179,6 +186,19 @@ def _check_roots(store: JobStore, principal: Principal, path: str, loc: tuple[st
             raise _unprocessable(loc, problems[0][1])
 
 
+def _fit_limits(options: ServeOptions, checkpoint: str, loc: tuple[str, ...]) -> LimitsConfig:
+    """The spec's limits fitted to the checkpoint's context (jobs.serve.fit_limits: unset ones
+    derived from it), so a deployment naming only a checkpoint never fails later on its default
+    limits; a limit set that cannot fit is a 422 naming it, now rather than a FAILED deployment."""
+    try:
+        return fit_limits(options.limits, checkpoint_context(checkpoint))
+    except SpecError as e:
+        field, _, why = str(e).partition(": ")
+        raise _unprocessable(loc if field == "checkpoint" else ("spec", *field.split(".")), why) from None
+    except StorageError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{'.'.join(loc)}: {e}") from None
+
+
 def _create(request: Request, store: JobStore, settings: Settings, principal: Principal, options: ServeOptions,
             name: str | None, team: str | None, checkpoint: str, source: str, loc: tuple[str, ...],
             user_path: bool = False) -> DeploymentCreated:
@@ -197,11 +217,13 @@ def _create(request: Request, store: JobStore, settings: Settings, principal: Pr
     resolved = _pin_checkpoint(checkpoint, loc)
     if user_path:
         _check_roots(store, principal, resolved, loc)
+    limits = _fit_limits(options, resolved, loc)
     deployment_id = new_deployment_id()
     name = name or (options.name if "name" in options.model_fields_set else deployment_id)
     key = secrets.token_urlsafe(KEY_BYTES)
     fields = options.model_dump(exclude={"name", "checkpoint", "key_sha256"})
-    spec = ServeSpec.model_validate({**fields, "name": name, "checkpoint": resolved, "key_sha256": key_hash(key)})
+    spec = ServeSpec.model_validate({**fields, "name": name, "checkpoint": resolved, "key_sha256": key_hash(key),
+                                     "limits": limits.model_dump()})
     try:
         d = store.create_deployment(deployment_id=deployment_id, name=name, route_prefix=spec.prefix, team=team,
                                     owner=principal.user, spec=spec.model_dump(mode="json"), source=source)

@@ -1,0 +1,117 @@
+"""The serving app's HTTP edges, before and after its routes: the body limit, the key check, the
+one renderer of 422s, and merging row streams.
+
+Why a renderer of its own: FastAPI's echoes each error's input, and the input of a refused NaN
+(``"temperature": NaN``, which Python's JSON parser reads) or of a lone surrogate cannot be encoded
+back, so the 422 became a 500. Here an error is its location, message and type only, at most
+``MAX_REPORTED_ERRORS`` of them (a 1 MiB list of wrong values would list a few hundred thousand),
+written as ASCII JSON so no character can fail to encode.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the handlers' annotations.
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from workers.serving.engine import Chunk
+
+MAX_REPORTED_ERRORS = 20
+
+
+class AsciiJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _safe(part: Any) -> str | int:
+    if isinstance(part, int) and not isinstance(part, bool):
+        return part
+    if isinstance(part, float) and not math.isfinite(part):
+        return str(part)
+    return str(part).encode("utf-8", "replace").decode("utf-8")
+
+
+async def validation_error_response(request: Request, exc: RequestValidationError) -> Response:
+    errors = [{"loc": [_safe(p) for p in e.get("loc", ())], "msg": _safe(e.get("msg", "")),
+               "type": _safe(e.get("type", "value_error"))} for e in exc.errors()[:MAX_REPORTED_ERRORS]]
+    return AsciiJSON({"detail": errors}, status_code=422)
+
+
+def unprocessable(loc: list[str | int], msg: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors: the field's location and the limit."""
+    return HTTPException(422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+class BodyLimit:
+    """A request body over ``app.state.max_body_bytes`` (set by the replica) is answered 413 before
+    any of it is parsed: a declared Content-Length over it at once, unread; else the body is read
+    here up to the limit (a chunked body declares no length) and handed on, so at most the limit is
+    held. Added before ``require_key``, so it runs after it: a caller without the key gets the 401."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > limit:
+            return await self._refuse(limit, scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client left
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await self._refuse(limit, scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(limit: int, scope: dict, receive: Any, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body over this deployment's limit of {limit} bytes "
+                                           "(limits.max_body_bytes)"}, status_code=413)
+        await response(scope, receive, send)
+
+
+async def merge(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """(row, chunk) from several row streams as they come."""
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in stream:  # to its end (one step after the last chunk), so Serve's
+                await queue.put((i, chunk))  # end-of-stream future is always awaited
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                ended += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
