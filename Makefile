@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU build of torch; a GPU machine installs the CUDA build of this version first (README).
+# The CPU build of torch; a GPU machine installs the CUDA build of this version first (docs/operations.md, "GPU machines").
 TORCH ?= torch==2.13.0
 
 .PHONY: install browser demo test test-fast bench lint clean

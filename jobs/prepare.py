@@ -4,7 +4,7 @@ Runs the same ways as jobs.train: directly (an embedded local Ray cluster starts
 ``ray job submit -- python -m jobs.prepare --spec FILE`` (the driver joins RAY_ADDRESS's cluster),
 or submitted by the control plane (``--out DIR``: summary.json goes there). The source and the
 output may be local folders or ``s3://`` prefixes; S3 settings come from the AWS_* environment
-(workers/storage.py) and reach the shard tasks through their runtime_env.
+(workers/data/storage.py) and reach the shard tasks through their runtime_env.
 
 Rerunning the same command resumes an interrupted preparation (finished shards are kept) or, when
 the manifest is up to date, does nothing. Exit codes: 0 done, 2 invalid spec or arguments,
@@ -59,23 +59,14 @@ def init_ray(verbose: bool) -> None:
 
 def failure_message(e: BaseException) -> str | None:
     """The user-facing cause of a failure: a CorpusError / StorageError / TokenizerError (or a file
-    linked out of the job's data roots, OutsideRoots) raised here or inside a shard task (Ray wraps a task's exception; its cause chain holds the original)."""
+    linked out of the job's data roots, OutsideRoots) raised here or inside a shard task."""
     from workers.confine import OutsideRoots
-    from workers.corpus import CorpusError
-    from workers.storage import StorageError
-    from workers.tokenizer import TokenizerError
+    from workers.data import CorpusError
+    from workers.data.storage import StorageError, original_error
+    from workers.data.tokenizer import TokenizerError
 
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [e]
-    while stack:
-        exc = stack.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        if isinstance(exc, (CorpusError, StorageError, TokenizerError, OutsideRoots)):
-            return str(exc)
-        stack += [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
-    return None
+    cause = original_error(e, (CorpusError, StorageError, TokenizerError, OutsideRoots))
+    return None if cause is None else str(cause)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from workers.corpus import ShardEntry, prepare, ray_runner
-    from workers.corpus.plan import ShardPlan
+    from workers.data import ShardEntry, prepare, ray_runner
+    from workers.data.sources import ShardPlan
 
     started = time.perf_counter()
     shard_tasks = ray_runner(spec.max_tasks, spec.cpus_per_task)

@@ -1,6 +1,6 @@
 """PrepareSpec: a typed, bounded spec for one corpus preparation (``python -m jobs.prepare --spec FILE``).
 
-Flat, like ServeSpec: the preparation's own fields (workers/corpus/config.py) plus a name and how
+Flat, like ServeSpec: the preparation's own fields (workers/data/prepare_config.py) plus a name and how
 much of the cluster it may take. Its required top-level ``path`` tells it apart from the other
 kinds' specs in the API's union of specs. Torch-free, so the control plane validates it.
 """
@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from jobs.specs import read_yaml, validate_as
-from workers.corpus.config import PrepareConfig
+from workers.data.prepare_config import PrepareConfig
 
 
 class PrepareSpec(PrepareConfig):

@@ -55,8 +55,10 @@ from jobs.serve_spec import ServeSpec, load_serve_spec
 from jobs.specs import SpecError
 from workers import confine
 from workers.config import ModelConfig
+from workers.data.storage import (
+    StorageError,  # resolve_s3_checkpoint's; the control plane catches it from here
+)
 from workers.serving.config import LimitsConfig
-from workers.storage import StorageError  # resolve_s3_checkpoint's; the control plane catches it from here
 
 KEY_ENV = "MOE_SERVE_API_KEY"
 DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT = "127.0.0.1", 8000
@@ -107,7 +109,7 @@ def resolve_s3_checkpoint(uri: str) -> str:
     naming ``checkpoint`` when it holds none, StorageError when the bucket does not answer."""
     import pyarrow.fs as pafs
 
-    from workers.storage import join, open_fs, uri_of, with_retries
+    from workers.data.storage import join, open_fs, uri_of, with_retries
 
     fs, root = open_fs(uri)
     if with_retries(f"cannot read {uri}", lambda: fs.get_file_info(join(root, "meta.json"))).is_file:
@@ -124,7 +126,7 @@ def resolve_s3_checkpoint(uri: str) -> str:
 def checkpoint_context(checkpoint: str) -> int:
     """The model's context (max_seq_len, tokens) from a resolved checkpoint's meta.json, local (under
     the job's data roots) or s3://. Torch-free: the control plane sizes a deployment's limits with it."""
-    from workers.storage import is_s3, join, open_fs, read_bytes
+    from workers.data.storage import is_s3, join, open_fs, read_bytes
 
     try:
         if is_s3(checkpoint):
@@ -172,9 +174,9 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
     from ray import serve
 
     from workers.data import s3_env
+    from workers.data.storage import is_s3
     from workers.serving.app import CompletionServer
     from workers.serving.config import ReplicaConfig
-    from workers.storage import is_s3
 
     made_key = None
     if api_key is None and spec.key_sha256 is None:
@@ -185,7 +187,8 @@ def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFA
     on_s3 = is_s3(spec.checkpoint)
     checkpoint = resolve_s3_checkpoint(spec.checkpoint) if on_s3 else str(resolve_checkpoint(spec.checkpoint))
     limits = fit_limits(spec.limits, checkpoint_context(checkpoint))
-    config = ReplicaConfig(name=spec.name, checkpoint=checkpoint, key_sha256=digest, batching=spec.batching,
+    config = ReplicaConfig(name=spec.name, checkpoint=checkpoint, key_sha256=digest,
+                           stats_key_sha256=spec.stats_key_sha256, batching=spec.batching,
                            limits=limits, int8=spec.int8, torch_threads=spec.torch_threads,
                            chat_template=spec.chat_template)
     runtime_env = replica_runtime_env(s3_env() if on_s3 else {})

@@ -34,6 +34,9 @@ class ServeSpec(Config):
     route_prefix: str | None = Field(None, max_length=128, pattern=r"^/[A-Za-z0-9_.\-/]*$")
     # SHA-256 (hex) of the bearer key; None: jobs/serve.py reads or makes the key.
     key_sha256: str | None = Field(None, pattern=SHA256_HEX_PATTERN)
+    # SHA-256 (hex) of a key that reads /v1/stats only: the control plane's, for the dashboard's
+    # deployment page (set by the service; None: /v1/stats takes the bearer key alone).
+    stats_key_sha256: str | None = Field(None, pattern=SHA256_HEX_PATTERN)
     batching: BatchingConfig = BatchingConfig()
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     limits: LimitsConfig = LimitsConfig()

@@ -233,7 +233,10 @@ def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Trai
 
 def validate_as(model: type[M], raw: Any, overrides: list[str] | tuple[str, ...], what: str) -> M:
     """``raw`` (a mapping) with ``--set`` overrides applied, validated by ``model``: the one path of
-    every kind's spec (``what``: "prepare", "serve", "sweep"), errors rendered by field_errors."""
+    every kind's spec (``what``: its name), errors rendered by field_errors. An empty file is an
+    empty mapping (every field at its default)."""
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise SpecError(f"a {what} spec must be a mapping, got {type(raw).__name__}")
     for assignment in overrides:

@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from jobs.terminal import PublishesTerminal
+
 EVENTS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 STOP_DIR = Path("control") / "trials"
@@ -36,7 +38,7 @@ HISTORY_MAX_POINTS = 200
 ERROR_MAX_CHARS = 2000
 
 
-class TrialState(str, Enum):
+class TrialState(PublishesTerminal, str, Enum):
     PENDING = "PENDING"  # created by Tune, waiting for room
     RUNNING = "RUNNING"
     PAUSED = "PAUSED"  # PBT: between segments, or continuing from another trial's checkpoint

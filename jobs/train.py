@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.confine import OutsideRoots
     from workers.data import DataError, open_training_data
+    from workers.data.storage import StorageError, open_fs
     from workers.device import DeviceUnavailable, check_available
-    from workers.storage import StorageError, open_fs
 
     out = Path(args.out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     try:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def checkpoint_uri(checkpoint: Any) -> str:
     """A reported checkpoint (ray.train.Checkpoint) as users and jobs.serve name it: its folder, or
     ``s3://bucket/...`` when the run's storage is on S3."""
-    from workers.storage import uri_of
+    from workers.data.storage import uri_of
 
     return uri_of(checkpoint.filesystem, checkpoint.path)
 

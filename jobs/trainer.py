@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.pools import pool_kind, pool_of, satisfies
+from jobs.ray_private import max_cluster_resources
 from jobs.specs import ResourcesSpec, TrainSpec
 
 if TYPE_CHECKING:
@@ -49,12 +49,27 @@ DATA_TASK_CPUS = 1.0
 # Logical CPUs a local cluster made for training offers beyond what its workers take (the embedded one
 # here, `orch up`'s head): Ray's CPUs are scheduling tokens, and Ray Data's tasks need their own.
 DATA_HEADROOM_CPUS = 2
-# Object-store bytes one training pipeline may hold ahead of its consumer (Ray Data's read-ahead:
-# whole-shard read tasks in flight and packed blocks waiting). Ray Data's own budget is a share of the
-# cluster's store (~2.2 GiB in the benchmark's embedded cluster), which a small set fits under whole and
-# a large one fills, so memory grew with the data; every Train worker streams the whole split, so each
-# holds up to this. A few packed shards (~65 MiB each at the default shard size) keep the loop fed.
-TRAIN_READ_AHEAD_BYTES = 256 * 2**20
+# Every Ray Data execution in a Train worker registers a resource request with Ray Data's cluster-wide
+# AutoscalingCoordinator, which splits the CPUs left beside the workers equally (whole CPUs) among
+# the live requests. A killed worker never cancels its request, and Ray keeps one 180 s after its
+# last renewal: after a restart the dead group's requests shared the spare CPUs with the new
+# group's (2 // 4 = 0 CPUs each), the new pipelines ran a task only when the loop starved, and their
+# scheduling loops spun in the worker processes, a third of the throughput for three minutes.
+# A live execution renews its request every DATA_REQUEST_RENEW_S, so a request of a dead one lapses
+# within DATA_REQUEST_EXPIRE_S (Ray Data's own settings, read where each execution starts).
+DATA_REQUEST_RENEW_S = 3
+DATA_REQUEST_EXPIRE_S = 10
+DATA_REQUEST_ENV = {"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": str(DATA_REQUEST_RENEW_S),
+                    "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": str(DATA_REQUEST_EXPIRE_S)}
+# How often Ray Train's controller polls its workers (Ray's default 2 s): it notices a dead worker and
+# registers a reported checkpoint (which rank 0 waits for, workers/loop.py) at its next poll.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Modules each Python worker of the embedded cluster imports before it takes work (Ray's
+# preload_python_modules). Ray keeps idle workers started ahead, so a Train worker placed on one, at
+# the start or in a restart after a failure, finds torch imported: the import was most of a restart's
+# seconds (~8 s on a loaded 2-core machine; a new actor that imports torch: 9.8 s, with it: 0.5 s).
+# A worker whose runtime env has variables of its own gets a process started for it instead.
+PRELOAD_MODULES = ("torch",)
 
 
 class ClusterTooSmall(RuntimeError):
@@ -68,10 +83,9 @@ def check_room(spec: TrainSpec) -> None:
     RUNNING without a step. An autoscaling cluster is judged by the largest size its config allows
     (Ray Train's own worker check reads the same private state); a fixed one by what it has now."""
     import ray
-    from ray._private.state import state
 
     res = spec.resources
-    largest = state.get_max_resources_from_cluster_config() or ray.cluster_resources()
+    largest = max_cluster_resources() or ray.cluster_resources()
     # An elastic job runs once its min fits (Ray Train waits for no more).
     have, workers = largest.get("CPU", 0.0), res.min_workers * res.cpus_per_worker
     if have < workers + DATA_TASK_CPUS:
@@ -94,7 +108,7 @@ def check_storage(storage: str | None, out: Path, run_name: str = RUN_NAME) -> N
     import json
 
     from workers import confine
-    from workers.storage import is_s3, open_fs
+    from workers.data.storage import is_s3, open_fs
 
     roots = confine.from_env()
     if roots is None or (storage and is_s3(storage)):
@@ -195,6 +209,11 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
+        # Ray's settings above reach every process of the cluster from this one's environment (the
+        # raylet and the workers it starts inherit it), so Train's workers need no variables of their
+        # own and take the idle workers Ray started ahead, torch imported (PRELOAD_MODULES).
+        added = {k: v for k, v in {**DATA_REQUEST_ENV, **TRAIN_POLL_ENV}.items() if k not in os.environ}
+        os.environ.update(added)
         # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
         # training workers, which otherwise take every core of a small machine and starve the input.
         cpus = max(os.cpu_count() or 1,
@@ -205,26 +224,23 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
         # run's ~14 (workers, Train controller, Ray Data actors and tasks) does; it also caps how
         # many of them start at once.
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **quiet)
+                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY,
+                                       "preload_python_modules": list(PRELOAD_MODULES)}, **quiet)
+        # Ray Train hands the driver's RAY_TRAIN_* settings to its workers as runtime-env variables,
+        # which would cost them the idle workers; the controller and workers inherit them as they are.
+        for name in TRAIN_POLL_ENV.keys() & added.keys():
+            del os.environ[name]
         print(f"ray: embedded local cluster; dashboard at http://{ctx.dashboard_url}", flush=True)
     DataContext.get_current().enable_progress_bars = False
 
 
 def data_config() -> Any:
-    """Ray Train's DataConfig: the whole training set on every worker, in one deterministic order
-    (workers/data.py), so their cuts of each global batch add up to it exactly and a checkpoint's
-    sequence count names the sequences trained on, whatever the split or a resume's world size;
-    the held-out set is split across the workers. The training pipeline's read-ahead is capped at
-    ``TRAIN_READ_AHEAD_BYTES`` (other limits set on the DataContext are kept), so memory stays flat as
-    the data grows."""
+    """Ray Train's DataConfig: only the held-out set is a Ray Train dataset, split across the workers;
+    each worker reads its own units of the training split (workers/data/stream.py), so no shared
+    training pipeline exists to split or bound here."""
     from ray.train import DataConfig
 
-    with warnings.catch_warnings():  # Ray's own default sets its deprecated exclude_resources (2.60)
-        warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources.*")
-        ordered = DataConfig.default_ingest_options()
-    ordered.preserve_order = True
-    ordered.resource_limits = ordered.resource_limits.copy(object_store_memory=TRAIN_READ_AHEAD_BYTES)
-    return DataConfig(datasets_to_split=["val"], execution_options={"train": ordered})
+    return DataConfig(datasets_to_split=["val"])
 
 
 def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Path, *, progress: Any = None,
@@ -234,7 +250,7 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     ``build_shards``), checkpointing under ``<storage or out>/run_name``
     (and resuming from the latest checkpoint there; refused with OutsideRoots when that folder leads
     outside the team's roots, ``check_storage``). ``storage``: a local folder or ``s3://`` prefix
-    (jobs.train passes the spec's ``checkpoint_storage``), reached through workers/storage.py's
+    (jobs.train passes the spec's ``checkpoint_storage``), reached through workers/data/storage.py's
     filesystem so the AWS_* endpoint and keys reach Ray Train's controller and workers; raises
     StorageError naming the bucket when it does not answer. ``progress``: a ray.util.queue.Queue that rank 0
     sends its progress records to (jobs/display.py), or None. "Checkpoint now" requests are read from
@@ -245,8 +261,8 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
 
     from workers.contracts import WorkerConfig
     from workers.data import TrainingData, make_datasets, s3_env
+    from workers.data.storage import open_fs
     from workers.loop import train_loop_per_worker
-    from workers.storage import open_fs
 
     storage_fs, storage_path = open_fs(storage) if storage else (None, str(out))
     check_storage(storage, out, run_name)
@@ -254,21 +270,23 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     place = placement(spec)
     if not isinstance(data, TrainingData):
         data = TrainingData.from_built(data)
-    datasets = make_datasets(data, spec.data, spec.seed)
+    datasets = make_datasets(data, spec.data)  # the held-out split; workers read the training split themselves
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
                           device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,
                           node_kinds=place.node_kinds, lease_devices=place.lease_devices, control_dir=str(out),
                           preemption_check_every=res.preemption_check_every)
+    # A cluster started by init_ray has DATA_REQUEST_ENV in every process; other workers get it here.
+    data_env = {k: v for k, v in DATA_REQUEST_ENV.items() if os.environ.get(k) != v}
     return TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress,
-                           "tokenizer": data.tokenizer.to_json()},
+                           "tokenizer": data.tokenizer.to_json(), "data": data.train_plan(spec.data)},
         torch_config=TorchConfig(backend=place.backend),
         scaling_config=place.scaling_config,
         dataset_config=data_config(),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             worker_runtime_env={"env_vars": s3_env()},
+                             worker_runtime_env={"env_vars": {**s3_env(), **data_env}},
                              failure_config=FailureConfig(max_failures=res.max_failures,
                                                           max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),

@@ -24,6 +24,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs.ray_private import node_ip_address
+
 # The fake provider registers the head under this node type (fake_multi_node/node_provider.py,
 # FAKE_HEAD_NODE_TYPE); any other name leaves the head without a node type.
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
@@ -184,9 +186,7 @@ def write_autoscaler_config(cfg: FakeClusterConfig, path: Path) -> Path:
 def local_gcs_address(port: int) -> str:
     """The address a head started on this machine with ``--port`` listens at: the IP Ray picks for
     this node (the fake provider's own default host), not 127.0.0.1."""
-    from ray._private.services import get_node_ip_address
-
-    return f"{get_node_ip_address()}:{port}"
+    return f"{node_ip_address()}:{port}"
 
 
 def main(argv: list[str] | None = None) -> None:

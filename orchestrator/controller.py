@@ -36,9 +36,9 @@ from pydantic import ValidationError
 from jobs.elastic import describe_size
 from jobs.kinds import job_kind
 from jobs.specs import field_errors
-from orchestrator.demand_groups import DemandSink, demand_group, demand_sink
+from orchestrator.demand_groups import DemandSink, cpu_bundles, demand_group, demand_sink
 from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS, build_entrypoint, confinement_env, job_paths
-from orchestrator.observe import AttemptReader, latest_progress  # noqa: F401 (re-exported)
+from orchestrator.observe import AttemptReader, failure_reason, latest_progress  # noqa: F401 (re-exported)
 from orchestrator.ray_client import RayJobs, RayJobView, RayRefused, RayUnavailable
 from orchestrator.scheduler.schedule import Decisions, Policies
 from orchestrator.scheduler.service import Scheduler
@@ -166,7 +166,8 @@ class Controller:
         # Before any admitted attempt is submitted: its demand group would hold the room it gets.
         groups = {w.job_id: self._demand_group(by_id[w.job_id]) for w in decisions.wait if w.needs_room}
         queued = {v.id: v.demand for v in self.scheduler.snapshot.queued}  # deployments' too
-        groups |= {w.job_id: demand_group(None, queued[w.job_id], {}) for w in decisions.serving_wait if w.needs_room}
+        groups |= {w.job_id: demand_group(cpu_bundles(queued[w.job_id]), {})
+                   for w in decisions.serving_wait if w.needs_room}
         self.demand.publish(groups)
         for admit in decisions.admit:
             self._guarded(by_id[admit.job_id], self._start_attempt)
@@ -175,8 +176,8 @@ class Controller:
                                            [(w.job_id, w.reason) for w in decisions.serving_wait])
 
     def _demand_group(self, job: JobRecord):
-        spec = job_kind(job.kind).spec.model_validate(job.spec)
-        return demand_group(spec, self.scheduler.demand(job), self.settings.driver_resources)
+        kind = job_kind(job.kind)
+        return demand_group(kind.demand(kind.spec.model_validate(job.spec)), self.settings.driver_resources)
 
     def _record_queue(self, decisions: Decisions, by_id: dict[str, JobRecord]) -> None:
         """Store each waiting job's position and reason, and clear them on admitted ones; only changes
@@ -255,8 +256,7 @@ class Controller:
         elif _retryable(view):
             self._lost(job, f"attempt {number} driver died: {view.error_type or f'exit code {view.exit_code}'}")
         else:
-            code = f" (exit code {view.exit_code})" if view.exit_code is not None else ""
-            self.store.transition(job.id, S.FAILED, f"Ray: {view.message or 'driver failed'}{code}"[:1000])
+            self.store.transition(job.id, S.FAILED, failure_reason(job.id, view))
 
     def _lost(self, job: JobRecord, reason: str) -> None:
         self.reader.clear_stall(job.id)

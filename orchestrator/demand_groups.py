@@ -5,10 +5,11 @@ A job the scheduler holds QUEUED never reaches Ray, so Ray's autoscaler never se
 and Train v2's ``AutoscalingCoordinator`` re-sends its own merged request every ~20 s (even an
 empty one), overwriting anyone else's. A pending placement group is the public signal that survives
 it: the autoscaler (v1 and v2) adds nodes until every pending group fits. So each job that waits
-for room gets one group: one bundle per worker (its CPUs and device), one per Ray Data CPU and one
-for the driver's reservation, PACK strategy (bundles may land on different nodes, like the job's
-own); bundles of an exact pool carry a ``bundle_label_selector`` on ``orch.io/pool`` (a bare kind
-needs none: its device resource says it). Elastic jobs ask for their maximum (``jobs.demand``).
+for room gets one group: its kind's bundles (jobs/kinds/: a training job's one per worker, its CPUs
+and device, and Ray Data's CPUs) and one for the driver's reservation, PACK strategy (bundles may
+land on different nodes, like the job's own); bundles of an exact pool carry a
+``bundle_label_selector`` on ``orch.io/pool`` (a bare device needs none: its resource says it).
+Elastic jobs ask for their maximum.
 
 Placement groups need a Ray driver connection, which the Jobs SDK (HTTP) cannot give: this module
 connects the service process itself with ``ray.init(address=ORCH_RAY_GCS_ADDRESS)``. A driver
@@ -23,17 +24,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jobs.demand import Demand
-from jobs.pools import DEVICE_RESOURCE, POOL_LABEL, pool_kind
-from jobs.specs import TrainSpec
-from jobs.trainer import DATA_TASK_CPUS
+from jobs.kinds import Bundle
+from jobs.pools import POOL_LABEL, pool_kind
+from jobs.ray_private import use_auth_token
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,26 +58,26 @@ class DemandGroup:
                    tuple(tuple(sorted(s.items())) for _, s in entries))
 
 
-def demand_group(spec: Any, demand: Demand, driver_resources: Mapping[str, float]) -> DemandGroup:
-    """The bundles a job waits for: a training job's (``spec`` a TrainSpec) per worker, its Ray Data
-    CPUs and its driver; any other kind's ``demand`` (serve, prepare: CPUs) as 1-CPU bundles."""
+def demand_group(bundles: Iterable[Bundle], driver_resources: Mapping[str, float]) -> DemandGroup:
+    """The bundles a job waits for: its kind's (jobs/kinds/), each with the selector of its pool, and
+    its driver's reservation in the first bundle's pool. Empty bundles (a serve replica of 0 CPUs) are
+    left out; a job that then asks nothing still gets one CPU, as a group needs a bundle."""
+    bundles = tuple(bundles)
     entries: list[tuple[dict[str, float], dict[str, str]]] = []
-    if not isinstance(spec, TrainSpec):
-        for key, need in demand.items():
-            entries += [({"CPU": 1.0}, _selector(key))] * max(math.ceil(need.get("CPU", 0.0)), 1)
-        return DemandGroup.of(entries)
-    groups = spec.resources.worker_pools()
-    main = max(groups, key=lambda p: groups[p])
-    for pool, workers in groups.items():
-        bundle = {"CPU": spec.resources.cpus_per_worker}
-        if (device := DEVICE_RESOURCE[pool_kind(pool)]) is not None:
-            bundle[device] = 1.0
-        entries += [(bundle, _selector(pool))] * workers
-    entries += [({"CPU": 1.0}, _selector(main))] * math.ceil(DATA_TASK_CPUS)
+    for bundle in bundles:
+        need = {r: float(v) for r, v in bundle.need.items() if v > 0}
+        if need:
+            entries += [(need, _selector(bundle.pool))] * bundle.count
     driver = {k: float(v) for k, v in driver_resources.items() if v > 0}
     if driver:
-        entries.append((driver, _selector(main)))
-    return DemandGroup.of(entries)
+        entries.append((driver, _selector(bundles[0].pool)))
+    return DemandGroup.of(entries or [({"CPU": 1.0}, _selector(bundles[0].pool))])
+
+
+def cpu_bundles(demand: Demand) -> tuple[Bundle, ...]:
+    """A CPU-only demand (a deployment's replicas, as the scheduler books them) as 1-CPU bundles."""
+    return tuple(Bundle(key, {"CPU": 1.0}, max(math.ceil(need.get("CPU", 0.0)), 1))
+                 for key, need in demand.items())
 
 
 def _selector(pool: str) -> dict[str, str]:
@@ -178,12 +178,7 @@ class PlacementGroupDemand:
         if ray.is_initialized():
             return
         if self.auth_token:
-            # Ray's core worker takes the cluster token from the environment; the mode is read into
-            # Ray's config at import, so it is re-read as Ray's own token set-up does.
-            from ray._private.authentication.authentication_token_setup import _enable_token_auth
-
-            os.environ["RAY_AUTH_TOKEN"] = self.auth_token
-            _enable_token_auth()
+            use_auth_token(self.auth_token)
         self._groups.clear()
         ray.init(address=self.gcs_address, namespace=DEMAND_NAMESPACE, log_to_driver=False,
                  logging_level=logging.WARNING)

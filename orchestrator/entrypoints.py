@@ -21,7 +21,7 @@ from typing import Any
 
 from jobs.kinds import KINDS
 
-# Job kind -> module run with `python -m`, from the registry of job kinds (jobs/kinds.py).
+# Job kind -> module run with `python -m`, from the registry of job kinds (jobs/kinds/).
 ALLOWED_ENTRYPOINTS: dict[str, str] = {name: kind.module for name, kind in KINDS.items()}
 
 # Where a team's job may open files (read by workers/confine.py in every process of the job).

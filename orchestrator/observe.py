@@ -1,9 +1,15 @@
-"""Reading a running attempt: its latest progress line, its final summary, and whether it stalled.
+"""Reading a running attempt: its latest progress line, its final summary, whether it stalled, and,
+when it failed, what failed.
 
 Stalls: Ray says RUNNING forever when workers or Ray Data wait for CPUs the cluster never frees. An
 attempt with no new step for ``stall_after_s`` (counted from when this process first sees it RUNNING)
 gets ``stalled`` and ``stalled_for_s`` metrics and counts in ``orch_jobs_stalled`` until a step comes.
 Split from the controller, which decides; this module only reads and records figures.
+
+A failed attempt's reason leads with the job's own error (``failure_reason``): Ray's message starts
+with its own preamble ("Job entrypoint command failed with exit code 1, last available logs ...")
+and the driver's last 20,000 characters, runtime-env chatter first, so the line that says what went
+wrong came last and was cut off by the reason's length limit. The full log stays one command away.
 
 Logs are read by offset: each pass reads what the attempt's driver wrote since the last pass (at most
 ``PROGRESS_READ_BYTES``; when more came, the log's last ``PROGRESS_READ_BYTES``), so a pass costs the
@@ -20,7 +26,7 @@ from typing import Any
 
 from jobs.contracts import ProgressRecord, TrainSummary
 from orchestrator.entrypoints import job_paths
-from orchestrator.ray_client import RayJobs
+from orchestrator.ray_client import RayJobs, RayJobView
 from orchestrator.settings import Settings
 from orchestrator.store import JobRecord, JobStore
 from orchestrator.telemetry import Telemetry
@@ -28,6 +34,35 @@ from orchestrator.telemetry import Telemetry
 log = logging.getLogger(__name__)
 STALL_KEYS = frozenset({"stalled", "stalled_for_s"})  # the metrics a stalled attempt carries
 PROGRESS_READ_BYTES = 256 * 1024  # the most one pass reads of one attempt's log
+REASON_MAX_CHARS = 1000  # a state change's reason, as stored
+ERROR_PREFIX = "error:"  # how every jobs/ entry point reports the failure it understood (to stderr)
+TRACEBACK_HEADER = "Traceback (most recent call last):"
+
+
+def own_error(log_text: str | None) -> str | None:
+    """The job's own word on why it failed: the log's last line starting ``error:`` or, without one,
+    the final line of its last traceback (the exception raised); None when the log has neither."""
+    lines = (log_text or "").splitlines()
+    errors = [line.strip() for line in lines if line.startswith(ERROR_PREFIX)]
+    if errors:
+        return errors[-1]
+    starts = [i for i, line in enumerate(lines) if line.startswith(TRACEBACK_HEADER)]
+    if not starts:
+        return None
+    # The exception line is the first unindented line after the header (the frames are indented).
+    return next((line.strip() for line in lines[starts[-1] + 1:] if line.strip() and not line[0].isspace()), None)
+
+
+def failure_reason(job_id: str, view: RayJobView) -> str:
+    """A failed attempt's reason: the job's own error first (else Ray's first line and the log's last
+    line), then the exit code and where the whole log is."""
+    message = view.message or ""
+    head, _, logs = message.partition("\n")
+    last = next((line.strip() for line in reversed(logs.splitlines()) if line.strip()), None)
+    what = own_error(logs) or (f"Ray: {head} ... {last}" if last else f"Ray: {head or 'driver failed'}")
+    code = f"exit code {view.exit_code}; " if view.exit_code is not None else ""
+    where = f" ({code}full log: orch logs {job_id})"
+    return what[:REASON_MAX_CHARS - len(where)] + where
 
 
 @dataclass

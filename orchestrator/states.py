@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from enum import Enum
 
+from jobs.terminal import PublishesTerminal
 
-class JobState(str, Enum):
+
+class JobState(PublishesTerminal, str, Enum):
     PENDING = "PENDING"
     """Stored by the API; the controller has not looked at it yet."""
     QUEUED = "QUEUED"

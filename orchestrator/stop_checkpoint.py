@@ -15,13 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.contracts import CheckpointRequest, ControlChannel
+from jobs.kinds import job_kind
 from orchestrator.entrypoints import job_paths
 from orchestrator.settings import Settings
 
-# The kinds whose job runs one training loop that answers a "checkpoint now" request. A sweep's
-# trials checkpoint through Tune and resume with Tuner.restore; a prepare job resumes from its done
-# shards; a serve job has no state: asking them would only wait out the timeout.
-ANSWERING_KINDS = frozenset({"train"})
 # How long the loop waits to be stopped after the checkpoint: a few reconcile passes and Ray's stop
 # (SIGTERM, SIGKILL 3 s later) fit many times over; if no stop comes, training goes on.
 HOLD_S = 120.0
@@ -49,9 +46,11 @@ class StopCheckpoints:
 
     def ready(self, job_id: str, attempt: str, why: str, kind: str = "train") -> bool:
         """Whether the running attempt (its submission id) may be stopped now: its checkpoint is
-        confirmed or the wait is over."""
-        if kind not in ANSWERING_KINDS:
-            self._notes[job_id] = f"no checkpoint asked (a {kind} job resumes on its own)"
+        confirmed or the wait is over. A kind that answers no "checkpoint now" (jobs/kinds/:
+        ``checkpoint_on_stop``) resumes on its own: asking it would only wait out the timeout."""
+        rules = job_kind(kind)
+        if not rules.checkpoint_on_stop:
+            self._notes[job_id] = f"no checkpoint asked ({rules.resumes})"
             return True
         channel = ControlChannel(job_paths(self.settings.job_root, job_id).out)
         asked = self._asked.get(job_id)

@@ -12,18 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from jobs.kinds import sweep
 from jobs.specs import LoopConfig
 from jobs.sweep_events import SweepView, TrialState, read_sweep, request_stop
 from jobs.sweep_spec import SweepSpec
-from orchestrator.auth import register_path_fields
 from orchestrator.entrypoints import job_paths
 from orchestrator.states import JobState
 from orchestrator.store import JobRecord
 
-SWEEP_KIND = "sweep"
-# The base train spec's paths must lie under the team's data roots, as a train job's do (a sweep may
-# not vary data paths: jobs/sweep_spec.py).
-register_path_fields(SWEEP_KIND, "base.data.source", "base.data.path")
+SWEEP_KIND = sweep.KIND.name
 
 
 class TrialNotFound(LookupError):

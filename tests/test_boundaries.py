@@ -5,6 +5,10 @@ strings and no unpickling, are in tests/orchestrator/test_boundaries.py).
 - workers/ import nothing from jobs/ or orchestrator/ (they run inside Ray workers);
 - the model (workers/moe/model.py) is plain PyTorch: no Ray, no torch.distributed;
 - jobs/ reach the model only through workers/ (no workers.moe import);
+- no import circle among product modules: every import counts, at module level, inside functions and
+  under ``if TYPE_CHECKING:`` (a circle there is still two modules that each need the other);
+  ``from package import submodule`` is an arrow to the submodule only, and a submodule's import of
+  its own package's ``__init__`` is not drawn (Python imports the package first anyway);
 - no source file in workers/, jobs/ or orchestrator/ over MAX_LINES.
 """
 
@@ -38,6 +42,59 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module(p): p for p in SOURCES}
+
+
+def _arrows(name: str, path: Path) -> set[str]:
+    """The product modules ``name`` imports (relative imports resolved)."""
+    out = set()
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            subs = {f"{module}.{a.name}" for a in node.names} & MODULES.keys()
+            out |= subs
+            if module in MODULES and len(subs) < len(node.names):
+                out.add(module)
+    return out - {name}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def _rules(path: Path) -> tuple[str, ...]:
     rel = path.relative_to(ROOT).as_posix()
     return tuple(p for key, prefixes in FORBIDDEN.items() if rel == key or rel.startswith(key + "/")
@@ -68,3 +125,22 @@ def test_rules_catch_a_violation(tmp_path):
     probe.write_text("import ray.train\nfrom torch.distributed import all_reduce\nfrom . import x\n")
     assert {n for n in _imports(probe) if any(_uses(n, p) for p in _rules(fake))} == {"ray.train",
                                                                                      "torch.distributed"}
+
+
+def test_no_import_circles():
+    circles = _circles({name: _arrows(name, path) for name, path in MODULES.items()})
+    assert not circles, f"import circles (rules: tests/test_boundaries.py): {circles}"
+
+
+def test_circle_finder_sees_function_level_and_type_checking_imports(tmp_path, monkeypatch):
+    """The checker itself: a circle closed only inside a function or under TYPE_CHECKING is found."""
+    sources = {"workers.a": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from workers.b import X\n",
+               "workers.b": "def f():\n    import workers.c\n",
+               "workers.c": "from workers import a\n"}
+    for name, text in sources.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        monkeypatch.setitem(MODULES, name, path)
+    graph = {name: _arrows(name, MODULES[name]) for name in sources}
+    assert graph == {"workers.a": {"workers.b"}, "workers.b": {"workers.c"}, "workers.c": {"workers.a"}}
+    assert _circles(graph) == [["workers.a", "workers.b", "workers.c"]]

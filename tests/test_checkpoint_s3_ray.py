@@ -1,7 +1,7 @@
 """Checkpoints on S3 (the session's S3-protocol server on loopback): a run whose checkpoint_storage is
 an s3:// prefix keeps Ray Train's run there, and a second run with the same storage resumes from
 its latest checkpoint. The shared cluster starts before the test's AWS_* settings are set, so only
-what the filesystem carries reaches Ray Train's controller (workers/storage.py). About 40 s."""
+what the filesystem carries reaches Ray Train's controller (workers/data/storage.py). About 40 s."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from jobs.specs import load_spec
 from jobs.train import checkpoint_uri, sample_checkpoint
 from jobs.trainer import RUN_NAME, build_trainer
 from tests.conftest import DEMO, TINY
+from workers.data.storage import open_fs
 from workers.progress import NOTE
-from workers.storage import open_fs
 
 
 def _prepared(tmp_path: Path) -> Path:
-    from workers.corpus import PrepareConfig, prepare
+    from workers.data import PrepareConfig, prepare
 
     src = tmp_path / "corpus"
     src.mkdir()

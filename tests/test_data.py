@@ -14,8 +14,8 @@ from workers.data import (
     shard_paths,
     verify_shards,
 )
-from workers.order import global_batches, ordered_rows
-from workers.shard_reader import ShardSource, pack_sequences, packed_blocks
+from workers.data.order import Unit
+from workers.data.reader import UnitSource, pack_sequences, packed_blocks
 
 
 @pytest.fixture
@@ -106,73 +106,13 @@ def test_packing_a_shard_in_pieces_gives_the_rows_of_packing_it_whole(batch_docs
     assert len(whole) == sum(len(d) for d in table.column("tokens").to_pylist()) // 8
 
 
-def test_the_shard_source_plans_one_task_per_listed_shard_and_streams_it(tmp_path, monkeypatch):
-    import pyarrow.fs as pafs
-    from ray.data.block import BlockAccessor
-
-    import workers.shard_reader as reader
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"s{i}.parquet"
-        pq.write_table(_docs_table(rng, 40), path, row_group_size=7)  # several row groups each
-        paths.append(str(path))
-    order = [paths[2], paths[0]]  # a manifest's list, in the run's order; s1 is not listed
-    monkeypatch.setattr(reader, "BLOCK_TOKENS", 5 * 8)  # 5 rows of seq_len 7 per block
-    tasks = ShardSource(order, pafs.LocalFileSystem(), seq_len=7).get_read_tasks(parallelism=200)
-    assert [t.metadata.input_files for t in tasks] == [(p,) for p in order]
-    for task, path in zip(tasks, order, strict=True):
-        blocks = [BlockAccessor.for_block(b).to_batch_format("numpy")["input_ids"] for b in task()]
-        assert len(blocks) > 1 and all(len(b) <= 5 for b in blocks)
-        assert np.array_equal(np.concatenate(blocks), pack_sequences(pq.read_table(path), seq_len=7))
-
-
 # ----------------------------------------------------------------------------------------------
-# The training order, prepared datasets, the tokenizer in checkpoints
-
-
-def _stream(n_rows, seq=5):
-    rows = np.arange(n_rows * seq, dtype=np.uint16).reshape(n_rows, seq)  # row i starts with i * seq
-    return rows
-
-
-def _blocks(rows, sizes):
-    out, i = [], 0
-    while i < len(rows):
-        size = sizes[len(out) % len(sizes)]
-        out.append(rows[i:i + size])
-        i += size
-    return out
-
-
-def test_training_order_ignores_block_sizes_and_changes_per_epoch():
-    rows = _stream(50)
-    a = np.concatenate(list(ordered_rows(_blocks(rows, [7]), seed=3, epoch=0, window_rows=16)))
-    b = np.concatenate(list(ordered_rows(_blocks(rows, [1, 30, 4]), seed=3, epoch=0, window_rows=16)))
-    c = np.concatenate(list(ordered_rows(_blocks(rows, [7]), seed=3, epoch=1, window_rows=16)))
-    assert (a == b).all() and not (a == c).all()
-    assert sorted(r[0] for r in a.tolist()) == sorted(r[0] for r in rows.tolist())  # a permutation
-
-
-@pytest.mark.parametrize("stop, new_batch", [(3, 4), (2, 3), (5, 16)])
-def test_resume_at_a_sequence_count_trains_each_row_once(stop, new_batch):
-    """2 workers x 4 rows for `stop` steps, then any global batch from the saved count: the rows
-    applied are the order's first rows, each once (the tail shorter than a batch is dropped)."""
-    order = np.concatenate(list(ordered_rows(_blocks(_stream(70), [9]), seed=0, epoch=0, window_rows=32)))
-    first = list(global_batches(ordered_rows(_blocks(_stream(70), [9]), 0, 0, 32), batch_rows=8, skip=0))[:stop]
-    saved = first[-1][0] + 8
-    rest = list(global_batches(ordered_rows(_blocks(_stream(70), [13]), 0, 0, 32), new_batch, skip=saved))
-    starts = [s for s, _ in first + rest]
-    applied = np.concatenate([r for _, r in first + rest])
-    assert starts == [*range(0, saved, 8), *range(saved, saved + new_batch * len(rest), new_batch)]
-    assert (applied == order[:len(applied)]).all()
-    assert len(order) - len(applied) < new_batch
+# Prepared datasets, the tokenizer in checkpoints (the training order: tests/test_data_order.py)
 
 
 @pytest.fixture
 def prepared(corpus, tmp_path):
-    from workers.corpus import PrepareConfig, prepare
+    from workers.data import PrepareConfig, prepare
 
     cfg = PrepareConfig(source=str(corpus), path=str(tmp_path / "prepared"), shard_bytes=4096, val_fraction=0.1)
     return prepare(cfg, log=lambda _: None), tmp_path / "prepared"
@@ -186,23 +126,19 @@ def test_prepared_path_reads_exactly_the_manifest_shards(prepared):
     assert data.shards == listed and data.tokenizer.kind == "bytes" and not data.skipped
 
 
-def test_prepared_corrupt_shard_fails_naming_it_or_is_skipped(prepared):
+def test_opening_a_prepared_dataset_scans_no_shard(prepared):
+    """Integrity is the read task's (tests/test_data_order.py): a damaged shard does not fail the
+    open, which reads only the manifest and the tokenizer."""
     manifest, root = prepared
     victim = root / manifest.splits["train"].shards[0].file
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=f"shard {victim} is corrupt"):
-        open_training_data(DataConfig(path=str(root)), vocab_size=256)
-    logs = []
-    kept = open_training_data(DataConfig(path=str(root), on_corrupt="skip"), vocab_size=256, log=logs.append)
-    assert str(victim) not in kept.shards["train"] and len(kept.shards["train"]) == len(manifest.splits["train"].shards) - 1
-    assert any(f"skipping corrupt shard {victim}" in line for line in logs)
+    victim.write_bytes(b"garbage")
+    data = open_training_data(DataConfig(path=str(root)), vocab_size=256, log=lambda _: None)
+    assert str(victim) in data.shards["train"] and not data.skipped
 
 
 def test_bpe_vocab_must_fit_the_model_and_travels_in_checkpoints(corpus, tmp_path):
     from workers.checkpoint import TOKENIZER_FILE, load_tokenizer_for
-    from workers.corpus import PrepareConfig, prepare
+    from workers.data import PrepareConfig, prepare
 
     root = tmp_path / "bpe"
     prepare(PrepareConfig(source=str(corpus), path=str(root), shard_bytes=4096, tokenizer="bpe", vocab_size=300),
@@ -228,22 +164,32 @@ def test_uri_without_a_preparation_is_named(tmp_path):
         open_training_data(DataConfig(path=str(tmp_path / "bad")), vocab_size=256)
 
 
-def test_the_training_pipeline_reads_ahead_a_bounded_amount_in_one_order():
-    from jobs.trainer import TRAIN_READ_AHEAD_BYTES, data_config
-
-    config = data_config()
-    train = config._resolve_execution_options("train")  # what Ray Train hands the training pipeline
-    assert train.preserve_order and train.resource_limits.object_store_memory == TRAIN_READ_AHEAD_BYTES
-    assert config._datasets_to_split == ["val"]  # every worker streams the whole training split
-
-
 def test_a_shard_damaged_after_the_check_fails_its_read_naming_it(tmp_path):
     import pyarrow.fs as pafs
 
     path = tmp_path / "s0.parquet"
     pq.write_table(_docs_table(np.random.default_rng(0), 40), path)
     path.write_bytes(path.read_bytes()[:-100])  # the footer gone
-    (task,) = ShardSource([str(path)], pafs.LocalFileSystem(), seq_len=7).get_read_tasks(parallelism=1)
-    with pytest.raises(DataError, match=f"shard {path} cannot be read"):
+    unit = Unit(str(path), 0, 10, "0" * 64, path.stat().st_size)
+    (task,) = UnitSource([unit], pafs.LocalFileSystem(), seq_len=7).get_read_tasks(parallelism=1)
+    with pytest.raises(DataError, match=f"shard {path} \\(row group 0\\) is corrupt"):
         list(task())
 
+
+
+def test_the_data_package_has_no_import_cycle_and_no_copied_helper():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "workers" / "data"
+    trees = {p.stem: ast.parse(p.read_text()) for p in root.glob("*.py")}
+    imports = {m: {n.module.rsplit(".", 1)[-1] for n in ast.walk(t) if isinstance(n, ast.ImportFrom)
+                   and (n.module or "").startswith("workers.data.")} for m, t in trees.items() if m != "__init__"}
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in imports.get(start, ()))
+
+    assert not [m for m in imports if reaches(m, m)]
+    defined = [n.name for t in trees.values() for n in t.body if isinstance(n, ast.FunctionDef)]
+    for helper in ("is_val", "sha256_hex", "sha256_of", "s3_env"):
+        assert sum(name.lstrip("_") == helper for name in defined) == 1, helper

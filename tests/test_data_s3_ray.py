@@ -1,5 +1,5 @@
 """Training from a dataset prepared on S3 (the session's S3-protocol server on loopback): the
-manifest's shards only, a corrupt object named before any Ray work, and the AWS_* settings set on
+manifest's shards only, a corrupt row group named by the read task that reads it, and the AWS_* settings set on
 the driver reaching Ray Data's read tasks and the Train workers (the cluster starts before they
 are set, so the workers do not inherit them)."""
 
@@ -8,17 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.specs import load_spec
 from jobs.trainer import build_trainer
 from tests.conftest import DEMO, TINY
 from workers.config import DataConfig
-from workers.data import DataError, open_training_data
+from workers.data import open_training_data
 
 
 def _prepare(tmp_path: Path, uri: str, **kw) -> None:
-    from workers.corpus import PrepareConfig, prepare
+    from workers.data import PrepareConfig, prepare
 
     src = tmp_path / "src"
     src.mkdir()
@@ -27,23 +28,32 @@ def _prepare(tmp_path: Path, uri: str, **kw) -> None:
     prepare(PrepareConfig(source=str(src), path=uri, shard_bytes=4096, val_fraction=0.1, **kw), log=lambda _: None)
 
 
-def test_corrupt_s3_shard_is_named_or_skipped(s3_bucket, tmp_path):
+def test_a_corrupt_s3_row_group_is_named_by_its_read_task_or_marked_for_skipping(s3_bucket, tmp_path):
+    from ray.data.block import BlockAccessor
+
+    from workers.data.reader import CorruptUnit, _read_unit_task, read_unit
+
     uri = f"s3://{s3_bucket}/prepared"
-    _prepare(tmp_path, uri)
+    _prepare(tmp_path, uri, row_group_bytes=1024)
     data = open_training_data(DataConfig(path=uri), vocab_size=256, log=lambda _: None)
     assert all(p.startswith(f"{s3_bucket}/prepared/shards-") for p in data.shards["train"])
-    victim = data.shards["train"][0]
     fs = data.filesystem
     assert isinstance(fs, pafs.S3FileSystem)
-    with fs.open_input_stream(victim) as f:
+    unit = data.units["train"][1]
+    assert unit.row_group == 1 and len(read_unit(fs, unit, 32, None)) > 0  # a row group read alone, verified
+    col = pq.ParquetFile(fs.open_input_file(unit.path)).metadata.row_group(1).column(1)
+    with fs.open_input_stream(unit.path) as f:
         raw = bytearray(f.read())
-    raw[len(raw) // 2] ^= 0xFF  # same size: only the SHA-256 tells
-    with fs.open_output_stream(victim) as f:
+    raw[col.data_page_offset + col.total_compressed_size // 2] ^= 0xFF  # same size: only the check tells
+    with fs.open_output_stream(unit.path) as f:
         f.write(bytes(raw))
-    with pytest.raises(DataError, match=f"shard s3://{victim} is corrupt: SHA-256"):
-        open_training_data(DataConfig(path=uri), vocab_size=256)
-    kept = open_training_data(DataConfig(path=uri, on_corrupt="skip"), vocab_size=256, log=lambda _: None)
-    assert victim not in kept.shards["train"] and len(kept.shards["train"]) == len(data.shards["train"]) - 1
+    # Opening scans nothing; the task reading the row group names it.
+    open_training_data(DataConfig(path=uri), vocab_size=256, log=lambda _: None)
+    with pytest.raises(CorruptUnit, match=f"shard s3://{unit.path} \\(row group 1\\) is corrupt"):
+        read_unit(fs, unit, 32, None)
+    (block,) = _read_unit_task(fs, unit, 32, None, "mark")
+    assert f"s3://{unit.path} (row group 1) is corrupt" in str(BlockAccessor.for_block(block).to_batch_format("numpy")["corrupt"][0])
+    assert len(read_unit(fs, data.units["train"][0], 32, None)) > 0  # the shard's other row groups still read
 
 
 @pytest.mark.ray

@@ -157,4 +157,5 @@ def test_job_spanning_two_pools_trains_with_each_worker_in_its_pool(pool_cluster
     assert sorted(pools[a.node_id] for a in ours) == ["cpu-a", "cpu-b"]
     assert [r.step for r in records] == [5, 10, 15, 20]
     assert result.metrics["world_size"] == 2
-    assert result.metrics["final_loss"] < records[0].loss - 0.3  # from ~5.5 (uniform over bytes) down
+    # From ~5.5 (uniform over bytes) down; 20 steps on batches drawn from the whole corpus.
+    assert result.metrics["final_loss"] < records[0].loss - 0.15

@@ -49,6 +49,6 @@ def test_final_window_is_ten_percent_capped():
 
 def test_data_position_is_global_across_a_resize():
     # 2 workers x batch 4 consumed 12 global batches = 96 sequences of the one training order: any
-    # world size resumes at sequence 96 (workers/data.py, global_batches).
+    # world size resumes at sequence 96 (workers/data/order.py).
     pos = _Position.from_meta({"epoch": 1, "sequences_in_epoch": 12 * 2 * 4})
     assert (pos.epoch, pos.sequence) == (1, 96)

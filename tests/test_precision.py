@@ -87,11 +87,10 @@ def _small_bucket_step(comp: CompressionConfig, rank: int) -> TrainStep:
     torch.manual_seed(0)
     model = MoETransformer(MODEL)
     ddp = DistributedDataParallel(model, bucket_cap_mb=SMALL_BUCKET_MB, forward_sync_buffers=False)
-    comm = compression.register(ddp, comp)
-    step = TrainStep(model=model, forward=ddp, optimizer=build_optimizer(model, _loop("fp16"), comp),
-                     loop=_loop("fp16"), compression=comp, comm=comm)
-    step.guard = compression.LossScaleGuard(comm)
-    return step
+    guard = compression.LossScaleGuard()
+    comm = compression.register(ddp, comp, guard=guard)
+    return TrainStep(model=model, forward=ddp, optimizer=build_optimizer(model, _loop("fp16"), comp),
+                     loop=_loop("fp16"), compression=comp, comm=comm, guard=guard)
 
 
 def _skip_case(rank: int, make: Callable[[], TrainStep], target: Callable[[TrainStep], torch.nn.Parameter],

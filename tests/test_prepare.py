@@ -11,7 +11,7 @@ import pytest
 from jobs.kinds import job_kind
 from jobs.prepare_spec import validate_prepare_spec
 from jobs.specs import SpecError
-from workers.corpus import (
+from workers.data import (
     CorpusError,
     CorruptShardError,
     PrepareConfig,
@@ -19,8 +19,8 @@ from workers.corpus import (
     prepare,
     run_in_process,
 )
-from workers.storage import StorageError
-from workers.tokenizer import EOS_ID, load_tokenizer
+from workers.data.storage import StorageError
+from workers.data.tokenizer import EOS_ID, load_tokenizer
 
 QUIET = {"log": lambda _: None}
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT
-from workers.corpus import open_prepared
+from workers.data import open_prepared
 
 pytestmark = pytest.mark.ray
 

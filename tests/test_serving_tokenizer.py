@@ -20,14 +20,14 @@ from tests.bench.serving import write_checkpoint
 from workers.checkpoint import TOKENIZER_FILE, load_model
 from workers.config import ModelConfig
 from workers.data import EOS_TOKEN
+from workers.data.storage import open_fs
+from workers.data.tokenizer import BpeTokenizer, train_bpe
 from workers.sampling import sample_text
 from workers.serving.app import CompletionServer
 from workers.serving.config import LimitsConfig, ReplicaConfig
 from workers.serving.engine import BatchGeneration, RowRequest
 from workers.serving.schemas import CompletionRequest, ScoreRequest
 from workers.serving.tokens import encode_prompt, token_pieces
-from workers.storage import open_fs
-from workers.tokenizer import BpeTokenizer, train_bpe
 
 # Code and non-ASCII text, so that merges span multi-byte characters and single-byte tokens of
 # characters exist (a piece that is not valid UTF-8 alone).

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from jobs.serve import checkpoint_context, fit_limits
 from jobs.specs import SpecError
 from workers.config import ModelConfig
+from workers.data.tokenizer import ByteTokenizer
 from workers.moe.model import MoETransformer
 from workers.serving.chat import ChatCompletionRequest, ChatMessage, checkpoint_template, render
 from workers.serving.config import ChatTemplate, LimitsConfig
@@ -26,7 +27,6 @@ from workers.serving.logprobs import chat_logprobs, completion_logprobs, token_t
 from workers.serving.prefix import PrefixCache
 from workers.serving.schemas import CompletionRequest
 from workers.serving.tokens import token_pieces
-from workers.tokenizer import ByteTokenizer
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=48)
 PIECES = token_pieces(ByteTokenizer(), 256)

@@ -1,11 +1,11 @@
-"""workers/storage.py: one way to reach a folder or an s3:// prefix, with errors that name the place
+"""workers/data/storage.py: one way to reach a folder or an s3:// prefix, with errors that name the place
 and never hang (against the session's real S3-protocol server on loopback)."""
 
 import pyarrow.fs as pafs
 import pytest
 
 from orchestrator.local_ray import free_port
-from workers.storage import StorageError, open_fs, read_bytes, uri_of, write_bytes_atomic
+from workers.data.storage import StorageError, open_fs, read_bytes, uri_of, write_bytes_atomic
 
 
 def test_local_write_read_and_missing_folder(tmp_path):

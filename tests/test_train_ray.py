@@ -1,4 +1,5 @@
-"""Integration: the real entry point on a real embedded Ray cluster, 2 workers, top-k hook.
+"""Integration: the real entry point on a real embedded Ray cluster, 2 workers, the demo's compression
+(local steps with a top-k + error-feedback outer sync).
 
 One chain of runs on the tiny spec (each a separate `python -m jobs.train` process):
   A: 2 workers, steps 0 -> 30 (checkpoints at 10, 20, 30)
@@ -64,15 +65,16 @@ def run_b(run_a, shards_dir):
     return _train(out, f"data.path={shards_dir}", "train.steps=40", verbose=True)
 
 
-def test_loss_decreases_with_topk_sync_on_two_workers(run_a):
+def test_loss_decreases_with_the_demo_compression_on_two_workers(run_a):
     _, _, r, losses, summary = run_a
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert summary["world_size"] == 2 and summary["steps"] == 30
     assert summary["final_loss"] < losses[5] - 0.5  # from ~5.5 (uniform over bytes) downwards
     assert summary["eval_loss"] is not None and summary["eval_loss"] < losses[5]
-    # Byte accounting: 1% density with int32 index + fp32 value per kept element vs dense fp32 ring
-    # allreduce gives dense/wire = 1 / (2 * 0.01) = 50 at world size 2, less ceil() rounding per bucket.
-    assert summary["wire_bytes"] > 0 and summary["dense_bytes"] / summary["wire_bytes"] >= 40
+    # Byte accounting: 3% of each chunk every 4 steps, at about 2.25 bytes per sent entry (int16 index,
+    # 2-bit value, a scale per chunk) against 4 fp32 ring allreduces: about 230x at world size 2 on the
+    # demo model; the tiny model pads its last chunk, so less here, and still far above per-step top-k's 50x.
+    assert summary["wire_bytes"] > 0 and summary["dense_bytes"] / summary["wire_bytes"] >= 100
     assert summary["compression"] == pytest.approx(summary["dense_bytes"] / summary["wire_bytes"])
     assert len(summary["moe"]["max_vio"]) == 1 and summary["moe"]["drop_frac"][0] >= 0
     assert len(summary["samples"]) == 3 and summary["samples"][0].startswith("def ")
@@ -143,8 +145,9 @@ def test_checkpoint_now_request_is_honoured_within_a_step(tmp_path, shards_dir):
     assert request is not None, "".join(output)[-3000:]
     done = channel.confirmation(request)
     assert done is not None and done.reason == "test: checkpoint now"
-    # Rank 0 polls after every step; the driver's display lags the loop by at most a few records.
-    assert asked_after < done.step <= asked_after + 5 < 60
+    # Rank 0 polls after every step, after reporting it: a request that lands between the report the
+    # driver printed and that poll is honoured at that same step. The display lags by a few records.
+    assert asked_after <= done.step <= asked_after + 5 < 60
     assert (tmp_path / "ray-train" / f"step-{done.step:08d}" / "meta.json").exists()
     assert f"checkpoint at step {done.step} on request (test: checkpoint now)" in "".join(output)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 60  # the hold ended, training went on

@@ -14,7 +14,7 @@ One folder per checkpoint, written by world rank 0 after collectives on every ra
                     ranks; experts: their replicas, gathered by global id)
     meta.json       step, data position (sequences consumed in the epoch, over all workers), byte
                     totals, the world and EP sizes that wrote it
-    tokenizer.json  the tokenizer of the data it was trained on (workers/tokenizer.py), so a serving
+    tokenizer.json  the tokenizer of the data it was trained on (workers/data/tokenizer.py), so a serving
                     replica that has no shards to find it beside encodes and decodes as training did
 
 Why the mean carries error feedback across a resize: every step applies the average of what the
@@ -55,11 +55,11 @@ from torch import Tensor
 from workers import confine
 from workers.compression import CommState
 from workers.config import ModelConfig
+from workers.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from workers.moe.dispatch import ExpertParallelExperts
 from workers.moe.grad_sync import ExpertGradSync
 from workers.moe.groups import ParallelGroups
 from workers.moe.model import MoETransformer
-from workers.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2
 TOKENIZER_FILE = "tokenizer.json"

@@ -14,7 +14,7 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# The byte-level tokenizer's vocabulary (workers/data.py): UTF-8 bytes, token 0 ends a document.
+# The byte-level tokenizer's vocabulary (workers/data/tokenizer.py): UTF-8 bytes, token 0 ends a document.
 VOCAB_SIZE = 256
 # One device vocabulary for specs, node pools, the API, the CLI and the docs: a worker's
 # accelerator kind. cpu -> gloo, gpu -> nccl (NVIDIA), npu -> hccl (Ascend); see workers/device.py.
@@ -179,8 +179,9 @@ class CompressionConfig(Config):
 class DataConfig(Config):
     # Folder of text or code files; None means the running Python's standard library source.
     source: str | None = None
-    # Where the parquet shards go; None means a cache folder keyed by the source (see README). A
-    # folder or s3:// prefix prepared by `python -m jobs.prepare` (its manifest.json) is read as is.
+    # Where the parquet shards go; None means a cache folder keyed by the source (docs/training.md,
+    # "Your own data"). A folder or s3:// prefix prepared by `python -m jobs.prepare` (its
+    # manifest.json) is read as is.
     path: str | None = Field(None, min_length=1, max_length=1024)
     # A prepared dataset's shard whose size or SHA-256 differs from its manifest: fail naming it,
     # or leave it out (logged) and train on the rest.

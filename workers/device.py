@@ -100,7 +100,7 @@ def check_available(kind: DeviceKind) -> None:
         raise DeviceUnavailable("resources.device is 'npu' but torch_npu is not installed")
     if kind == "gpu" and not torch.backends.cuda.is_built():
         raise DeviceUnavailable("resources.device is 'gpu' but this torch build has no CUDA support "
-                                "(install the CUDA build of torch: README, 'GPU machines')")
+                                "(install the CUDA build of torch: docs/operations.md, 'GPU machines')")
 
 
 def torch_device(kind: DeviceKind) -> torch.device:

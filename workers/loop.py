@@ -3,7 +3,7 @@
 Runs inside each Ray Train worker. Ray Train has already initialized the process group (gloo, nccl
 or hccl). ``_setup`` builds the product's training step (workers/step.py: DDP with the compression
 hook, expert parallelism, optimizer) and restores the latest checkpoint into it; the loop streams
-packed batches from this worker's Ray Data shard through that step; ``_Reporter`` turns the steps
+this worker's packed rows (workers/data/stream.py) through that step; ``_Reporter`` turns the steps
 into rank 0's progress records (workers/progress.py) and the final metrics; a checkpoint is taken
 every ``checkpoint_every`` steps, at the end, and at the end of any step during which a "checkpoint
 now" request arrived (workers/control.py: preemption, resize, drain, a stopping driver) or, asked
@@ -11,12 +11,11 @@ every ``preemption_check_every`` steps, Ray Train announced that a node of the j
 (workers/interrupts.py).
 
 A job may span device kinds (resources.pools): each worker takes its kind from the node it was
-placed on (``place_worker``). Every worker streams the whole training set in one deterministic order
-(workers/data.py, workers/order.py: independent of world and batch size) and takes its rows of each
-global batch:
-``batch_size`` of them (``train.split: equal``), or a share that follows its measured speed
-(``speed``, workers/balance.py). The checkpoint stores the sequences of the epoch consumed, so a
-resume on any world size trains each sequence of an epoch exactly once.
+placed on (``place_worker``). Every worker steps one global data position (workers/data/order.py)
+and reads only its own sequences of each step (workers/data/stream.py): ``batch_size`` of them
+(``train.split: equal``), or a share that follows its measured speed (``speed``,
+workers/balance.py). The checkpoint stores that position, so a resume on any world size trains each
+sequence of an epoch exactly once and reads nothing it consumed.
 
 Checkpoints are world-size independent (workers/checkpoint.py): a job saved on N workers resumes on
 M workers and another EP size, with its optimizer moments, error-feedback residuals (carried as the
@@ -40,11 +39,13 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
-from workers import checkpoint, order
+from workers import checkpoint
 from workers.balance import ForwardTimer, SpeedSplit
 from workers.config import DeviceKind, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
 from workers.control import ControlChannel
+from workers.data import stream
+from workers.data.stream import TrainPlan
 from workers.device import lease_device, torch_device
 from workers.interrupts import PreemptionWatch, agreed_request, describe_preemption, hold
 from workers.moe.stats import routing_stats
@@ -57,42 +58,52 @@ RECORD_SEQUENCES_ENV = "MOE_ORCH_RECORD_SEQUENCES"
 
 
 class _Position:
-    """Where the loop is in the data: the epoch and the sequences of it trained on, over all workers.
+    """Where the loop is in the data: the global position (workers/data/order.py), the same on every
+    rank whatever the world size; until the stream starts, the checkpoint's meta it resumes from."""
 
-    Every rank reads the training order of workers/data.py (independent of world and batch size),
-    so this one number says which sequences were consumed, on any world size.
-    """
-
-    def __init__(self, epoch: int = 0, sequence: int = 0):
-        self.epoch, self.sequence = epoch, sequence
+    def __init__(self, meta: dict[str, Any] | None = None):
+        self.meta, self.stream = meta, None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> _Position:
-        return cls(meta["epoch"], meta["sequences_in_epoch"])
+        return cls(meta)
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.state.epoch if self.stream else (self.meta or {}).get("epoch", 0)
+
+    @property
+    def sequence(self) -> int:
+        """Sequences of the epoch trained, over all ranks."""
+        return self.stream.state.consumed if self.stream else (self.meta or {}).get("sequences_in_epoch", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state.state_dict()
+
+    def start(self, plan: TrainPlan, seed: int, rank: int) -> None:
+        """This rank's stream from the saved position (workers/data/stream.py); with
+        ``on_corrupt: skip`` the ranks merge the corrupt units they find at each step (collective)."""
+        state = stream.state_for(plan, seed, self.meta)
+        self.stream = stream.RankStream(plan, state, rank, stream.ray_fetch(plan),
+                                        _merge_corrupt if plan.on_corrupt == "skip" else None)
+
+    def next(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
+        """This rank's ``rows[rank]`` sequences of the next step: (their ids in the epoch,
+        (rows, seq_len + 1) on the host)."""
+        ids, x = self.stream.next(rows)
+        return ids.tolist(), torch.from_numpy(x.astype(np.int64))
 
 
-def _batches(shard: Any, batch_rows: int, seed: int, pos: _Position) -> Iterator[tuple[int, torch.Tensor]]:
-    """Endless global batches (index of the first row in the epoch, (batch_rows, seq_len + 1) on the
-    host) in the training order; a new epoch when one runs out. On resume the sequences of the
-    interrupted epoch already trained on are skipped. Every rank gets the same batches and cuts its rows."""
-    skip = pos.sequence
-    while True:
-        blocks = (b["input_ids"] for b in shard.iter_batches(batch_size=None, batch_format="numpy"))
-        got = 0
-        for start, rows in order.global_batches(order.ordered_rows(blocks, seed, pos.epoch), batch_rows, skip):
-            got += 1
-            pos.sequence = start + batch_rows
-            yield start, torch.from_numpy(rows.astype(np.int64))
-        if got == 0 and skip == 0:
-            raise RuntimeError(f"the training data yields no global batch of {batch_rows} sequences; use a larger "
-                               "corpus (data.source, data.max_bytes) or a smaller train.batch_size")
-        skip = 0
-        pos.epoch, pos.sequence = pos.epoch + 1, 0
+def _merge_corrupt(found: set[int]) -> set[int]:
+    """Collective: the corrupt units every rank found."""
+    merged: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(merged, sorted(found))
+    return {u for units in merged for u in units}
 
 
 class _SequenceLog:
-    """The test hook of RECORD_SEQUENCES_ENV: per step, this rank's sequences as (epoch, first index,
-    CRC-32 of each row's tokens), so a test can check that none is trained on twice or skipped."""
+    """The test hook of RECORD_SEQUENCES_ENV: per step, this rank's sequences as (epoch, ids in the
+    epoch, CRC-32 of each row's tokens), so a test can check that none is trained on twice or skipped."""
 
     def __init__(self, out: str, rank: int):
         folder = Path(out) / "sequence-ids"
@@ -100,9 +111,9 @@ class _SequenceLog:
         self.file = open(folder / f"rank{rank}-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (lives with the loop)
         self.rank = rank
 
-    def add(self, step: int, epoch: int, first: int, rows: torch.Tensor) -> None:
+    def add(self, step: int, epoch: int, ids: list[int], rows: torch.Tensor) -> None:
         crcs = [zlib.crc32(r.numpy().tobytes()) for r in rows.cpu()]
-        self.file.write(json.dumps({"step": step, "rank": self.rank, "epoch": epoch, "first": first,
+        self.file.write(json.dumps({"step": step, "rank": self.rank, "epoch": epoch, "ids": ids,
                                     "crc": crcs}) + "\n")
         self.file.flush()
 
@@ -160,7 +171,7 @@ class _Run:
         self.step.finish_round()  # method local: a checkpoint closes the round (DESIGN.md, "Local steps")
         totals = self.byte_totals()
         meta = {"step": step, "epoch": self.pos.epoch,
-                "sequences_in_epoch": self.pos.sequence,
+                "sequences_in_epoch": self.pos.sequence, "data_state": self.pos.state_dict(),
                 "world_size": self.world, "expert_parallel": self.cfg.expert_parallel,
                 "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item(),
                 "model": self.cfg.model.model_dump()}
@@ -279,14 +290,15 @@ class _Reporter:
 
 
 def _check_same_batch(x: torch.Tensor) -> None:
-    """Collective: fail when the ranks' global batches differ (their cuts would overlap or miss rows)."""
+    """Collective: fail when the ranks' ``x`` differ (the data position's fingerprint: ranks that
+    disagree on it would read overlapping or missing sequences)."""
     # Position-weighted sum in int64: exact modulo 2**64 in any summation order (threads may differ).
     fingerprint = (x.long() * torch.arange(1, x.numel() + 1, dtype=torch.long).view_as(x)).sum()
     both = torch.stack([fingerprint, -fingerprint])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     if both[0] != -both[1]:
-        raise RuntimeError("the ranks read different global batches from the training set; cutting them "
-                           "needs one order on every rank (Ray Data's preserve_order, one shuffle seed)")
+        raise RuntimeError("the ranks disagree on the data position (workers/data/order.py); each must step "
+                           "it with the same split and seed")
 
 
 def _eval_batches(shard: Any, loop: LoopConfig, device: torch.device) -> Iterator[torch.Tensor]:
@@ -308,12 +320,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = _setup(cfg, channel, config.get("tokenizer"))
     step_fn, loop = run.step, cfg.loop
     device = next(step_fn.model.parameters()).device
-    shard = ray.train.get_dataset_shard("train")
-    # Every rank reads the one training order and cuts its rows of each global batch: batch_size
-    # each (equal), or shares that follow the measured speeds (speed).
+    # Every rank steps the one global position and reads only its own rows of each step: batch_size
+    # (equal), or a share that follows the measured speeds (speed).
+    run.pos.start(config["data"], cfg.seed, run.rank)
     split = SpeedSplit(loop.batch_size * run.world, run.world, run.rank, loop.split_smoothing)
     timer = ForwardTimer(step_fn.model, device) if loop.split == "speed" else None
-    batches = _batches(shard, split.total_rows, cfg.seed, run.pos)
     record = _SequenceLog(cfg.control_dir, run.rank) if os.environ.get(RECORD_SEQUENCES_ENV) and cfg.control_dir \
         else None
     reporter = _Reporter(run, channel)
@@ -321,19 +332,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for step in range(run.start, loop.steps):
         t_step = time.perf_counter()
-        first, x = next(batches)  # (global batch, seq_len + 1) on the host, the same on every rank
-        epoch, tokens = run.pos.epoch, x[:, 1:].numel()
+        ids, x = run.pos.next(split.rows)  # (rows, seq_len + 1) on the host: this rank's
+        epoch, tokens = run.pos.epoch, split.total_rows * (x.shape[1] - 1)
         check = (step + 1 - run.start) % loop.split_every == 0
         measure = timer is not None and check
         if check:
-            _check_same_batch(x)
-        lo = split.offset
-        x, weight = x[lo: lo + split.rows[run.rank]].to(device), split.weight  # (rows, seq_len + 1): this rank's
+            _check_same_batch(torch.tensor(run.pos.stream.state.fingerprint()))
+        x, weight = x.to(device), split.weight
         if timer is not None:
             timer.armed, timer.seconds = measure, 0.0
         result = step_fn(step, x, weight)
         if record is not None:
-            record.add(step, epoch, first + lo, x)
+            record.add(step, epoch, ids, x)
         if measure:
             timer.armed = False
             split.update(len(x) / timer.seconds)

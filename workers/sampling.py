@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from workers.data import EOS_TOKEN
+from workers.data.tokenizer import Tokenizer
 from workers.moe.model import MoETransformer
-from workers.tokenizer import Tokenizer
 
 DEFAULT_PROMPTS = ("def ", "import ", "class ")
 SAMPLE_TOKENS = 160

@@ -216,14 +216,11 @@ def build_step(model_cfg: ModelConfig, comp_cfg: CompressionConfig, loop_cfg: Lo
     optimizer = build_optimizer(model, loop_cfg, comp_cfg)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None,
                                   forward_sync_buffers=False)  # router biases move identically everywhere
-    comm = compression.register(ddp, comp_cfg)
-    esync = parallel.ExpertGradSync(model, groups.expert_dp_group, comp_cfg) if groups is not None else None
-    step = TrainStep(model=model, forward=ddp, optimizer=optimizer, loop=loop_cfg, compression=comp_cfg,
-                     comm=comm, esync=esync, groups=groups)
-    if step.scaler is not None and comp_cfg.method == "topk":
-        step.guard = compression.LossScaleGuard(
-            comm, [esync.state] if esync else [], [p for m in esync.modules for p in m.parameters()] if esync else [])
-    return step
+    guard = compression.LossScaleGuard() if loop_cfg.precision == "fp16" and comp_cfg.method == "topk" else None
+    comm = compression.register(ddp, comp_cfg, guard=guard)
+    esync = parallel.ExpertGradSync(model, groups.expert_dp_group, comp_cfg, guard) if groups is not None else None
+    return TrainStep(model=model, forward=ddp, optimizer=optimizer, loop=loop_cfg, compression=comp_cfg,
+                     comm=comm, esync=esync, groups=groups, guard=guard)
 
 
 def _build_local_step(model: MoETransformer, comp_cfg: CompressionConfig, loop_cfg: LoopConfig,

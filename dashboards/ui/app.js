@@ -1,8 +1,11 @@
 // The dashboard's shell: sign-in, hash routes, and a refresh loop for the page on show.
-// Routes: #/jobs, #/jobs/<id>, #/cluster, #/sweeps, #/sweeps/new, #/sweeps/<id>.
+// Routes: #/jobs, #/jobs/<id>, #/cluster, #/sweeps, #/sweeps/new, #/sweeps/<id>, #/deployments,
+// #/deployments/<id>. A hidden tab (document.visibilityState) polls nothing; shown again, it
+// refreshes at once and resumes.
 
 import { describe, onSignOut, signIn, signOut, signedIn } from "./api.js";
 import { clusterPage } from "./cluster.js";
+import { deploymentDetailPage, deploymentsPage } from "./deployments.js";
 import { errorBox, replace } from "./dom.js";
 import { jobDetailPage, jobsPage } from "./jobs.js";
 import { sweepDetailPage, sweepsPage } from "./sweeps.js";
@@ -18,6 +21,8 @@ const ROUTES = [
   [/^#\/sweeps\/([A-Za-z0-9_-]+)$/, sweepDetailPage, "sweeps"],
   [/^#\/sweeps$/, sweepsPage, "sweeps"],
   [/^#\/cluster$/, clusterPage, "cluster"],
+  [/^#\/deployments\/([A-Za-z0-9_-]+)$/, deploymentDetailPage, "deployments"],
+  [/^#\/deployments$/, deploymentsPage, "deployments"],
 ];
 
 const pageRoot = document.getElementById("page");
@@ -31,6 +36,14 @@ function showSignIn() {
   nav.hidden = true;
   form.hidden = false;
   document.getElementById("token").focus();
+}
+
+// Polls the page on show while the tab is visible; none while it is hidden.
+function schedule(state) {
+  clearInterval(state.timer);
+  state.timer = 0;
+  if (state.page.live === false || document.visibilityState === "hidden") return;
+  state.timer = setInterval(() => tick(state), REFRESH_MS);
 }
 
 function stopPage() {
@@ -76,8 +89,14 @@ function route() {
   const state = { page: make(body, ...m.slice(1)), timer: 0, busy: false, error };
   current = state;
   tick(state);
-  if (state.page.live !== false) state.timer = setInterval(() => tick(state), REFRESH_MS);
+  schedule(state);
 }
+
+document.addEventListener("visibilitychange", () => {
+  if (!current) return;
+  if (document.visibilityState !== "hidden" && current.page.live !== false) tick(current);
+  schedule(current);
+});
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();

@@ -1,7 +1,7 @@
 // Cluster: pools (capacity, use, free, queue) and nodes from /v1/cluster, and the queue of jobs.
 
 import { api } from "./api.js";
-import { LiveTable, badge, el, fmtNum, kv, progressBar, replace } from "./dom.js";
+import { LiveTable, badge, el, fmtNum, keyed, kv, progressBar, replace } from "./dom.js";
 
 // The resource that sizes a pool of each kind: its accelerator, or its CPUs.
 const MAIN_RESOURCE = { gpu: "GPU", npu: "NPU", cpu: "CPU" };
@@ -60,9 +60,9 @@ export function clusterPage(root) {
     async refresh() {
       const [cluster, queued] = await Promise.all([
         api("/v1/cluster"), api(`/v1/jobs?state=QUEUED&limit=${QUEUE_LIMIT}`)]);
-      replace(summary, el("div", { class: "card" }, kv([
-        ["Ray", cluster.ray_address || "(none configured)"], ["alive nodes", cluster.alive_nodes],
-        ["resources", resources(cluster.totals)], ["unmanaged Ray jobs", cluster.unmanaged_jobs ?? 0]])));
+      const pairs = [["Ray", cluster.ray_address || "(none configured)"], ["alive nodes", cluster.alive_nodes],
+        ["resources", resources(cluster.totals)], ["unmanaged Ray jobs", cluster.unmanaged_jobs ?? 0]];
+      keyed(summary, JSON.stringify(pairs), () => el("div", { class: "card" }, kv(pairs)));
       pools.update(Object.entries(cluster.pools || {}).map(([name, p]) => ({ name, ...p })));
       queue.update(queued.data);
       nodes.update(cluster.nodes);

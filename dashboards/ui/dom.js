@@ -74,7 +74,7 @@ export function errorBox(message) {
   return el("p", { class: "error", role: "alert" }, message);
 }
 
-// A table that keeps its sort and filter across live refreshes. columns: [{key, label, value(row)
+// A table that keeps its sort, filter and rows' DOM across live refreshes. columns: [{key, label, value(row)
 // -> sortable/filterable value, cell(row) -> Node|string (default: value), num: bool}].
 export class LiveTable {
   constructor(columns, { onRowClick, rowId, empty = "nothing yet", filterLabel = "Filter" } = {}) {
@@ -86,6 +86,7 @@ export class LiveTable {
     this.sortDir = 1;
     this.rows = [];
     this.selected = null;
+    this.shown = new Map(); // row id -> {tr, row}
     this.filter = el("input", { type: "text", placeholder: "text to match in any column", class: "filter",
                                 oninput: () => this.render() });
     this.head = el("tr");
@@ -121,6 +122,8 @@ export class LiveTable {
     return column.value ? column.value(row) : row[column.key];
   }
 
+  // Rows are keyed by rowId: a row already shown keeps its <tr> (and every cell whose content is
+  // unchanged keeps its nodes), so a refresh loses no focus, text selection or scroll position.
   render() {
     const needle = this.filter.value.trim().toLowerCase();
     let rows = this.rows;
@@ -133,18 +136,51 @@ export class LiveTable {
     }
     this.count.textContent = needle ? `${rows.length} of ${this.rows.length}` : `${this.rows.length}`;
     if (!rows.length) {
+      this.shown.clear();
       replace(this.body, el("tr", {}, el("td", { colspan: this.columns.length, class: "muted" }, this.empty)));
       return;
     }
-    replace(this.body, rows.map((r) => {
-      const id = this.rowId ? this.rowId(r) : undefined;
-      const cls = [this.onRowClick ? "clickable" : "", id !== undefined && id === this.selected ? "selected" : ""];
-      return el("tr", { class: cls.join(" ").trim() || undefined, "data-id": id,
-                        onclick: this.onRowClick ? (e) => rowClick(e, () => this.onRowClick(r)) : undefined },
-        this.columns.map((c) => el("td", { class: c.num ? "num" : undefined },
-                                   c.cell ? c.cell(r) : fmtNum(this.value(c, r)))));
-    }));
+    const keep = new Set();
+    rows.forEach((r, i) => {
+      const id = this.rowId ? String(this.rowId(r)) : String(i);
+      let entry = this.shown.get(id);
+      if (!entry) {
+        entry = { tr: el("tr", { "data-id": this.rowId ? id : undefined }), row: r };
+        if (this.onRowClick) {
+          entry.tr.classList.add("clickable");
+          entry.tr.addEventListener("click", (e) => rowClick(e, () => this.onRowClick(entry.row)));
+        }
+        this.shown.set(id, entry);
+      }
+      entry.row = r;
+      entry.tr.classList.toggle("selected", this.rowId !== undefined && this.rowId(r) === this.selected);
+      this.fill(entry.tr, r);
+      keep.add(entry.tr);
+      const at = this.body.children[i];
+      if (at !== entry.tr) this.body.insertBefore(entry.tr, at || null);
+    });
+    for (const [id, entry] of this.shown) if (!keep.has(entry.tr)) this.shown.delete(id);
+    for (const child of [...this.body.children]) if (!keep.has(child)) child.remove();
   }
+
+  // A row's cells, each replaced only when what it shows changed.
+  fill(tr, r) {
+    this.columns.forEach((c, j) => {
+      const fresh = el("td", { class: c.num ? "num" : undefined }, c.cell ? c.cell(r) : fmtNum(this.value(c, r)));
+      const old = tr.children[j];
+      if (!old) tr.append(fresh);
+      else if (!old.isEqualNode(fresh)) old.replaceChildren(...fresh.childNodes);
+    });
+  }
+}
+
+// Shows build()'s nodes in node only when key differs from the key shown last: a part of a page
+// whose data did not change keeps its DOM (focus, selection, scroll, an open <details>).
+const shownKeys = new WeakMap();
+export function keyed(node, key, build) {
+  if (shownKeys.get(node) === key) return;
+  shownKeys.set(node, key);
+  replace(node, build());
 }
 
 function rowClick(event, action) {

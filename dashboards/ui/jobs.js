@@ -3,12 +3,12 @@
 
 import { api, describe } from "./api.js";
 import { lineChart } from "./charts.js";
-import { LiveTable, badge, el, fmtAge, fmtNum, fmtTime, kv, progressBar, replace } from "./dom.js";
+import { LiveTable, badge, el, fmtAge, fmtNum, fmtTime, keyed, kv, progressBar, replace } from "./dom.js";
+import { enumValues, terminalValues } from "./schema.js";
 
 const LIST_LIMIT = 200;
 const LOG_TAIL_LINES = 200;
 const LOG_TAIL_BYTES = 64 * 1024; // what one poll asks of the log: its end, never the whole log
-const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
 
 function progressCell(job) {
   const m = job.metrics || {};
@@ -30,14 +30,21 @@ export function jobsPage(root) {
     { key: "created_at", label: "Created", value: (j) => j.created_at, cell: (j) => fmtAge(j.created_at) },
   ], { onRowClick: (j) => { location.hash = `#/jobs/${j.id}`; }, rowId: (j) => j.id, empty: "no jobs" });
   const total = el("span", { class: "muted" });
-  replace(root, el("h1", {}, "Jobs ", total), table.node);
-  return {
-    async refresh() {
-      const page = await api(`/v1/jobs?limit=${LIST_LIMIT}`);
-      total.textContent = page.count > page.data.length ? `(newest ${page.data.length} of ${page.count})` : "";
-      table.update(page.data);
-    },
-  };
+  // The states to filter by: the API's JobState enum, from its schema.
+  const state = el("select", { id: "state-filter", onchange: () => refresh() }, el("option", { value: "" }, "any state"));
+  replace(root, el("h1", {}, "Jobs ", total), el("label", { class: "inline" }, "State", state), table.node);
+  let filling = null;
+
+  async function refresh() {
+    filling ??= enumValues("JobState").then((values) => state.append(...values.map((v) => el("option", { value: v }, v))))
+      .catch((e) => { filling = null; throw e; });
+    await filling;
+    const page = await api(`/v1/jobs?limit=${LIST_LIMIT}${state.value ? `&state=${state.value}` : ""}`);
+    total.textContent = page.count > page.data.length ? `(newest ${page.data.length} of ${page.count})` : "";
+    table.update(page.data);
+  }
+
+  return { refresh };
 }
 
 function historyTable(job) {
@@ -102,25 +109,27 @@ export function jobDetailPage(root, id) {
   return {
     async refresh() {
       if (done) return; // a finished job does not change: one last read is enough
-      const job = await api(`/v1/jobs/${id}`);
+      const [job, terminal] = await Promise.all([api(`/v1/jobs/${id}`), terminalValues("JobState")]);
       // Both read Ray: when it is away (503) the job's stored state still shows.
       const [curve, log] = await Promise.all([
         api(`/v1/jobs/${id}/curve`).catch((e) => ({ points: [], error: describe(e) })),
         api(`/v1/jobs/${id}/logs?tail=${LOG_TAIL_BYTES}`).catch((e) => ({ error: describe(e) }))]);
       const stop = el("button", { class: "danger", type: "button", disabled: job.cancel_requested,
                                   onclick: (e) => cancel(e.target) }, job.cancel_requested ? "Cancelling" : "Cancel");
-      replace(head,
+      const shown = [job.name, job.state, job.kind, job.team, job.owner, job.priority, job.message, job.queue_position,
+        job.queue_reason, job.metrics?.step, job.metrics?.total_steps, job.attempts, job.max_retries, job.cancel_requested];
+      keyed(head, JSON.stringify(shown), () => [
         el("h1", {}, el("span", { id: "job-name" }, job.name), " ", badge(job.state)),
         el("div", { class: "card" },
           kv([["id", job.id], ["kind", job.kind], ["team", `${job.team} (${job.owner})`], ["priority", job.priority],
               ["message", job.message], ["queue", job.queue_position ? `#${job.queue_position}: ${job.queue_reason || ""}` : ""],
               ["progress", progressCell(job)], ["attempts", `${job.attempts} of ${job.max_retries + 1}`],
               ["created", fmtTime(job.created_at)]]),
-          TERMINAL.has(job.state) ? null : el("p", {}, stop)));
+          terminal.has(job.state) ? null : el("p", {}, stop))]);
       const curveKey = curve.error ? null : JSON.stringify([curve.points.length, curve.points.at(-1)]);
       if (curveKey === null || curveKey !== curveShown) replace(chart, curveChart(curve));
       curveShown = curveKey;
-      replace(metrics, metricsList(job));
+      keyed(metrics, JSON.stringify(job.metrics || {}), () => metricsList(job));
       const logKey = log.error ? null : `${log.attempt}:${log.end}`;
       if (logKey === null || logKey !== logShown) {
         logs.textContent = log.error ? `(log unavailable: ${log.error})`
@@ -128,10 +137,11 @@ export function jobDetailPage(root, id) {
         logs.scrollTop = logs.scrollHeight; // a tail: show its end
       }
       logShown = logKey;
-      replace(history, historyTable(job));
-      replace(attempts, attemptsTable(job));
-      spec.textContent = JSON.stringify(job.spec, null, 2);
-      done = TERMINAL.has(job.state);
+      keyed(history, JSON.stringify(job.history), () => historyTable(job));
+      keyed(attempts, JSON.stringify(job.attempt_history), () => attemptsTable(job));
+      const specText = JSON.stringify(job.spec, null, 2);
+      if (spec.textContent !== specText) spec.textContent = specText;
+      done = terminal.has(job.state);
     },
   };
 }

@@ -6,13 +6,12 @@
 import { api, describe } from "./api.js";
 import { el, fmtNum, kv, replace } from "./dom.js";
 
-const TERMINAL_JOB = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
 const NAME_MAX_CHARS = 64; // the API's limit on a deployment name (deployment_schemas.py)
 
 // Why the best trial cannot be promoted now, or null: the route's own checks (a finished sweep whose
 // best trial has a checkpoint), said before a click instead of after it.
-function promoteBlocker(sweep) {
-  if (!TERMINAL_JOB.has(sweep.state)) {
+function promoteBlocker(sweep, terminal) {
+  if (!terminal.has(sweep.state)) {
     return `the sweep is ${sweep.state}: its best trial may still change; promote it once it has finished`;
   }
   if (!sweep.best) return `no trial has reported ${sweep.metric}`;
@@ -62,8 +61,9 @@ export function promotePanel(sweepId) {
       el("form", { class: "row", onsubmit: promote },
         el("label", { class: "inline" }, "deployment name", name), button, why),
       error, result),
-    update(sweep) {
-      blocker = promoteBlocker(sweep);
+    // terminal: the sweep states it never leaves (from the API's schema).
+    update(sweep, terminal) {
+      blocker = promoteBlocker(sweep, terminal);
       button.disabled = busy || blocker !== null;
       button.title = blocker ?? `serve trial ${sweep.best.trial_id}'s checkpoint on Ray Serve`;
       why.textContent = blocker ?? `trial ${sweep.best.trial_id}: ${sweep.metric} ${fmtNum(sweep.best.value)}`;

@@ -4,12 +4,13 @@
 
 import { api, describe } from "./api.js";
 import { COLOURS, legend, lineChart, parallelCoordinates, scatterChart } from "./charts.js";
-import { LiveTable, badge, el, fmtAge, fmtNum, kv, progressBar, replace } from "./dom.js";
+import { LiveTable, badge, el, fmtAge, fmtNum, keyed, kv, progressBar, replace } from "./dom.js";
 import { promotePanel } from "./promote.js";
+import { terminalValues } from "./schema.js";
 
 const LIST_LIMIT = 200;
-const TERMINAL_TRIAL = new Set(["SUCCEEDED", "EARLY_STOPPED", "STOPPED", "FAILED"]);
-const TERMINAL_JOB = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
+let TERMINAL_TRIAL = new Set(); // from the API's schema (TrialState, JobState) on the first refresh
+let TERMINAL_JOB = new Set();
 
 export function sweepsPage(root) {
   const table = new LiveTable([
@@ -134,7 +135,8 @@ export function sweepDetailPage(root, id) {
         points: (chosen.history || []).map((p) => [p.step, p.loss]) }] }),
     ] : el("p", { class: "muted" }, "click a trial's row to open its curve"));
     if (!scatterParam || !params.includes(scatterParam)) scatterParam = params[0] ?? null;
-    replace(paramSelect, params.map((p) => el("option", { value: p, selected: p === scatterParam }, p)));
+    keyed(paramSelect, JSON.stringify(params), () => params.map((p) => el("option", { value: p }, p)));
+    if (scatterParam !== null && paramSelect.value !== scatterParam) paramSelect.value = scatterParam;
     const dim = sweep.spec?.space?.[scatterParam] || {};
     replace(scatter, scatterChart({
       title: `${scatterParam} vs best ${sweep.metric}`, xLabel: scatterParam || "", yLabel: `best ${sweep.metric}`,
@@ -151,26 +153,32 @@ export function sweepDetailPage(root, id) {
       series: [{ name: "best so far", colour: 0, points: bestSoFar(trials, sweep.mode) }], empty: "no trial has reported yet" }));
   }
 
+  let drawn = null; // what the charts show: redrawn only when it changed
+
   async function refresh() {
-    sweep = await api(`/v1/sweeps/${id}`);
+    [sweep, TERMINAL_TRIAL, TERMINAL_JOB] = await Promise.all([api(`/v1/sweeps/${id}`), terminalValues("TrialState"),
+                                                               terminalValues("JobState")]);
     const params = Object.keys(sweep.spec?.space || {});
     const cancel = el("button", { type: "button", class: "danger", id: "cancel-sweep", disabled: sweep.cancel_requested,
       onclick: async (e) => { e.target.disabled = true; await api(`/v1/sweeps/${id}/cancel`, { method: "POST" }); refresh(); } },
       sweep.cancel_requested ? "Cancelling" : "Stop sweep");
-    replace(head, el("h1", {}, el("span", { id: "sweep-name" }, sweep.name), " ", badge(sweep.state)),
+    keyed(head, JSON.stringify([sweep.state, sweep.counts, sweep.best, sweep.message, sweep.cancel_requested]), () => [
+      el("h1", {}, el("span", { id: "sweep-name" }, sweep.name), " ", badge(sweep.state)),
       el("div", { class: "card" }, kv([
         ["id", sweep.id], ["metric", `${sweep.metric} (${sweep.mode})`], ["search", `${sweep.search}, scheduler ${sweep.scheduler}`],
         ["trials", Object.entries(sweep.counts || {}).map(([k, n]) => `${n} ${k}`).join(", ") || "none yet"],
         ["best", sweep.best ? `${fmtNum(sweep.best.value)} (trial ${sweep.best.trial_id}, step ${sweep.best.step})` : ""],
         ["message", sweep.message], ["team", `${sweep.team} (${sweep.owner})`]]),
-        TERMINAL_JOB.has(sweep.state) ? null : el("p", {}, cancel)));
-    promote.update(sweep);
+        TERMINAL_JOB.has(sweep.state) ? null : el("p", {}, cancel))]);
+    promote.update(sweep, TERMINAL_JOB);
     if (!table || columnsKey !== params.join("\n")) {
       columnsKey = params.join("\n");
       makeTable(params);
     }
     table.update(sweep.trials);
-    draw();
+    const now = JSON.stringify([sweep.trials, sweep.state]);
+    if (now !== drawn) draw();
+    drawn = now;
   }
 
   return { refresh };

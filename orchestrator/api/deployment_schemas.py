@@ -47,12 +47,13 @@ class ServeOptions(ServeSpec):
 
     checkpoint: str | None = Field(None, min_length=1)  # type: ignore[assignment]
     key_sha256: None = None  # type: ignore[assignment]
+    stats_key_sha256: None = None  # type: ignore[assignment]
 
-    @field_validator("key_sha256", mode="before")
+    @field_validator("key_sha256", "stats_key_sha256", mode="before")
     @classmethod
     def _no_key(cls, v: Any) -> None:
         if v is not None:
-            raise ValueError("the service makes each deployment's key (shown once); leave it unset")
+            raise ValueError("the service makes each deployment's keys (the bearer key shown once); leave it unset")
 
 
 class PromoteOptions(ServeOptions):
@@ -135,3 +136,36 @@ class DeploymentCreated(DeploymentPublic):
 class DeploymentsPublic(BaseModel):
     data: list[DeploymentPublic]
     count: int
+
+
+class ReplicaFigures(BaseModel):
+    """One replica's /v1/stats (workers/serving/stats.py): counts since it started, latencies over
+    its latest rows, rates over the last minute; the figures of Grafana's serving row."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer replica may say more
+
+    replica: str
+    requests: int
+    rows: int
+    running_rows: int
+    completion_tokens: int
+    tokens_generated: int
+    prefix_hit_tokens: int = 0
+    batch_sizes: dict[int, int]
+    mean_batch_rows: float | None = None
+    ttft_ms_p50: float | None = None
+    ttft_ms_p95: float | None = None
+    tpot_ms_p50: float | None = None
+    tpot_ms_p95: float | None = None
+    queue_wait_ms_p50: float | None = None
+    queue_wait_ms_p95: float | None = None
+    prompt_tokens_per_s: float | None = None
+    completion_tokens_per_s: float | None = None
+    requests_by_status: dict[str, int] = {}
+
+
+class DeploymentStats(BaseModel):
+    id: str
+    status: DeploymentStatus
+    replicas: list[ReplicaFigures]  # one per replica reached, by replica id; empty while none serves
+    message: str | None  # why there are no figures (nothing serves yet)

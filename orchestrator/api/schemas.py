@@ -69,7 +69,7 @@ _SURROGATE_ERROR = PydanticCustomError(
 class JobCreate(_Schema):
     """A job to run: the spec (same schema as the YAML files) and control-plane options."""
 
-    kind: KindName = "train"  # a registered job kind (jobs/kinds.py)
+    kind: KindName = "train"  # a registered job kind (jobs/kinds/)
     spec: AnySpec  # validated by the kind's spec model
     # New attempts after the driver dies for a reason outside the job (cluster restart, node loss).
     # Ray Train's own worker restarts inside one attempt are spec.resources.max_failures.

@@ -20,9 +20,7 @@ from orchestrator.auth.principals import (
     Role,
 )
 from orchestrator.auth.roots import (
-    PATH_FIELDS,
     check_data_roots,
-    register_path_fields,
     root_error,
     root_violations,
 )
@@ -31,7 +29,6 @@ from orchestrator.auth.tokens import TOKEN_CACHE_MAX_ENTRIES, Authenticator, has
 __all__ = [
     "ADMIN",
     "NAME_PATTERN",
-    "PATH_FIELDS",
     "RESERVED_USERS",
     "ROLES",
     "SCRAPE_PATHS",
@@ -45,7 +42,6 @@ __all__ = [
     "hash_token",
     "new_token",
     "priority_refusal",
-    "register_path_fields",
     "root_error",
     "root_violations",
     "submission_team",

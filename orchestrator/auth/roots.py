@@ -1,7 +1,7 @@
 """Data roots: the folders and ``s3://`` prefixes a non-admin's job may read and write.
 
-Each job kind registers the spec fields that name a path it reads or writes (``PATH_FIELDS``; a new
-kind is one ``register_path_fields`` line). A set field must lie under one of the team's roots:
+Each job kind names the spec fields that hold a path it reads or writes (``path_fields`` of its
+jobs/kinds/ file). A set field must lie under one of the team's roots:
 
 * local paths are absolute, and compared after ``os.path.realpath`` of both sides (symlinks and
   ``..`` resolved, as far as they exist on the API's machine), component by component: ``/data/nlp2``
@@ -14,9 +14,9 @@ A field left unset (None) is the kind's default: for train, the standard library
 only) and a cache folder the service chooses. Output folders of train jobs are chosen by the
 service (``<jobs_dir>/<job id>/out``), never by a spec, and hold the checkpoints unless the spec's
 ``checkpoint_storage`` puts them elsewhere (checked like the others); serve's checkpoint is a spec
-field, checked likewise. A kind that registered nothing is refused for non-admins (fail closed). The check runs at submission, on the
-API's view of the file system, which must be the cluster's (shared storage, see README); a symlink
-made inside a root *after* submission is outside what it can see.
+field, checked likewise. An unknown kind is refused for non-admins (fail closed). The check runs at
+submission, on the API's view of the file system, which must be the cluster's (shared storage, see
+README); a symlink made inside a root *after* submission is outside what it can see.
 """
 
 from __future__ import annotations
@@ -25,20 +25,9 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from jobs.kinds import KINDS
+
 S3_SCHEME = "s3://"
-
-# kind -> dotted spec fields that hold a path (a string, or a list of strings)
-PATH_FIELDS: dict[str, tuple[str, ...]] = {}
-
-
-def register_path_fields(kind: str, *fields: str) -> None:
-    """Declare the path fields of a job kind (none is a valid answer: ``register_path_fields("x")``)."""
-    PATH_FIELDS[kind] = tuple(fields)
-
-
-register_path_fields("train", "data.source", "data.path", "checkpoint_storage")
-register_path_fields("prepare", "source", "path")
-register_path_fields("serve", "checkpoint")
 
 
 def _values(spec: Mapping[str, Any], field: str) -> Iterator[tuple[str, Any]]:
@@ -120,12 +109,12 @@ def _outside(value: str, roots: Sequence[str]) -> bool:
 
 def root_violations(kind: str, spec: Mapping[str, Any], roots: Sequence[str]) -> list[tuple[str, str]]:
     """``(field path, message)`` for each path field of ``spec`` outside ``roots``; empty: allowed.
-    A kind that registered no path fields is refused as a whole (fail closed)."""
-    if kind not in PATH_FIELDS:
-        return [("kind", f"{kind!r} jobs have no data-root check registered; only an admin may submit them")]
+    An unknown kind is refused as a whole (fail closed)."""
+    if kind not in KINDS:
+        return [("kind", f"{kind!r} is no job kind with a data-root check; only an admin may submit it")]
     where = ", ".join(roots) if roots else "none set; ask an admin (orch team set)"
     problems = []
-    for field in PATH_FIELDS[kind]:
+    for field in KINDS[kind].path_fields:
         for path, value in _values(spec, field):
             error = root_error(value)
             if error is None and _outside(value, roots):

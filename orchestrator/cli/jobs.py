@@ -24,7 +24,7 @@ JobId = Annotated[str, typer.Argument(metavar="ID", help="the job's id (orch lis
 def submit(
     ctx: typer.Context,
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="e.g. jobs/examples/demo.yaml")],
-    kind: Annotated[str, typer.Option(help="the job kind (jobs/kinds.py): train, prepare, sweep")] = "train",
+    kind: Annotated[str, typer.Option(help="the job kind (jobs/kinds/): train, prepare, sweep")] = "train",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="override a spec field (repeatable)")] = None,
     max_retries: Annotated[int, typer.Option(help="new attempts after a lost driver (0-10)")] = 2,
@@ -35,14 +35,13 @@ def submit(
 ) -> None:
     # The spec is validated here, before anything is sent.
     from jobs.kinds import job_kind
-    from jobs.specs import SpecError, load_spec, read_yaml, validate_as
+    from jobs.specs import SpecError, read_yaml, validate_as
 
     try:
         if job_kind(kind).serves:
             raise CliError(f"{kind} specs run as deployments: orch serve CHECKPOINT --set KEY=VALUE "
                            "(POST /v1/deployments)", EXIT_USAGE)
-        model = job_kind(kind).spec
-        loaded = load_spec(spec, set_ or []) if kind == "train" else validate_as(model, read_yaml(spec), set_ or [], kind)
+        loaded = validate_as(job_kind(kind).spec, read_yaml(spec), set_ or [], kind)
     except (SpecError, ValueError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
     body = {"kind": kind, "spec": loaded.model_dump(mode="json"), "max_retries": max_retries}

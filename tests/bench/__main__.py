@@ -91,6 +91,12 @@ def _local_frontier(scratch: Path, args: argparse.Namespace) -> dict:
     return frontier_section(args.steps)
 
 
+def _local_horizon(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.local_sections import horizon_section
+
+    return horizon_section()
+
+
 def _local_link(scratch: Path, args: argparse.Namespace) -> dict:
     from tests.bench.local_sections import link_section
 
@@ -101,6 +107,7 @@ SECTIONS = {
     "compression": lambda scratch, args: compression_section(scratch, args.steps, args.variants, args.reuse),
     "horizon": lambda scratch, args: horizon_section(scratch, args.steps, args.reuse),
     "local-frontier": _local_frontier,
+    "local-horizon": _local_horizon,
     "local-link": _local_link,
     "selection": _selection,
     "moe": _moe,

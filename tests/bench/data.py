@@ -1,9 +1,9 @@
 """The data plane (issue #15): memory as the dataset grows, Ray Data vs a raw pyarrow read, the
 trainer's wait for data, and preparation throughput, side by side in one run.
 
-Shards are generated straight in the prepared format (workers/corpus: ``shard_table``, the shard
-writer's parquet settings, ``Manifest``), so ``open_training_data`` reads and verifies them as it
-would a ``jobs.prepare`` output: documents of random byte ids (1..255, EOS 0; the bytes tokenizer),
+Shards are generated straight in the prepared format (workers/data/shards.py ``write_shard``: row
+groups of 4 MiB with their checksums, ``Manifest``), so a run reads and verifies them as it would a
+``jobs.prepare`` output: documents of random byte ids (1..255, EOS 0; the bytes tokenizer),
 ``SHARD_TOKENS`` tokens per shard, the size of ``jobs.prepare``'s default shard. Random ids do not
 compress, so a shard holds about one token per byte on disk (two in memory, uint16): "GB" here are
 gigabytes of shard files. ``DISTINCT_SHARDS`` shards are drawn and the rest of a set are copies of
@@ -11,18 +11,19 @@ them (separate files, so separate reads and page-cache pages): readers do not ca
 are, and drawing and encoding every shard would take most of the section's time on 2 cores.
 
 Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BENCH_DATA_GB``):
-- a data-only pass over the whole set through the trainer's own input path (jobs/trainer.py's
-  DataConfig on workers/data.py's ``make_datasets``, consumed as workers/loop.py does: windows in
-  the training order, global batches, int64 tensors) in the driver, and a fixed-step training run
+- a data-only pass over one epoch through a worker's own input path (workers/data/stream.py: the
+  epoch's order, one Ray Data read task per row group, int64 tensors) in the driver, one rank taking
+  the whole global batch, and a fixed-step training run
   (``build_trainer(...).fit()`` on the demo spec); during each, a thread samples the summed RSS of
   the driver and every Ray worker process (the raylet's children) and the object store's used bytes.
 - rows/s of global batches through that path vs the same consumer fed by ``pyarrow.parquet``
   reading the same files one after the other in this process (no Ray).
-- the same data-only pass through ``ray.data.read_parquet``, the input path before the trainer's
-  manifest-planned source (workers/shard_reader.py), side by side.
+- the same data-only pass through ``ray.data.read_parquet``, the input path before the manifest-
+  planned sources (workers/data/reader.py), side by side.
 - the share of a training step spent waiting for data: this module's per-worker function wraps the
-  product loop's batch iterator (``workers.loop._batches``, in the worker process only; the loop does
-  not know) and times each ``next()`` against the time between steps.
+  product loop's data position (``workers.loop._Position.next``, in the worker process only; the loop
+  does not know) and times each call against the time between steps.
+- reading each sequence once, resuming, a read task's memory: tests/bench/data_exact.py.
 - ``jobs.prepare``'s pipeline on a slice of the standard library with the bytes and the BPE
   tokenizer (tests/bench/data_prepare.py): input MB/s per core, and BPE tokens per input byte.
 
@@ -79,24 +80,30 @@ def sizes_gb() -> tuple[float, float]:
 # -- shards -------------------------------------------------------------------------------------
 
 
-def _random_shard(rng: np.random.Generator) -> tuple[bytes, int, int]:
-    """One shard file's bytes in the prepared format, and its rows and tokens."""
-    from workers.corpus.shards import PARQUET_COMPRESSION, shard_table
-
-    tokens = rng.integers(*BYTE_IDS, SHARD_TOKENS, dtype=np.uint16)  # (tokens,)
-    ends = np.cumsum(rng.integers(*DOC_TOKENS, SHARD_TOKENS // DOC_TOKENS[0]))
-    ends = np.append(ends[ends < SHARD_TOKENS], SHARD_TOKENS)  # (docs,) end offset of each document
+def random_docs(rng: np.random.Generator, n_tokens: int) -> list[np.ndarray]:
+    """Documents of random byte ids, ``n_tokens`` in all, each ending with EOS."""
+    tokens = rng.integers(*BYTE_IDS, n_tokens, dtype=np.uint16)  # (tokens,)
+    ends = np.cumsum(rng.integers(*DOC_TOKENS, n_tokens // DOC_TOKENS[0]))
+    ends = np.append(ends[ends < n_tokens], n_tokens)  # (docs,) end offset of each document
     tokens[ends - 1] = 0  # EOS ends every document
-    docs = np.split(tokens, ends[:-1])
-    sink = pa.BufferOutputStream()
-    pq.write_table(shard_table([f"doc-{i}" for i in range(len(docs))], docs), sink, compression=PARQUET_COMPRESSION)
-    return sink.getvalue().to_pybytes(), len(docs), SHARD_TOKENS
+    return np.split(tokens, ends[:-1])
+
+
+def _random_shard(rng: np.random.Generator) -> tuple[bytes, int, int, list[dict[str, Any]]]:
+    """One shard file's bytes in the prepared format (jobs.prepare's row groups), its rows, tokens and
+    row-group entries."""
+    from tests.bench.data_exact import ROW_GROUP_BYTES
+    from workers.data.shards import write_shard
+
+    docs = random_docs(rng, SHARD_TOKENS)
+    raw, groups = write_shard([f"doc-{i}" for i in range(len(docs))], docs, ROW_GROUP_BYTES)
+    return raw, len(docs), SHARD_TOKENS, [g.model_dump() for g in groups]
 
 
 def make_shards(root: Path, size_bytes: float, pool: Path) -> dict[str, Any]:
     """A prepared dataset of at least ``size_bytes`` of shard files under ``root`` (module docstring);
     ``pool`` holds the distinct shards, drawn once and shared by every size."""
-    from workers.corpus.manifest import (
+    from workers.data.manifest import (
         FileEntry,
         Manifest,
         ShardEntry,
@@ -104,19 +111,20 @@ def make_shards(root: Path, size_bytes: float, pool: Path) -> dict[str, Any]:
         TokenizerEntry,
         write_manifest,
     )
-    from workers.storage import open_fs
-    from workers.tokenizer import ByteTokenizer
+    from workers.data.storage import open_fs
+    from workers.data.tokenizer import ByteTokenizer
 
     pool.mkdir(parents=True, exist_ok=True)
     meta_path = pool / "pool.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else []
+    meta = [m for m in meta if "row_groups" in m]  # a pool drawn before row groups: drawn again
     rng = np.random.default_rng(len(meta))
     while len(meta) < DISTINCT_SHARDS:
-        raw, rows, tokens = _random_shard(rng)
+        raw, rows, tokens, groups = _random_shard(rng)
         name = f"pool-{len(meta):02d}.parquet"
         (pool / name).write_bytes(raw)
         meta.append({"name": name, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "rows": rows,
-                     "tokens": tokens})
+                     "tokens": tokens, "row_groups": groups})
         meta_path.write_text(json.dumps(meta))
     shutil.rmtree(root, ignore_errors=True)
     shard_dir = "shards-bench"
@@ -128,7 +136,7 @@ def make_shards(root: Path, size_bytes: float, pool: Path) -> dict[str, Any]:
         shutil.copyfile(pool / src["name"], root / file)
         entries.append(ShardEntry(file=file, bytes=src["bytes"], sha256=src["sha256"], split="train", rows=src["rows"],
                                   tokens=src["tokens"], documents=src["rows"], input_bytes=src["tokens"],
-                                  skipped_binary=0))
+                                  skipped_binary=0, row_groups=src["row_groups"]))
         total += src["bytes"]
     tok = ByteTokenizer().to_json().encode()
     (root / shard_dir / "tokenizer.json").write_bytes(tok)
@@ -209,15 +217,17 @@ class PeakMemory:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def trainer_batches(blocks: Iterator[np.ndarray], batch_rows: int, seed: int) -> Iterator[Any]:
-    """One epoch of what workers/loop.py's ``_batches`` hands the training step: packed blocks put in
-    the training order, cut into global batches, made int64 tensors."""
+def trainer_batches(blocks: Iterator[np.ndarray], batch_rows: int) -> Iterator[Any]:
+    """Packed rows cut into global batches of int64 tensors, what the training step takes."""
     import torch
 
-    from workers import order
-
-    for _, rows in order.global_batches(order.ordered_rows(blocks, seed, 0), batch_rows, 0):
-        yield torch.from_numpy(rows.astype(np.int64))  # (batch_rows, seq_len + 1)
+    carry = np.empty((0, 0), dtype=np.uint16)
+    for block in blocks:
+        rows = np.concatenate([carry, block]) if len(carry) else block
+        whole = len(rows) // batch_rows * batch_rows
+        for start in range(0, whole, batch_rows):
+            yield torch.from_numpy(rows[start:start + batch_rows].astype(np.int64))  # (batch_rows, seq_len + 1)
+        carry = rows[whole:]
 
 
 def _consume(blocks: Iterator[np.ndarray], spec: TrainSpec) -> dict[str, Any]:
@@ -238,7 +248,7 @@ def _consume(blocks: Iterator[np.ndarray], spec: TrainSpec) -> dict[str, Any]:
 
     started = time.perf_counter()
     rows, first_s, first_rows = 0, 0.0, 0
-    for x in trainer_batches(timed_blocks(), batch_rows, spec.seed):
+    for x in trainer_batches(timed_blocks(), batch_rows):
         if not rows:
             first_s, first_rows = time.perf_counter() - started, len(x)
         rows += len(x)
@@ -248,29 +258,32 @@ def _consume(blocks: Iterator[np.ndarray], spec: TrainSpec) -> dict[str, Any]:
             "batch_rows": batch_rows, "seq_len": spec.data.seq_len}
 
 
-def ordering_cost(block_rows: int, seq_len: int, pieces: int) -> float:
-    """Rows/s of ``trainer_batches`` alone (no reader) over ``block_rows`` random rows handed over as
-    ``pieces`` blocks: how the loop's ordering scales with the size of the blocks it is given."""
-    rows = np.random.default_rng(0).integers(*BYTE_IDS, (block_rows, seq_len + 1), dtype=np.uint16)
-    started = time.perf_counter()
-    n = sum(len(x) for x in trainer_batches(iter(np.array_split(rows, pieces)), ORDERING_BATCH_ROWS, 0))
-    return n / (time.perf_counter() - started)
-
-
 def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
-    """The whole training split through the trainer's input path, consumed in the driver."""
-    from workers.data import make_datasets
+    """One epoch of the training split through a worker's input path (workers/data/stream.py, its
+    Ray Data read tasks), as one rank taking the whole global batch, consumed in the driver."""
+    from workers.data.stream import RankStream, ray_fetch, state_for
 
-    return _driver_pass(make_datasets(data, spec.data, spec.seed)["train"], spec)
+    plan = data.train_plan(spec.data)
+    rows = [spec.train.batch_size * spec.resources.max_workers]
+    stream = RankStream(plan, state_for(plan, spec.seed, None), 0, ray_fetch(plan))
+
+    def blocks() -> Iterator[np.ndarray]:
+        while stream.state.remaining() >= rows[0]:
+            yield stream.next(rows)[1]
+
+    with PeakMemory() as mem:
+        result = _consume(blocks(), spec)
+    stream.close()
+    return {**result, "memory": mem.result()}
 
 
 def read_parquet_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
-    """The same pass with Ray Data's own parquet reader in place of workers/shard_reader.py's
-    manifest-planned source (the input path before it): ``read_parquet`` with a seeded file order,
+    """The same pass with Ray Data's own parquet reader in place of the manifest-planned sources
+    (the input path before them): ``read_parquet`` with a seeded file order,
     each block packed by a ``map_batches``."""
     import ray.data
 
-    from workers.shard_reader import pack_sequences
+    from workers.data.reader import pack_sequences
 
     ds = ray.data.read_parquet(data.shards["train"], filesystem=data.filesystem, columns=["tokens"],
                                shuffle=ray.data.FileShuffleConfig(seed=spec.seed, reseed_after_execution=False))
@@ -292,7 +305,7 @@ def _driver_pass(ds: Any, spec: TrainSpec) -> dict[str, Any]:
 
 def arrow_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
     """The same files and consumer, each file read whole by pyarrow in this process (no Ray)."""
-    from workers.shard_reader import pack_sequences
+    from workers.data.reader import pack_sequences
 
     def blocks() -> Iterator[np.ndarray]:
         for path in data.shards["train"]:
@@ -306,26 +319,24 @@ def arrow_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
 
 
 def timed_loop(config: dict[str, Any], *, out: str) -> None:
-    """The product's per-worker loop with its batch iterator timed (this worker process only): each
-    ``next()``'s wait and the time it returned, written to ``out``/data-wait-rank<r>.json."""
+    """The product's per-worker loop with its data position's ``next`` timed (this worker process
+    only): each call's wait and the time it returned, written to ``out``/data-wait-rank<r>.json."""
     import ray.train
 
     import workers.loop as loop
 
-    batches = loop._batches
+    batches = loop._Position.next
     waits: list[float] = []
     returned: list[float] = []
 
-    def timed(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        it = batches(*args, **kwargs)  # endless: a new epoch when one runs out
-        while True:
-            t0 = time.perf_counter()
-            item = next(it)
-            returned.append(time.perf_counter())
-            waits.append(returned[-1] - t0)
-            yield item
+    def timed(self: Any, rows: list[int]) -> Any:
+        t0 = time.perf_counter()
+        item = batches(self, rows)
+        returned.append(time.perf_counter())
+        waits.append(returned[-1] - t0)
+        return item
 
-    loop._batches = timed
+    loop._Position.next = timed
     try:
         loop.train_loop_per_worker(config)
     finally:
@@ -335,7 +346,7 @@ def timed_loop(config: dict[str, Any], *, out: str) -> None:
 
 def wait_share(path: Path) -> dict[str, float]:
     """Share of the steady steps (all but the first, which waits for the pipeline to start) spent in
-    ``next(batches)``: their waits over the time from the first batch's return to the last's."""
+    ``next``: their waits over the time from the first batch's return to the last's."""
     t = json.loads(path.read_text())
     span = t["returned"][-1] - t["returned"][0]
     loop_s = t["returned"][-1] - (t["returned"][0] - t["waits"][0])  # from the first next() on
@@ -375,15 +386,16 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
     """Both sets generated and verified as a run does, then each pass over both sets, one kind of
     pass after the other: a pass leaves the cluster larger than it found it (the driver's own reads,
     Ray Train's actors), so the two sizes of one pass start from the same state."""
+    from tests.bench.data_exact import exact_section
     from workers.data import open_training_data
 
     results = scratch / "results"
     labels = dict(zip(("small", "large"), sizes, strict=True))
     specs = {label: load_spec(DEMO, [*base, f"data.path={scratch / f'shards-{gb:g}gb'}"]) for label, gb in labels.items()}
     passes = {"ray": ray_pass, "read_parquet": read_parquet_pass, "arrow": arrow_pass,
-              "ordering": lambda data, spec: ordering(spec),
+              "exact": lambda data, spec: exact_section(data, spec, scratch),
               "train": lambda data, spec: train_run(data, spec, scratch / f"train-{Path(spec.data.path).name}")}
-    wanted = [(kind, label) for kind in passes for label in labels if label == "small" or kind not in ("arrow", "ordering")]
+    wanted = [(kind, label) for kind in passes for label in labels if label == "small" or kind not in ("arrow", "exact")]
     files = {(kind, label): results / f"{kind}-{labels[label]:g}gb.json" for kind, label in wanted}
     sets_file = results / "sets.json"
     data: dict[str, Any] = {}
@@ -409,12 +421,6 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
         sets[label][kind] = _cached(files[kind, label], reuse,
                                     lambda run=passes[kind], label=label: run(data[label], specs[label]))
     return sets
-
-
-def ordering(spec: TrainSpec) -> dict[str, Any]:
-    """``ordering_cost`` over one shard's packed rows, as one block and as 8."""
-    rows = SHARD_TOKENS // (spec.data.seq_len + 1)
-    return {"rows": rows, "rows_per_s": {str(n): ordering_cost(rows, spec.data.seq_len, n) for n in (1, 8)}}
 
 
 def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -> dict:

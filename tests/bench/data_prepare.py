@@ -34,7 +34,7 @@ def prepare_run(scratch: Path, tokenizer: str, input_bytes: int = PREP_INPUT_BYT
     """``jobs.prepare``'s pipeline on a standard-library slice: wall time of the whole preparation and
     of the shard phase (the runner's part, after the tokenizer exists), and the CPU seconds the shard
     tasks' processes used (a per-core figure that other users' load on the machine does not move)."""
-    from workers.corpus import PrepareConfig, prepare, ray_runner
+    from workers.data import PrepareConfig, prepare, ray_runner
 
     out = scratch / f"prepare-{tokenizer}"
     shutil.rmtree(out, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.bench.data import GOALS, MB, SHARD_TOKENS, SIZES_ENV
+from tests.bench.data_exact import exact_markdown
 from tests.bench.data_prepare import BPE_VOCAB, PREP_INPUT_BYTES, PREP_TASKS
 
 
@@ -27,10 +28,11 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[s
           "its RSS), and the object store's used bytes; before = the summed RSS when the pass started (what "
           "earlier passes left: each kind of pass runs over both sets in turn, so both start alike). \"Ray's read_parquet\": the same pass with "
           "`ray.data.read_parquet` (seeded file order, a `map_batches` packing each block) in place of the "
-          "trainer's manifest-planned source (workers/shard_reader.py): the input path before it.", "",
+          "workers' stream (workers/data/stream.py: one Ray Data read task per row group): the input path before "
+          "the manifest-planned sources.", "",
           "| pass | set | GiB RSS | GiB RSS without shared | GiB object store | GiB RSS before | seconds |",
           "|---|---|---:|---:|---:|---:|---:|"]
-    for kind, label in (("ray", "data only, whole set"), ("read_parquet", "data only, Ray's read_parquet"),
+    for kind, label in (("ray", "data only, one epoch"), ("read_parquet", "data only, Ray's read_parquet"),
                         ("train", f"training, {steps} steps")):
         for s in (small, large):
             p = s[kind]["memory"]["peak"]
@@ -47,14 +49,14 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[s
         md.append(f"| {label}: large / small{goal} | | {shown} | {ratio['private_bytes']:.2f} | "
                   f"{ratio['store_bytes']:.2f} | | |")
     ray_small, arrow = small["ray"], small["arrow"]
-    md += ["", "Rows/s of global batches into the trainer (packed rows put in the loop's training order, cut "
-               "into global batches, int64 tensors), Ray Data's path vs pyarrow reading the same files one after "
-               "the other in the driver; steady = after the first batch; reader s = time spent getting blocks:", "",
+    md += ["", "Rows/s of global batches into the trainer (int64 tensors): a worker's stream (its Ray Data read "
+               "tasks, the epoch's order) taking the whole global batch vs pyarrow reading the same files one "
+               "after the other in the driver; steady = after the first batch; reader s = time spent getting rows:", "",
            "| read | set | rows/s | / pyarrow (goal >= 0.7) | steady rows/s | first batch s | reader s | total s |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, s, r in (("pyarrow, one file after the other", small, arrow),
-                        ("Ray Data, the trainer's iterator", small, ray_small),
-                        ("Ray Data, the trainer's iterator", large, large["ray"]),
+                        ("Ray Data, a worker's stream", small, ray_small),
+                        ("Ray Data, a worker's stream", large, large["ray"]),
                         ("Ray Data, Ray's read_parquet", small, small["read_parquet"]),
                         ("Ray Data, Ray's read_parquet", large, large["read_parquet"])):
         ratio = r["rows_per_s"] / arrow["rows_per_s"]
@@ -62,16 +64,7 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[s
         md.append(f"| {label} | {s['size_gb']:g} GB | {r['rows_per_s']:,.0f} | {shown} | "
                   f"{r['steady_rows_per_s']:,.0f} | {r['first_batch_s']:.1f} | {r['reader_s']:.0f} | "
                   f"{r['seconds']:.0f} |")
-    order = small["ordering"]
-    md += ["", f"The loop's ordering alone (`workers.order.ordered_rows` + `global_batches`, no reader) over one "
-               f"shard's {order['rows']:,} packed rows: {order['rows_per_s']['1']:,.0f} rows/s handed over as one "
-               f"block (what a shard read whole gives), {order['rows_per_s']['8']:,.0f} rows/s as 8 blocks "
-               "(a window or batch copies only its own rows: the cost is linear in the block size; before "
-               "workers/order.py each cut copied the rest of its block, 41,596 vs 370,911 rows/s). Whole-pass "
-               "rows/s include the wait for the first batch: `read_parquet` lists the files and reads every "
-               "footer before its first block, the manifest-planned source starts reading at once; steady "
-               "rows/s compare the reading itself.", "",
-           "Data wait: time in the loop's `next(batches)` over the time between steps, steps 2.. of the run; "
+    md += ["", "Data wait: time in the loop's data `next` over the time between steps, steps 2.. of the run; "
            "whole run = all waits, the first (the pipeline starting) included, over the loop's time; worst rank:",
            "", "| training run | s per step | data wait share (goal <= 5%) | whole run | longest wait s | "
                "first batch s |", "|---|---:|---:|---:|---:|---:|"]
@@ -80,8 +73,10 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[s
         md.append(f"| {s['size_gb']:g} GB, {steps} steps | {worst['step_s']:.2f} | **{worst['share']:.1%}** "
                   f"({_goal(worst['share'] <= GOALS['wait_share'])}) | {worst['run_share']:.0%} | "
                   f"{worst['max_wait_s']:.3f} | {worst['first_batch_s']:.0f} |")
-    md += ["", f"Checking a set's SHA-256s before a run (`open_training_data`): {small['verify_s']:.0f} s for "
-               f"{small['size_gb']:g} GB, {large['verify_s']:.0f} s for {large['size_gb']:g} GB.", "",
+    md += exact_markdown(small["exact"], small["size_gb"])
+    md += ["", f"Opening a set before a run (`open_training_data`: manifest and tokenizer; each row group is "
+               f"verified by the read task that reads it): {small['verify_s']:.2f} s for {small['size_gb']:g} GB, "
+               f"{large['verify_s']:.2f} s for {large['size_gb']:g} GB.", "",
            f"Preparation (`prepare` with `ray_runner`, {PREP_TASKS} tasks at once) of {PREP_INPUT_BYTES / MB:.0f} MB "
            f"of the standard library; per core = input MB / shard-phase s / tasks; per CPU-s = input MB / CPU "
            f"seconds of the task processes (other users' load does not move it); end to end includes planning and "

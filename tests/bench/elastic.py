@@ -11,7 +11,10 @@
   (last step reported before minus the step the next attempt resumed from: the stop's request holds
   the loop after its checkpoint, so at most the step in flight), the loss at the checkpoint's step
   and the first loss after the resume.
-- node loss and drain on a multi-node cluster: tests/bench/elastic_nodes.py."""
+- node loss and drain on a multi-node cluster: tests/bench/elastic_nodes.py;
+- a killed worker, Ray Train restarting the group inside the job: the seconds to the next step broken
+  down and the throughput before and after, with Ray's defaults and the job's settings side by side
+  (tests/bench/recovery.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from orchestrator.settings import Settings
 from orchestrator.waiting import wait_until
 from tests.bench.elastic_nodes import markdown as node_markdown
 from tests.bench.elastic_nodes import node_rows
+from tests.bench.recovery import markdown as recovery_markdown
+from tests.bench.recovery import recovery_rows
 from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
 from tests.servers import BackgroundServer
 
@@ -158,7 +163,7 @@ def resize(scratch: Path) -> list[dict]:
     return rows
 
 
-def markdown(up: dict, rows: list[dict], nodes: dict) -> list[str]:
+def markdown(up: dict, rows: list[dict], nodes: dict, recovery: list[dict]) -> list[str]:
     return ["## Elastic: scale-up from the queue, resize through the API, node loss, drain", "",
             "`python -m tests.bench --sections elastic`. Times taken on a shared 2-core machine, loaded by "
             "other Ray runs: read them as upper bounds. Scale-up: a head without CPUs, Ray's autoscaler v1 with "
@@ -178,12 +183,13 @@ def markdown(up: dict, rows: list[dict], nodes: dict) -> list[str]:
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
             *[f"| {r['to_workers']} | {r['patch_to_next_step_s']} | {r['checkpoint_step']} | {r['last_step_before']} | "
               f"{r['resumed_from']} | {r['steps_lost']} | {r['loss_before']} | {r['loss_after']} |" for r in rows],
-            "", *node_markdown(nodes)]
+            "", *node_markdown(nodes), "", *recovery_markdown(recovery)]
 
 
 def elastic_section(scratch: Path) -> dict:
     up = scale_up(scratch)
     rows = resize(scratch)
     nodes = node_rows(scratch / "nodes", scratch / "data", TINY)
-    return {"data": {"name": "elastic", "scale_up": up, "resizes": rows, **nodes},
-            "markdown": markdown(up, rows, nodes)}
+    recovery = recovery_rows(scratch / "recovery")
+    return {"data": {"name": "elastic", "scale_up": up, "resizes": rows, **nodes, "recovery": recovery},
+            "markdown": markdown(up, rows, nodes, recovery)}

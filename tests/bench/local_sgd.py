@@ -49,11 +49,13 @@ def _local(h: int, density: float, bits: int = 2, decay: float = 0.95, warmup: i
 # (SGD on Adam directions, local clipping); every other variant is AdamW with the global clip 1.0.
 VARIANTS: dict[str, tuple[str, CompressionConfig]] = {
     "dense": ("dense (DDP)", CompressionConfig(method="none")),
-    "topk_1pct": ("per-step top-k 1% + EF, Adam-preconditioned (the demo's)",
+    "topk_1pct": ("per-step top-k 1% + EF, Adam-preconditioned (the demo's before local steps)",
                   CompressionConfig(method="topk", density=0.01, precondition="adam", clip_norm=1.0)),
     "diloco_h8": ("DiLoCo H 8, plain average (outer lr 1)",
                   CompressionConfig(method="local", local_steps=8, density=1.0, value_bits=32, error_decay=0.0)),
+    "local_h2_3pct": ("local H 2, top-k 3%, 2-bit", _local(2, 0.03)),
     "local_h4_3pct": ("local H 4, top-k 3%, 2-bit", _local(4, 0.03)),
+    "local_h4_3pct_ef99": ("local H 4, top-k 3%, 2-bit, error decay 0.99", _local(4, 0.03, decay=0.99)),
     "local_h8_3pct": ("local H 8, top-k 3%, 2-bit", _local(8, 0.03)),
     "local_h8_1pct": ("local H 8, top-k 1%, 2-bit", _local(8, 0.01)),
     "local_h16_1pct": ("local H 16, top-k 1%, 2-bit", _local(16, 0.01)),

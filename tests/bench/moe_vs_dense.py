@@ -36,9 +36,9 @@ from torch import nn
 from workers.compression import CompressionConfig
 from workers.config import LoopConfig
 from workers.data import DataConfig, build_shards, shard_paths
+from workers.data.reader import pack_sequences
 from workers.moe.model import INIT_STD, FeedForward, ModelConfig, MoETransformer
 from workers.moe.stats import max_vio
-from workers.shard_reader import pack_sequences
 from workers.step import TrainStep, build_optimizer, evaluate, final_window
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -120,7 +120,8 @@ def test_another_team_gets_a_404_on_every_deployment_route(client, app, users, n
                 yield from walk(r.original_router.routes, prefix + r.include_context.prefix)
 
     routes = sorted(set(walk(app.routes)))
-    assert routes == [("DELETE", "/v1/deployments/{deployment_id}"), ("GET", "/v1/deployments/{deployment_id}")]
+    assert routes == [("DELETE", "/v1/deployments/{deployment_id}"), ("GET", "/v1/deployments/{deployment_id}"),
+                      ("GET", "/v1/deployments/{deployment_id}/stats")]
     for method, path in routes:
         theirs = client.request(method, path.replace("{deployment_id}", mine), headers=users["carol"])
         missing = client.request(method, path.replace("{deployment_id}", "d000000000000"), headers=users["carol"])

@@ -21,6 +21,7 @@ import pytest
 from jobs.sweep_events import append_event
 from orchestrator.api.app import create_app
 from orchestrator.deployments import ServeStatus
+from orchestrator.deployments import stats_key as stats_key_of
 from orchestrator.entrypoints import job_paths
 from orchestrator.local_ray import LocalRayHead, free_port
 from orchestrator.settings import Settings
@@ -119,6 +120,18 @@ def test_create_over_rest_serves_and_shows_status_replicas_and_checkpoint(env):
         assert env.ask(c, "alpha")
         listed = c.get("/v1/deployments").json()
         assert [(x["name"], x["status"]) for x in listed["data"]] == [("alpha", "RUNNING")]
+        # The dashboard's figures: the real replica answers the service's stats key (and for stats only).
+        client = openai.OpenAI(base_url=d["base_url"], api_key=env.keys["alpha"], max_retries=0, timeout=REQUEST_TIMEOUT_S)
+        for seed in range(3):  # sampled rows of several tokens: a time per output token to show
+            client.completions.create(model="alpha", prompt="x", max_tokens=8, temperature=1.0, seed=seed)
+        stats = c.get(f"/v1/deployments/{created['id']}/stats")
+        assert stats.status_code == 200, stats.text
+        [replica] = stats.json()["replicas"]
+        assert replica["requests"] >= 1 and replica["ttft_ms_p50"] > 0 and replica["tpot_ms_p50"] > 0
+        assert replica["queue_wait_ms_p50"] >= 0 and replica["completion_tokens_per_s"] > 0
+        assert replica["requests_by_status"]["200"] >= 1 and replica["mean_batch_rows"] >= 1
+        stats_key = {"Authorization": f"Bearer {stats_key_of(env.settings, created['id'])}"}
+        assert httpx.get(f"{d['base_url']}/models", headers=stats_key, timeout=30).status_code == 401
     store = env.store()
     row = store.deployment(created["id"])
     store.close()

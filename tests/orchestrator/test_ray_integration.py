@@ -225,6 +225,29 @@ def test_a_job_held_without_cpus_is_marked_stalled_in_the_api_orch_status_and_me
         _ray_client(ray_head).stop_job(blocker)
 
 
+def test_a_failed_job_says_what_failed_first_with_the_full_log_one_command_away(
+        ray_head, tmp_path, monkeypatch, capsys):
+    """The real jobs.train with a data source that does not exist: Ray's message starts with its own
+    preamble and runtime-env lines; the job's message, in the API and `orch status`, leads with the
+    job's own ``error:`` line and names `orch logs`, which shows the whole log."""
+    app = create_app(_settings(tmp_path, ray_head))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+        spec = _spec(tmp_path, [f"data.source={tmp_path / 'no-such-corpus'}"])
+        job_id = c.post("/v1/jobs", json={"spec": spec, "max_retries": 0}).json()["id"]
+        job = _wait(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, FAKE_TIMEOUT_S)
+        assert job["state"] == "FAILED"
+        assert job["attempt_history"][0]["ray_message"].startswith("Job entrypoint command failed")
+        assert job["message"].startswith(f"error: data.source: folder {tmp_path / 'no-such-corpus'} does not exist")
+        assert job["message"].endswith(f"(exit code 1; full log: orch logs {job_id})")
+        monkeypatch.setenv("ORCH_URL", url)
+        monkeypatch.setenv("ORCH_API_TOKEN", TOKEN)
+        assert cli.main(["status", job_id]) == 0
+        [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("message ")]
+        assert row.split(None, 1)[1].startswith("error: data.source:")
+        assert cli.main(["logs", job_id]) == 0
+        assert "python -m jobs.train --spec" in (logs := capsys.readouterr().out) and "error: data.source:" in logs
+
+
 def test_job_is_retried_from_its_checkpoint_after_the_cluster_restarts(ray_head, tmp_path):
     """Last in this module: it replaces the module's cluster by a new one at the same address (two
     clusters at once would overload 2 cores)."""

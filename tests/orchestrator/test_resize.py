@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from jobs.contracts import ControlChannel
 from jobs.elastic import ResizeError, check_size, describe_size, resized, size_bounds
+from jobs.kinds import job_kind
 from jobs.specs import TrainSpec
 from orchestrator.api.app import create_app
 from orchestrator.controller import Controller
@@ -137,7 +138,7 @@ def test_demand_is_published_for_jobs_waiting_for_room_and_withdrawn_before_subm
 
 def test_demand_groups_have_a_bundle_per_worker_and_select_exact_pools():
     spec = TrainSpec.model_validate({"resources": {"pools": {"gpu-a100": 2, "cpu": 1}, "cpus_per_worker": 2}})
-    group = demand_group(spec, {}, {"head": 0.01})
+    group = demand_group(job_kind("train").demand(spec), {"head": 0.01})
     bundles = [dict(b) for b in group.bundles]
     selectors = [dict(s) for s in group.selectors]
     assert bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2 + [{"CPU": 2.0}, {"CPU": 1.0}, {"head": 0.01}]

@@ -29,8 +29,8 @@ from workers.checkpoint import (
 )
 from workers.config import ModelConfig
 from workers.confine import ROOTS_ENV, OutsideRoots, env_value
+from workers.data.tokenizer import ByteTokenizer
 from workers.moe.model import MoETransformer
-from workers.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, expert_hidden=16, max_seq_len=32)

@@ -14,10 +14,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from workers.confine import ROOTS_ENV, OutsideRoots
-from workers.corpus import PrepareConfig, open_prepared, prepare
-from workers.data import DataConfig, DataError, TrainingData, build_shards, open_training_data, verify_shards
-from workers.shard_reader import ShardSource
-from workers.storage import open_fs, write_bytes_atomic
+from workers.data import (
+    DataConfig,
+    DataError,
+    PrepareConfig,
+    TrainingData,
+    build_shards,
+    open_prepared,
+    open_training_data,
+    prepare,
+    verify_shards,
+)
+from workers.data.order import Unit
+from workers.data.reader import UnitSource
+from workers.data.storage import open_fs, write_bytes_atomic
 
 QUIET = {"log": lambda _: None}
 
@@ -127,8 +137,9 @@ def test_a_read_task_refuses_a_shard_swapped_for_a_link_after_the_check(team, tm
     pq.write_table(table, other / "theirs.parquet")
     (root / "s0.parquet").symlink_to(other / "theirs.parquet")
     data = TrainingData({"train": [str(root / "s0.parquet")]}, pafs.LocalFileSystem(), None, str(root))
-    (task,) = ShardSource(data.shards["train"], data.filesystem, 7, data.confinement()).get_read_tasks(1)
-    with pytest.raises(DataError, match=f"shard {root / 's0.parquet'} cannot be read: .*outside the team's data roots"):
+    unit = Unit(str(root / "s0.parquet"), None, 36, "0" * 64, 0)
+    (task,) = UnitSource([unit], data.filesystem, 7, data.confinement()).get_read_tasks(1)
+    with pytest.raises(OutsideRoots, match=f"{root / 's0.parquet'}.*outside the team's data roots"):
         list(task())
 
 

@@ -16,11 +16,11 @@ from tests.bench.serving import write_checkpoint
 from workers.checkpoint import TOKENIZER_FILE
 from workers.config import ModelConfig
 from workers.confine import ROOTS_ENV, OutsideRoots, env_value
+from workers.data.tokenizer import ByteTokenizer, train_bpe
 from workers.serving.app import CompletionServer
 from workers.serving.config import LimitsConfig, ReplicaConfig
 from workers.serving.schemas import CompletionRequest, ScoreRequest
 from workers.serving.tokens import encode_prompt, max_token_bytes
-from workers.tokenizer import ByteTokenizer, train_bpe
 
 CONTEXT = 64
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, expert_hidden=16, max_seq_len=CONTEXT)

@@ -30,7 +30,14 @@ model), ``feedback`` (error feedback, momentum correction, Adam preconditioner),
 """
 
 from workers.compression.feedback import accumulate, adam_direction, select_and_mask, topk_with_feedback
-from workers.compression.hooks import POWERSGD_START_ITER, allreduce_hook, powersgd_hook, register, topk_hook
+from workers.compression.hooks import (
+    POWERSGD_START_ITER,
+    allreduce_hook,
+    guarded_topk_hook,
+    powersgd_hook,
+    register,
+    topk_hook,
+)
 from workers.compression.local import LocalSGD
 from workers.compression.scaling import LossScaleGuard
 from workers.compression.selection import (
@@ -74,6 +81,7 @@ __all__ = [
     "compress",
     "decompress",
     "dense_allreduce_bytes",
+    "guarded_topk_hook",
     "num_selected",
     "pack",
     "payload_dtype_for",

@@ -12,12 +12,14 @@ Shapes: ``n`` elements in a bucket, ``k`` pairs per rank's payload, ``c <= k`` p
 # No `from __future__ import annotations` here: DDP's register_comm_hook inspects the hook's
 # annotations at runtime and rejects the string "dist.GradBucket".
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
 from workers.compression.feedback import accumulate, adam_direction, select_and_mask
+from workers.compression.scaling import LossScaleGuard
 from workers.compression.selection import compress, num_selected
 from workers.compression.state import CommState
 from workers.compression.wire import (
@@ -74,10 +76,9 @@ def _forward_result(inner: torch.futures.Future, outer: torch.futures.Future) ->
     inner.add_done_callback(_done)
 
 
-def _decided(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _decided(state: CommState, bucket: dist.GradBucket, guard: LossScaleGuard) -> torch.futures.Future[torch.Tensor]:
     """A bucket of a decided step: compressed from unscaled gradients, or NaN-filled on a skip so that
     every rank's GradScaler sees the overflow (the hook's state is left untouched)."""
-    guard = state.guard
     if guard.skip is None:
         raise RuntimeError("a secondary state's bucket arrived before the primary (DDP) hook decided the step")
     if guard.skip:
@@ -92,21 +93,30 @@ def topk_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future
     buffer overwritten with the average over ranks of each rank's sparse contribution (or, for a
     bucket where sparse does not pay, the dense average with the residual flushed into it).
 
-    With fp16 loss scaling (``state.guard``, scaling.py) the primary state's buckets are deferred
-    until DDP's last bucket, where one all-reduced flag decides whether the step is skipped; then
-    they are compressed in DDP's order. The secondary states' buckets (expert gradients, synced
-    after backward) use that decision.
+    With fp16 loss scaling, ``guarded_topk_hook`` instead.
     """
-    guard = state.guard
-    if guard is None:
-        return _topk(state, bucket, None)
-    if state is not guard.primary:
-        return _decided(state, bucket)
-    fut = guard.defer(bucket)
-    if bucket.is_last():
-        for deferred, deferred_fut in guard.decide():
-            _forward_result(_decided(state, deferred), deferred_fut)
-    return fut
+    return _topk(state, bucket, None)
+
+
+Hook = Callable[[CommState, dist.GradBucket], torch.futures.Future[torch.Tensor]]
+
+
+def guarded_topk_hook(guard: LossScaleGuard, primary: bool = True) -> Hook:
+    """``topk_hook`` under fp16 loss scaling (scaling.py), ``guard`` passed in: the primary hook (DDP's)
+    defers its buckets until DDP's last one, where one all-reduced flag decides whether the step is
+    skipped, then compresses them in DDP's order; a secondary hook (expert gradients, synced after
+    backward) uses that decision."""
+    def hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        if not primary:
+            return _decided(state, bucket, guard)
+        fut = guard.defer(bucket)
+        if bucket.is_last():
+            for deferred, deferred_fut in guard.decide():
+                _forward_result(_decided(state, deferred, guard), deferred_fut)
+        return fut
+
+    hook.__name__ = hook.__qualname__ = "guarded_topk_hook"  # DDP logs the hook by name
+    return hook
 
 
 def _topk(state: CommState, bucket: dist.GradBucket, loss_scale: float | None) -> torch.futures.Future[torch.Tensor]:
@@ -234,6 +244,7 @@ def register(
     ddp_model: torch.nn.parallel.DistributedDataParallel,
     config: CompressionConfig,
     process_group: dist.ProcessGroup | None = None,
+    guard: LossScaleGuard | None = None,
 ) -> CommState:
     """Register the hook for ``config.method`` on a DDP model; returns the state with the byte counters.
 
@@ -242,8 +253,11 @@ def register(
     ``export_state`` / ``import_state`` checkpoint the residuals. process_group None means the group
     the DDP model was built with (the default group unless one was given to DDP): the hook must talk
     to the same ranks as DDP. The names of the module's trainable parameters are recorded here:
-    checkpoints (``export_state``) are keyed by them.
+    checkpoints (``export_state``) are keyed by them. With ``guard`` (fp16 loss scaling, method topk
+    only) the hook is ``guarded_topk_hook``, the primary over the hook's group.
     """
+    if guard is not None and config.method != "topk":
+        raise ValueError(f"loss scaling's guard needs compression.method 'topk', got {config.method!r}")
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
     params = {name: p for name, p in ddp_model.module.named_parameters() if p.requires_grad}
@@ -257,6 +271,9 @@ def register(
             warm_start=True,
         )
         ddp_model.register_comm_hook(state, powersgd_hook)
+    elif guard is not None:
+        guard.process_group = process_group
+        ddp_model.register_comm_hook(state, guarded_topk_hook(guard))
     else:
         ddp_model.register_comm_hook(state, topk_hook if config.method == "topk" else allreduce_hook)
     return state

@@ -24,32 +24,32 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from workers.compression.state import CommState
-
 
 class LossScaleGuard:
     """This step's loss scale and, once every rank's gradients are in, whether the step is skipped.
 
-    Per step: the training step calls ``begin_step(scale)`` before backward; the primary state's
+    The hooks are handed the guard when they are made (``hooks.guarded_topk_hook``): DDP's, the
+    primary, over ``process_group`` (``hooks.register`` sets it), and any secondary one
+    (``ExpertGradSync``'s); the states hold no reference to it.
+
+    Per step: the training step calls ``begin_step(scale)`` before backward; the primary
     hook ``defer``s each bucket (recording whether its local gradients are finite); on DDP's last
-    bucket ``decide`` all-reduces one flag over the primary state's group and hands the deferred
-    buckets back to be compressed (or NaN-filled on a skip); the secondary states' hooks
+    bucket ``decide`` all-reduces one flag over the primary hook's group and hands the deferred
+    buckets back to be compressed (or NaN-filled on a skip); the secondary hooks
     (``ExpertGradSync``'s, called after backward) read the decision. ``skipped_steps`` counts the
     steps skipped for a non-finite gradient on some rank.
     """
 
-    def __init__(self, primary: CommState, secondary: Sequence[CommState] = (),
+    def __init__(self, process_group: dist.ProcessGroup | None = None,
                  extra_params: Sequence[torch.Tensor] = ()) -> None:
-        self.primary = primary
-        # Gradients outside the primary state's buckets that must be finite too (synced later).
+        self.process_group = process_group  # the primary hook's (DDP's) group; None: the default group
+        # Gradients outside the primary hook's buckets that must be finite too (synced later).
         self.extra_params = list(extra_params)
         self.scale = 1.0
         self.skip: bool | None = None  # None until this step's decision
         self.skipped_steps = 0
         self._deferred: list[tuple[dist.GradBucket, torch.futures.Future]] = []
         self._bad: list[torch.Tensor] = []  # () bool per deferred bucket: some local entry is inf/NaN
-        for state in (primary, *secondary):
-            state.guard = self
 
     def begin_step(self, scale: float) -> None:
         """Before each backward: the scale the loss is multiplied by this step (GradScaler.get_scale())."""
@@ -70,7 +70,7 @@ class LossScaleGuard:
         return fut
 
     def decide(self) -> list[tuple[dist.GradBucket, torch.futures.Future]]:
-        """Collective over the primary state's group: skip iff any rank has a non-finite gradient.
+        """Collective over the primary hook's group: skip iff any rank has a non-finite gradient.
 
         Returns the deferred (bucket, future) pairs, in DDP's order, for the hook to complete.
         The extra gradients are complete here: DDP's last bucket is ready only once every gradient
@@ -81,8 +81,8 @@ class LossScaleGuard:
         bad = self._bad + [torch.isfinite(p.grad).all().logical_not()
                            for p in self.extra_params if p.grad is not None]
         flag = torch.stack(bad).any().to(torch.float32).reshape(1)  # (1,)
-        if dist.get_world_size(self.primary.process_group) > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.primary.process_group)
+        if dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
         self.skip = bool(flag.item())
         self.skipped_steps += self.skip
         deferred, self._deferred, self._bad = self._deferred, [], []

@@ -12,7 +12,7 @@ Shapes: ``n`` elements in a bucket, ``total`` elements of all exported tensors t
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,9 +21,6 @@ from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDSt
 from workers.compression.selection import SELECTION_SEED, scheduled_density
 from workers.compression.wire import payload_dtype_for
 from workers.config import CompressionConfig
-
-if TYPE_CHECKING:
-    from workers.compression.scaling import LossScaleGuard
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +82,6 @@ class CommState:
         # This step's learning rate over the peak one, set by the training loop before each backward
         # when the hook sends the update (DESIGN.md, "Learning-rate-weighted error feedback").
         self.lr_scale = 1.0
-        # fp16 loss scaling (scaling.LossScaleGuard sets it): the hook unscales the bucket before error
-        # feedback and defers to the guard's per-step skip decision. None: no loss scaling.
-        self.guard: LossScaleGuard | None = None
         # PowerSGD: bucket index -> (names, numels) of its parameters when the hook last saw it, so
         # the error memories (PyTorch keeps them flat per bucket index) can be exported by name.
         self._psgd_layouts: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}

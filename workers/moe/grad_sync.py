@@ -16,7 +16,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from workers.compression import CommState, CompressionConfig, allreduce_hook, topk_hook
+from workers.compression import (
+    CommState,
+    CompressionConfig,
+    LossScaleGuard,
+    allreduce_hook,
+    guarded_topk_hook,
+    topk_hook,
+)
 from workers.moe.groups import ParallelGroups
 from workers.moe.model import MoETransformer
 
@@ -105,6 +112,7 @@ class ExpertGradSync:
         model: MoETransformer,
         expert_dp_group: dist.ProcessGroup,
         compression_config: CompressionConfig,
+        guard: LossScaleGuard | None = None,
     ) -> None:
         self.modules = _expert_modules(model)
         expert_ids = {id(p) for module in self.modules for p in module.parameters()}
@@ -118,6 +126,9 @@ class ExpertGradSync:
             compression_config = compression_config.model_copy(update={"density": 1.0, "warmup_steps": 0})
         self.state = CommState(compression_config, process_group=expert_dp_group, parameters=named)
         self._hook = topk_hook if compression_config.method == "topk" else allreduce_hook
+        if guard is not None:  # fp16: the step's skip is DDP's hook's decision; the experts count in it
+            self._hook = guarded_topk_hook(guard, primary=False)
+            guard.extra_params += [p for module in self.modules for p in module.parameters()]
 
     @property
     def wire_bytes(self) -> int:

@@ -8,7 +8,8 @@ Routes (every one needs ``Authorization: Bearer <the deployment's key>``, else 4
                                (workers/serving/chat.py); ``logprobs`` + ``top_logprobs``, streaming
     GET  /v1/models            the one model this deployment serves (its name)
     POST /v1/score             log-likelihood of a text, per token and in total
-    GET  /v1/stats             this replica's batch-size histogram, rows running, time to first token
+    GET  /v1/stats             this replica's latency, batch and load figures (workers/serving/stats.py);
+                               also answers the control plane's stats key (``stats_key_sha256``)
 
 Batching: each row (one per prompt and choice) enters ``@serve.batch``, whose handler is an async
 generator yielding one chunk per row per token. Ray Serve runs such a batch until its generator
@@ -16,8 +17,9 @@ ends, and rows that arrive meanwhile wait for one of ``max_concurrent_batches`` 
 that finishes leaves the running batch at once (the handler yields StopIteration for it and the
 engine drops it from the KV cache) and its caller's stream closes, instead of holding on until the
 longest row ends. A caller that goes away (a dropped stream: Serve cancels its request) marks its
-rows cancelled, and they leave at the next step. Model steps run on one thread per replica, so
-concurrent batches interleave step by step and the event loop stays free to accept requests.
+rows cancelled, and they leave at the next step. Model steps run on one thread per replica, each
+batch's next step queued as soon as its last ends (``_pump``), so concurrent batches interleave step
+by step and the event loop stays free to accept requests and hand tokens on meanwhile.
 
 Bounds before work: a body over ``limits.max_body_bytes`` is a 413 before any of it is parsed
 (workers/serving/http.py), and a prompt longer in characters than the context could hold at the
@@ -35,28 +37,27 @@ bytes (workers/serving/tokens.py). Latency and load go to Ray's metrics (workers
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations through Serve's
 # ingress wrapper, where string annotations do not resolve and a body would become a query field.
 import asyncio
-import hashlib
-import hmac
 import logging
 import secrets
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
 
 from workers.checkpoint import load_model, load_tokenizer_for
+from workers.data.storage import is_s3, local_copy
+from workers.data.tokenizer import Tokenizer
 from workers.serving import chat
 from workers.serving.config import ChatTemplate, ReplicaConfig
 from workers.serving.engine import BatchGeneration, Chunk, RowRequest, Rows, prompt_logprobs
-from workers.serving.http import BodyLimit, merge, unprocessable, validation_error_response
+from workers.serving.http import BodyLimit, RequireKey, merge, unprocessable, validation_error_response
 from workers.serving.int8 import quantize_model
 from workers.serving.logprobs import chat_logprobs, completion_logprobs
 from workers.serving.metrics import ServingMetrics
@@ -74,17 +75,17 @@ from workers.serving.schemas import (
     ScoreResponse,
     Usage,
 )
+from workers.serving.stats import ReplicaFigures
 from workers.serving.tokens import encode_prompt, max_token_bytes, token_pieces
-from workers.storage import is_s3, local_copy
-from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None,
               exception_handlers={RequestValidationError: validation_error_response})
 api.add_middleware(BodyLimit)
-# Rows whose time to first token the stats keep (a sliding window).
-TTFT_WINDOW_ROWS = 1000
+api.add_middleware(RequireKey)  # added last: it runs first
 SSE = "text/event-stream"
+# After two requests were in flight at once, batches wait for company this long (concurrent clients).
+COMPANY_WINDOW_S = 1.0
 # Answers besides 200 and 422 (documented, so clients and the schema tests know them).
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or wrong key"},
                                            413: {"description": "body over limits.max_body_bytes"}}
@@ -92,25 +93,6 @@ MODEL_ERRORS = {**ERRORS, 400: {"description": "the body cannot be parsed (not U
                 404: {"description": "model names another deployment"}}
 STREAMS = {**MODEL_ERRORS, 200: {"description": "the answer; server-sent events with stream: true",
                                  "content": {SSE: {"schema": {"type": "string"}}}}}
-
-
-@api.middleware("http")
-async def require_key(request: Request, call_next: Any) -> Response:
-    """Every route needs the deployment's bearer key, checked before the body is even parsed (a
-    caller without the key learns nothing, not even which fields are wrong). Only the key's SHA-256
-    is known here (``app.state.key_sha256``, set by the replica: one app object per replica process).
-    Every answer is counted by route and status (``serving_requests``)."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    digest = hashlib.sha256(key.strip().encode()).hexdigest()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, request.app.state.key_sha256):
-        response: Response = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"},
-                                          status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    else:
-        response = await call_next(request)
-    route = request.scope.get("route")
-    request.app.state.metrics.requests.inc(tags={"route": getattr(route, "path", "other"),
-                                                 "status": str(response.status_code)})
-    return response
 
 
 def tokenize_prompt(tokenizer: Tokenizer, text: str, loc: list[str | int]) -> list[int]:
@@ -135,7 +117,8 @@ class CompletionServer:
         self.config = ReplicaConfig.model_validate(config)
         api.state.key_sha256 = self.config.key_sha256
         api.state.max_body_bytes = self.config.limits.max_body_bytes
-        api.state.metrics = self.metrics = ServingMetrics(self.config.name)
+        api.state.stats_key_sha256 = self.config.stats_key_sha256
+        api.state.figures = self.figures = ReplicaFigures(ServingMetrics(self.config.name))
         torch.set_num_threads(self.config.torch_threads)
         with local_copy(self.config.checkpoint) as folder:  # an s3:// checkpoint: a temporary copy
             also = (folder,) if is_s3(self.config.checkpoint) else ()  # the copy this replica made
@@ -152,10 +135,9 @@ class CompletionServer:
         self.batched = serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s,
                                    max_concurrent_batches=b.max_concurrent_batches)(self._run_batch)
         self.prefixes = PrefixCache(b.prefix_cache_mib * 2**20) if b.prefix_cache_mib else None
-        self.batch_sizes: Counter[int] = Counter()
-        self.ttft_s: deque[float] = deque(maxlen=TTFT_WINDOW_ROWS)
         self.running: set[BatchGeneration] = set()
-        self.requests = self.rows = self.completion_tokens = self.tokens_generated = 0
+        self.in_flight = 0  # requests generating or queued for a batch
+        self.concurrent_until = 0.0  # until when another request's company is likely (perf_counter s)
         log.info("serving %s from %s (%s tokenizer, int8 %s, share %.3f)", self.config.name, self.config.checkpoint,
                  self.tokenizer.kind, self.config.int8, self.int8_share)
 
@@ -165,22 +147,19 @@ class CompletionServer:
         """The @serve.batch handler: one list per step, a chunk per running row, StopIteration for
         rows that finished in an earlier step or were cancelled."""
         start = time.perf_counter()
-        self.batch_sizes[len(rows)] += 1
-        self.metrics.batch_rows.observe(len(rows))
-        for row in rows:
-            self.metrics.queue_wait.observe(start - row.enqueued_s)
+        self.figures.batch_started([start - row.enqueued_s for row in rows])
         gen = BatchGeneration(self.model, rows, self.pieces, self.prefixes)
         self.running.add(gen)
-        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[dict[int, Chunk] | BaseException | None] = asyncio.Queue()
+        self.executor.submit(self._pump, gen, asyncio.get_running_loop(), steps)
         ended = [False] * len(rows)
         first_at = [0.0] * len(rows)
         try:
-            while not gen.done:
-                chunks = await loop.run_in_executor(self.executor, gen.step)
+            while (chunks := await steps.get()) is not None:
+                if isinstance(chunks, BaseException):
+                    raise chunks
                 now = time.perf_counter()
-                self.tokens_generated += len(chunks)
-                if chunks:
-                    self.metrics.completion_tokens.inc(len(chunks))
+                self.figures.generated(len(chunks))
                 out: list[Chunk | type[StopIteration]] = []
                 for i, row in enumerate(rows):
                     chunk = chunks.get(i)
@@ -189,24 +168,52 @@ class CompletionServer:
                         continue
                     if chunk.completion_tokens == 1:
                         first_at[i] = now
-                        self.ttft_s.append(now - row.enqueued_s)
-                        self.metrics.ttft.observe(now - row.enqueued_s)
+                        self.figures.first_token(now - row.enqueued_s)
                     if chunk.finish_reason is not None:
                         ended[i] = True
-                        self.completion_tokens += chunk.completion_tokens
-                        if chunk.completion_tokens > 1:
-                            self.metrics.tpot.observe((now - first_at[i]) / (chunk.completion_tokens - 1))
+                        self.figures.finished(chunk.completion_tokens, now - first_at[i])
                 yield out
         finally:
             self.running.discard(gen)
+            if not gen.done:  # left early (the batch was cancelled): its rows stop at the next step
+                for row in rows:
+                    row.cancelled.set()
+
+    def _pump(self, gen: BatchGeneration, loop: asyncio.AbstractEventLoop, steps: asyncio.Queue) -> None:
+        """One step of ``gen`` on the model thread, handed to the batch's queue; then its next step
+        is queued behind whatever else waits for the model (other batches' steps, a score), so
+        concurrent batches still interleave step by step but the model never idles while the event
+        loop hands a step's tokens on (that round trip per token was part of Serve's added latency)."""
+        try:
+            chunks = gen.step()
+        except BaseException as e:  # handed to the batch, which raises it in its callers
+            loop.call_soon_threadsafe(steps.put_nowait, e)
+            return
+        loop.call_soon_threadsafe(steps.put_nowait, chunks)
+        if gen.done:
+            loop.call_soon_threadsafe(steps.put_nowait, None)
+        else:
+            self.executor.submit(self._pump, gen, loop, steps)
 
     async def _generate(self, rows: list[RowRequest]) -> AsyncIterator[tuple[int, Chunk]]:
         """(row, chunk) as the rows generate; rows still running when this ends (its caller went
-        away: Serve cancels a dropped request) are cancelled, so they leave their batch."""
+        away: Serve cancels a dropped request) are cancelled, so they leave their batch.
+
+        The batch waits ``batch_wait_timeout_s`` for company only where company is likely: while
+        another batch runs or another request is in flight, or was within ``COMPANY_WINDOW_S``
+        (concurrent clients come back together). A lone client's requests start at once; each used
+        to pay the whole wait before its first token (part of Serve's added latency)."""
+        now = time.perf_counter()
+        if self.in_flight:
+            self.concurrent_until = now + COMPANY_WINDOW_S
+        company = bool(self.running) or now < self.concurrent_until
+        self.batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s if company else 0.0)
+        self.in_flight += 1
         try:
             async for item in merge([self.batched(row) for row in rows]):  # queued now, together
                 yield item
         finally:
+            self.in_flight -= 1
             for row in rows:
                 row.cancelled.set()
 
@@ -244,9 +251,7 @@ class CompletionServer:
             prompts.append(tokens)
             rows += [RowRequest(tuple(tokens), max_tokens, req.temperature, req.top_p, own + stops, seed + j,
                                 logprobs) for j in range(req.n)]
-        self.requests += 1
-        self.rows += len(rows)
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        self.figures.accepted(len(rows), sum(len(p) for p in prompts))
         return Rows(rows, prompts)
 
     def _check_length(self, text: str, budget: int, loc: list[str | int], where: str) -> None:
@@ -365,11 +370,7 @@ class CompletionServer:
 
     @api.get("/v1/stats", response_model=ReplicaStats, responses=ERRORS)
     async def stats(self) -> ReplicaStats:
-        ttft = sorted(self.ttft_s)
-        pct = (lambda q: round(1000 * ttft[min(len(ttft) - 1, int(q * len(ttft)))], 2)) if ttft else (lambda q: None)
         return ReplicaStats(
             replica=serve.get_replica_context().replica_id.unique_id, checkpoint=self.config.checkpoint,
-            int8=self.config.int8, requests=self.requests, rows=self.rows, completion_tokens=self.completion_tokens,
-            tokens_generated=self.tokens_generated, running_rows=sum(len(g.running) for g in self.running),
-            prefix_hit_tokens=self.prefixes.hit_tokens if self.prefixes is not None else 0,
-            batch_sizes=dict(sorted(self.batch_sizes.items())), ttft_ms_p50=pct(0.5), ttft_ms_p90=pct(0.9))
+            int8=self.config.int8, running_rows=sum(len(g.running) for g in self.running),
+            prefix_hit_tokens=self.prefixes.hit_tokens if self.prefixes is not None else 0, **self.figures.snapshot())

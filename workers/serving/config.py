@@ -20,7 +20,9 @@ class BatchingConfig(Config):
 
     # Rows (one per prompt and choice) generated together in one forward per token.
     max_batch_size: int = Field(16, ge=1, le=512)
-    # How long the first row of a batch waits for others before the batch starts, in seconds.
+    # How long the first row of a batch waits for others before the batch starts, in seconds,
+    # where others are likely (another batch runs, or rows ended just before); a lone client's
+    # request starts at once (workers/serving/app.py).
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
     # Batches a replica runs at once. A batch runs until its last row ends and rows arriving
     # meanwhile wait for a free batch slot, so 2 lets a new batch start beside a long one.
@@ -96,6 +98,8 @@ class ReplicaConfig(Config):
     # A checkpoint folder (holding meta.json and model.pt) or its s3:// prefix (AWS_* from the replica's env).
     checkpoint: str = Field(min_length=1)
     key_sha256: str = Field(pattern=SHA256_HEX_PATTERN)
+    # SHA-256 of the control plane's stats key: it may read /v1/stats only (the dashboard's figures).
+    stats_key_sha256: str | None = Field(None, pattern=SHA256_HEX_PATTERN)
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     # Routed experts, attention and shared experts as per-channel int8 weights (workers/serving/int8.py).

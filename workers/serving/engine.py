@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from workers.data import EOS_TOKEN
+from workers.data.tokenizer import ByteTokenizer
 from workers.moe.model import KVCache, MoETransformer
 from workers.serving.prefix import PrefixCache
 from workers.serving.tokens import token_pieces
-from workers.tokenizer import ByteTokenizer
 
 # The byte tokenizer's pieces (id -> its byte), what a stream decodes when it is given none.
 BYTE_PIECES = token_pieces(ByteTokenizer(), 256)

@@ -1,5 +1,10 @@
-"""The serving app's HTTP edges, before and after its routes: the body limit, the key check, the
+"""The serving app's HTTP edges, before and after its routes: the key check, the body limit, the
 one renderer of 422s, and merging row streams.
+
+Why plain ASGI middleware (not ``@app.middleware("http")``): Starlette's ``BaseHTTPMiddleware`` runs
+the route in a task of its own and relays every message of the response through a memory stream,
+which cost each streamed token an extra task switch (part of Serve's added latency,
+tests/bench/serving.py); these pass the messages straight through.
 
 Why a renderer of its own: FastAPI's echoes each error's input, and the input of a refused NaN
 (``"temperature": NaN``, which Python's JSON parser reads) or of a lone surrogate cannot be encoded
@@ -10,6 +15,8 @@ written as ASCII JSON so no character can fail to encode.
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations.
 import asyncio
+import hashlib
+import hmac
 import json
 import math
 from collections.abc import AsyncIterator
@@ -48,11 +55,49 @@ def unprocessable(loc: list[str | int], msg: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
 
 
+class RequireKey:
+    """Every route needs the deployment's bearer key, checked before the body is even parsed (a
+    caller without the key learns nothing, not even which fields are wrong). Only the key's SHA-256
+    is known here (``app.state.key_sha256``, set by the replica: one app object per replica process).
+    ``/v1/stats`` also takes the control plane's stats key (``app.state.stats_key_sha256``), which
+    reads those figures and nothing else. Every answer is counted by route and status
+    (``app.state.figures``, workers/serving/stats.py)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest()
+        stats_key = state.stats_key_sha256 if scope["path"].endswith("/v1/stats") else None
+        allowed = scheme.lower() == "bearer" and (hmac.compare_digest(digest, state.key_sha256) or (
+            stats_key is not None and hmac.compare_digest(digest, stats_key)))
+        status = 500  # a route that raised before answering
+
+        async def counted(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if allowed:
+                await self.app(scope, receive, counted)
+            else:
+                await JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"},
+                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, counted)
+        finally:
+            state.figures.answered(getattr(scope.get("route"), "path", "other"), status)
+
+
 class BodyLimit:
     """A request body over ``app.state.max_body_bytes`` (set by the replica) is answered 413 before
     any of it is parsed: a declared Content-Length over it at once, unread; else the body is read
     here up to the limit (a chunked body declares no length) and handed on, so at most the limit is
-    held. Added before ``require_key``, so it runs after it: a caller without the key gets the 401."""
+    held. Runs after ``RequireKey``: a caller without the key gets the 401."""
 
     def __init__(self, app: Any):
         self.app = app

@@ -152,7 +152,8 @@ class ScoreResponse(BaseModel):
 
 
 class ReplicaStats(BaseModel):
-    """What one replica has seen since it started (the replica that answers is one of several)."""
+    """What one replica has seen (the replica that answers is one of several): counts since it
+    started, latencies over its latest rows, rates over the last minute (workers/serving/stats.py)."""
 
     replica: str
     checkpoint: str
@@ -164,5 +165,13 @@ class ReplicaStats(BaseModel):
     running_rows: int  # rows in this replica's batches now
     prefix_hit_tokens: int  # prompt tokens whose prefill reused a cached prefix (batching.prefix_cache_mib)
     batch_sizes: dict[int, int]  # rows in a batch -> batches of that size
-    ttft_ms_p50: float | None  # from enqueue to the row's first token, over the last rows
-    ttft_ms_p90: float | None
+    mean_batch_rows: float | None
+    ttft_ms_p50: float | None  # from enqueue to the row's first token
+    ttft_ms_p95: float | None
+    tpot_ms_p50: float | None  # a finished row's time per output token after its first
+    tpot_ms_p95: float | None
+    queue_wait_ms_p50: float | None  # from enqueue to its batch's start
+    queue_wait_ms_p95: float | None
+    prompt_tokens_per_s: float  # over the last minute
+    completion_tokens_per_s: float
+    requests_by_status: dict[str, int]  # HTTP status -> answers since the replica started

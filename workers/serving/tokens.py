@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from workers.data import EOS_TOKEN
-from workers.tokenizer import BYTE_VOCAB_SIZE, BpeTokenizer, ByteTokenizer, Tokenizer, TokenizerError
+from workers.data.tokenizer import BYTE_VOCAB_SIZE, BpeTokenizer, ByteTokenizer, Tokenizer, TokenizerError
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

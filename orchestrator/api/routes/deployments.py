@@ -23,9 +23,11 @@ from pathlib import Path as FsPath
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 
 from jobs.contracts import TrainSummary
+from jobs.kinds import job_kind
 from jobs.serve import (
     KEY_BYTES,
     StorageError,
@@ -42,6 +44,7 @@ from orchestrator.api.deployment_schemas import (
     DeploymentCreated,
     DeploymentPublic,
     DeploymentsPublic,
+    DeploymentStats,
     PromoteCreate,
     ServeOptions,
 )
@@ -59,12 +62,14 @@ from orchestrator.auth import (
     visible_team,
 )
 from orchestrator.auth.roots import S3_SCHEME
+from orchestrator.deployments import StatsUnavailable, replica_stats, stats_key
 from orchestrator.entrypoints import job_paths
 from orchestrator.settings import Settings
 from orchestrator.store import (
     DeploymentConflict,
     DeploymentNotFound,
     DeploymentRecord,
+    DeploymentStatus,
     JobRecord,
     JobStore,
     new_deployment_id,
@@ -74,8 +79,8 @@ from orchestrator.sweeps import sweep_view
 router = APIRouter(tags=["deployments"])
 
 DeploymentId = Annotated[str, Path(pattern=DEPLOYMENT_ID_PATTERN, description="deployment id")]
+SERVING = frozenset({DeploymentStatus.RUNNING, DeploymentStatus.UNHEALTHY})  # statuses whose replicas answer
 CHECKPOINT_META = "meta.json"  # what makes a folder a checkpoint (as jobs.serve.resolve_checkpoint)
-TRAIN_KIND = "train"  # the job kind whose output a job_id deployment serves (a sweep: promote)
 _NOT_FOUND = {404: {"model": Problem, "description": "no such deployment (or another team's)"}}
 _CREATE_ERRORS = {
     422: {"description": "invalid spec, a checkpoint outside the team's data roots or not a checkpoint, "
@@ -223,6 +228,7 @@ def _create(request: Request, store: JobStore, settings: Settings, principal: Pr
     key = secrets.token_urlsafe(KEY_BYTES)
     fields = options.model_dump(exclude={"name", "checkpoint", "key_sha256"})
     spec = ServeSpec.model_validate({**fields, "name": name, "checkpoint": resolved, "key_sha256": key_hash(key),
+                                     "stats_key_sha256": key_hash(stats_key(settings, deployment_id)),
                                      "limits": limits.model_dump()})
     try:
         d = store.create_deployment(deployment_id=deployment_id, name=name, route_prefix=spec.prefix, team=team,
@@ -244,7 +250,7 @@ def create_deployment(body: DeploymentCreate, request: Request, store: StoreDep,
     replicas fit the team's quota and the cluster, then the reconciler deploys it."""
     if body.job_id is not None:
         job = _get(store, body.job_id, principal)
-        if job.kind != TRAIN_KIND:
+        if not job_kind(job.kind).servable_output:
             raise _unprocessable(("job_id",), f"job {job.id} is a {job.kind} job; serve a train job "
                                               "(a sweep's best trial: POST /v1/sweeps/{id}/promote)")
         if not job.state.terminal:
@@ -298,6 +304,23 @@ def get_deployment(deployment_id: DeploymentId, store: StoreDep, settings: Setti
                    principal: PrincipalDep) -> DeploymentPublic:
     """Serve's status of the application, its replicas, the checkpoint it serves and its base URL."""
     return DeploymentPublic.of(_get_deployment(store, deployment_id, principal), settings.serve_base_url)
+
+
+@router.get("/v1/deployments/{deployment_id}/stats", response_model=DeploymentStats, responses={
+    **_NOT_FOUND, 503: {"model": Problem, "description": "Serve did not answer, or refused the service's stats key"}})
+async def deployment_stats(deployment_id: DeploymentId, store: StoreDep, settings: SettingsDep,
+                           principal: PrincipalDep) -> DeploymentStats:
+    """The figures of Grafana's serving row, per replica, read from its ``/v1/stats`` now: time to
+    first token, time per output token and queue wait (p50/p95 over its latest rows), batch sizes,
+    tokens per second over the last minute, requests by status. For the dashboard's deployment page."""
+    d = await run_in_threadpool(_get_deployment, store, deployment_id, principal)
+    if d.status not in SERVING:
+        return DeploymentStats(id=d.id, status=d.status, replicas=[], message=f"no replica serves it yet ({d.status.value})")
+    try:
+        replicas = await replica_stats(settings, d)
+    except StatsUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
+    return DeploymentStats(id=d.id, status=d.status, replicas=replicas, message=None)
 
 
 @router.delete("/v1/deployments/{deployment_id}", status_code=status.HTTP_202_ACCEPTED,

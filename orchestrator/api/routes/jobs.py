@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from jobs.elastic import ResizeError, check_size, describe_size, resized, size_bounds
-from jobs.kinds import job_kind
-from jobs.specs import TrainSpec, field_errors
+from jobs.kinds import KINDS, job_kind
+from jobs.specs import field_errors
 from orchestrator.api.deps import ControllerDep, PrincipalDep, StoreDep
 from orchestrator.api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -187,7 +187,7 @@ def cancel_job(job_id: JobId, store: StoreDep, controller: ControllerDep, princi
     responses={**_NOT_FOUND,
                409: {"model": Problem, "description": "the job is starting, retrying, preempting or finished"},
                422: {"description": "a size out of the job's bounds (named) or not a multiple of "
-                                    "resources.expert_parallel, a job that is not a training job, or a size "
+                                    "resources.expert_parallel, a job of a kind that cannot be resized, or a size "
                                     "the cluster can never hold"},
                400: {"model": Problem, "description": "the body is not decodable text"},
                413: {"model": Problem, "description": "request body over ORCH_MAX_BODY_BYTES"}},
@@ -202,15 +202,17 @@ def resize_job(job_id: JobId, store: StoreDep, controller: ControllerDep, princi
         return JobPublic.of(job)
     workers, pools = (body.num_workers, None) if isinstance(body, ResizeWorkers) else (None, body.pools)
     field = "num_workers" if workers is not None else "pools"
-    if job.kind != "train":
+    kind = job_kind(job.kind)
+    if not kind.resizable:
+        resizable = ", ".join(k.name for k in KINDS.values() if k.resizable)
         raise RequestValidationError([{"type": "resize", "loc": ("body", field),
-                                       "msg": f"only training jobs can be resized; this is a {job.kind} job"}])
-    spec = TrainSpec.model_validate(job.spec)
+                                       "msg": f"{job.kind} jobs cannot be resized (only {resizable} jobs)"}])
+    spec = kind.spec.model_validate(job.spec)
     scheduler = controller.scheduler if controller is not None else None
     try:
         raw, total = resized(job.spec, spec, num_workers=workers, pools=pools)
         check_size(spec, total, size_bounds(spec, scheduler.largest_size(spec) if scheduler else None), field)
-        new_spec = TrainSpec.model_validate(raw).model_dump(mode="json")
+        new_spec = kind.spec.model_validate(raw).model_dump(mode="json")
     except ResizeError as e:
         raise RequestValidationError([{"type": "resize", "loc": ("body", e.field), "msg": str(e)}]) from None
     except ValidationError as e:

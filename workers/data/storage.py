@@ -46,11 +46,39 @@ PROBE_ATTEMPTS = 3
 PROBE_BACKOFF_S = 0.5
 DEFAULT_REGION = "us-east-1"
 
+# The S3 settings remote work needs (Ray Data's read tasks, shard tasks, Train workers: workers on
+# other nodes do not inherit the driver's environment); only those set on the driver are passed.
+S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 T = TypeVar("T")
+
+
+def s3_env() -> dict[str, str]:
+    """The driver's S3 settings (S3_ENV_VARS that are set), for the runtime_env of remote work."""
+    return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
 
 
 class StorageError(RuntimeError):
     """A path that cannot be reached or read; the message names the bucket or folder and the cause."""
+
+
+def original_error(e: BaseException, types: tuple[type[BaseException], ...],
+                   but: tuple[type[BaseException], ...] = ()) -> BaseException | None:
+    """The first exception of ``types`` (and none of ``but``) in ``e``'s cause chain: Ray wraps a
+    task's exception (its wrapper may subclass the original and carries the remote traceback in its
+    text), and the user needs the original's one line."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        exc = stack.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, types) and not isinstance(exc, but):
+            return exc
+        stack += [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
+    return None
 
 
 def is_s3(uri: str) -> bool:

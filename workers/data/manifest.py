@@ -1,5 +1,9 @@
 """The manifest of prepared shards and the one reader of it: ``open_prepared(path)``.
 
+A shard entry lists its row groups (``RowGroupEntry``: rows, tokens, stored bytes, SHA-256 of the
+tokens): the training read tasks read, verify and resume by row group. An entry without them comes
+from an earlier preparation, whose shards were one row group each; they are read whole.
+
 The manifest (``<path>/manifest.json``) is the commit point of a preparation: shards and the
 tokenizer are written first under ``<path>/shards-<fingerprint>/`` (the staging prefix), the manifest
 last, in one atomic write (local: rename; S3: one PUT). A reader reads only what a manifest lists,
@@ -18,7 +22,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -26,8 +30,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.confine import OutsideRoots
-from workers.storage import confined, join, open_fs, read_bytes, uri_of, with_retries, write_bytes_atomic
-from workers.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from workers.data.storage import confined, join, open_fs, read_bytes, uri_of, with_retries, write_bytes_atomic
+from workers.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "moe-orch-shards"
@@ -74,6 +78,15 @@ class FileEntry(_Model):
         return name
 
 
+class RowGroupEntry(_Model):
+    """One row group of a shard: the unit a training read task reads, verifies and resumes in."""
+
+    rows: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    stored_bytes: int = Field(ge=0)  # its column chunks, compressed
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of its tokens, flattened, as little-endian uint16
+
+
 class ShardEntry(FileEntry):
     split: Literal["train", "val"]
     rows: int = Field(ge=0)
@@ -82,6 +95,8 @@ class ShardEntry(FileEntry):
     input_bytes: int = Field(ge=0)
     skipped_binary: int = Field(ge=0)
     skipped_links: int = Field(0, ge=0)  # files linked out of the job's data roots, never read
+    # None: written before row groups were bounded; the shard is one row group, verified as a file.
+    row_groups: list[RowGroupEntry] | None = None
 
 
 class TokenizerEntry(FileEntry):
@@ -119,12 +134,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
+def sha256_of(f: Any) -> str:
+    """SHA-256 of what is left in the readable file ``f``, read in chunks."""
     h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
+    while chunk := f.read(HASH_CHUNK_BYTES):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return sha256_of(f)
 
 
 def check_file(fs: pafs.FileSystem, path: str, entry: FileEntry, checksums: bool) -> str | None:
@@ -135,7 +155,7 @@ def check_file(fs: pafs.FileSystem, path: str, entry: FileEntry, checksums: bool
     if info.size != entry.bytes:
         return f"{info.size} bytes, the manifest lists {entry.bytes}"
     if checksums:
-        digest = with_retries(f"cannot read {uri_of(fs, path)}", lambda: _sha256_of(fs, path))
+        digest = with_retries(f"cannot read {uri_of(fs, path)}", lambda: _file_sha256(fs, path))
         if digest != entry.sha256:
             return f"SHA-256 {digest[:12]}.. differs from the manifest's {entry.sha256[:12]}.."
     return None
@@ -179,7 +199,7 @@ def write_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
 @dataclass(frozen=True)
 class PreparedData:
     """A verified preparation: what a trainer reads (``data.paths("train")`` inside ``data.filesystem``,
-    workers/shard_reader.py) and the tokenizer to train with."""
+    workers/data/reader.py) and the tokenizer to train with."""
 
     root: str  # the data path as given: a folder or an s3:// prefix
     manifest: Manifest
@@ -189,18 +209,24 @@ class PreparedData:
     rows: dict[str, int]  # split -> rows in those shards
     tokens: dict[str, int]  # split -> tokens in those shards
     skipped: list[str] = field(default_factory=list)  # "URI: reason" per shard left out (on_corrupt=skip)
+    base: str = ""  # the root as a path inside ``filesystem``
 
     def paths(self, split: str) -> list[str]:
         """The shards of ``split`` as paths inside ``filesystem`` (no scheme)."""
         return [u.removeprefix("s3://") for u in self.shards[split]]
 
+    def path_of(self, entry: FileEntry) -> str:
+        """A listed file's path inside ``filesystem``."""
+        return join(self.base, entry.file)
+
 
 def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
-                  checksums: bool = True) -> PreparedData:
+                  checksums: bool = True, verify: bool = True) -> PreparedData:
     """Read ``path``'s manifest and check every file it lists (size always; SHA-256 and the parquet
     footer with ``checksums``). A mismatch raises CorruptShardError naming the file (``fail``), or
     leaves the shard out and records it in ``skipped`` (``skip``; the train split must keep at least
-    one shard). The tokenizer must always match: a model cannot train with the wrong one.
+    one shard). ``verify=False`` checks no shard (training: each read task verifies what it reads,
+    workers/data/reader.py). The tokenizer must always match: a model cannot train with the wrong one.
     Raises CorpusError (missing or unreadable manifest) or StorageError (unreachable location)."""
     fs, root = open_fs(path)
     manifest = load_manifest(fs, root)
@@ -233,8 +259,11 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
                 reason = f"unreadable parquet: {e}"
         return reason
 
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        reasons = list(pool.map(check, entries))
+    if verify:
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            reasons = list(pool.map(check, entries))
+    else:
+        reasons = [None] * len(entries)
     shards: dict[str, list[str]] = {s: [] for s in SPLITS}
     rows = dict.fromkeys(SPLITS, 0)
     tokens = dict.fromkeys(SPLITS, 0)
@@ -252,7 +281,7 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
     if not shards["train"]:
         raise CorpusError(f"no usable train shard in {manifest_uri} ({len(skipped)} corrupt: {skipped[:3]})")
     return PreparedData(root=path, manifest=manifest, tokenizer=tokenizer, filesystem=fs, shards=shards,
-                        rows=rows, tokens=tokens, skipped=skipped)
+                        rows=rows, tokens=tokens, skipped=skipped, base=root)
 
 
 __all__ = ["CorpusError", "CorruptShardError", "Manifest", "PreparedData", "ShardEntry",

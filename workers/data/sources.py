@@ -22,9 +22,9 @@ import pyarrow.fs as pafs
 
 from workers import confine
 from workers.confine import OutsideRoots
-from workers.corpus.config import PrepareConfig
-from workers.corpus.manifest import MANIFEST_VERSION, CorpusError
-from workers.storage import join, open_fs, read_bytes, uri_of, where, with_retries
+from workers.data.manifest import MANIFEST_VERSION, CorpusError
+from workers.data.prepare_config import PrepareConfig
+from workers.data.storage import join, open_fs, read_bytes, uri_of, where, with_retries
 
 # Folders never read from a corpus: installed packages (not the stdlib's own code) and caches.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "node_modules", ".git"})

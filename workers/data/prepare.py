@@ -1,7 +1,7 @@
 """Corpus -> tokenizer -> packed parquet shards -> manifest, in parallel over the cluster.
 
 1. Plan (driver, before any work): list the source, check it holds text, assign files to shards
-   deterministically (workers/corpus/plan.py). Errors here cost nothing.
+   deterministically (workers/data/sources.py). Errors here cost nothing.
 2. Tokenizer: bytes, or a BPE trained on a sample; saved to the staging prefix first, so a resumed
    run reuses it instead of training another one.
 3. Shards: one Ray Data task per unfinished shard (``from_items`` of shard plans ->
@@ -23,8 +23,7 @@ from typing import Protocol
 import pyarrow.fs as pafs
 
 from workers.confine import ROOTS_ENV
-from workers.corpus.config import PrepareConfig
-from workers.corpus.manifest import (
+from workers.data.manifest import (
     SPLITS,
     CorpusError,
     FileEntry,
@@ -36,16 +35,13 @@ from workers.corpus.manifest import (
     sha256_hex,
     write_manifest,
 )
-from workers.corpus.plan import Plan, ShardPlan, bpe_sample, list_source, make_plan, require_text
-from workers.corpus.shards import build_shard, build_shard_batch, read_done
-from workers.storage import join, open_fs, read_bytes, uri_of, write_bytes_atomic
-from workers.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
+from workers.data.prepare_config import PrepareConfig
+from workers.data.shards import build_shard, build_shard_batch, read_done
+from workers.data.sources import Plan, ShardPlan, bpe_sample, list_source, make_plan, require_text
+from workers.data.storage import join, open_fs, read_bytes, s3_env, uri_of, write_bytes_atomic
+from workers.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 TOKENIZER_FILE = "tokenizer.json"
-# The S3 settings a shard task needs; passed to the tasks' runtime_env (workers on other nodes do
-# not inherit the driver's environment), with the job's data roots. Only those set on the driver are passed.
-S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 MB = 1e6
 # One thread per shard task: the BPE's ``tokenizers`` otherwise starts a thread per core in every task
 # on top of Ray's task parallelism (under load, 4 MB took 91 s that way and 14 s with one thread).
@@ -56,14 +52,15 @@ class ShardRunner(Protocol):
     """Builds shards and yields each one's entry as it finishes (in any order)."""
 
     def __call__(self, shards: list[ShardPlan], *, source: str, out: str, out_rel: str,
-                 tokenizer: Tokenizer, pack_len: int | None) -> Iterator[ShardEntry]: ...
+                 tokenizer: Tokenizer, pack_len: int | None, group_bytes: int) -> Iterator[ShardEntry]: ...
 
 
 def run_in_process(shards: list[ShardPlan], *, source: str, out: str, out_rel: str, tokenizer: Tokenizer,
-                   pack_len: int | None) -> Iterator[ShardEntry]:
+                   pack_len: int | None, group_bytes: int) -> Iterator[ShardEntry]:
     """One shard after the other in this process (unit tests, tiny corpora)."""
     for shard in shards:
-        yield build_shard(shard, source=source, out=out, out_rel=out_rel, tokenizer=tokenizer, pack_len=pack_len)
+        yield build_shard(shard, source=source, out=out, out_rel=out_rel, tokenizer=tokenizer, pack_len=pack_len,
+                          group_bytes=group_bytes)
 
 
 def ray_runner(max_tasks: int | None = None, cpus_per_task: float = 1.0) -> ShardRunner:
@@ -71,18 +68,19 @@ def ray_runner(max_tasks: int | None = None, cpus_per_task: float = 1.0) -> Shar
     the CPUs allow). Call ``ray.init`` first."""
 
     def run(shards: list[ShardPlan], *, source: str, out: str, out_rel: str, tokenizer: Tokenizer,
-            pack_len: int | None) -> Iterator[ShardEntry]:
+            pack_len: int | None, group_bytes: int) -> Iterator[ShardEntry]:
         import ray.data
 
         if not shards:
             return
-        env = {k: os.environ[k] for k in (*S3_ENV_VARS, ROOTS_ENV) if os.environ.get(k)}
+        # The S3 settings and the job's data roots reach the shard tasks through their runtime_env.
+        env = {**s3_env(), **{k: os.environ[k] for k in (ROOTS_ENV,) if os.environ.get(k)}}
         items = [{"plan": json.dumps(asdict(s))} for s in shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             build_shard_batch, batch_size=1, num_cpus=cpus_per_task,
             compute=ray.data.TaskPoolStrategy(size=max_tasks),
             fn_kwargs={"source": source, "out": out, "out_rel": out_rel,
-                       "tokenizer_json": tokenizer.to_json(), "pack_len": pack_len},
+                       "tokenizer_json": tokenizer.to_json(), "pack_len": pack_len, "group_bytes": group_bytes},
             runtime_env={"env_vars": {**env, **TASK_THREAD_ENV}})
         for row in ds.iter_rows():
             yield ShardEntry.model_validate_json(row["entry"])
@@ -140,7 +138,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
     started = time.perf_counter()
     in_bytes = 0
     for entry in runner(todo, source=plan.source, out=uri_of(out_fs, staging), out_rel=plan.shard_dir,
-                        tokenizer=tokenizer, pack_len=cfg.pack_len):
+                        tokenizer=tokenizer, pack_len=cfg.pack_len, group_bytes=cfg.row_group_bytes):
         done[entry.file.rsplit("/", 1)[-1].removesuffix(".parquet")] = entry
         in_bytes += entry.input_bytes
         elapsed = time.perf_counter() - started

@@ -18,10 +18,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from workers.confine import OutsideRoots
-from workers.corpus.manifest import ShardEntry, sha256_hex
-from workers.corpus.plan import ShardPlan, is_text, service_roots
-from workers.storage import join, open_fs, read_bytes, uri_of, where, with_retries, write_bytes_atomic
-from workers.tokenizer import TOKEN_DTYPE, Tokenizer, load_tokenizer
+from workers.data.manifest import RowGroupEntry, ShardEntry, sha256_hex
+from workers.data.sources import ShardPlan, is_text, service_roots
+from workers.data.storage import join, open_fs, read_bytes, uri_of, where, with_retries, write_bytes_atomic
+from workers.data.tokenizer import TOKEN_DTYPE, Tokenizer, load_tokenizer
 
 DONE_SUFFIX = ".done.json"
 PARQUET_COMPRESSION = "zstd"
@@ -55,12 +55,46 @@ def shard_table(paths: list[str], docs: list[np.ndarray]) -> pa.Table:
     return pa.table({"path": pa.array(paths, pa.string()), "tokens": _list_array(docs)})
 
 
+def group_bounds(docs: list[np.ndarray], group_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) row ranges of about ``group_bytes`` bytes of tokens each (at least one
+    row per group; a longer row is a group of its own)."""
+    bounds, start, size = [], 0, 0
+    for i, d in enumerate(docs):
+        if size and size + d.nbytes > group_bytes:
+            bounds.append((start, i))
+            start, size = i, 0
+        size += d.nbytes
+    if start < len(docs) or not bounds:
+        bounds.append((start, len(docs)))
+    return bounds
+
+
+def write_shard(paths: list[str], docs: list[np.ndarray], group_bytes: int) -> tuple[bytes, list[RowGroupEntry]]:
+    """The parquet bytes of a shard in row groups of about ``group_bytes`` of tokens, and each row
+    group's entry (rows, tokens, compressed bytes, SHA-256 of its tokens)."""
+    table = shard_table(paths, docs)
+    bounds = group_bounds(docs, group_bytes)
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, compression=PARQUET_COMPRESSION) as writer:
+        for a, b in bounds:
+            writer.write_table(table.slice(a, b - a), row_group_size=max(1, b - a))
+    data = sink.getvalue().to_pybytes()
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    groups = []
+    for i, (a, b) in enumerate(bounds):
+        rg = meta.row_group(i)
+        flat = np.concatenate(docs[a:b]).astype("<u2") if b > a else np.zeros(0, "<u2")
+        groups.append(RowGroupEntry(rows=b - a, tokens=len(flat), sha256=sha256_hex(flat.tobytes()),
+                                    stored_bytes=sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))))
+    return data, groups
+
+
 def done_path(out: str, name: str) -> str:
     return join(out, name + DONE_SUFFIX)
 
 
 def build_shard(shard: ShardPlan, *, source: str, out: str, out_rel: str, tokenizer: Tokenizer,
-                pack_len: int | None) -> ShardEntry:
+                pack_len: int | None, group_bytes: int) -> ShardEntry:
     """Tokenize ``shard``'s files from ``source`` and write ``<out>/<name>.parquet`` + its done-record.
 
     ``out`` is the staging prefix (a URI), ``out_rel`` the same prefix relative to the manifest.
@@ -93,14 +127,11 @@ def build_shard(shard: ShardPlan, *, source: str, out: str, out_rel: str, tokeni
     documents = len(docs)
     if pack_len is not None:
         paths, docs = pack_rows(paths, docs, pack_len)
-    table = shard_table(paths, docs)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
-    data = sink.getvalue().to_pybytes()
+    data, groups = write_shard(paths, docs, group_bytes)
     entry = ShardEntry(file=f"{out_rel}/{shard.name}.parquet", bytes=len(data), sha256=sha256_hex(data),
-                       split=shard.split, rows=table.num_rows, tokens=int(sum(len(d) for d in docs)),
+                       split=shard.split, rows=len(docs), tokens=int(sum(len(d) for d in docs)),
                        documents=documents, input_bytes=shard.input_bytes, skipped_binary=skipped,
-                       skipped_links=linked_out)
+                       skipped_links=linked_out, row_groups=groups)
     write_bytes_atomic(out_fs, join(out_root, f"{shard.name}.parquet"), data)
     record = {"files": list(shard.files), "entry": entry.model_dump(mode="json")}
     write_bytes_atomic(out_fs, done_path(out_root, shard.name), json.dumps(record).encode())
@@ -125,7 +156,7 @@ def read_done(fs: pafs.FileSystem, out_root: str, shard: ShardPlan) -> ShardEntr
 
 
 def build_shard_batch(batch: dict[str, np.ndarray], *, source: str, out: str, out_rel: str,
-                      tokenizer_json: str, pack_len: int | None) -> dict[str, np.ndarray]:
+                      tokenizer_json: str, pack_len: int | None, group_bytes: int) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` adapter: rows of JSON shard plans in, rows of JSON entries out."""
     tokenizer = load_tokenizer(tokenizer_json)
     entries = []
@@ -133,5 +164,5 @@ def build_shard_batch(batch: dict[str, np.ndarray], *, source: str, out: str, ou
         p = json.loads(plan_json)
         shard = ShardPlan(p["name"], p["split"], tuple(p["files"]), p["input_bytes"])
         entries.append(build_shard(shard, source=source, out=out, out_rel=out_rel, tokenizer=tokenizer,
-                                   pack_len=pack_len).model_dump_json())
+                                   pack_len=pack_len, group_bytes=group_bytes).model_dump_json())
     return {"entry": np.array(entries, dtype=object)}

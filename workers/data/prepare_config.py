@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from workers.config import DEFAULT_EXTENSIONS, Config
-from workers.tokenizer import BYTE_VOCAB_SIZE, MAX_VOCAB_SIZE
+from workers.data.tokenizer import BYTE_VOCAB_SIZE, MAX_VOCAB_SIZE
 
 
 class PrepareConfig(Config):
@@ -19,7 +19,7 @@ class PrepareConfig(Config):
     extensions: tuple[str, ...] = Field(DEFAULT_EXTENSIONS, min_length=1, max_length=64)
     # Cap on corpus bytes read (files in listing order); None reads everything.
     max_bytes: int | None = Field(None, ge=1024)
-    # Share of files held out for evaluation (chosen by a hash of the relative path, as workers/data.py).
+    # Share of files held out for evaluation (chosen by a hash of the relative path, workers/data/sources.py).
     val_fraction: float = Field(0.02, ge=0.0, le=0.5)
     # bytes: UTF-8 bytes (vocab 256); bpe: a byte-level BPE trained on a sample of the corpus.
     tokenizer: Literal["bytes", "bpe"] = "bytes"
@@ -30,6 +30,10 @@ class PrepareConfig(Config):
     # Input bytes per shard (the unit of parallel work and of resume): whole files are grouped until
     # this is reached, so a shard is ~2x this as bytes tokens in memory while it is built.
     shard_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    # Bytes of tokens (2 per token) per parquet row group: the unit a training read task reads,
+    # verifies (its tokens' SHA-256 is in the manifest) and resumes in, so a task holds about this
+    # much decoded. A document longer than this is one row group of its own.
+    row_group_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024**3)
     # None: one row per document (path, tokens ending in EOS). N: rows of exactly N tokens, documents
     # concatenated and cut (path = the document the row starts in); each shard's tail (< N) is dropped.
     pack_len: int | None = Field(None, ge=8, le=131072)

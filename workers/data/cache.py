@@ -10,8 +10,9 @@ Token 0 (NUL, which never occurs in a text file: files holding it are skipped as
 end of each document, so packing is concatenate-and-cut.
 
 The manifest records a fingerprint of the source (relative path, size, mtime of every file read),
-so a second run reuses the shards and a changed corpus rebuilds them. Each shard's size and SHA-256
-are recorded and checked before training, so a corrupt shard is named before any Ray work starts.
+so a second run reuses the shards and a changed corpus rebuilds them. Each shard's size, SHA-256 and
+tokens are recorded; the training read task that reads a shard checks it (workers/data/reader.py),
+and ``verify_shards`` checks them all at once for tools and tests.
 
 One folder serves every job that names it, so a build never pulls files from under a running job:
 the cache folder's key covers every setting that changes the shards (jobs that differ share
@@ -30,7 +31,6 @@ import hashlib
 import json
 import os
 import sysconfig
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,16 +42,18 @@ import pyarrow.parquet as pq
 from workers import confine
 from workers.config import VOCAB_SIZE, DataConfig
 from workers.confine import OutsideRoots
-from workers.corpus.manifest import inside
+from workers.data.manifest import inside, sha256_hex, sha256_of
+from workers.data.sources import is_val
 
 EOS_TOKEN = 0
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# 2: every file entry lists its tokens (the training reader plans from them); a set without is rebuilt.
+LAYOUT = 2
 # Folders never read from a corpus: installed packages (not the stdlib's own code) and caches.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "node_modules", ".git"})
 SPLITS = ("train", "val")
 SET_PREFIX = "set-"
-HASH_CHUNK_BYTES = 1 << 20
 
 
 class DataError(RuntimeError):
@@ -93,10 +95,6 @@ def _corpus_files(src: Path, extensions: tuple[str, ...],
             if name.endswith(extensions):
                 path = Path(root) / name
                 yield str(path.relative_to(src)), None if roots and not roots.allows(path) else path
-
-
-def _is_val(rel: str, val_fraction: float) -> bool:
-    return zlib.crc32(rel.encode()) % 10_000 < val_fraction * 10_000
 
 
 def _write_atomic(path: Path, data: bytes, also: tuple[str, ...]) -> None:
@@ -147,8 +145,8 @@ class _ShardWriter:
                        compression="zstd")
         data = sink.getvalue().to_pybytes()
         _write_atomic(self.out / name, data, self.also)
-        self.files.append({"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                           "documents": len(self.docs)})
+        self.files.append({"name": name, "bytes": len(data), "sha256": sha256_hex(data),
+                           "documents": len(self.docs), "tokens": self.pending})
         self.paths, self.docs, self.pending = [], [], 0
 
 
@@ -187,7 +185,8 @@ def build_shards(cfg: DataConfig, log: Callable[[str], None] = print) -> dict[st
     fingerprint = hashlib.sha256(repr([(r, s, m) for r, _, s, m in entries]).encode()).hexdigest()
     settings = {"source": str(src), "fingerprint": fingerprint, "extensions": list(cfg.extensions),
                 "max_bytes": cfg.max_bytes, "val_fraction": cfg.val_fraction,
-                "shard_tokens": cfg.shard_tokens, "tokenizer": "utf8-bytes", "vocab_size": VOCAB_SIZE}
+                "shard_tokens": cfg.shard_tokens, "tokenizer": "utf8-bytes", "vocab_size": VOCAB_SIZE,
+                "layout": LAYOUT}
     existing = read_manifest(out, missing_ok=True, also=also)
     if existing and all(existing.get(k) == v for k, v in settings.items()):
         log(f"data: reusing {sum(len(existing['splits'][s]['files']) for s in SPLITS)} shards in {out}")
@@ -200,7 +199,7 @@ def build_shards(cfg: DataConfig, log: Callable[[str], None] = print) -> dict[st
     folder = SET_PREFIX + hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
     log(f"data: tokenizing {len(entries)} files ({total / 1e6:.1f} MB) from {src} into {out / folder}"
         f"{_links(linked_out)}")
-    val_forced = cfg.val_fraction > 0 and len(entries) > 1 and not any(_is_val(r, cfg.val_fraction) for r, *_ in entries)
+    val_forced = cfg.val_fraction > 0 and len(entries) > 1 and not any(is_val(r, cfg.val_fraction) for r, *_ in entries)
     if val_forced:  # tiny corpus: hold out at least its last file so eval has data
         forced = entries[-1][0]
     writers = {s: _ShardWriter(out, folder, s, cfg.shard_tokens, also) for s in SPLITS}
@@ -219,8 +218,8 @@ def build_shards(cfg: DataConfig, log: Callable[[str], None] = print) -> dict[st
             skipped += 1
             continue
         tokens = np.frombuffer(raw + bytes([EOS_TOKEN]), dtype=np.uint8).astype(np.uint16)  # (len+1,)
-        is_val = (rel == forced) if val_forced else _is_val(rel, cfg.val_fraction)
-        writers["val" if is_val else "train"].add(rel, tokens)
+        held_out = (rel == forced) if val_forced else is_val(rel, cfg.val_fraction)
+        writers["val" if held_out else "train"].add(rel, tokens)
         if i % 500 == 0:
             log(f"data: {i}/{len(entries)} files")
     for w in writers.values():
@@ -298,10 +297,8 @@ def verify_shards(manifest: dict[str, Any]) -> None:
         except OutsideRoots as e:
             raise DataError(f"shard {path}: {e}") from None
         with f:
-            h = hashlib.sha256()
-            while chunk := f.read(HASH_CHUNK_BYTES):
-                h.update(chunk)
-            if f.tell() != entry["bytes"] or h.hexdigest() != entry["sha256"]:
+            digest = sha256_of(f)
+            if f.tell() != entry["bytes"] or digest != entry["sha256"]:
                 raise DataError(f"shard {path} is corrupt: its size or checksum differs from {root / MANIFEST}; "
                                 f"delete {root} to rebuild")
             try:

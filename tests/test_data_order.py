@@ -1,0 +1,221 @@
+"""The training order and the global data position (workers/data/order.py), and one rank's stream
+over real read tasks (workers/data/stream.py, reader.py): each sequence once through kills,
+resizes and speed splits, each unit read by one rank, resume without reading consumed data,
+row-group checksums verified by the task that reads them."""
+
+import json
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from ray.data.block import BlockAccessor
+
+from workers.data import DataConfig, PrepareConfig, open_training_data, prepare
+from workers.data.order import DataState, Plan, Unit
+from workers.data.reader import CorruptUnit, _read_unit_task, read_unit
+from workers.data.stream import RankStream, state_for
+
+
+def _plan(n_units=41, seed=0, seq_len=31):
+    rng = np.random.default_rng(seed)
+    units = [Unit(f"s{i}.parquet", 0, int(rng.integers(0, 40 * (seq_len + 1))), "0" * 64, 100) for i in range(n_units)]
+    return Plan(units, seq_len)
+
+
+def _ids(plan, epoch, takes, seed=5):
+    return [int(plan.offsets[p.unit]) + int(i) for p in takes for i in plan.row_order(seed, epoch, p.unit)[p.lo:p.hi]]
+
+
+def _split(rng, total, world):
+    cuts = np.sort(rng.choice(np.arange(1, total), world - 1, replace=False)) if world > 1 else []
+    return np.diff([0, *cuts, total]).tolist()  # random shares, each >= 1: a speed-aware split
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_sequence_of_an_epoch_once_through_a_kill_and_resizes_2_1_3(seed):
+    """Worlds 2 -> (kill: steps after the checkpoint lost) -> 1 -> 3, random speed splits, 12 rows
+    a step: the lineage that survives trains each sequence of the epoch once; fewer than a global
+    batch are left when the epoch ends."""
+    plan, rng = _plan(seed=seed), np.random.default_rng(seed)
+    state, lineage, total = DataState(plan, 5), [], 12
+    for world, steps, lost in [(2, 9, 3), (1, 7, 0), (3, 10_000, 0)]:
+        saved = None
+        for i in range(steps):
+            if i == steps - lost:
+                saved = json.loads(json.dumps(state.state_dict()))  # a checkpoint, through JSON
+            epoch, rows = state.epoch, _split(rng, total, world)
+            takes = state.step(rows)
+            if state.epoch != epoch:
+                break
+            assert [len(_ids(plan, epoch, t)) for t in takes] == rows  # every rank gets its share
+            if saved is None:
+                lineage += [i for t in takes for i in _ids(plan, epoch, t)]
+        state = DataState.restore(plan, 5, saved or state.state_dict())
+        if state.epoch:
+            break
+    assert len(lineage) == len(set(lineage))  # none twice
+    assert set(lineage) <= set(range(plan.total)) and plan.total - len(lineage) < total  # none skipped
+
+
+def test_each_unit_is_read_by_one_rank_and_epochs_reshuffle():
+    plan = _plan(n_units=200)
+    state, readers = DataState(plan, 5), {}
+    orders = []
+    for _ in range(10_000):
+        epoch = state.epoch
+        takes = state.step([4, 4, 4, 4])
+        if state.epoch != epoch or epoch:
+            break
+        for rank, pieces in enumerate(takes):
+            for p in pieces:
+                readers.setdefault(p.unit, set()).add(rank)
+                orders.append(p.unit) if not orders or orders[-1] != p.unit else None
+    shared = [u for u, ranks in readers.items() if len(ranks) > 1]
+    assert len(shared) <= 4  # only at the epoch's end, where ranks short of rows take from others
+    assert not (plan.unit_order(5, 0) == plan.unit_order(5, 1)).all()
+    assert not (plan.row_order(5, 0, 3) == plan.row_order(5, 1, 3)).all()
+
+
+def test_a_checkpoint_of_the_older_loop_continues_after_its_sequence_count():
+    plan = _plan()
+    state = DataState.after(plan, 5, epoch=0, consumed=100)
+    assert state.consumed == 100 and state.remaining() == plan.total - 100
+    with pytest.raises(ValueError, match="another dataset or seq_len"):
+        DataState.restore(_plan(seq_len=15), 5, state.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# One rank's stream over real read tasks, on a prepared dataset in small row groups
+
+
+@pytest.fixture
+def small_groups(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for f in range(8):
+        (src / f"m{f}.py").write_text("".join(f"v_{f}_{i} = {f * 7919 + i}\n" for i in range(60)))
+    root = tmp_path / "prepared"
+    manifest = prepare(PrepareConfig(source=str(src), path=str(root), shard_bytes=4096, row_group_bytes=2048,
+                                     val_fraction=0.0), log=lambda _: None)
+    data = open_training_data(DataConfig(path=str(root), seq_len=15), vocab_size=256, log=lambda _: None)
+    return manifest, root, data
+
+
+def _fetch(plan, fetched):
+    """A unit's read task run here (Ray Data runs the same function, workers/data/stream.ray_fetch)."""
+    def fetch(unit):
+        fetched.append(unit)
+        mode = "mark" if plan.on_corrupt == "skip" else "fail"
+        (batch,) = [BlockAccessor.for_block(b).to_batch_format("numpy")
+                    for b in _read_unit_task(plan.filesystem, unit, plan.seq_len, plan.roots, mode)]
+        return str(batch["corrupt"][0]) if "corrupt" in batch else batch["input_ids"]
+    return fetch
+
+
+def test_prepare_writes_row_groups_of_bounded_size_each_listed(small_groups):
+    manifest, root, data = small_groups
+    for entry in manifest.splits["train"].shards:
+        meta = pq.read_metadata(root / entry.file)
+        assert entry.row_groups and meta.num_row_groups == len(entry.row_groups) > 1
+        assert sum(g.tokens for g in entry.row_groups) == entry.tokens
+        assert all(g.tokens * 2 <= 2048 or g.rows == 1 for g in entry.row_groups)
+    assert len(data.units["train"]) == sum(len(e.row_groups) for e in manifest.splits["train"].shards)
+
+
+def test_a_resumed_stream_reads_no_consumed_unit_and_gets_each_row_once(small_groups):
+    _, _, data = small_groups
+    plan = data.train_plan(DataConfig(seq_len=15))
+    first: list = []
+    streams = [RankStream(plan, state_for(plan, 5, None), r, _fetch(plan, first)) for r in range(2)]
+    rows = {}
+    for _ in range(7):
+        for s in streams:
+            ids, x = s.next([3, 5])
+            rows.update(zip(ids.tolist(), map(bytes, x), strict=True))
+    saved = {"epoch": 0, "sequences_in_epoch": 56, "data_state": streams[0].state.state_dict()}
+    assert streams[1].state.state_dict() == saved["data_state"] and len(rows) == 56
+    resumed: list = []
+    stream = RankStream(plan, state_for(plan, 5, json.loads(json.dumps(saved))), 0, _fetch(plan, resumed))
+    ids, x = stream.next([8])
+    pending = {plan.units[p[0]] for p in saved["data_state"]["pieces"]}
+    assert set(resumed) <= pending | {plan.units[p.unit] for p in stream.state.held[0]}  # no consumed unit read
+    assert not set(ids.tolist()) & set(rows)  # none trained twice
+    # A sequence's id names its tokens, whoever reads it: the unit's packed rows in the epoch's order.
+    order = Plan(plan.units, 15)
+    for i, row in zip(ids.tolist(), x, strict=True):
+        unit = int(np.searchsorted(order.offsets, i, side="right")) - 1
+        packed = read_unit(plan.filesystem, plan.units[unit], 15, None)
+        assert bytes(packed[i - order.offsets[unit]]) == bytes(row)
+
+
+def _flip_a_row_group(root, entry, group):
+    path = root / entry.file
+    col = pq.read_metadata(path).row_group(group).column(1)  # tokens
+    raw = bytearray(path.read_bytes())
+    raw[col.data_page_offset + col.total_compressed_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_corrupt_row_group_fails_its_read_task_naming_it_or_is_dropped_on_every_rank(small_groups):
+    manifest, root, data = small_groups
+    entry = manifest.splits["train"].shards[0]
+    path = _flip_a_row_group(root, entry, 1)
+    plan = data.train_plan(DataConfig(seq_len=15))
+    bad = next(u for u in plan.units if u.path == str(path) and u.row_group == 1)
+    with pytest.raises(CorruptUnit, match=f"shard {path} \\(row group 1\\) is corrupt"):
+        read_unit(plan.filesystem, bad, 15, None)
+    assert len(read_unit(plan.filesystem, plan.units[0], 15, None))  # the shard's other row groups read fine
+
+    skip = data.train_plan(DataConfig(seq_len=15, on_corrupt="skip"))
+    logs: list[str] = []
+    found: list[set] = []
+
+    def agree(units):  # one rank here: what the loop's all_gather would merge
+        found.append(units)
+        return units
+
+    stream = RankStream(skip, state_for(skip, 5, None), 0, _fetch(skip, []), agree, logs.append)
+    seen = []
+    while stream.state.epoch == 0:
+        ids, _ = stream.next([4])
+        seen += ids.tolist() if stream.state.epoch == 0 else []
+    index = plan.units.index(bad)
+    order = stream.state.plan
+    assert any(f"skipping a corrupt unit: shard {path} (row group 1) is corrupt" in line for line in logs)
+    assert not set(seen) & set(range(order.offsets[index], order.offsets[index + 1]))
+    assert len(seen) == len(set(seen)) and order.total - int(order.counts[index]) - len(seen) < 4
+
+
+def test_an_older_one_row_group_shard_is_read_whole_and_verified_as_a_file(tmp_path):
+    from workers.data.manifest import sha256_hex
+
+    path = tmp_path / "old.parquet"
+    docs = [np.arange(1, 50, dtype=np.uint16), np.arange(60, 80, dtype=np.uint16)]
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"tokens": pa.array([d.tolist() for d in docs], pa.list_(pa.uint16()))}), path)
+    raw = path.read_bytes()
+    unit = Unit(str(path), None, 69, sha256_hex(raw), len(raw))
+    rows = read_unit(pafs.LocalFileSystem(), unit, 7, None)
+    assert rows.shape == (8, 8) and rows.ravel().tolist() == np.concatenate(docs)[:64].tolist()
+    path.write_bytes(raw[:-1] + b"x")
+    with pytest.raises(CorruptUnit, match=f"shard {path} is corrupt: its size or SHA-256"):
+        read_unit(pafs.LocalFileSystem(), unit, 7, None)
+
+
+@pytest.mark.ray
+def test_a_ray_read_task_names_the_corrupt_row_group_in_one_line(train_ray, small_groups):
+    from workers.data.stream import ray_fetch
+
+    manifest, root, data = small_groups
+    path = _flip_a_row_group(root, manifest.splits["train"].shards[0], 0)
+    plan = data.train_plan(DataConfig(seq_len=15))
+    fetch = ray_fetch(plan)
+    assert len(fetch(plan.units[1])) > 0  # the shard's other row group, through a real read task
+    with pytest.raises(CorruptUnit) as e:
+        fetch(plan.units[0])
+    assert str(e.value).startswith(f"shard {path} (row group 0) is corrupt") and "Traceback" not in str(e.value)
+    skip = ray_fetch(data.train_plan(DataConfig(seq_len=15, on_corrupt="skip")))
+    assert skip(plan.units[0]).startswith(f"shard {path} (row group 0) is corrupt")

@@ -1,0 +1,145 @@
+"""Reading packed rows: one canonical unit (``read_unit``; through ``UnitSource``, one Ray Data read
+task per unit, for both splits).
+
+A unit's read task opens its shard, reads one row group (a bounded few MiB), checks it against the
+manifest (the SHA-256 of its tokens; an older preparation's one-row-group shard: the file's size and
+SHA-256, read whole) and packs it on its own: so integrity costs no scan before training, each
+check runs once, in parallel, in the task that reads the bytes anyway, and a task holds about one
+decoded row group. A mismatch fails the task naming the file (``data.on_corrupt: fail``) or, with
+``skip``, yields a block that says so and no rows (workers/data/stream.py drops the unit).
+
+A manifest already names every shard and row group, so planning a read needs no I/O (Ray 2.60's
+``read_parquet`` would list the paths and read every footer first). Packing each unit on its own
+(concatenate its documents' tokens and cut rows of ``seq_len + 1``, the tail shorter than one row
+dropped) makes its rows a function of the unit alone, not of Ray's block-size estimates, which the
+training order (workers/data/order.py) and exactly-once resume need.
+
+A confined job's local shard is opened under its data roots (workers/confine.py, checked on the
+descriptor opened): one replaced by a link out of them after the manifest was checked fails its
+read, naming the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.block import Block, BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from workers.confine import Confinement, OutsideRoots
+from workers.data.cache import DataError
+from workers.data.order import Unit
+from workers.data.storage import uri_of
+
+
+def packed_blocks(tables: Iterable[pa.Table | pa.RecordBatch], seq_len: int,
+                  block_rows: int) -> Iterator[np.ndarray]:
+    """The rows of ``seq_len + 1`` tokens that concatenating the documents of ``tables`` (their
+    ``tokens`` column, in order) and cutting gives, in blocks of at most ``block_rows`` rows; the
+    tail shorter than one row is dropped. The same rows however the documents are batched."""
+    width = seq_len + 1
+    carry = np.empty(0, dtype=np.uint16)
+    for table in tables:
+        flat = pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False)  # (tokens,)
+        if len(carry):
+            flat = np.concatenate([carry, flat])
+        whole = len(flat) // width * width
+        rows = flat[:whole].reshape(-1, width)  # (rows, seq_len + 1), a view
+        carry = flat[whole:].copy()
+        for start in range(0, len(rows), block_rows):
+            yield rows[start:start + block_rows]
+
+
+def pack_sequences(table: pa.Table, seq_len: int) -> np.ndarray:
+    """All of ``table``'s packed rows as one (rows, seq_len + 1) array (a shard read whole)."""
+    blocks = list(packed_blocks([table], seq_len, sys.maxsize))
+    return blocks[0] if blocks else np.empty((0, seq_len + 1), dtype=np.uint16)
+
+
+class CorruptUnit(DataError):
+    """A unit whose bytes or tokens differ from its manifest; the message names the file."""
+
+
+def _flat_tokens(table: pa.Table) -> np.ndarray:
+    return pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False).astype("<u2", copy=False)
+
+
+def read_unit(filesystem: pafs.FileSystem, unit: Unit, seq_len: int, roots: Confinement | None) -> np.ndarray:
+    """The unit's packed rows, (sequences, seq_len + 1) uint16 in stored order, verified against the
+    manifest. Raises CorruptUnit naming the file (a mismatch, a missing file or an undecodable row
+    group), OutsideRoots when a local shard lies outside ``roots``."""
+    import hashlib
+
+    label = uri_of(filesystem, unit.path) + ("" if unit.row_group is None else f" (row group {unit.row_group})")
+    try:
+        with roots.open(unit.path) if roots is not None else filesystem.open_input_file(unit.path) as f:
+            if unit.row_group is None:  # an older preparation's shard: one row group, verified as a file
+                raw = f.read()
+                if len(raw) != unit.stored_bytes or hashlib.sha256(raw).hexdigest() != unit.sha256:
+                    raise CorruptUnit(f"shard {label} is corrupt: its size or SHA-256 differs from the manifest")
+                flat = _flat_tokens(pq.read_table(pa.BufferReader(raw), columns=["tokens"]))
+            else:
+                flat = _flat_tokens(pq.ParquetFile(f).read_row_group(unit.row_group, columns=["tokens"]))
+                if hashlib.sha256(memoryview(np.ascontiguousarray(flat))).hexdigest() != unit.sha256:
+                    raise CorruptUnit(f"shard {label} is corrupt: its tokens' SHA-256 differs from the manifest")
+    except FileNotFoundError:
+        raise CorruptUnit(f"shard {label} is missing") from None
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, IndexError) as e:
+        if isinstance(e, OutsideRoots):
+            raise
+        raise CorruptUnit(f"shard {label} is corrupt: {e}") from None
+    if len(flat) != unit.tokens:
+        raise CorruptUnit(f"shard {label} is corrupt: {len(flat)} tokens, the manifest lists {unit.tokens}")
+    width = seq_len + 1
+    n = len(flat) // width
+    return flat[: n * width].reshape(n, width)  # (sequences, seq_len + 1)
+
+
+# What a unit's read task does with a corrupt unit: raise naming the file; yield a block that says
+# so (the training stream drops the unit on every rank); yield nothing (the held-out split).
+OnCorrupt = Literal["fail", "mark", "drop"]
+
+
+def _read_unit_task(filesystem: pafs.FileSystem, unit: Unit, seq_len: int, roots: Confinement | None,
+                    on_corrupt: OnCorrupt) -> Iterator[Block]:
+    try:
+        rows = read_unit(filesystem, unit, seq_len, roots)
+    except CorruptUnit as e:
+        if on_corrupt == "fail":
+            raise
+        if on_corrupt == "mark":
+            yield BlockAccessor.batch_to_block({"corrupt": np.array([str(e)])})
+        return
+    yield BlockAccessor.batch_to_block({"input_ids": rows})
+
+
+class UnitSource(Datasource):
+    """One read task per unit of ``units``: its verified, packed rows as one block."""
+
+    def __init__(self, units: list[Unit], filesystem: pafs.FileSystem, seq_len: int,
+                 roots: Confinement | None = None, on_corrupt: OnCorrupt = "fail"):
+        super().__init__()
+        self.units, self.filesystem, self.seq_len = units, filesystem, seq_len
+        self.roots, self.on_corrupt = roots, on_corrupt
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(2 * u.tokens for u in self.units)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        return [ReadTask(functools.partial(_read_unit_task, self.filesystem, u, self.seq_len, self.roots,
+                                           self.on_corrupt),
+                         BlockMetadata(num_rows=None, size_bytes=2 * u.tokens, exec_stats=None, input_files=[u.path]),
+                         per_task_row_limit=per_task_row_limit)
+                for u in self.units]
+
+    def get_name(self) -> str:
+        return "ReadUnits"
