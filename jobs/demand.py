@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pydantic import BaseModel
 
 from jobs.kinds import Bundle, kind_of
-from jobs.pools import DEVICE_RESOURCE, pool_kind
+from jobs.pools import DEVICE_RESOURCE, pool_device
 
 # {pool or bare device: {Ray resource: amount}}, e.g. {"gpu-a100": {"GPU": 4.0, "CPU": 9.0}}
 Demand = dict[str, dict[str, float]]
@@ -45,5 +45,5 @@ def totals(bundles: Iterable[Bundle]) -> Demand:
 def devices(pool: str, need: Mapping[str, float]) -> float:
     """The devices a demand takes in ``pool``: GPUs or NPUs in an accelerator pool, CPUs in a cpu pool.
     The unit of team quotas and of the fair order."""
-    resource = DEVICE_RESOURCE[pool_kind(pool)] or "CPU"
+    resource = DEVICE_RESOURCE[pool_device(pool)] or "CPU"
     return need.get(resource, 0.0)

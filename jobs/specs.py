@@ -24,19 +24,19 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.pools import check_pool_name, pool_kind
-from workers.config import (  # noqa: F401  (DeviceKind: re-exported for the control plane)
+from jobs.pools import check_pool_name, pool_device
+from workers.config import (  # noqa: F401  (Device: re-exported for the control plane)
     VOCAB_SIZE,
     CompressionConfig,
     Config,
     DataConfig,
-    DeviceKind,
+    Device,
     LoopConfig,
     ModelConfig,
-    device_kind,
+    device_name,
 )
 
-PoolName = Annotated[str, BeforeValidator(device_kind), AfterValidator(check_pool_name)]
+PoolName = Annotated[str, BeforeValidator(device_name), AfterValidator(check_pool_name)]
 
 
 WorkerCount = Annotated[int, Field(ge=1, le=4096)]
@@ -56,11 +56,11 @@ class ResourcesSpec(Config):
     # Each resize costs a restart and the steps since the latest checkpoint, so not much lower.
     elastic_resize_monitor_interval_s: float = Field(60.0, ge=1.0, le=3600.0)
     # cpu -> gloo, gpu -> nccl, npu -> hccl (see workers/device.py); "cuda" is read as "gpu".
-    device: Annotated[DeviceKind, BeforeValidator(device_kind)] = "cpu"
+    device: Annotated[Device, BeforeValidator(device_name)] = "cpu"
     # A job spanning pools: workers per pool (jobs/pools.py: an exact pool such as cpu-a or gpu-a100, or
-    # a bare kind), e.g. {gpu: 2, cpu: 4}. Instead of num_workers and device: num_workers becomes the
-    # total and device the job's accelerator kind (cpu when it has none). Kinds without a common
-    # collective backend sync through gloo on host memory. One accelerator kind per job.
+    # a bare device), e.g. {gpu: 2, cpu: 4}. Instead of num_workers and device: num_workers becomes the
+    # total and device the job's accelerator (cpu when it has none). Devices without a common
+    # collective backend sync through gloo on host memory. One accelerator device per job.
     pools: dict[PoolName, Annotated[int, Field(ge=1, le=4096)]] | None = Field(None, min_length=1, max_length=16)
     cpus_per_worker: float = Field(1.0, gt=0.0, le=512.0)
     # Experts sharded over groups of this many workers (tokens travel by all-to-all); 1: every
@@ -92,24 +92,24 @@ class ResourcesSpec(Config):
     @model_validator(mode="before")
     @classmethod
     def _from_pools(cls, raw: Any) -> Any:
-        """With ``pools``, derive num_workers (the total) and device (the one accelerator kind)."""
+        """With ``pools``, derive num_workers (the total) and device (the one accelerator)."""
         if not isinstance(raw, dict) or not isinstance(raw.get("pools"), dict) or not raw["pools"]:
             return raw
         if isinstance(raw.get("num_workers"), (list, tuple)):
             raise ValueError("pools cannot run with an elastic num_workers [min, max]: pools fixes each pool's count")
         try:
-            kinds = {pool_kind(str(device_kind(name))) for name in raw["pools"]}
+            devices = {pool_device(str(device_name(name))) for name in raw["pools"]}
             counts = [int(n) for n in raw["pools"].values()]
         except (TypeError, ValueError):
             return raw  # the field validators name the bad pool or count
         if min(counts) < 1:
             return raw
-        accelerators = kinds - {"cpu"}
+        accelerators = devices - {"cpu"}
         if len(accelerators) > 1:
-            raise ValueError(f"pools: one accelerator kind per job, got {sorted(accelerators)}")
+            raise ValueError(f"pools: one accelerator device per job, got {sorted(accelerators)}")
         derived = {"num_workers": sum(counts), "device": accelerators.pop() if accelerators else "cpu"}
         for field, value in derived.items():  # a stored spec (model_dump) carries the derived values back
-            if field in raw and device_kind(raw[field]) != value:
+            if field in raw and device_name(raw[field]) != value:
                 raise ValueError(f"pools and {field} are mutually exclusive: pools gives every worker's pool")
         return {**raw, **derived}
 
@@ -129,14 +129,14 @@ class ResourcesSpec(Config):
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     def worker_pools(self) -> dict[str, int]:
-        """Pool (or bare kind) -> worker count at the job's largest size: ``pools``, or
+        """Pool (or bare device) -> worker count at the job's largest size: ``pools``, or
         ``{device: max_workers}`` (an elastic job's max: what Ray Train asks the cluster for)."""
         return dict(self.pools) if self.pools else {self.device: self.max_workers}
 
     @property
-    def mixed_kinds(self) -> bool:
-        """Whether the job's workers are of more than one device kind."""
-        return len({pool_kind(name) for name in self.worker_pools()}) > 1
+    def mixed_devices(self) -> bool:
+        """Whether the job's workers are of more than one device."""
+        return len({pool_device(name) for name in self.worker_pools()}) > 1
 
 
 class TrainSpec(Config):

@@ -4,15 +4,15 @@ else runs training (sweeps, the scheduler), and the driver's connection to Ray.
 ``build_trainer`` checks that the cluster can ever run the job, then assembles Ray Train's objects;
 running it (``fit()``), showing progress and writing the summary belong to the caller.
 
-Placement (``placement``): a job of one kind reserves its device in each worker's bundle, so Ray
+Placement (``placement``): a job of one device reserves its device in each worker's bundle, so Ray
 gives each worker its own device and sets CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES. A job
 spanning pools gets one label selector per worker (Ray Train v2 takes a list, one per worker), each
 naming the nodes of that worker's pool (``ray.io/node-id in (...)``, resolved here from the live
-nodes by jobs/pools.py, so bare kinds and unlabelled nodes work too). Ray Train gives every worker one
-bundle shape, so a job that mixes kinds reserves CPUs only in its bundles; a worker reserving no
+nodes by jobs/pools.py, so bare devices and unlabelled nodes work too). Ray Train gives every worker one
+bundle shape, so a job that mixes devices reserves CPUs only in its bundles; a worker reserving no
 device would see every device of its node (Ray leaves the variables unset) and two jobs could take
 the same one, so each accelerator worker of such a job leases one device of its node through Ray
-(workers/device.py, ``lease_device``) and sees only that one. Mixed kinds sync through gloo.
+(workers/device.py, ``lease_device``) and sees only that one. Mixed devices sync through gloo.
 
 Size and failures: an elastic job (``resources.num_workers: [min, max]``) gets Ray Train v2's elastic
 policy, which restarts the worker group at a new size from the latest checkpoint when nodes come or
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.pools import pool_kind, pool_of, satisfies
+from jobs.pools import pool_device, pool_of, satisfies
 from jobs.ray_private import max_cluster_resources
 from jobs.specs import ResourcesSpec, TrainSpec
 
@@ -154,25 +154,25 @@ class Placement:
     """Where a job's workers go and what each reserves (module docstring)."""
 
     scaling_config: Any  # ray.train.ScalingConfig
-    backend: str  # the collective backend: the kind's own, or gloo when the job mixes kinds
-    node_kinds: dict[str, str]  # node id -> worker kind, for a job spanning pools (WorkerConfig.node_kinds)
+    backend: str  # the collective backend: the device's own, or gloo when the job mixes devices
+    node_devices: dict[str, str]  # node id -> worker device, for a job spanning pools (WorkerConfig.node_devices)
     lease_devices: bool  # accelerator workers lease their device (the bundles hold CPUs only)
 
 
 def _pool_selectors(res: ResourcesSpec) -> tuple[list[dict[str, str]], dict[str, str]]:
-    """One label selector per worker naming the live nodes of its pool, and node id -> kind."""
+    """One label selector per worker naming the live nodes of its pool, and node id -> device."""
     import ray
 
     nodes = {n["NodeID"]: pool_of(n["Resources"], n.get("Labels") or {}) for n in ray.nodes() if n["Alive"]}
-    selectors, node_kinds = [], {}
+    selectors, node_devices = [], {}
     for wanted, count in res.worker_pools().items():
         ids = sorted(node for node, pool in nodes.items() if satisfies(pool, wanted))
         if not ids:
             raise ClusterTooSmall(f"resources.pools: no node of pool {wanted!r} in the cluster "
                                   f"(its pools: {', '.join(sorted(set(nodes.values())))})")
-        node_kinds.update({node: pool_kind(nodes[node]) for node in ids})
+        node_devices.update({node: pool_device(nodes[node]) for node in ids})
         selectors += [{NODE_ID_LABEL: ids[0] if len(ids) == 1 else f"in({','.join(ids)})"}] * count
-    return selectors, node_kinds
+    return selectors, node_devices
 
 
 def placement(spec: TrainSpec) -> Placement:
@@ -187,12 +187,12 @@ def placement(spec: TrainSpec) -> Placement:
                                        resources_per_worker=worker_resources(res.device, res.cpus_per_worker),
                                        elastic_resize_monitor_interval_s=res.elastic_resize_monitor_interval_s),
                          backend_for(res.device), {}, lease_devices=False)
-    selectors, node_kinds = _pool_selectors(res)
-    kind = "cpu" if res.mixed_kinds else res.device  # the bundle's device, when every worker has one
-    scaling = ScalingConfig(num_workers=res.num_workers, use_gpu=kind == "gpu", label_selector=selectors,
-                            resources_per_worker=worker_resources(kind, res.cpus_per_worker))
-    return Placement(scaling, "gloo" if res.mixed_kinds else backend_for(res.device), node_kinds,
-                     lease_devices=res.mixed_kinds)
+    selectors, node_devices = _pool_selectors(res)
+    device = "cpu" if res.mixed_devices else res.device  # the bundle's device, when every worker has one
+    scaling = ScalingConfig(num_workers=res.num_workers, use_gpu=device == "gpu", label_selector=selectors,
+                            resources_per_worker=worker_resources(device, res.cpus_per_worker))
+    return Placement(scaling, "gloo" if res.mixed_devices else backend_for(res.device), node_devices,
+                     lease_devices=res.mixed_devices)
 
 
 def init_ray(spec: TrainSpec, verbose: bool) -> None:
@@ -274,7 +274,7 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
                           device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,
-                          node_kinds=place.node_kinds, lease_devices=place.lease_devices, control_dir=str(out),
+                          node_devices=place.node_devices, lease_devices=place.lease_devices, control_dir=str(out),
                           preemption_check_every=res.preemption_check_every)
     # A cluster started by init_ray has DATA_REQUEST_ENV in every process; other workers get it here.
     data_env = {k: v for k, v in DATA_REQUEST_ENV.items() if os.environ.get(k) != v}

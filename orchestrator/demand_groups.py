@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from jobs.demand import Demand
 from jobs.kinds import Bundle
-from jobs.pools import POOL_LABEL, pool_kind
+from jobs.pools import POOL_LABEL, pool_device
 from jobs.ray_private import use_auth_token
 from orchestrator.settings import Settings
 
@@ -81,7 +81,7 @@ def cpu_bundles(demand: Demand) -> tuple[Bundle, ...]:
 
 
 def _selector(pool: str) -> dict[str, str]:
-    return {} if pool == pool_kind(pool) else {POOL_LABEL: pool}
+    return {} if pool == pool_device(pool) else {POOL_LABEL: pool}
 
 
 class DemandSink(Protocol):

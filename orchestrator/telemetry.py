@@ -66,7 +66,7 @@ class _Scheduling:
                 if isinstance(metrics.get(key), int | float):
                     g.add_metric([job_id], float(metrics[key]))
             yield g
-        jobs = GaugeMetricFamily("orch_queued_jobs", "QUEUED jobs by the pool (or bare kind) their workers ask for and priority",
+        jobs = GaugeMetricFamily("orch_queued_jobs", "QUEUED jobs by the pool (or bare device) their workers ask for and priority",
                                  labels=["pool", "priority"])
         demand = GaugeMetricFamily("orch_queued_demand", "Resources QUEUED jobs ask for, by pool",
                                    labels=["pool", "resource"])

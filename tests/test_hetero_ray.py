@@ -56,13 +56,13 @@ def _report_placement(config: dict) -> None:
     cfg = WorkerConfig.model_validate(config["worker"])
     placed = place_worker(cfg)
     try:
-        torch_device(placed.kind)
+        torch_device(placed.device)
         device_error = None
     except DeviceUnavailable as e:
         device_error = str(e)
     config["queue"].put({
         "job": config["job"], "rank": ray.train.get_context().get_world_rank(),
-        "node": ray.get_runtime_context().get_node_id(), "kind": placed.kind, "leased": placed.device_ids,
+        "node": ray.get_runtime_context().get_node_id(), "device": placed.device, "leased": placed.device_ids,
         "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "own_gpus": ray.get_gpu_ids(), "device_error": device_error,
     })
     barrier = config["barrier"]
@@ -81,7 +81,7 @@ def _placement_trainer(pools: dict[str, int], job: str, storage: str, extra: dic
     spec = validate_spec({"resources": {"pools": pools}})
     place = placement(spec)
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=0,
-                          device=spec.resources.device, has_val=False, node_kinds=place.node_kinds,
+                          device=spec.resources.device, has_val=False, node_devices=place.node_devices,
                           lease_devices=place.lease_devices)
     return TorchTrainer(_report_placement, train_loop_config={"worker": worker.model_dump(mode="json"), "job": job,
                                                               **extra},
@@ -120,16 +120,16 @@ def test_two_mixed_device_jobs_on_one_gpu_node_get_distinct_devices(pool_cluster
     assert not errors and not any(t.is_alive() for t in threads), errors
     seen = _drain(queue)
     pools = pool_cluster.pools()
-    assert sorted((w["job"], pools[w["node"]], w["kind"]) for w in seen) == [
+    assert sorted((w["job"], pools[w["node"]], w["device"]) for w in seen) == [
         ("job-a", "cpu-a", "cpu"), ("job-a", "gpu", "gpu"), ("job-b", "cpu-b", "cpu"), ("job-b", "gpu", "gpu")]
-    gpu_workers = [w for w in seen if w["kind"] == "gpu"]
+    gpu_workers = [w for w in seen if w["device"] == "gpu"]
     assert sorted(i for w in gpu_workers for i in w["leased"]) == ["0", "1"]  # distinct devices of the node
     for w in gpu_workers:
         assert len(w["leased"]) == 1 and w["visible"] == w["leased"][0]  # sees only its own device
         assert w["own_gpus"] == []  # its bundle holds CPUs only: the lease holds the device
         assert "torch.cuda.is_available() is False" in w["device_error"]  # fails clearly without CUDA
     for w in seen:
-        if w["kind"] == "cpu":
+        if w["device"] == "cpu":
             assert w["leased"] == [] and w["device_error"] is None
 
 

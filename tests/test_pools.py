@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.pools import check_pool_name, pool_kind, pool_of, satisfies
+from jobs.pools import check_pool_name, pool_device, pool_of, satisfies
 
 
 @pytest.mark.parametrize(("resources", "labels", "pool"), [
@@ -12,7 +12,7 @@ from jobs.pools import check_pool_name, pool_kind, pool_of, satisfies
     ({"CPU": 8, "NPU": 8}, {}, "npu"),
     ({"CPU": 8}, {"orch.io/pool": "cpu-fast"}, "cpu-fast"),
     ({"CPU": 8, "GPU": 1}, {"orch.io/pool": "gpu-spot"}, "gpu-spot"),
-    # A label that is not a pool name is ignored rather than inventing a kind.
+    # A label that is not a pool name is ignored rather than inventing a device.
     ({"CPU": 8}, {"orch.io/pool": "Fast Pool"}, "cpu"),
 ])
 def test_pool_of(resources, labels, pool):
@@ -22,7 +22,7 @@ def test_pool_of(resources, labels, pool):
 def test_bare_kinds_match_every_pool_of_their_kind():
     assert satisfies("gpu-a100", "gpu") and satisfies("gpu-a100", "gpu-a100")
     assert not satisfies("gpu-a100", "gpu-h100") and not satisfies("cpu-fast", "gpu")
-    assert pool_kind("npu-910b") == "npu"
+    assert pool_device("npu-910b") == "npu"
 
 
 @pytest.mark.parametrize("name", ["tpu", "GPU", "gpu-", "gpu a100", ""])

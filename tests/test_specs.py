@@ -83,7 +83,7 @@ def test_device_vocabulary_with_cuda_alias(word, kind):
 def test_pools_span_kinds_and_give_num_workers_and_device():
     spec = validate_spec({"resources": {"pools": {"gpu": 2, "cpu-a": 4}}})
     assert spec.resources.worker_pools() == {"gpu": 2, "cpu-a": 4}
-    assert (spec.resources.num_workers, spec.resources.device, spec.resources.mixed_kinds) == (6, "gpu", True)
+    assert (spec.resources.num_workers, spec.resources.device, spec.resources.mixed_devices) == (6, "gpu", True)
     assert validate_spec({}).resources.worker_pools() == {"cpu": 2}
     assert validate_spec(spec.model_dump()).resources == spec.resources  # a stored spec validates again
 
@@ -95,7 +95,7 @@ def test_pools_span_kinds_and_give_num_workers_and_device():
         ({"pools": {"gpu": 1, "cpu": 1}, "device": "cpu"}, "pools and device are mutually exclusive"),
         ({"pools": {"tpu-x": 1}}, "resources.pools.tpu-x"),
         ({"pools": {"gpu": 0}}, "resources.pools.gpu"),
-        ({"pools": {"gpu": 1, "npu": 1}}, "one accelerator kind per job"),
+        ({"pools": {"gpu": 1, "npu": 1}}, "one accelerator device per job"),
     ],
 )
 def test_bad_pools_are_named(resources, why):

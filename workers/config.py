@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # The byte-level tokenizer's vocabulary (workers/data/tokenizer.py): UTF-8 bytes, token 0 ends a document.
 VOCAB_SIZE = 256
 # One device vocabulary for specs, node pools, the API, the CLI and the docs: a worker's
-# accelerator kind. cpu -> gloo, gpu -> nccl (NVIDIA), npu -> hccl (Ascend); see workers/device.py.
-DeviceKind = Literal["cpu", "gpu", "npu"]
-DEVICE_KINDS: tuple[str, ...] = ("cpu", "gpu", "npu")
+# accelerator. cpu -> gloo, gpu -> nccl (NVIDIA), npu -> hccl (Ascend); see workers/device.py.
+Device = Literal["cpu", "gpu", "npu"]
+DEVICES: tuple[str, ...] = ("cpu", "gpu", "npu")
 # Older words still accepted in specs, read as the word they stand for.
 DEVICE_ALIASES: dict[str, str] = {"cuda": "gpu"}
 
 
-def device_kind(value: object) -> object:
+def device_name(value: object) -> object:
     """A spec's device word in the vocabulary (``cuda`` -> ``gpu``); other values pass to validation."""
     return DEVICE_ALIASES.get(value, value) if isinstance(value, str) else value
 DEFAULT_EXTENSIONS = (".py", ".pyi", ".txt", ".md", ".rst", ".c", ".h", ".rs", ".go", ".js", ".ts", ".java")

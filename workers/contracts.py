@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.config import CompressionConfig, Config, DeviceKind, LoopConfig, ModelConfig
+from workers.config import CompressionConfig, Config, Device, LoopConfig, ModelConfig
 
 
 class WorkerConfig(Config):
@@ -24,13 +24,13 @@ class WorkerConfig(Config):
     compression: CompressionConfig
     loop: LoopConfig
     seed: int = Field(ge=0)
-    device: DeviceKind
+    device: Device
     expert_parallel: int = Field(1, ge=1)
-    # A job spanning pools (resources.pools): the kind of worker each node gives, Ray node id -> kind,
-    # resolved by the driver from the node's pool (jobs/pools.py); a worker takes its kind from the
-    # node it was placed on. Empty: every worker is of kind ``device``.
-    node_kinds: dict[str, DeviceKind] = {}
-    # The job mixes kinds, so its placement bundles reserve CPUs only and each accelerator worker
+    # A job spanning pools (resources.pools): the device each node gives, Ray node id -> device,
+    # resolved by the driver from the node's pool (jobs/pools.py); a worker takes its device from the
+    # node it was placed on. Empty: every worker has ``device``.
+    node_devices: dict[str, Device] = {}
+    # The job mixes devices, so its placement bundles reserve CPUs only and each accelerator worker
     # leases its device (workers/device.py, lease_device).
     lease_devices: bool = False
     has_val: bool

@@ -1,12 +1,12 @@
-"""Device kind -> torch device, collective backend and Ray resources, decided in one place.
+"""Device device -> torch device, collective backend and Ray resources, decided in one place.
 
 The driver picks the backend and the resources each worker asks Ray for from the spec's
 ``resources.device``; inside a worker, the torch device follows from the accelerator Ray gave it
 (Ray sets CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES, so the visible index is always 0).
 
 ``train.precision`` (fp32 | bf16 | fp16) becomes an autocast context and, for fp16, a GradScaler,
-both keyed by the torch device's type (cpu, cuda, npu), so one code path serves every kind. torch
-2.13 autocasts to float16 on CPU too and its GradScaler runs there, so fp16 is allowed on every kind,
+both keyed by the torch device's type (cpu, cuda, npu), so one code path serves every device. torch
+2.13 autocasts to float16 on CPU too and its GradScaler runs there, so fp16 is allowed on every device,
 but on CPU it only checks the fp16 path: without native fp16 matmul kernels a demo-model step took
 ~5 s against ~0.3-0.8 s in fp32 and bf16 (one thread, AMD EPYC with avx512_bf16, a loaded machine).
 """
@@ -20,35 +20,35 @@ from typing import Any, Literal
 
 import torch
 
-from workers.config import DeviceKind
+from workers.config import Device
 
 Precision = Literal["fp32", "bf16", "fp16"]
 # Autocast dtype per train.precision; fp32 runs without autocast.
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Collective backend per device kind: gloo runs on host memory, nccl on NVIDIA GPUs, hccl on Ascend NPUs.
+# Collective backend per device: gloo runs on host memory, nccl on NVIDIA GPUs, hccl on Ascend NPUs.
 BACKENDS: dict[str, str] = {"cpu": "gloo", "gpu": "nccl", "npu": "hccl"}
 
 
 class DeviceUnavailable(RuntimeError):
-    """The spec asks for a device kind this machine or cluster cannot provide."""
+    """The spec asks for a device this machine or cluster cannot provide."""
 
 
-def backend_for(kind: DeviceKind) -> str:
-    return BACKENDS[kind]
+def backend_for(device: Device) -> str:
+    return BACKENDS[device]
 
 
-def worker_resources(kind: DeviceKind, cpus_per_worker: float) -> dict[str, float]:
+def worker_resources(device: Device, cpus_per_worker: float) -> dict[str, float]:
     """Ray resources one training worker reserves."""
     resources = {"CPU": cpus_per_worker}
-    if kind == "gpu":
+    if device == "gpu":
         resources["GPU"] = 1
-    elif kind == "npu":
+    elif device == "npu":
         resources["NPU"] = 1
     return resources
 
 
-# A job that spans kinds reserves CPUs only in its placement bundles (Ray Train gives every worker one
+# A job that spans devices reserves CPUs only in its placement bundles (Ray Train gives every worker one
 # shape); its accelerator workers each lease one device of their node (lease_device).
 # Seconds a worker waits for a free device on its node before it fails: another job holds them all.
 DEVICE_LEASE_TIMEOUT_S = 60.0
@@ -64,26 +64,26 @@ class _DeviceLease:
     """Holds one device of its node in Ray's accounting while it lives, so no other job or actor is
     given it. It is owned by the worker that created it and Ray ends it with that worker."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, device: str):
+        self.device = device
 
     def ids(self) -> list[str]:
         import ray
 
-        return ray.get_runtime_context().get_accelerator_ids()[_LEASE[self.kind][1]]
+        return ray.get_runtime_context().get_accelerator_ids()[_LEASE[self.device][1]]
 
 
-def lease_device(kind: DeviceKind) -> tuple[Any, list[str]]:
-    """Reserve one ``kind`` device on this worker's node through Ray and make it the only one this
+def lease_device(device: Device) -> tuple[Any, list[str]]:
+    """Reserve one ``device`` device on this worker's node through Ray and make it the only one this
     process sees (before torch touches the device). Returns (the lease actor: keep the handle for
     as long as the device is used, the device ids). Raises DeviceUnavailable when none frees up."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options, key, env = _LEASE[kind]
+    options, key, env = _LEASE[device]
     node = ray.get_runtime_context().get_node_id()
     lease = ray.remote(_DeviceLease).options(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **options).remote(kind)
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **options).remote(device)
     try:
         ids = ray.get(lease.ids.remote(), timeout=DEVICE_LEASE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -94,23 +94,23 @@ def lease_device(kind: DeviceKind) -> tuple[Any, list[str]]:
     return lease, ids
 
 
-def check_available(kind: DeviceKind) -> None:
-    """Fail early, in the driver, when the local software cannot drive the device kind at all."""
-    if kind == "npu" and importlib.util.find_spec("torch_npu") is None:
+def check_available(device: Device) -> None:
+    """Fail early, in the driver, when the local software cannot drive the device at all."""
+    if device == "npu" and importlib.util.find_spec("torch_npu") is None:
         raise DeviceUnavailable("resources.device is 'npu' but torch_npu is not installed")
-    if kind == "gpu" and not torch.backends.cuda.is_built():
+    if device == "gpu" and not torch.backends.cuda.is_built():
         raise DeviceUnavailable("resources.device is 'gpu' but this torch build has no CUDA support "
                                 "(install the CUDA build of torch: docs/operations.md, 'GPU machines')")
 
 
-def torch_device(kind: DeviceKind) -> torch.device:
+def torch_device(device: Device) -> torch.device:
     """The device for this worker process (after Ray has set the visible-device variables)."""
-    if kind == "gpu":
+    if device == "gpu":
         if not torch.cuda.is_available():
             raise DeviceUnavailable("worker was given a GPU but torch.cuda.is_available() is False")
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
-    if kind == "npu":
+    if device == "npu":
         import torch_npu  # noqa: F401  (registers the "npu" device with torch)
 
         torch.npu.set_device(0)

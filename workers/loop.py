@@ -10,7 +10,7 @@ now" request arrived (workers/control.py: preemption, resize, drain, a stopping 
 every ``preemption_check_every`` steps, Ray Train announced that a node of the job is being preempted
 (workers/interrupts.py).
 
-A job may span device kinds (resources.pools): each worker takes its kind from the node it was
+A job may span devices (resources.pools): each worker takes its device from the node it was
 placed on (``place_worker``). Every worker steps one global data position (workers/data/order.py)
 and reads only its own sequences of each step (workers/data/stream.py): ``batch_size`` of them
 (``train.split: equal``), or a share that follows its measured speed (``speed``,
@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from workers import checkpoint
 from workers.balance import ForwardTimer, SpeedSplit
-from workers.config import DeviceKind, LoopConfig
+from workers.config import Device, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
 from workers.control import ControlChannel
 from workers.data import stream
@@ -125,27 +125,27 @@ def _layer_stats(counts: torch.Tensor) -> MoEStats:
 
 @dataclass
 class Placement:
-    """What this worker was given: its device kind and, in a job that spans kinds, its leased device."""
+    """What this worker was given: its device and, in a job that spans devices, its leased device."""
 
-    kind: DeviceKind
+    device: Device
     device_ids: list[str]  # the leased device's ids; empty when Ray's bundle reserved it or for cpu
     lease: Any = None  # the lease actor (workers/device.py): the device is this worker's while it lives
 
 
 def place_worker(cfg: WorkerConfig) -> Placement:
-    """This worker's kind, from the node Ray placed it on, and its device where the job leases them."""
+    """This worker's device, from the node Ray placed it on, and its device where the job leases them."""
     import ray
 
-    kind = cfg.device
-    if cfg.node_kinds:
+    device = cfg.device
+    if cfg.node_devices:
         node = ray.get_runtime_context().get_node_id()
-        if node not in cfg.node_kinds:
+        if node not in cfg.node_devices:
             raise RuntimeError(f"worker placed on node {node}, which is in none of the job's pools")
-        kind = cfg.node_kinds[node]
-    if not cfg.lease_devices or kind == "cpu":
-        return Placement(kind, [])
-    lease, ids = lease_device(kind)
-    return Placement(kind, ids, lease)
+        device = cfg.node_devices[node]
+    if not cfg.lease_devices or device == "cpu":
+        return Placement(device, [])
+    lease, ids = lease_device(device)
+    return Placement(device, ids, lease)
 
 
 class _Run:
@@ -198,7 +198,7 @@ def _setup(cfg: WorkerConfig, channel: ProgressChannel, tokenizer_json: str | No
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.loop.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     placement = place_worker(cfg)
-    device = torch_device(placement.kind)
+    device = torch_device(placement.device)
     step = build_step(cfg.model, cfg.compression, cfg.loop, expert_parallel=cfg.expert_parallel, device=device,
                       seed=cfg.seed)
     run = _Run(cfg, step, rank, world, placement, tokenizer_json)

@@ -3,7 +3,7 @@
 import { api } from "./api.js";
 import { LiveTable, badge, el, fmtNum, keyed, kv, progressBar, replace } from "./dom.js";
 
-// The resource that sizes a pool of each kind: its accelerator, or its CPUs.
+// The resource that sizes a pool of each device: its accelerator, or its CPUs.
 const MAIN_RESOURCE = { gpu: "GPU", npu: "NPU", cpu: "CPU" };
 const QUEUE_LIMIT = 200;
 
@@ -14,7 +14,7 @@ function resources(map) {
 }
 
 function utilisation(pool) {
-  const key = MAIN_RESOURCE[pool.kind] || "CPU";
+  const key = MAIN_RESOURCE[pool.device] || "CPU";
   const cap = pool.capacity?.[key] || 0;
   const used = pool.in_use?.[key] || 0;
   return { key, cap, used, share: cap ? used / cap : null };
@@ -24,7 +24,7 @@ export function clusterPage(root) {
   const summary = el("div");
   const pools = new LiveTable([
     { key: "name", label: "Pool" },
-    { key: "kind", label: "Kind" },
+    { key: "device", label: "Device" },
     { key: "nodes", label: "Nodes", num: true },
     { key: "util", label: "Utilisation", value: (p) => utilisation(p).share,
       cell: (p) => { const u = utilisation(p); return el("div", { class: "row" }, progressBar(u.used, u.cap),
@@ -47,7 +47,7 @@ export function clusterPage(root) {
   const nodes = new LiveTable([
     { key: "node_id", label: "Node" },
     { key: "ip", label: "IP" },
-    { key: "kind", label: "Kind" },
+    { key: "device", label: "Device" },
     { key: "state", label: "State", cell: (n) => badge(n.state) },
     { key: "is_head", label: "Head", value: (n) => (n.is_head ? "head" : "") },
     { key: "resources", label: "Resources", value: (n) => resources(n.resources) },

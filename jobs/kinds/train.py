@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.kinds.base import Bundle, JobKind
-from jobs.pools import DEVICE_RESOURCE, pool_kind
+from jobs.pools import DEVICE_RESOURCE, pool_device
 from jobs.specs import TrainSpec
 from jobs.trainer import DATA_TASK_CPUS
 
@@ -19,7 +19,7 @@ def train_bundles(spec: TrainSpec, times: int = 1) -> tuple[Bundle, ...]:
     bundles = []
     for pool in sorted(groups, key=lambda p: p != main):
         need = {"CPU": spec.resources.cpus_per_worker}
-        if (device := DEVICE_RESOURCE[pool_kind(pool)]) is not None:
+        if (device := DEVICE_RESOURCE[pool_device(pool)]) is not None:
             need[device] = 1.0
         bundles.append(Bundle(pool, need, groups[pool] * times))
     return (*bundles, Bundle(main, {"CPU": DATA_TASK_CPUS}, times))

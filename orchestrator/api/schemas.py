@@ -18,7 +18,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from jobs.kinds import KINDS, AnySpec, KindName
 from jobs.pools import POOL_NAME_PATTERN
-from jobs.specs import DeviceKind
+from jobs.specs import Device
 from orchestrator.api.errors import MAX_REPORTED_ERRORS, json_safe, unencodable
 from orchestrator.auth import NAME_PATTERN, Role, root_error
 from orchestrator.auth.roots import ROOT_PATTERN
@@ -281,7 +281,7 @@ class TeamUpdate(_Schema):
 
     # Absolute local folders or s3://bucket[/prefix] (orchestrator/auth/roots.py).
     roots: list[DataRoot] | None = Field(None, max_length=MAX_ROOTS)
-    # Pool or kind name -> devices (GPUs/NPUs for gpu/npu pools, CPUs for cpu pools).
+    # Pool or device name -> devices (GPUs/NPUs for gpu/npu pools, CPUs for cpu pools).
     quotas: dict[PoolName, Devices] | None = Field(None, max_length=MAX_QUOTAS)
     # The highest priority the team's users may submit at (a new team: normal).
     max_priority: Priority | None = None
@@ -329,11 +329,11 @@ class NodePublic(_Schema):
     ip: str
     is_head: bool
     state: str
-    kind: DeviceKind  # the node's pool, in the specs' device vocabulary
+    device: Device  # the node's pool, in the specs' device vocabulary
     resources: dict[str, float]
 
 
-class KindPublic(_Schema):
+class DevicePublic(_Schema):
     nodes: int
     resources: dict[str, float]
 
@@ -341,7 +341,7 @@ class KindPublic(_Schema):
 class PoolPublic(_Schema):
     """One pool (orchestrator/scheduler/pools.py): what its alive nodes have, who holds what, what waits."""
 
-    kind: DeviceKind
+    device: Device
     nodes: int
     capacity: dict[str, float]
     max_capacity: dict[str, float]  # with what the autoscaler may add (ORCH_AUTOSCALER_MAX_EXTRA)
@@ -357,7 +357,7 @@ class ClusterPublic(_Schema):
     ray_address: str | None
     alive_nodes: int
     totals: dict[str, float]
-    by_kind: dict[str, KindPublic]
+    by_device: dict[str, DevicePublic]
     nodes: list[NodePublic]
     pools: dict[str, PoolPublic] = {}
     unmanaged_jobs: int = 0  # Ray jobs running beside the service's

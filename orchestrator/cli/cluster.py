@@ -1,8 +1,8 @@
-"""`orch cluster`: the nodes by kind, the pools the scheduler sees (capacity, held, free, waiting),
+"""`orch cluster`: the nodes by device, the pools the scheduler sees (capacity, held, free, waiting),
 then what each team holds (your own team's only, unless you are an admin): its jobs and its
 deployments' replicas apart, so serving shows beside training.
 
-It replaces the `cluster` command of orchestrator/cli/jobs.py (which shows the kinds table only).
+It replaces the `cluster` command of orchestrator/cli/jobs.py (which shows the devices table only).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def team_rows(teams: dict[str, Any]) -> list[list[Any]]:
             for name, t in sorted(teams.items())]
 
 
-@app.command(help="pools (cpu | gpu | npu): capacity, in use, reserved, free, queued demand; nodes by kind; "
+@app.command(help="pools (cpu | gpu | npu): capacity, in use, reserved, free, queued demand; nodes by device; "
                   "what each team's jobs and deployments hold")
 def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with api(api_url(ctx)) as c:
@@ -40,9 +40,9 @@ def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     if json_out:
         render.print_json(data)
         return
-    kinds = [[pool, v["nodes"], ", ".join(f"{r}={render.fmt(a)}" for r, a in sorted(v["resources"].items()))]
-             for pool, v in sorted(data["by_kind"].items())]
-    out: list[Any] = [render.table(["KIND", "NODES", "RESOURCES"], kinds)]
+    devices = [[pool, v["nodes"], ", ".join(f"{r}={render.fmt(a)}" for r, a in sorted(v["resources"].items()))]
+             for pool, v in sorted(data["by_device"].items())]
+    out: list[Any] = [render.table(["DEVICE", "NODES", "RESOURCES"], devices)]
     if data.get("pools"):
         out += [render.section("pools"),
                 render.table(["POOL", "NODES", "CAPACITY", "IN USE", "RESERVED", "FREE", "QUEUED", "QUEUED DEMAND"],

@@ -24,7 +24,7 @@ from jobs.pools import satisfies
 from orchestrator.scheduler.pools import candidates, covers
 from orchestrator.scheduler.views import JobView
 
-# team -> pool or kind -> devices held (GPUs/NPUs in accelerator pools, CPUs in cpu pools)
+# team -> pool or device -> devices held (GPUs/NPUs in accelerator pools, CPUs in cpu pools)
 Usage = Mapping[str, Mapping[str, float]]
 
 
@@ -64,7 +64,7 @@ class BestFit:
 
 
 def share(usage: Mapping[str, float], demand: Demand) -> float:
-    """Devices a team holds in the pools ``demand`` asks for (a bare kind counts each of its pools)."""
+    """Devices a team holds in the pools ``demand`` asks for (a bare device counts each of its pools)."""
     return sum(v for held, v in usage.items() for key in demand if satisfies(held, key) or satisfies(key, held))
 
 

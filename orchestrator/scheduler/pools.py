@@ -5,7 +5,7 @@ A pool's *capacity* is its alive nodes' totals; *unmanaged* is what Ray jobs the
 submit (``ray job submit``) hold there; *max capacity* adds what the autoscaler may still bring
 (``ORCH_AUTOSCALER_MAX_EXTRA``, per pool), the bar for "can this job ever run".
 
-A demand key (a pool or a bare kind) is booked in ONE pool: Ray Train's worker group is one
+A demand key (a pool or a bare device) is booked in ONE pool: Ray Train's worker group is one
 placement group whose workers must be alike, so they stay within one pool.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from jobs.demand import Demand
-from jobs.pools import pool_kind, pool_of, satisfies
+from jobs.pools import pool_device, pool_of, satisfies
 from orchestrator.ray_client import NodeView, UnmanagedJob
 
 Resources = dict[str, float]
@@ -38,8 +38,8 @@ class Pool:
     max_capacity: Resources = field(default_factory=dict)
 
     @property
-    def kind(self) -> str:
-        return pool_kind(self.name)
+    def device(self) -> str:
+        return pool_device(self.name)
 
 
 def build_pools(nodes: Iterable[NodeView], unmanaged: Iterable[UnmanagedJob] = (),
@@ -88,7 +88,7 @@ def describe(resources: Mapping[str, float]) -> str:
 
 
 def candidates(pools: Iterable[str], key: str) -> list[str]:
-    """The pools that can hold a demand key (the pool itself, or every pool of a bare kind)."""
+    """The pools that can hold a demand key (the pool itself, or every pool of a bare device)."""
     return [p for p in pools if satisfies(p, key)]
 
 

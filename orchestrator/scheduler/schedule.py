@@ -36,7 +36,7 @@ from orchestrator.scheduler.policies import (
 from orchestrator.scheduler.pools import Ledger, Pool, candidates, describe, missing, never_fits
 from orchestrator.scheduler.views import JobView
 
-# team -> pool or kind -> devices (GPUs/NPUs for accelerator pools, CPUs for cpu pools)
+# team -> pool or device -> devices (GPUs/NPUs for accelerator pools, CPUs for cpu pools)
 Quotas = Mapping[str, Mapping[str, float]]
 
 
@@ -76,7 +76,7 @@ class Decisions:
     wait: list[Wait] = field(default_factory=list)
     preempt: list[Preempt] = field(default_factory=list)
     reserved: dict[str, dict[str, float]] = field(default_factory=dict)  # pool -> held by admitted jobs
-    queued_demand: dict[str, dict[str, float]] = field(default_factory=dict)  # pool or kind -> waiting jobs'
+    queued_demand: dict[str, dict[str, float]] = field(default_factory=dict)  # pool or device -> waiting jobs'
     # Deployments' decisions, which Scheduler.plan moves out of ``admit`` and ``wait`` (those are the
     # jobs whose attempts the controller starts); the store records them (``record_deployment_queue``).
     serving_admit: list[Admit] = field(default_factory=list)

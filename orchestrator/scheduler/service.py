@@ -46,7 +46,7 @@ def serving_key(pools: Mapping[str, Pool]) -> str:
     """Where replicas (CPUs only) are booked: the cpu pools, keeping accelerator nodes' CPUs for their
     workers; on a cluster without one (``orch up --local`` on a GPU workstation), the pool with the
     most CPUs at the autoscaler's maximum, where Ray may well place them."""
-    if not pools or any(p.kind == "cpu" for p in pools.values()):
+    if not pools or any(p.device == "cpu" for p in pools.values()):
         return "cpu"
     return max(pools, key=lambda name: (pools[name].max_capacity.get("CPU", 0.0), name))
 

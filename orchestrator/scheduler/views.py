@@ -15,7 +15,7 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 @dataclass(frozen=True)
 class JobView:
-    """``demand`` is per pool or kind (jobs/demand.py). ``placement`` maps each demand key to the
+    """``demand`` is per pool or device (jobs/demand.py). ``placement`` maps each demand key to the
     concrete pool it is booked in (admitted jobs only). ``preemptible``: RUNNING, so it can
     checkpoint on request; a job still starting has no checkpoint to resume from. ``slot``: it takes
     one of the ``ORCH_MAX_ACTIVE_JOBS`` slots (a deployment's replicas do not: the limit counts jobs)."""

@@ -101,7 +101,7 @@ class JobRecord:
 @dataclass(frozen=True)
 class TeamRecord:
     """A team's settings: data roots (local folders, ``s3://`` prefixes) its jobs may read and write,
-    quotas (pool or kind name -> devices: GPUs/NPUs for gpu/npu pools, CPUs for cpu pools) and the
+    quotas (pool or device name -> devices: GPUs/NPUs for gpu/npu pools, CPUs for cpu pools) and the
     highest priority its users may submit at (a high job preempts every team's normal ones)."""
 
     name: str

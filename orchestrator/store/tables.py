@@ -96,7 +96,7 @@ tokens_t = Table(
 )
 
 # Per-team settings an admin sets: data roots (JSON list of local folders and s3:// prefixes),
-# quotas (JSON object: pool or kind name -> devices, GPUs/NPUs for gpu/npu pools, CPUs for cpu) and
+# quotas (JSON object: pool or device name -> devices, GPUs/NPUs for gpu/npu pools, CPUs for cpu) and
 # the highest priority the team's users may submit at.
 teams_t = Table(
     "teams", metadata,

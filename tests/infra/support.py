@@ -13,8 +13,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from jobs.pools import DEVICE_RESOURCE, pool_kind, pool_of, satisfies
-from workers.config import device_kind
+from jobs.pools import DEVICE_RESOURCE, pool_device, pool_of, satisfies
+from workers.config import device_name
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -63,16 +63,16 @@ def _close(node: Any) -> None:
 
 def spec_wants(spec: Mapping[str, Any]) -> list[str]:
     """The pools an example spec needs, each of them: the keys of ``resources.pools`` (workers per
-    pool, a job spanning pools) when given, else its ``resources.device`` kind (default ``cpu``);
+    pool, a job spanning pools) when given, else its ``resources.device`` (default ``cpu``);
     ``cuda`` is read as ``gpu`` as the spec parser does."""
     resources = spec.get("resources") or {}
     names = list(resources.get("pools") or {}) or [resources.get("device", "cpu")]
-    return [str(device_kind(name)) for name in names]
+    return [str(device_name(name)) for name in names]
 
 
 def offers(resources: Mapping[str, float], pool: str) -> bool:
-    """A node of ``pool`` with ``resources`` can hold one worker: a CPU and its kind's device."""
-    device = DEVICE_RESOURCE[pool_kind(pool)]
+    """A node of ``pool`` with ``resources`` can hold one worker: a CPU and its device."""
+    device = DEVICE_RESOURCE[pool_device(pool)]
     return resources.get("CPU", 0) >= 1 and (device is None or resources.get(device, 0) >= 1)
 
 

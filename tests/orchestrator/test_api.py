@@ -301,7 +301,7 @@ def test_cluster(client, app):
     assert r.status_code == 200
     c = r.json()
     assert c["alive_nodes"] == 2 and c["totals"]["CPU"] == 12.0 and c["totals"]["GPU"] == 1.0
-    assert c["by_kind"]["gpu"]["nodes"] == 1 and c["by_kind"]["cpu"]["resources"]["CPU"] == 4.0
+    assert c["by_device"]["gpu"]["nodes"] == 1 and c["by_device"]["cpu"]["resources"]["CPU"] == 4.0
     assert all(not k.startswith("node:") for n in c["nodes"] for k in n["resources"])
 
 

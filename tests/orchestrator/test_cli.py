@@ -104,7 +104,7 @@ def test_cluster_table(api, capsys):
     assert code == 0
     # One line per pool, in the specs' device vocabulary (FakeRay: a CPU-only head and a GPU node).
     lines = out.splitlines()
-    assert [line.split()[:2] for line in lines[:3]] == [["KIND", "NODES"], ["cpu", "1"], ["gpu", "1"]]
+    assert [line.split()[:2] for line in lines[:3]] == [["DEVICE", "NODES"], ["cpu", "1"], ["gpu", "1"]]
     # Then the scheduler's pools: each node's pool, with what it holds and what waits for it.
     assert any(line.split()[:2] == ["gpu", "1"] for line in lines[lines.index(next(x for x in lines if "POOL" in x)):])
     assert "CPU=8, GPU=1" in out

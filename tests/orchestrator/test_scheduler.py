@@ -41,7 +41,7 @@ def test_pools_come_from_resources_and_labels():
                         max_extra={"gpu-a100": {"GPU": 8.0}, "npu-910b": {"NPU": 16.0}})
     assert set(pools) == {"cpu", "cpu-fast", "gpu-a100", "npu", "npu-910b"}
     a100 = pools["gpu-a100"]
-    assert (a100.nodes, a100.capacity, a100.kind) == (2, {"CPU": 32.0, "GPU": 8.0}, "gpu")  # dead node left out
+    assert (a100.nodes, a100.capacity, a100.device) == (2, {"CPU": 32.0, "GPU": 8.0}, "gpu")  # dead node left out
     assert a100.unmanaged == {"GPU": 2.0, "CPU": 2.0} and a100.max_capacity["GPU"] == 16.0
     assert pools["npu"].capacity == {"CPU": 32.0, "NPU": 8.0} and pools["cpu"].capacity == {"CPU": 8.0}
     assert pools["npu-910b"].nodes == 0 and pools["npu-910b"].max_capacity == {"NPU": 16.0}

@@ -1,4 +1,4 @@
-"""/v1/cluster: the Ray cluster's nodes and resources, totalled by node kind, per pool what is held
+"""/v1/cluster: the Ray cluster's nodes and resources, totalled by device, per pool what is held
 (by the service's admitted jobs and deployments and by unmanaged Ray jobs), what is free and what
 waits, and per team what its jobs and its deployments' replicas hold (an admin sees every team, a
 user its own: one team's usage is not another's business)."""
@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from orchestrator.api.deps import ControllerDep, PrincipalDep, RayDep, SettingsDep
-from orchestrator.api.schemas import ClusterPublic, KindPublic, NodePublic, PoolPublic, Problem
+from orchestrator.api.schemas import ClusterPublic, DevicePublic, NodePublic, PoolPublic, Problem
 from orchestrator.auth import Principal
 from orchestrator.ray_client import NodeView, RayUnavailable, UnmanagedJob
 from orchestrator.scheduler.pools import build_pools, candidates
@@ -39,7 +39,7 @@ def team_report(snapshot: Snapshot | None, principal: Principal) -> dict[str, Te
             if principal.is_admin or name == principal.team}
 
 
-def _kind(resources: dict[str, float]) -> str:
+def _device(resources: dict[str, float]) -> str:
     if resources.get("GPU", 0) > 0:
         return "gpu"
     if resources.get("NPU", 0) > 0:
@@ -60,7 +60,7 @@ def _add(into: dict[str, float], resources: dict[str, float]) -> None:
 def pool_report(nodes: list[NodeView], unmanaged: list[UnmanagedJob], max_extra: dict[str, dict[str, float]],
                 snapshot: Snapshot | None) -> dict[str, PoolPublic]:
     """Pools from the nodes now; reserved and queued figures from the controller's last pass. A queued
-    demand for a bare kind (``gpu``) is shown on that kind's largest pool, where it most likely goes."""
+    demand for a bare device (``gpu``) is shown on that device's largest pool, where it most likely goes."""
     pools = build_pools(nodes, unmanaged, max_extra)
     reserved = snapshot.decisions.reserved if snapshot else {}
     queued: dict[str, dict[str, float]] = defaultdict(dict)
@@ -78,7 +78,7 @@ def pool_report(nodes: list[NodeView], unmanaged: list[UnmanagedJob], max_extra:
         in_use = dict(reserved.get(name, {}))
         _add(in_use, pool.unmanaged)
         out[name] = PoolPublic(
-            kind=pool.kind, nodes=pool.nodes, capacity=pool.capacity, max_capacity=pool.max_capacity,
+            device=pool.device, nodes=pool.nodes, capacity=pool.capacity, max_capacity=pool.max_capacity,
             reserved=reserved.get(name, {}), unmanaged=pool.unmanaged, in_use=in_use,
             free={k: v - in_use.get(k, 0.0) for k, v in pool.capacity.items()},
             queued_demand=queued.get(name, {}), queued_jobs=waiting.get(name, 0))
@@ -88,18 +88,18 @@ def pool_report(nodes: list[NodeView], unmanaged: list[UnmanagedJob], max_extra:
 def summarize(nodes: list[NodeView], address: str | None) -> ClusterPublic:
     alive = [n for n in nodes if n.state == "ALIVE"]
     totals: dict[str, float] = defaultdict(float)
-    by_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    by_device: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
     for n in alive:
-        kind = _kind(n.resources)
-        counts[kind] += 1
+        device = _device(n.resources)
+        counts[device] += 1
         for name, amount in _schedulable(n.resources).items():
             totals[name] += amount
-            by_kind[kind][name] += amount
+            by_device[device][name] += amount
     return ClusterPublic(
         ray_address=address, alive_nodes=len(alive), totals=dict(totals),
-        by_kind={k: KindPublic(nodes=counts[k], resources=dict(v)) for k, v in by_kind.items()},
-        nodes=[NodePublic(node_id=n.node_id, ip=n.ip, is_head=n.is_head, state=n.state, kind=_kind(n.resources),
+        by_device={k: DevicePublic(nodes=counts[k], resources=dict(v)) for k, v in by_device.items()},
+        nodes=[NodePublic(node_id=n.node_id, ip=n.ip, is_head=n.is_head, state=n.state, device=_device(n.resources),
                           resources=_schedulable(n.resources)) for n in nodes],
     )
 
@@ -108,7 +108,7 @@ def summarize(nodes: list[NodeView], address: str | None) -> ClusterPublic:
             responses={503: {"model": Problem, "description": "Ray is not reachable"}})
 async def cluster(ray: RayDep, settings: SettingsDep, controller: ControllerDep,
                   principal: PrincipalDep) -> ClusterUsagePublic:
-    """Nodes (alive and dead) and schedulable resources of alive nodes, in total and by node kind;
+    """Nodes (alive and dead) and schedulable resources of alive nodes, in total and by device;
     per pool: capacity, reserved, unmanaged, in use, free, queued demand; per team (yours, or every
     team's for an admin): what its jobs and its deployments' replicas hold."""
     try:
