@@ -12,12 +12,12 @@ from typing import Any
 
 from pydantic import Field
 
-from jobs.specs import read_yaml, validate_as
+from jobs.specs import read_yaml, spec_name, validate_as
 from workers.data.prepare_config import PrepareConfig
 
 
 class PrepareSpec(PrepareConfig):
-    name: str = Field("prepare", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = spec_name("prepare")
     # Shard tasks running at once; None: as many as the cluster's free CPUs allow.
     max_tasks: int | None = Field(None, ge=1, le=100_000)
     # Logical CPUs each shard task reserves (a BPE task uses about one core).

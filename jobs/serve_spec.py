@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from jobs.specs import read_yaml, validate_as
+from jobs.specs import read_yaml, spec_name, validate_as
 from workers.config import Config
 from workers.serving.config import (
     SHA256_HEX_PATTERN,
@@ -25,7 +25,7 @@ from workers.serving.config import (
 
 class ServeSpec(Config):
     # The Serve application's name and the model id clients pass (``model``).
-    name: str = Field("moe", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = spec_name("moe")
     # A checkpoint folder (meta.json + model.pt), or a training run's output folder: its latest
     # checkpoint; either may be an s3://bucket/prefix (a run's checkpoint_storage). Local paths:
     # every node that runs a replica must see the same folder.

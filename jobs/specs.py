@@ -139,8 +139,19 @@ class ResourcesSpec(Config):
         return len({pool_device(name) for name in self.worker_pools()}) > 1
 
 
+# Job, user and team names: short, printable, safe in paths, logs and audit lines. One pattern for
+# every spec's ``name`` and the control plane's user, team and deployment names (orchestrator/auth).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_MAX_CHARS = 64
+
+
+def spec_name(default: str) -> Any:
+    """A spec's ``name`` field (at most NAME_MAX_CHARS, so a too-long name's error says the limit)."""
+    return Field(default, min_length=1, max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN)
+
+
 class TrainSpec(Config):
-    name: str = Field("train", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = spec_name("train")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

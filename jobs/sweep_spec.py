@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from jobs.specs import SpecError, TrainSpec, field_errors, read_yaml, validate_as
+from jobs.specs import SpecError, TrainSpec, field_errors, read_yaml, spec_name, validate_as
 from workers.config import Config
 
 # Trials of a random (or model-based) search when ``trials`` is not given.
@@ -190,7 +190,7 @@ def trial_spec(base: TrainSpec, workers: int, report_every: int, params: dict[st
 
 
 class SweepSpec(Config):
-    name: str = Field("sweep", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = spec_name("sweep")
     # loss: the training loss at each report (the last report: the mean over the run's final window);
     # eval_loss: the held-out loss, known only when a trial ends (so only the fifo scheduler can use it).
     metric: Literal["loss", "eval_loss"] = "loss"

@@ -13,6 +13,7 @@ actor owns, and its workers.)
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 import uuid
@@ -25,6 +26,8 @@ from jobs.sweep_spec import PbtScheduler, SweepSpec
 TRIAL_RUN = "train"  # the Train run name of a (non-PBT) trial inside its own folder
 # How often a trial looks for a request to stop it (jobs/sweep_events.py), to end its run at once.
 STOP_POLL_S = 0.5
+# A trial's runs have no deadline of their own: the stop relay waits as long as its trial runs.
+NO_DEADLINE_S = math.inf
 
 
 def trial_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +123,10 @@ def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Even
     trail the loop (Ray Train forwards them when its controller polls), so a short trial could
     otherwise finish before its stop took effect."""
     from workers.control import ControlChannel
+    from workers.waiting import wait_until
 
-    while not ended.wait(STOP_POLL_S):
-        if stop_requested(out, trial_id):
-            ControlChannel(trial_out).request_checkpoint("the trial was asked to stop", stop=True)
-            return
+    # ended.wait as the sleep: the relay ends as soon as its trial does, not at its next look.
+    wait_until(lambda: ended.is_set() or stop_requested(out, trial_id), timeout_s=NO_DEADLINE_S,
+               interval_s=STOP_POLL_S, what=f"trial {trial_id} to end or be asked to stop", sleep=ended.wait)
+    if not ended.is_set():
+        ControlChannel(trial_out).request_checkpoint("the trial was asked to stop", stop=True)

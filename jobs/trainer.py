@@ -64,12 +64,12 @@ DATA_REQUEST_ENV = {"RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": str(DATA_RE
 # How often Ray Train's controller polls its workers (Ray's default 2 s): it notices a dead worker and
 # registers a reported checkpoint (which rank 0 waits for, workers/loop.py) at its next poll.
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# Modules each Python worker of the embedded cluster imports before it takes work (Ray's
-# preload_python_modules). Ray keeps idle workers started ahead, so a Train worker placed on one, at
-# the start or in a restart after a failure, finds torch imported: the import was most of a restart's
-# seconds (~8 s on a loaded 2-core machine; a new actor that imports torch: 9.8 s, with it: 0.5 s).
-# A worker whose runtime env has variables of its own gets a process started for it instead.
-PRELOAD_MODULES = ("torch",)
+# No module is preloaded into the embedded cluster's workers (Ray's preload_python_modules): Ray never
+# places an actor on the idle workers it started ahead (each Train and Tune actor gets a process of its
+# own, and Train gives its controller and workers runtime-env variables besides), so a preloaded torch
+# only made every new actor import it before its first call: the ~11 actors of a sweep trial's Train
+# run and the ~6 of a restart, of which only the controller and the workers use torch (a bare actor
+# alive in 0.7-1.1 s without, 1.5-2.6 s with; tests/bench/sweeps.py measures the trials).
 
 
 class ClusterTooSmall(RuntimeError):
@@ -210,10 +210,8 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
         # Ray's settings above reach every process of the cluster from this one's environment (the
-        # raylet and the workers it starts inherit it), so Train's workers need no variables of their
-        # own and take the idle workers Ray started ahead, torch imported (PRELOAD_MODULES).
-        added = {k: v for k, v in {**DATA_REQUEST_ENV, **TRAIN_POLL_ENV}.items() if k not in os.environ}
-        os.environ.update(added)
+        # raylet and the workers it starts inherit it), unless the environment sets its own.
+        os.environ.update({k: v for k, v in {**DATA_REQUEST_ENV, **TRAIN_POLL_ENV}.items() if k not in os.environ})
         # Logical CPUs are scheduling tokens: leave room for Ray Data's read/pack tasks beside the
         # training workers, which otherwise take every core of a small machine and starve the input.
         cpus = max(os.cpu_count() or 1,
@@ -224,30 +222,15 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
         # run's ~14 (workers, Train controller, Ray Data actors and tasks) does; it also caps how
         # many of them start at once.
         ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY,
-                                       "preload_python_modules": list(PRELOAD_MODULES)}, **quiet)
-        # Ray Train hands the driver's RAY_TRAIN_* settings to its workers as runtime-env variables,
-        # which would cost them the idle workers; the controller and workers inherit them as they are.
-        for name in TRAIN_POLL_ENV.keys() & added.keys():
-            del os.environ[name]
+                       _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **quiet)
         print(f"ray: embedded local cluster; dashboard at http://{ctx.dashboard_url}", flush=True)
     DataContext.get_current().enable_progress_bars = False
 
 
-def data_config() -> Any:
-    """Ray Train's DataConfig: only the held-out set is a Ray Train dataset, split across the workers;
-    each worker reads its own units of the training split (workers/data/stream.py), so no shared
-    training pipeline exists to split or bound here."""
-    from ray.train import DataConfig
-
-    return DataConfig(datasets_to_split=["val"])
-
-
-def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Path, *, progress: Any = None,
+def build_trainer(spec: TrainSpec, data: TrainingData, out: Path, *, progress: Any = None,
                   run_name: str = RUN_NAME, verbose: bool = False, storage: str | None = None,
                   train_loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
-    """A TorchTrainer for ``spec`` on ``data`` (workers.data.TrainingData, or the manifest dict of
-    ``build_shards``), checkpointing under ``<storage or out>/run_name``
+    """A TorchTrainer for ``spec`` on ``data`` (workers.data.TrainingData), checkpointing under ``<storage or out>/run_name``
     (and resuming from the latest checkpoint there; refused with OutsideRoots when that folder leads
     outside the team's roots, ``check_storage``). ``storage``: a local folder or ``s3://`` prefix
     (jobs.train passes the spec's ``checkpoint_storage``), reached through workers/data/storage.py's
@@ -260,7 +243,7 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.contracts import WorkerConfig
-    from workers.data import TrainingData, make_datasets, s3_env
+    from workers.data import s3_env
     from workers.data.storage import open_fs
     from workers.loop import train_loop_per_worker
 
@@ -268,28 +251,24 @@ def build_trainer(spec: TrainSpec, data: TrainingData | dict[str, Any], out: Pat
     check_storage(storage, out, run_name)
     check_room(spec)
     place = placement(spec)
-    if not isinstance(data, TrainingData):
-        data = TrainingData.from_built(data)
-    datasets = make_datasets(data, spec.data)  # the held-out split; workers read the training split themselves
     res = spec.resources
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
-                          device=res.device, expert_parallel=res.expert_parallel, has_val="val" in datasets,
-                          node_devices=place.node_devices, lease_devices=place.lease_devices, control_dir=str(out),
+                          device=res.device, expert_parallel=res.expert_parallel, node_devices=place.node_devices,
+                          lease_devices=place.lease_devices, control_dir=str(out),
                           preemption_check_every=res.preemption_check_every)
     # A cluster started by init_ray has DATA_REQUEST_ENV in every process; other workers get it here.
     data_env = {k: v for k, v in DATA_REQUEST_ENV.items() if os.environ.get(k) != v}
     return TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress,
-                           "tokenizer": data.tokenizer.to_json(), "data": data.train_plan(spec.data)},
+                           "tokenizer": data.tokenizer.to_json(), "data": data.plan("train", spec.data),
+                           "val": data.plan("val", spec.data)},
         torch_config=TorchConfig(backend=place.backend),
         scaling_config=place.scaling_config,
-        dataset_config=data_config(),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              worker_runtime_env={"env_vars": {**s3_env(), **data_env}},
                              failure_config=FailureConfig(max_failures=res.max_failures,
                                                           max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
-        datasets=datasets,
     )

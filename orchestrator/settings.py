@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     ray_logs_dir: Path | None = None
     # host:port of the cluster's GCS (``ray start --head --port``). When set, the service connects a Ray
     # driver there and shows each job that waits for room to the autoscaler as a pending placement
-    # group (orchestrator/demand_groups.py); unset: queued jobs' demand stays invisible to Ray.
+    # group (orchestrator/controller/demand_groups.py); unset: queued jobs' demand stays invisible to Ray.
     ray_gcs_address: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
     # Token for a Ray cluster started with RAY_AUTH_MODE=token (sent as a bearer header to the dashboard).
     ray_auth_token: SecretStr | None = Field(
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     autoscaler_max_extra: dict[str, dict[str, Annotated[float, Field(ge=0.0)]]] = Field(default_factory=dict)
     # Run the reconcile loop inside the API process (off only for API-only benchmarks and tests).
     controller_enabled: bool = True
-    # Serving (orchestrator/deployments.py): where Serve's HTTP proxy listens when a deploy starts
+    # Serving (orchestrator/deployments/reconciler.py): where Serve's HTTP proxy listens when a deploy starts
     # Serve (the first one does; later ones join it), and the base URL clients reach it at (default
     # http://<serve_host>:<serve_port>; set it when clients go through a load balancer or DNS name).
     serve_host: str = Field("127.0.0.1", pattern=r"^[A-Za-z0-9_.:\[\]-]{1,253}$")

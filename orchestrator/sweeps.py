@@ -16,7 +16,7 @@ from jobs.kinds import sweep
 from jobs.specs import LoopConfig
 from jobs.sweep_events import SweepView, TrialState, read_sweep, request_stop
 from jobs.sweep_spec import SweepSpec
-from orchestrator.entrypoints import job_paths
+from orchestrator.controller.entrypoints import job_paths
 from orchestrator.states import JobState
 from orchestrator.store import JobRecord
 

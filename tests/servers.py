@@ -1,5 +1,5 @@
 """Serving the API for tests and the bench: in a background thread of this process, or as a child
-process awaited until its /healthz answers. ``orch up`` serves in the foreground (orchestrator/server.py)."""
+process awaited until its /healthz answers. ``orch up`` serves in the foreground (orchestrator/api/server.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from orchestrator.local_ray import free_port
-from orchestrator.waiting import wait_until
+from orchestrator.local.head import free_port
+from workers.waiting import wait_until
 
 SERVER_START_TIMEOUT_S = 30.0
 HEALTH_POLL_S = 0.1

@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 
 from jobs.sweep_events import EVENTS_FILE, STOP_DIR, SUMMARY_FILE, read_events, request_stop
+from workers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "jobs" / "examples" / "sweep-demo.yaml"
@@ -62,16 +62,17 @@ def sweep_argv(out: Path) -> list[str]:
 
 
 def _wait_for(what: str, check, proc: subprocess.Popen, log: Path) -> Any:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        if proc.poll() is not None:
+    def found() -> Any:
+        value = check()
+        if not value and proc.poll() is not None:
             raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}: {log.read_text()[-3000:]}")
-        time.sleep(POLL_S)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:]}")
+        return value
+
+    try:
+        return wait_until(found, timeout_s=RUN_TIMEOUT_S, interval_s=POLL_S, what=what)
+    except TimeoutError as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{e}: {log.read_text()[-3000:]}") from None
 
 
 def _first_start(out: Path) -> str | None:

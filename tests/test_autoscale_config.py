@@ -1,4 +1,4 @@
-"""The fake multi-node autoscaler config (orchestrator/autoscale.py): Ray's own validator accepts it, it
+"""The fake multi-node autoscaler config (orchestrator/local/autoscale.py): Ray's own validator accepts it, it
 holds every key autoscaler v1 reads without defaults, and infra/local's example is its output."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE as RAY_FAKE_HEAD_TYPE
 from ray.autoscaler._private.util import validate_config
 
-from orchestrator.autoscale import (
+from orchestrator.local.autoscale import (
     FAKE_HEAD_NODE_TYPE,
     FakeClusterConfig,
     FakeWorkerType,

@@ -12,12 +12,12 @@ import httpx
 import pytest
 
 from orchestrator.api.app import create_app
-from orchestrator.autoscale import FakeNodes, FakeWorkerType
-from orchestrator.local_ray import LocalRayHead
+from orchestrator.local.autoscale import FakeNodes, FakeWorkerType
+from orchestrator.local.head import LocalRayHead
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
 from tests.servers import BackgroundServer
+from workers.waiting import wait_until
 
 pytestmark = pytest.mark.ray
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from jobs.train import SIGTERM_GRACE_S
-from orchestrator.waiting import wait_until
 from tests.conftest import ROOT
 from workers.control import ControlChannel
+from workers.waiting import wait_until
 
 
 def test_request_is_pending_until_confirmed(tmp_path):

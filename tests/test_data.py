@@ -38,10 +38,10 @@ def _cfg(corpus, tmp_path, **kw):
 def test_builds_train_and_val_shards_and_reuses_them(corpus, tmp_path):
     logs = []
     m = build_shards(_cfg(corpus, tmp_path, val_fraction=0.1), logs.append)
-    train, val = m["splits"]["train"], m["splits"]["val"]
-    assert train["documents"] + val["documents"] == 21 and val["documents"] >= 1
-    assert m["skipped_binary"] == 1
-    assert len(train["files"]) > 1  # shard_tokens=4096 splits the corpus
+    train, val = m.manifest.splits["train"], m.manifest.splits["val"]
+    assert train.documents + val.documents == 21 and val.documents >= 1
+    assert m.manifest.skipped_binary == 1 and m.manifest.origin == "data.source"
+    assert len(train.shards) > 1  # shard_tokens=4096 splits the corpus
     table = pq.read_table(shard_paths(m, "train"))
     assert "site-packages/dep.py" not in table.column("path").to_pylist()
     assert all(t[-1] == EOS_TOKEN for t in table.column("tokens").to_pylist())
@@ -49,16 +49,16 @@ def test_builds_train_and_val_shards_and_reuses_them(corpus, tmp_path):
     assert text.startswith(("def f", "# notes"))  # the bytes are the file's UTF-8 text
     verify_shards(m)
     logs.clear()
-    assert build_shards(_cfg(corpus, tmp_path, val_fraction=0.1), logs.append)["fingerprint"] == m["fingerprint"]
-    assert any("reusing" in line for line in logs)
+    assert build_shards(_cfg(corpus, tmp_path, val_fraction=0.1), logs.append).manifest == m.manifest
+    assert any("up to date" in line for line in logs)
 
 
 def test_changed_corpus_rebuilds(corpus, tmp_path):
     m1 = build_shards(_cfg(corpus, tmp_path), lambda _: None)
     (corpus / "new.py").write_text("print('new')\n")
     m2 = build_shards(_cfg(corpus, tmp_path), lambda _: None)
-    assert m2["fingerprint"] != m1["fingerprint"]
-    assert m2["splits"]["train"]["documents"] + m2["splits"]["val"]["documents"] == 22
+    assert m2.manifest.fingerprint != m1.manifest.fingerprint
+    assert m2.manifest.splits["train"].documents + m2.manifest.splits["val"].documents == 22
 
 
 def test_missing_and_empty_source(tmp_path):
@@ -172,7 +172,7 @@ def test_a_shard_damaged_after_the_check_fails_its_read_naming_it(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])  # the footer gone
     unit = Unit(str(path), 0, 10, "0" * 64, path.stat().st_size)
     (task,) = UnitSource([unit], pafs.LocalFileSystem(), seq_len=7).get_read_tasks(parallelism=1)
-    with pytest.raises(DataError, match=f"shard {path} \\(row group 0\\) is corrupt"):
+    with pytest.raises(DataError, match=f"shard {path} is corrupt \\(row group 0\\)"):
         list(task())
 
 

@@ -125,7 +125,7 @@ def test_prepare_writes_row_groups_of_bounded_size_each_listed(small_groups):
 
 def test_a_resumed_stream_reads_no_consumed_unit_and_gets_each_row_once(small_groups):
     _, _, data = small_groups
-    plan = data.train_plan(DataConfig(seq_len=15))
+    plan = data.plan("train", DataConfig(seq_len=15))
     first: list = []
     streams = [RankStream(plan, state_for(plan, 5, None), r, _fetch(plan, first)) for r in range(2)]
     rows = {}
@@ -162,13 +162,13 @@ def test_a_corrupt_row_group_fails_its_read_task_naming_it_or_is_dropped_on_ever
     manifest, root, data = small_groups
     entry = manifest.splits["train"].shards[0]
     path = _flip_a_row_group(root, entry, 1)
-    plan = data.train_plan(DataConfig(seq_len=15))
+    plan = data.plan("train", DataConfig(seq_len=15))
     bad = next(u for u in plan.units if u.path == str(path) and u.row_group == 1)
-    with pytest.raises(CorruptUnit, match=f"shard {path} \\(row group 1\\) is corrupt"):
+    with pytest.raises(CorruptUnit, match=f"shard {path} is corrupt \\(row group 1\\)"):
         read_unit(plan.filesystem, bad, 15, None)
     assert len(read_unit(plan.filesystem, plan.units[0], 15, None))  # the shard's other row groups read fine
 
-    skip = data.train_plan(DataConfig(seq_len=15, on_corrupt="skip"))
+    skip = data.plan("train", DataConfig(seq_len=15, on_corrupt="skip"))
     logs: list[str] = []
     found: list[set] = []
 
@@ -183,7 +183,7 @@ def test_a_corrupt_row_group_fails_its_read_task_naming_it_or_is_dropped_on_ever
         seen += ids.tolist() if stream.state.epoch == 0 else []
     index = plan.units.index(bad)
     order = stream.state.plan
-    assert any(f"skipping a corrupt unit: shard {path} (row group 1) is corrupt" in line for line in logs)
+    assert any(f"skipping a corrupt unit: shard {path} is corrupt (row group 1)" in line for line in logs)
     assert not set(seen) & set(range(order.offsets[index], order.offsets[index + 1]))
     assert len(seen) == len(set(seen)) and order.total - int(order.counts[index]) - len(seen) < 4
 
@@ -211,11 +211,11 @@ def test_a_ray_read_task_names_the_corrupt_row_group_in_one_line(train_ray, smal
 
     manifest, root, data = small_groups
     path = _flip_a_row_group(root, manifest.splits["train"].shards[0], 0)
-    plan = data.train_plan(DataConfig(seq_len=15))
+    plan = data.plan("train", DataConfig(seq_len=15))
     fetch = ray_fetch(plan)
     assert len(fetch(plan.units[1])) > 0  # the shard's other row group, through a real read task
     with pytest.raises(CorruptUnit) as e:
         fetch(plan.units[0])
-    assert str(e.value).startswith(f"shard {path} (row group 0) is corrupt") and "Traceback" not in str(e.value)
-    skip = ray_fetch(data.train_plan(DataConfig(seq_len=15, on_corrupt="skip")))
-    assert skip(plan.units[0]).startswith(f"shard {path} (row group 0) is corrupt")
+    assert str(e.value).startswith(f"shard {path} is corrupt (row group 0)") and "Traceback" not in str(e.value)
+    skip = ray_fetch(data.plan("train", DataConfig(seq_len=15, on_corrupt="skip")))
+    assert skip(plan.units[0]).startswith(f"shard {path} is corrupt (row group 0)")

@@ -49,10 +49,10 @@ def test_a_corrupt_s3_row_group_is_named_by_its_read_task_or_marked_for_skipping
         f.write(bytes(raw))
     # Opening scans nothing; the task reading the row group names it.
     open_training_data(DataConfig(path=uri), vocab_size=256, log=lambda _: None)
-    with pytest.raises(CorruptUnit, match=f"shard s3://{unit.path} \\(row group 1\\) is corrupt"):
+    with pytest.raises(CorruptUnit, match=f"shard s3://{unit.path} is corrupt \\(row group 1\\)"):
         read_unit(fs, unit, 32, None)
     (block,) = _read_unit_task(fs, unit, 32, None, "mark")
-    assert f"s3://{unit.path} (row group 1) is corrupt" in str(BlockAccessor.for_block(block).to_batch_format("numpy")["corrupt"][0])
+    assert f"s3://{unit.path} is corrupt (row group 1)" in str(BlockAccessor.for_block(block).to_batch_format("numpy")["corrupt"][0])
     assert len(read_unit(fs, data.units["train"][0], 32, None)) > 0  # the shard's other row groups still read
 
 

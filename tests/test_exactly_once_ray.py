@@ -5,7 +5,7 @@ groups, the tiny model), each worker reading only its own units.
 Run 1 trains on 2 workers and checkpoints every CHECKPOINT_EVERY steps; rank 1's process exits
 abruptly once it has trained KILL_AFTER_STEP steps, so fit() fails (max_failures 0). Run 2 resumes
 the same run folder on 1 worker up to RUN2_STEPS; run 3 resumes on 3 workers past the end of the
-epoch. Each rank records the sequence ids it trains on (workers/loop.py, RECORD_SEQUENCES_ENV). What
+epoch. Each rank records the sequence ids it trains on (``_SequenceLog``, the loop's ``on_batch``). What
 survives is run 1's steps before the checkpoint run 2 resumed from, plus runs 2 and 3: they must
 hold every sequence of epoch 0 once, but for fewer than one global batch left at its end.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -34,37 +35,53 @@ KILL_POLL_S = 0.05
 REGISTER_TIMEOUT_S = 120  # for Ray Train to register the checkpoint at step 4 before the kill
 
 
-def _recording_loop(config: dict) -> None:
-    """The product's loop, with the sequence log on (set in the worker's own process)."""
-    from workers.loop import RECORD_SEQUENCES_ENV, train_loop_per_worker
+class _SequenceLog:
+    """The loop's batch observer (workers/loop.py, ``on_batch``): per step, this rank's sequences as
+    (epoch, ids in the epoch, CRC-32 of each row's tokens), appended to
+    <output folder>/sequence-ids/rank<r>-<pid>.jsonl, so the test can check that none is trained on
+    twice or skipped."""
 
-    os.environ[RECORD_SEQUENCES_ENV] = "1"
-    train_loop_per_worker(config)
+    def __init__(self, config: dict):
+        import ray.train
+
+        self.rank = ray.train.get_context().get_world_rank()
+        folder = Path(config["worker"]["control_dir"]) / "sequence-ids"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / f"rank{self.rank}-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (lives with the loop)
+
+    def __call__(self, step: int, epoch: int, ids: list[int], rows) -> None:
+        crcs = [zlib.crc32(r.numpy().tobytes()) for r in rows.cpu()]
+        self.file.write(json.dumps({"step": step, "rank": self.rank, "epoch": epoch, "ids": ids,
+                                    "crc": crcs}) + "\n")
+        self.file.flush()
+
+
+def _recording_loop(config: dict) -> None:
+    """The product's loop, with this rank's sequence log as its batch observer."""
+    from workers.loop import train_loop_per_worker
+
+    train_loop_per_worker(config, on_batch=_SequenceLog(config))
 
 
 def _killed_loop(config: dict) -> None:
     """Rank 1 exits abruptly right after it has trained KILL_AFTER_STEP, once Ray Train has registered
     the checkpoint before it: a result reported by the workers is registered when the controller next
     polls them, and a worker group that dies first loses it (the test would then resume from 0)."""
-    import ray.train
-
-    from workers import loop
+    from workers.loop import train_loop_per_worker
 
     out = Path(config["worker"]["control_dir"])
-    record = loop._SequenceLog.add
+    log = _SequenceLog(config)
 
-    def add_then_die(self, step: int, *args) -> None:
-        record(self, step, *args)
-        if self.rank == 1 and step == KILL_AFTER_STEP:
+    def record_then_die(step: int, *args) -> None:
+        log(step, *args)
+        if log.rank == 1 and step == KILL_AFTER_STEP:
             snapshot = out / RUN_NAME / "checkpoint_manager_snapshot.json"
             deadline = time.monotonic() + REGISTER_TIMEOUT_S
             while time.monotonic() < deadline and not (snapshot.exists() and "step-" in snapshot.read_text()):
                 time.sleep(KILL_POLL_S)
             os._exit(1)  # as a crash or an OOM kill: no cleanup, no checkpoint
 
-    if ray.train.get_context().get_world_rank() == 1:
-        loop._SequenceLog.add = add_then_die
-    _recording_loop(config)
+    train_loop_per_worker(config, on_batch=record_then_die)
 
 
 def _unique_corpus(root: Path) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -52,6 +51,7 @@ def _report_placement(config: dict) -> None:
 
     from workers.device import DeviceUnavailable, torch_device
     from workers.loop import place_worker
+    from workers.waiting import wait_until
 
     cfg = WorkerConfig.model_validate(config["worker"])
     placed = place_worker(cfg)
@@ -67,11 +67,8 @@ def _report_placement(config: dict) -> None:
     })
     barrier = config["barrier"]
     ray.get(barrier.arrive.remote())
-    deadline = time.monotonic() + BARRIER_TIMEOUT_S
-    while ray.get(barrier.count.remote()) < config["expected"]:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the other job's workers never arrived")
-        time.sleep(0.2)
+    wait_until(lambda: ray.get(barrier.count.remote()) >= config["expected"], timeout_s=BARRIER_TIMEOUT_S,
+               interval_s=0.2, what="the other job's workers to arrive")
 
 
 def _placement_trainer(pools: dict[str, int], job: str, storage: str, extra: dict):
@@ -81,7 +78,7 @@ def _placement_trainer(pools: dict[str, int], job: str, storage: str, extra: dic
     spec = validate_spec({"resources": {"pools": pools}})
     place = placement(spec)
     worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=0,
-                          device=spec.resources.device, has_val=False, node_devices=place.node_devices,
+                          device=spec.resources.device, node_devices=place.node_devices,
                           lease_devices=place.lease_devices)
     return TorchTrainer(_report_placement, train_loop_config={"worker": worker.model_dump(mode="json"), "job": job,
                                                               **extra},

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -176,3 +177,22 @@ def test_prepare_spec_is_a_registered_kind_and_names_bad_fields():
         validate_prepare_spec({"path": "x", "vocab_size": 100_000})
     with pytest.raises(SpecError, match="path: Field required"):
         validate_prepare_spec({})
+
+
+def test_a_changed_corpus_on_s3_keeps_the_set_in_use_and_deletes_the_one_before(corpus, s3_bucket):
+    """Issue 24: one retirement for jobs.prepare and the data.source cache, on S3 as on a folder."""
+    from workers.data.storage import open_fs
+
+    uri = f"s3://{s3_bucket}/ds"
+    first = prepare(PrepareConfig(source=str(corpus), path=uri, shard_bytes=4096), **QUIET)
+    (corpus / "new.py").write_text("x = 1\n")
+    second = prepare(PrepareConfig(source=str(corpus), path=uri, shard_bytes=4096), **QUIET)
+    assert second.retired == sorted(first.files()) and second.origin == "jobs.prepare"
+    fs, root = open_fs(uri)
+    assert all(fs.get_file_info(f"{root}/{f}").is_file for f in first.files())  # a running job's files stay
+    (corpus / "newer.py").write_text("y = 2\n")
+    third = prepare(PrepareConfig(source=str(corpus), path=uri, shard_bytes=4096), **QUIET)
+    assert third.retired == sorted(second.files())
+    left = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{root}/{first.shard_dir}", allow_not_found=True))]
+    assert left == []  # shards, done-records and tokenizer of the set two back: gone
+    open_prepared(uri)  # the set in use reads whole

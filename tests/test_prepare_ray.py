@@ -61,3 +61,22 @@ def test_prepare_job_s3_to_s3(s3_bucket, tmp_path):
     assert data.tokenizer.decode(table.column("tokens")[0].as_py()).startswith("def g")
     missing = _run("--set", f"source=s3://{s3_bucket}/nothing-here", "--set", f"path=s3://{s3_bucket}/x")
     assert missing.returncode == 1 and f"bucket '{s3_bucket}'" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_a_large_data_source_is_prepared_by_ray_data_tasks(train_ray, tmp_path, monkeypatch):
+    """Issue 24: data.source goes through jobs.prepare's code; past IN_PROCESS_MAX_BYTES, with Ray up,
+    its shards are Ray Data tasks (the in-process runner is made to fail, so only they can build)."""
+    import workers.data.cache as cache
+    from workers.config import DataConfig
+    from workers.data import build_shards
+
+    def refuse(*args, **kw):
+        raise AssertionError("built in process")
+
+    _corpus(pafs.LocalFileSystem(), str(tmp_path))
+    monkeypatch.setattr(cache, "IN_PROCESS_MAX_BYTES", 1024)
+    monkeypatch.setattr(cache, "run_in_process", refuse)
+    data = build_shards(DataConfig(source=str(tmp_path / "src"), path=str(tmp_path / "out"), shard_tokens=4096),
+                        log=lambda _: None)
+    assert data.manifest.origin == "data.source" and len(data.manifest.splits["train"].shards) > 1
+    assert data.manifest.splits["train"].documents + data.manifest.splits["val"].documents == 12

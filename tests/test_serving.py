@@ -29,6 +29,7 @@ from tests.bench.serving import write_checkpoint
 from workers.checkpoint import load_model
 from workers.config import ModelConfig
 from workers.serving.config import AutoscalingSpec, BatchingConfig, LimitsConfig
+from workers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64)
@@ -222,9 +223,8 @@ def test_autoscaling_adds_a_replica_under_load(env):
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + AUTOSCALE_TIMEOUT_S
-        while (s := status("delta")).replicas.get("RUNNING", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        s = wait_until(lambda: (v := status("delta")).replicas.get("RUNNING", 0) >= 2 and v,
+                       timeout_s=AUTOSCALE_TIMEOUT_S, interval_s=0.5, what="delta scaled to 2 running replicas")
     finally:
         stop.set()
         for t in threads:
@@ -283,7 +283,6 @@ def test_killed_replica_is_replaced_and_no_request_hangs(env):
     failures = [r for r in results if r != "ok"]
     print(f"replica killed: {len(results)} requests, {len(failures)} failed: {failures[:3]}")
     assert len(results) == 90 and len(failures) <= 10  # only requests on the killed replica may fail
-    deadline = time.monotonic() + 120
-    while (s := status("beta")).replicas.get("RUNNING", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(1.0)
+    s = wait_until(lambda: (v := status("beta")).replicas.get("RUNNING", 0) >= 2 and v, timeout_s=120,
+                   interval_s=1.0, what="beta back at 2 running replicas")
     assert s.replicas.get("RUNNING") == 2 and s.status == "RUNNING"

@@ -31,6 +31,7 @@ from tests.dashboard.test_grafana import serving_metrics_on_the_dashboard
 from workers.config import ModelConfig
 from workers.serving.config import AutoscalingSpec, LimitsConfig
 from workers.serving.metrics import EXPORTED
+from workers.waiting import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -178,11 +179,7 @@ def _stats(env: Env) -> dict:
 
 
 def _wait(what: str, check, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert value, what
-    return value
+    return wait_until(check, timeout_s=timeout_s, interval_s=0.1, what=what)
 
 
 def test_a_dropped_stream_frees_its_row_at_the_next_token(env):

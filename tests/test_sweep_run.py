@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from jobs.sweep_events import STOP_DIR, SUMMARY_FILE, TrialState, append_event, read_events
 from orchestrator import cli
 from orchestrator.api.app import create_app
-from orchestrator.entrypoints import job_paths
+from orchestrator.controller.entrypoints import job_paths
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.orchestrator.fakes import FakeRay
 from tests.servers import BackgroundServer
 from tests.sweeps import SPEC, STEPS, TRIALS, attach
+from workers.waiting import wait_until
 
 # The fixture `real_sweep`, registered as a plugin: one run per session, shared with the dashboard's
 # browser tests (a fixture imported into two modules would be two fixtures, and two runs).

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from jobs.display import RunDisplay
 from jobs.train import training_error
-from orchestrator.controller import latest_progress
+from orchestrator.controller.observe import latest_progress
 from tests.conftest import DEMO, run_train
 from workers.data import DataConfig, build_shards, shard_paths
 from workers.progress import NOTE, PROGRESS, ProgressRecord

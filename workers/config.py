@@ -195,10 +195,6 @@ class DataConfig(Config):
     shard_tokens: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1)
     # Cap on corpus size read from `source`, in bytes; None reads everything.
     max_bytes: int | None = Field(None, ge=1024)
-    # Shards each training pipeline reads at once (Ray Data read tasks). Every worker streams the
-    # whole training split, so a run reads up to workers x this many; 2 keep a CPU worker fed several
-    # times over, and each adds a process and a decoded shard to the memory a run holds.
-    read_tasks: int = Field(2, ge=1, le=256)
 
 
 class LoopConfig(Config):

@@ -33,7 +33,6 @@ class WorkerConfig(Config):
     # The job mixes devices, so its placement bundles reserve CPUs only and each accelerator worker
     # leases its device (workers/device.py, lease_device).
     lease_devices: bool = False
-    has_val: bool
     # The job's output folder: its control/ subfolder carries "checkpoint now" requests
     # (workers/control.py); None: nobody can ask.
     control_dir: str | None = None

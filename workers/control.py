@@ -27,6 +27,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from workers.waiting import wait_until
+
 CONTROL_DIR = "control"
 REQUEST_FILE = "checkpoint_request.json"
 DONE_FILE = "checkpoint_done.json"
@@ -101,12 +103,11 @@ class ControlChannel:
     def wait_for_checkpoint(self, request: CheckpointRequest, timeout_s: float,
                             poll_s: float = 0.1) -> CheckpointDone | None:
         """The confirmation, or None if none came within ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            done = self.confirmation(request)
-            if done is not None or time.monotonic() >= deadline:
-                return done
-            time.sleep(poll_s)
+        try:
+            return wait_until(lambda: self.confirmation(request), timeout_s=timeout_s, interval_s=poll_s,
+                              what=f"checkpoint request {request.id}")
+        except TimeoutError:
+            return None
 
     # -- the loop's side -----------------------------------------------------------------------
 

@@ -24,12 +24,10 @@ mean over workers), router biases and data position.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,16 +43,17 @@ from workers.config import Device, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
 from workers.control import ControlChannel
 from workers.data import stream
-from workers.data.stream import TrainPlan
+from workers.data.stream import TrainPlan, ray_fetch
 from workers.device import lease_device, torch_device
 from workers.interrupts import PreemptionWatch, agreed_request, describe_preemption, hold
 from workers.moe.stats import routing_stats
 from workers.progress import ProgressChannel, ProgressRecord
 from workers.step import TrainStep, build_step, evaluate, final_window, lr_at
 
-# Set (to anything) only by tests: each rank appends the sequences it trains on, per step, to
-# <output folder>/sequence-ids/rank<r>-<pid>.jsonl (tests/test_exactly_once_ray.py counts them).
-RECORD_SEQUENCES_ENV = "MOE_ORCH_RECORD_SEQUENCES"
+# Told about each step's batch on every rank: (step, epoch, this rank's sequence ids in the epoch,
+# its rows (rows, seq_len + 1) on the device). None in the product; a test that checks which sequences
+# each rank trains on passes one (tests/test_exactly_once_ray.py).
+BatchObserver = Callable[[int, int, list[int], torch.Tensor], None]
 
 
 class _Position:
@@ -99,23 +98,6 @@ def _merge_corrupt(found: set[int]) -> set[int]:
     merged: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(merged, sorted(found))
     return {u for units in merged for u in units}
-
-
-class _SequenceLog:
-    """The test hook of RECORD_SEQUENCES_ENV: per step, this rank's sequences as (epoch, ids in the
-    epoch, CRC-32 of each row's tokens), so a test can check that none is trained on twice or skipped."""
-
-    def __init__(self, out: str, rank: int):
-        folder = Path(out) / "sequence-ids"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / f"rank{rank}-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (lives with the loop)
-        self.rank = rank
-
-    def add(self, step: int, epoch: int, ids: list[int], rows: torch.Tensor) -> None:
-        crcs = [zlib.crc32(r.numpy().tobytes()) for r in rows.cpu()]
-        self.file.write(json.dumps({"step": step, "rank": self.rank, "epoch": epoch, "ids": ids,
-                                    "crc": crcs}) + "\n")
-        self.file.flush()
 
 
 def _layer_stats(counts: torch.Tensor) -> MoEStats:
@@ -301,18 +283,26 @@ def _check_same_batch(x: torch.Tensor) -> None:
                            "it with the same split and seed")
 
 
-def _eval_batches(shard: Any, loop: LoopConfig, device: torch.device) -> Iterator[torch.Tensor]:
-    if shard is None:
-        return iter(())
-    return (b["input_ids"] for b in shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long,
-                                                            device=device, drop_last=False))
+def _eval_batches(plan: TrainPlan | None, rank: int, world: int, loop: LoopConfig,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """This rank's held-out batches (batch, seq_len + 1): its units of the held-out split (every
+    ``world``-th from ``rank``), each read by a Ray Data task as training units are, in stored order.
+    A unit found corrupt under ``data.on_corrupt: skip`` is left out (``fail``: the read raises)."""
+    if plan is None or not loop.eval_batches:
+        return
+    fetch = ray_fetch(plan)
+    for unit in plan.units[rank::world]:
+        rows = fetch(unit)
+        if isinstance(rows, str):
+            continue
+        for i in range(0, len(rows), loop.batch_size):
+            yield torch.from_numpy(rows[i:i + loop.batch_size].astype(np.int64)).to(device)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any], on_batch: BatchObserver | None = None) -> None:
     """Ray Train entry: config = {"worker": a WorkerConfig dump; "progress": the driver's
-    ray.util.queue.Queue or None}."""
-    import ray.train
-
+    ray.util.queue.Queue or None; "tokenizer"; "data" and "val": the TrainPlans of the training and
+    held-out splits}. ``on_batch``: see BatchObserver (Ray Train passes only config)."""
     started_at = time.time()  # requests made before this were meant for an earlier attempt
     cfg = WorkerConfig.model_validate(config["worker"])
     channel = ProgressChannel(config.get("progress"))
@@ -325,8 +315,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run.pos.start(config["data"], cfg.seed, run.rank)
     split = SpeedSplit(loop.batch_size * run.world, run.world, run.rank, loop.split_smoothing)
     timer = ForwardTimer(step_fn.model, device) if loop.split == "speed" else None
-    record = _SequenceLog(cfg.control_dir, run.rank) if os.environ.get(RECORD_SEQUENCES_ENV) and cfg.control_dir \
-        else None
     reporter = _Reporter(run, channel)
     preemption = PreemptionWatch(cfg.preemption_check_every)
 
@@ -342,8 +330,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if timer is not None:
             timer.armed, timer.seconds = measure, 0.0
         result = step_fn(step, x, weight)
-        if record is not None:
-            record.add(step, epoch, ids, x)
+        if on_batch is not None:
+            on_batch(step, epoch, ids, x)
         if measure:
             timer.armed = False
             split.update(len(x) / timer.seconds)
@@ -365,10 +353,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
             return  # the end of a PBT segment (jobs/sweep_trial.py): its checkpoint was just reported
 
-    # eval_batches 0: no held-out pass, and no Ray Data pipeline started for it
-    val_shard = ray.train.get_dataset_shard("val") if cfg.has_val and loop.eval_batches else None
     step_fn.finish_round()  # method local: evaluate the synced weights
-    eval_loss = evaluate(step_fn.model, _eval_batches(val_shard, loop, device), loop.eval_batches).loss
+    val = _eval_batches(config.get("val"), run.rank, run.world, loop, device)
+    eval_loss = evaluate(step_fn.model, val, loop.eval_batches).loss
     metrics = reporter.final(eval_loss)
     run.save(loop.steps, metrics.model_dump())
     request = control.pending() if control is not None and run.rank == 0 else None

@@ -6,7 +6,7 @@
 import { api, describe } from "./api.js";
 import { el, fmtNum, kv, replace } from "./dom.js";
 
-const NAME_MAX_CHARS = 64; // the API's limit on a deployment name (deployment_schemas.py)
+const NAME_MAX_CHARS = 64; // the API's limit on a deployment name (orchestrator/api/schemas/base.py: Name)
 
 // Why the best trial cannot be promoted now, or null: the route's own checks (a finished sweep whose
 // best trial has a checkpoint), said before a click instead of after it.

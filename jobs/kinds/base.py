@@ -38,7 +38,7 @@ class JobKind:
     path_fields: tuple[str, ...]
     # What a job of this kind holds while it runs, at its largest, as placement bundles; the first
     # bundle's pool also holds the driver's reservation (jobs/demand.py: totals; the autoscaler sees
-    # the bundles themselves, orchestrator/demand_groups.py).
+    # the bundles themselves, orchestrator/controller/demand_groups.py).
     demand: Callable[[Any], tuple[Bundle, ...]]
     # Whether PATCH /v1/jobs/{id} may change its worker count (jobs/elastic.py reads a train spec).
     resizable: bool = False

@@ -1,5 +1,5 @@
 """The serve kind: a checkpoint behind OpenAI-compatible routes on Ray Serve (jobs/serve.py); through
-the service, a deployment only (orchestrator/deployments.py)."""
+the service, a deployment only (orchestrator/deployments/reconciler.py)."""
 
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator.api.errors import http_error_response, validation_error_response
 from orchestrator.api.middleware import HttpMetrics
 from orchestrator.api.routes import admin, cluster, curves, deployments, jobs, logs, sweeps, system, ui
-from orchestrator.api.schemas import Problem
+from orchestrator.api.schemas.base import Problem
 from orchestrator.api.security import TokenGuard, require_token
 from orchestrator.auth import Authenticator
-from orchestrator.controller import Controller
-from orchestrator.deployments import DeploymentReconciler, ServeStatus
-from orchestrator.entrypoints import ALLOWED_ENTRYPOINTS
+from orchestrator.controller.entrypoints import ALLOWED_ENTRYPOINTS
+from orchestrator.controller.loop import Controller
+from orchestrator.deployments.reconciler import DeploymentReconciler
+from orchestrator.deployments.serve_status import ServeStatus
 from orchestrator.ray_client import NoRay, RayJobs, SdkRayJobs
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
@@ -46,7 +47,7 @@ def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStor
     telemetry = Telemetry(store.count_by_state)
     controller = (Controller(store, ray, settings, telemetry, entrypoints=entrypoints)
                   if settings.controller_enabled else None)
-    # Serving deployments have their own reconciler (orchestrator/deployments.py); it needs a cluster.
+    # Serving deployments have their own reconciler (orchestrator/deployments/reconciler.py); it needs a cluster.
     reconciler = None
     if settings.controller_enabled and settings.ray_address:
         token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None

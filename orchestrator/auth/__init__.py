@@ -12,7 +12,6 @@ Free of FastAPI: the API (``orchestrator.api.security``), the scheduler and the 
 from orchestrator.auth.policy import Forbidden, can_see, priority_refusal, submission_team, visible_team
 from orchestrator.auth.principals import (
     ADMIN,
-    NAME_PATTERN,
     RESERVED_USERS,
     ROLES,
     SCRAPE_PATHS,
@@ -28,7 +27,6 @@ from orchestrator.auth.tokens import TOKEN_CACHE_MAX_ENTRIES, Authenticator, has
 
 __all__ = [
     "ADMIN",
-    "NAME_PATTERN",
     "RESERVED_USERS",
     "ROLES",
     "SCRAPE_PATHS",

@@ -11,8 +11,6 @@ Role = Literal["user", "admin", "scrape"]
 ROLES: tuple[Role, ...] = ("user", "admin", "scrape")
 # The only paths a ``scrape`` token may read; anything else is a 403.
 SCRAPE_PATHS = frozenset({"/metrics"})
-# User and team names: short, printable, safe in paths, logs and audit lines.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Actors the service itself writes into the audit log; no user token may carry these names.
 RESERVED_USERS = frozenset({"admin", "scheduler", "controller"})
 

@@ -6,8 +6,9 @@
     orch list | status ID | logs ID [-f] | cancel ID | cluster
     orch sweep SPEC [--set k=v] [--follow]           validate locally, POST /v1/sweeps
     orch trials ID [-f] | stop-trial ID TRIAL        a sweep's trials; stop one (orch cancel ID: all)
-    orch serve (CHECKPOINT | --job ID) [--name N] [--set k=v] [--wait]   POST /v1/deployments; prints the
-                                                     OpenAI base URL and the key (shown once)
+    orch serve (CHECKPOINT | --job ID) [--name N] [--set k=v] [--wait [--timeout S]]   POST /v1/deployments;
+                                                     prints the OpenAI base URL and the key (shown once);
+                                                     --wait: until it runs, at most S seconds (600)
     orch deployments [show ID | delete ID]           serving deployments
     orch token create --user U --team T [--role user|admin] | token list | token revoke ID   (admin)
     orch team set TEAM [--root PATH ...] [--quota POOL=N ...] | team show [TEAM]           (admin)

@@ -12,8 +12,8 @@ from typing import Any
 import typer
 
 from orchestrator.cli import render
-from orchestrator.cli.client import api, check
-from orchestrator.cli.core import JsonFlag, api_url, app
+from orchestrator.cli.client import connect
+from orchestrator.cli.core import JsonFlag, app
 
 
 def _amounts(resources: dict[str, float], only: tuple[str, ...] = ("GPU", "NPU", "CPU")) -> str:
@@ -35,11 +35,10 @@ def team_rows(teams: dict[str, Any]) -> list[list[Any]]:
 @app.command(help="pools (cpu | gpu | npu): capacity, in use, reserved, free, queued demand; nodes by device; "
                   "what each team's jobs and deployments hold")
 def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        data = check(c.get("/v1/cluster"))
-    if json_out:
-        render.print_json(data)
-        return
+    render.show(connect(ctx).cluster(), json_out, _detail)
+
+
+def _detail(data: dict[str, Any]) -> list[Any]:
     devices = [[pool, v["nodes"], ", ".join(f"{r}={render.fmt(a)}" for r, a in sorted(v["resources"].items()))]
              for pool, v in sorted(data["by_device"].items())]
     out: list[Any] = [render.table(["DEVICE", "NODES", "RESOURCES"], devices)]
@@ -53,4 +52,4 @@ def cluster(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     if data.get("unmanaged_jobs"):
         out.append(f"({data['unmanaged_jobs']} Ray job(s) not submitted by the service hold resources; counted "
                    "as in use)")
-    render.emit(*out)
+    return out

@@ -1,9 +1,10 @@
 """The Typer app every `orch` command hangs on, the global ``--url`` option and the CLI's error type.
 
 A command is one function in a module of this package, decorated with ``@app.command(...)``; the
-package's ``__init__`` imports that module so the decorator runs. It reads the API URL with
-``api_url(ctx)``, raises CliError for a failure the user can act on and ``typer.Exit(code)`` for any
-other non-zero exit.
+package's ``__init__`` imports that module so the decorator runs. It talks to the API through
+``connect(ctx)`` (orchestrator/cli/client.py: one typed method per request), prints its answer with
+``render.show`` (``--json`` or a table/text), raises CliError for a failure the user can act on and
+``typer.Exit(code)`` for any other non-zero exit.
 """
 
 from __future__ import annotations

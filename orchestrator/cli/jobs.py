@@ -4,14 +4,13 @@ to the API; ``--json`` prints the API's answer as it came."""
 from __future__ import annotations
 
 import sys
-import uuid
 from typing import Annotated, Any
 
 import typer
 
 from orchestrator.cli import render
-from orchestrator.cli.client import api, check, request_with_retries
-from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, api_url, app
+from orchestrator.cli.client import OrchClient, connect
+from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, app
 from orchestrator.states import JobState
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT: only the following stopped, not the job
@@ -45,40 +44,32 @@ def submit(
     except (SpecError, ValueError) as e:
         raise CliError(str(e), EXIT_USAGE) from None
     body = {"kind": kind, "spec": loaded.model_dump(mode="json"), "max_retries": max_retries}
-    # A key per invocation makes the client's own retries safe; --idempotency-key makes reruns safe.
-    headers = {"Idempotency-Key": idempotency_key or f"cli-{uuid.uuid4()}"}
-    with api(api_url(ctx)) as c:
-        job = request_with_retries(c, "POST", "/v1/jobs", json=body, headers=headers)
-    if json_out and not follow:
-        render.print_json(job)
-    else:
-        print(f"submitted {job['id']} ({job['name']}): {job['state']}", file=sys.stderr if follow else sys.stdout)
-    if follow:
-        _follow(api_url(ctx), job["id"], json_out)
+    api = connect(ctx)
+    job = api.submit_job(body, idempotency_key)
+    if not follow:
+        render.show(job, json_out, _submitted)
+        return
+    print(_submitted(job), file=sys.stderr)
+    _follow(api, job["id"], json_out)
 
 
-def _follow(url: str, job_id: str, json_out: bool, tail: int | None = None) -> None:
+def _submitted(j: dict[str, Any]) -> str:
+    return f"submitted {j['id']} ({j['name']}): {j['state']}"
+
+
+def _follow(api: OrchClient, job_id: str, json_out: bool, tail: int | None = None) -> None:
     """Streams the job's logs until it ends (or the server's ORCH_FOLLOW_MAX_S passes); exits 0 only if
     it SUCCEEDED. The final state goes to stderr (stdout is the logs), or as the job's JSON to stdout
-    with ``--json``. No read timeout: a quiet job sends nothing for long stretches."""
-    params = {"follow": "true", **({"tail": tail} if tail else {})}
-    with api(url) as c:
-        try:
-            with c.stream("GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None) as r:
-                if not r.is_success:
-                    r.read()
-                    check(r)
-                for chunk in r.iter_text():
-                    sys.stdout.write(chunk)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            print(f"\nstopped following; the job goes on (orch cancel {job_id} to stop it)", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        job = check(c.get(f"/v1/jobs/{job_id}"))
-    if json_out:
-        render.print_json(job)
-    else:
-        print(f"\njob {job_id}: {job['state']} ({job['message']})", file=sys.stderr)
+    with ``--json``."""
+    try:
+        for chunk in api.follow_logs(job_id, tail):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on (orch cancel {job_id} to stop it)", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    job = api.job(job_id)
+    render.show(job, json_out, lambda j: f"\njob {job_id}: {j['state']} ({j['message']})", file=sys.stderr)
     if job["state"] != JobState.SUCCEEDED.value:
         raise typer.Exit(EXIT_FAILED)
 
@@ -90,16 +81,13 @@ def list_jobs(
     limit: Annotated[int, typer.Option(help="most jobs to show")] = 50,
     json_out: JsonFlag = False,
 ) -> None:
-    with api(api_url(ctx)) as c:
-        data = check(c.get("/v1/jobs", params={"state": [s.value for s in state or []], "limit": limit}))
-    if json_out:
-        render.print_json(data)
-        return
+    render.show(connect(ctx).jobs([s.value for s in state or []], limit), json_out, _jobs_page)
+
+
+def _jobs_page(data: dict[str, Any]) -> list[Any]:
     rows = [_job_row(j) for j in data["data"]]
-    out: list[Any] = [render.table(["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE", "QUEUE"], rows)]
-    if data["count"] > len(rows):
-        out.append(f"({len(rows)} of {data['count']}; --limit to see more)")
-    render.emit(*out)
+    return render.page(render.table(["ID", "NAME", "STATE", "ATTEMPTS", "STEP", "LOSS", "AGE", "QUEUE"], rows),
+                       len(rows), data["count"])
 
 
 def _job_row(j: dict[str, Any]) -> list[Any]:
@@ -111,12 +99,7 @@ def _job_row(j: dict[str, Any]) -> list[Any]:
 
 @app.command(help="one job: state, history, attempts, metrics")
 def status(ctx: typer.Context, job_id: JobId, json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        job = check(c.get(f"/v1/jobs/{job_id}"))
-    if json_out:
-        render.print_json(job)
-    else:
-        render.emit(*render.job_detail(job))
+    render.show(connect(ctx).job(job_id), json_out, render.job_detail)
 
 
 @app.command(help="a job's driver logs")
@@ -131,11 +114,9 @@ def logs(
         min=0, help="page back: the bytes before this offset (the START an earlier page names)")] = None,
 ) -> None:
     if follow:
-        _follow(api_url(ctx), job_id, json_out=False, tail=tail)
+        _follow(connect(ctx), job_id, json_out=False, tail=tail)
         return
-    params = {k: v for k, v in {"attempt": attempt, "tail": tail, "before": before}.items() if v is not None}
-    with api(api_url(ctx)) as c:
-        data = check(c.get(f"/v1/jobs/{job_id}/logs", params=params))
+    data = connect(ctx).logs(job_id, attempt, tail, before)
     sys.stdout.write(data["logs"])
     if data["truncated"]:
         print(f"(bytes {data['start']}-{data['end']} of {data['size']}; earlier: orch logs {job_id} "
@@ -144,12 +125,7 @@ def logs(
 
 @app.command(help="cancel a job")
 def cancel(ctx: typer.Context, job_id: JobId, json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        job = check(c.post(f"/v1/jobs/{job_id}/cancel"))
-    if json_out:
-        render.print_json(job)
-    else:
-        print(f"cancel requested for {job['id']} (now {job['state']})")
+    render.show(connect(ctx).cancel_job(job_id), json_out, lambda j: f"cancel requested for {j['id']} (now {j['state']})")
 
 
 @app.command(help="resize a training job: it checkpoints, stops and restarts on the new size from that checkpoint")
@@ -169,9 +145,5 @@ def scale(
         if any(not name or not sep or not n.isdigit() for name, sep, n in counts):
             raise CliError(f"--pool expects POOL=N, got {' '.join(pool)}", EXIT_USAGE)
         body = {"pools": {name: int(n) for name, _, n in counts}}
-    with api(api_url(ctx)) as c:
-        job = check(c.patch(f"/v1/jobs/{job_id}", json=body))
-    if json_out:
-        render.print_json(job)
-    else:
-        print(f"resize requested for {job['id']} (now {job['state']}: {job['message']})")
+    render.show(connect(ctx).resize_job(job_id, body), json_out,
+                lambda j: f"resize requested for {j['id']} (now {j['state']}: {j['message']})")

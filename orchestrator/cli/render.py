@@ -1,4 +1,4 @@
-"""Human-readable output: rich tables on stdout, and the ``--json`` form.
+"""Human-readable output: rich tables on stdout, and the ``--json`` form; ``show`` picks one.
 
 On a terminal the tables have a rule under the header and coloured job states. Anywhere else (a pipe,
 a file, a test's captured stdout) rich writes no colour, and the tables are plain columns: a header
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from rich import box
 from rich.console import Console, RenderableType
@@ -28,6 +28,21 @@ STATE_STYLES = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "R
 def print_json(data: Any) -> None:
     """The API's JSON as it came, indented by 2 (the form scripts parse; never through rich)."""
     print(json.dumps(data, indent=2))
+
+
+def show(data: Any, json_out: bool, human: Callable[[Any], str | RenderableType | list[RenderableType]],
+         file: TextIO | None = None) -> None:
+    """A command's answer: with ``--json`` the API's JSON as it came (on stdout); otherwise what
+    ``human(data)`` makes of it: a line of text printed as it is (on ``file``, default stdout: a
+    command whose stdout carries logs tells people on stderr), or tables and text through ``emit``."""
+    if json_out:
+        print_json(data)
+        return
+    out = human(data)
+    if isinstance(out, str):
+        print(out, file=file or sys.stdout)
+    else:
+        emit(*(out if isinstance(out, list) else [out]))
 
 
 def _console() -> Console:
@@ -70,6 +85,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     for row in rows:
         t.add_row(*(cell(v) for v in row))
     return t
+
+
+def page(rows: Table, shown: int, count: int) -> list[RenderableType]:
+    """One page of a list: its table, and a note when the API holds more than the page shows."""
+    return [rows, *([f"({shown} of {count}; --limit to see more)"] if count > shown else [])]
 
 
 def section(title: str) -> Text:

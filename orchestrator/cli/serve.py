@@ -3,22 +3,26 @@ prints its URL and bearer key (the key is shown this once; the service keeps onl
 ``orch deployments`` lists them, ``orch deployments show ID`` / ``delete ID`` inspect and remove one.
 Each is a request to /v1/deployments; ``--json`` prints the API's answer as it came.
 
-``--wait`` polls until Serve runs the application (exit 0) or gives up on it (exit 1).
+``--wait`` polls until Serve runs the application (exit 0) or gives up on it (exit 1), at most
+``--timeout`` seconds (then exit 1; the deployment goes on).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Annotated, Any
 
 import typer
 
 from orchestrator.cli import render
-from orchestrator.cli.client import api, check
-from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, api_url, app
+from orchestrator.cli.client import OrchClient, connect
+from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, app
+from workers.waiting import wait_until
 
 WAIT_POLL_S = 1.0  # between two reads of a deployment while waiting for it to run
+# --wait's default bound: Serve's start, a replica's runtime env and loading the checkpoint take
+# minutes at most; longer means something is stuck, and the person waiting should look.
+WAIT_TIMEOUT_S = 600.0
 # Statuses after which waiting is over (DEPLOY_FAILED is retried by the service: keep waiting).
 WAIT_DONE = {"RUNNING": 0, "FAILED": EXIT_FAILED}
 
@@ -38,6 +42,8 @@ def serve(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="a serve spec field, e.g. num_cpus=0 or limits.max_tokens=64")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="return once Serve runs it")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", metavar="SECONDS", min=0.0, help="with --wait: give up waiting after this long")] = WAIT_TIMEOUT_S,
     json_out: JsonFlag = False,
 ) -> None:
     from jobs.specs import SpecError, apply_override
@@ -51,29 +57,36 @@ def serve(
     except SpecError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     body = {"spec": spec, **({"job_id": job} if job else {}), **({"name": name} if name else {})}
-    with api(api_url(ctx)) as c:
-        created = check(c.post("/v1/deployments", json=body))  # no retry: a second POST is a second deployment
-    if json_out:
-        render.print_json(created)
-    else:
-        print(f"deployment {created['id']} ({created['name']}) of {created['checkpoint']}: {created['status']}\n"
-              f"  OpenAI base URL: {created['base_url']}\n"
-              f"  API key (shown once, only its SHA-256 is kept): {created['api_key']}")
+    api = connect(ctx)
+    created = api.create_deployment(body)
+    render.show(created, json_out, lambda d: (
+        f"deployment {d['id']} ({d['name']}) of {d['checkpoint']}: {d['status']}\n"
+        f"  OpenAI base URL: {d['base_url']}\n"
+        f"  API key (shown once, only its SHA-256 is kept): {d['api_key']}"))
     if wait:
-        _wait(api_url(ctx), created["id"], quiet=json_out)
+        _wait(api, created["id"], timeout, quiet=json_out)
 
 
-def _wait(url: str, deployment_id: str, quiet: bool) -> None:
-    with api(url) as c:
-        while True:
-            d = check(c.get(f"/v1/deployments/{deployment_id}"))
-            if d["status"] in WAIT_DONE:
-                break
-            time.sleep(WAIT_POLL_S)
+def _wait(api: OrchClient, deployment_id: str, timeout_s: float, quiet: bool) -> None:
+    last: dict[str, Any] = {}  # the deployment as last read, for the message on a timeout
+
+    def settled() -> dict[str, Any] | None:
+        last.update(api.deployment(deployment_id))
+        return last if last["status"] in WAIT_DONE else None
+
+    try:
+        d = wait_until(settled, timeout_s=timeout_s, interval_s=WAIT_POLL_S,
+                       what=lambda: f"deployment {deployment_id} to run; it is {_status(last)}")
+    except TimeoutError as e:
+        raise CliError(f"{e}; it goes on: orch deployments show {deployment_id}") from None
     if not quiet:
-        print(f"{deployment_id}: {d['status']}" + (f" ({d['message']})" if d["message"] else ""), file=sys.stderr)
+        print(f"{deployment_id}: {_status(d)}", file=sys.stderr)
     if WAIT_DONE[d["status"]]:
         raise typer.Exit(WAIT_DONE[d["status"]])
+
+
+def _status(d: dict[str, Any]) -> str:
+    return d["status"] + (f" ({d['message']})" if d["message"] else "")
 
 
 def _rows(data: list[dict[str, Any]]) -> list[list[Any]]:
@@ -90,29 +103,16 @@ def list_deployments(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """Without a subcommand: the deployments you may see, newest first."""
     if ctx.invoked_subcommand is not None:
         return
-    with api(api_url(ctx)) as c:
-        data = check(c.get("/v1/deployments"))
-    if json_out:
-        render.print_json(data)
-    else:
-        render.emit(render.table(_HEADERS, _rows(data["data"])))
+    render.show(connect(ctx).deployments(), json_out, lambda data: render.table(_HEADERS, _rows(data["data"])))
 
 
 @deployments_app.command("show", help="one deployment: status, replicas, checkpoint, URL, message")
 def show(ctx: typer.Context, deployment_id: DeploymentId, json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        d = check(c.get(f"/v1/deployments/{deployment_id}"))
-    if json_out:
-        render.print_json(d)
-    else:
-        render.emit(render.table(_HEADERS, _rows([d])), f"source: {d['source']}   message: {d['message'] or '-'}")
+    render.show(connect(ctx).deployment(deployment_id), json_out, lambda d: [
+        render.table(_HEADERS, _rows([d])), f"source: {d['source']}   message: {d['message'] or '-'}"])
 
 
 @deployments_app.command("delete", help="remove a deployment (its application stops; the others keep serving)")
 def delete(ctx: typer.Context, deployment_id: DeploymentId, json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        d = check(c.delete(f"/v1/deployments/{deployment_id}"))
-    if json_out:
-        render.print_json(d)
-    else:
-        print(f"deleting {deployment_id} ({d['name']}): {d['status']}")
+    render.show(connect(ctx).delete_deployment(deployment_id), json_out,
+                lambda d: f"deleting {deployment_id} ({d['name']}): {d['status']}")

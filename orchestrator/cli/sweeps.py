@@ -8,18 +8,18 @@ one) until the sweep ends; it exits 0 only if the sweep SUCCEEDED.
 
 from __future__ import annotations
 
+import math
 import sys
-import time
-import uuid
 from typing import Annotated, Any
 
 import typer
 
 from orchestrator.cli import render
-from orchestrator.cli.client import api, check, request_with_retries
-from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, api_url, app
+from orchestrator.cli.client import OrchClient, connect
+from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, JsonFlag, app
 from orchestrator.cli.jobs import EXIT_INTERRUPTED
 from orchestrator.states import JobState
+from workers.waiting import wait_until
 
 FOLLOW_POLL_S = 2.0  # between two reads of the sweep while following (trials report every few seconds at best)
 
@@ -44,30 +44,25 @@ def sweep(
         loaded = load_sweep_spec(spec, set_ or [])
     except SpecError as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    body = {"spec": loaded.model_dump(mode="json"), "max_retries": max_retries}
-    with api(api_url(ctx)) as c:
-        created = request_with_retries(c, "POST", "/v1/sweeps", json=body,
-                                       headers={"Idempotency-Key": f"cli-{uuid.uuid4()}"})
-    if json_out and not follow:
-        render.print_json(created)
+    api = connect(ctx)
+    created = api.submit_sweep({"spec": loaded.model_dump(mode="json"), "max_retries": max_retries})
+    if not follow:
+        render.show(created, json_out, _submitted)
         return
-    print(f"submitted sweep {created['id']} ({created['name']}): {created['state']}, "
-          f"{created['trials_total']} trials", file=sys.stderr if follow else sys.stdout)
-    if follow:
-        _follow(api_url(ctx), created["id"], json_out)
+    print(_submitted(created), file=sys.stderr)
+    _follow(api, created["id"], json_out)
+
+
+def _submitted(s: dict[str, Any]) -> str:
+    return f"submitted sweep {s['id']} ({s['name']}): {s['state']}, {s['trials_total']} trials"
 
 
 @app.command(help="a sweep's trials: state, parameters, step, metric")
 def trials(ctx: typer.Context, sweep_id: SweepId, follow: FollowFlag = False, json_out: JsonFlag = False) -> None:
     if follow:
-        _follow(api_url(ctx), sweep_id, json_out)
+        _follow(connect(ctx), sweep_id, json_out)
         return
-    with api(api_url(ctx)) as c:
-        data = check(c.get(f"/v1/sweeps/{sweep_id}"))
-    if json_out:
-        render.print_json(data)
-    else:
-        render.emit(*sweep_detail(data))
+    render.show(connect(ctx).sweep(sweep_id), json_out, sweep_detail)
 
 
 @app.command("stop-trial", help="stop one trial of a sweep (at its next report)")
@@ -76,12 +71,8 @@ def stop_trial(
     trial_id: Annotated[str, typer.Argument(metavar="TRIAL", help="the trial's id (orch trials ID)")],
     json_out: JsonFlag = False,
 ) -> None:
-    with api(api_url(ctx)) as c:
-        data = check(c.post(f"/v1/sweeps/{sweep_id}/trials/{trial_id}/stop"))
-    if json_out:
-        render.print_json(data)
-    else:
-        print(f"stop requested for trial {trial_id} of sweep {sweep_id}")
+    render.show(connect(ctx).stop_trial(sweep_id, trial_id), json_out,
+                lambda _: f"stop requested for trial {trial_id} of sweep {sweep_id}")
 
 
 def sweep_detail(s: dict[str, Any]) -> list[Any]:
@@ -111,29 +102,28 @@ def _changes(before: dict[str, tuple], s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _follow(url: str, sweep_id: str, json_out: bool) -> None:
-    """Polls the sweep until it ends (see the module docstring); Ctrl-C stops following, not the sweep."""
+def _follow(api: OrchClient, sweep_id: str, json_out: bool) -> None:
+    """Polls the sweep until it ends (see the module docstring); Ctrl-C stops following, not the sweep.
+    Unbounded on purpose, like ``tail -f``: a sweep may run for days, and the person watching ends it."""
     seen: dict[str, tuple] = {}
     live = sys.stdout.isatty() and not json_out
-    with api(url) as c:
-        try:
-            while True:
-                s = check(c.get(f"/v1/sweeps/{sweep_id}"))
-                if live:
-                    sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal, cursor home
-                    render.emit(*sweep_detail(s))
-                elif not json_out:
-                    for line in _changes(seen, s):
-                        print(line, flush=True)
-                if JobState(s["state"]).terminal:
-                    break
-                time.sleep(FOLLOW_POLL_S)
-        except KeyboardInterrupt:
-            print(f"\nstopped following; the sweep goes on (orch cancel {sweep_id} to stop it)", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-    if json_out:
-        render.print_json(s)
-    elif not live:
-        render.emit(*sweep_detail(s))
+
+    def ended() -> dict[str, Any] | None:
+        s = api.sweep(sweep_id)
+        if live:
+            sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal, cursor home
+            render.emit(*sweep_detail(s))
+        elif not json_out:
+            for line in _changes(seen, s):
+                print(line, flush=True)
+        return s if JobState(s["state"]).terminal else None
+
+    try:
+        s = wait_until(ended, timeout_s=math.inf, interval_s=FOLLOW_POLL_S, what=f"sweep {sweep_id} to end")
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the sweep goes on (orch cancel {sweep_id} to stop it)", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if not live:
+        render.show(s, json_out, sweep_detail)
     if s["state"] != JobState.SUCCEEDED.value:
         raise typer.Exit(EXIT_FAILED)

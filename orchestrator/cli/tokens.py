@@ -8,10 +8,11 @@ import time
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from orchestrator.cli import render
-from orchestrator.cli.client import api, check
-from orchestrator.cli.core import EXIT_USAGE, CliError, JsonFlag, api_url, app
+from orchestrator.cli.client import connect
+from orchestrator.cli.core import EXIT_USAGE, CliError, JsonFlag, app
 
 token_app = typer.Typer(help="user API tokens (admin only)", no_args_is_help=True)
 team_app = typer.Typer(help="teams: data roots, quotas and priorities (admin only)", no_args_is_help=True)
@@ -32,15 +33,14 @@ def token_create(
         help="user | admin | scrape (for Prometheus: reads /metrics, every team's series, nothing else)")] = "user",
     json_out: JsonFlag = False,
 ) -> None:
-    with api(api_url(ctx)) as c:
-        created = check(c.post("/v1/tokens", json={"user": user, "team": team, "role": role}))
-    if json_out:
-        render.print_json(created)
-        return
-    # The secret alone on stdout (TOKEN=$(orch token create ...)); the rest on stderr.
-    print(f"token {created['id']} for {created['user']} (team {created['team']}, {created['role']}); "
+    render.show(connect(ctx).create_token(user, team, role), json_out, _created)
+
+
+def _created(t: dict) -> str:
+    """The secret alone on stdout (TOKEN=$(orch token create ...)); the rest on stderr."""
+    print(f"token {t['id']} for {t['user']} (team {t['team']}, {t['role']}); "
           "store it now, it cannot be shown again:", file=sys.stderr)
-    print(created["token"])
+    return t["token"]
 
 
 @token_app.command("list", help="tokens (never their secrets)")
@@ -49,20 +49,15 @@ def token_list(
     all_: Annotated[bool, typer.Option("--all", help="revoked tokens too")] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    with api(api_url(ctx)) as c:
-        data = check(c.get("/v1/tokens", params={"include_revoked": all_}))
-    if json_out:
-        render.print_json(data)
-        return
-    rows = [[t["id"], t["user"], t["team"], t["role"], _when(t["created_at"]), t["created_by"], _when(t["revoked_at"])]
-            for t in data["data"]]
-    render.emit(render.table(["ID", "USER", "TEAM", "ROLE", "CREATED", "BY", "REVOKED"], rows))
+    render.show(connect(ctx).tokens(all_), json_out, lambda data: render.table(
+        ["ID", "USER", "TEAM", "ROLE", "CREATED", "BY", "REVOKED"],
+        [[t["id"], t["user"], t["team"], t["role"], _when(t["created_at"]), t["created_by"], _when(t["revoked_at"])]
+         for t in data["data"]]))
 
 
 @token_app.command("revoke", help="revoke a token: its requests get 401 from now on")
 def token_revoke(ctx: typer.Context, token_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    with api(api_url(ctx)) as c:
-        t = check(c.delete(f"/v1/tokens/{token_id}"))
+    t = connect(ctx).revoke_token(token_id)
     print(f"revoked {t['id']} ({t['user']}, team {t['team']})")
 
 
@@ -102,27 +97,24 @@ def team_set(
         body["max_priority"] = max_priority
     if not body:
         raise CliError("nothing to set: give --root, --no-roots, --quota or --max-priority", EXIT_USAGE)
-    with api(api_url(ctx)) as c:
-        team = check(c.put(f"/v1/teams/{name}", json=body))
-    _show([team], json_out, single=True)
+    render.show(connect(ctx).set_team(name, body), json_out, lambda team: _teams([team]))
 
 
 @team_app.command("show", help="a team's data roots, quotas and highest priority (every team without TEAM)")
 def team_show(ctx: typer.Context, name: Annotated[str | None, typer.Argument(metavar="[TEAM]")] = None,
               json_out: JsonFlag = False) -> None:
-    with api(api_url(ctx)) as c:
-        data = check(c.get(f"/v1/teams/{name}" if name else "/v1/teams"))
-    _show([data] if name else data["data"], json_out, single=bool(name))
+    api = connect(ctx)
+    if name:
+        render.show(api.team(name), json_out, lambda team: _teams([team]))
+    else:
+        render.show(api.teams(), json_out, lambda data: _teams(data["data"]))
 
 
-def _show(teams: list[dict], json_out: bool, single: bool) -> None:
-    if json_out:
-        render.print_json(teams[0] if single else {"data": teams})
-        return
+def _teams(teams: list[dict]) -> Table:
     rows = [[t["name"], ", ".join(t["roots"]) or "-",
              ", ".join(f"{k}={render.fmt(v)}" for k, v in sorted(t["quotas"].items())) or "-", t["max_priority"]]
             for t in teams]
-    render.emit(render.table(["TEAM", "ROOTS", "QUOTAS", "MAX PRIORITY"], rows))
+    return render.table(["TEAM", "ROOTS", "QUOTAS", "MAX PRIORITY"], rows)
 
 
 @app.command(rich_help_panel="Access", help="who submitted, cancelled, resized or preempted what, newest first")
@@ -132,14 +124,7 @@ def audit(
     limit: Annotated[int, typer.Option(help="most entries to show")] = 50,
     json_out: JsonFlag = False,
 ) -> None:
-    params: dict = {"limit": limit} | ({"team": team} if team else {})
-    with api(api_url(ctx)) as c:
-        data = check(c.get("/v1/audit", params=params))
-    if json_out:
-        render.print_json(data)
-        return
-    rows = [[_when(e["at"]), e["actor"], e["team"], e["action"], e["target"], e["detail"]] for e in data["data"]]
-    out: list = [render.table(["AT", "ACTOR", "TEAM", "ACTION", "TARGET", "DETAIL"], rows)]
-    if data["count"] > len(rows):
-        out.append(f"({len(rows)} of {data['count']}; --limit to see more)")
-    render.emit(*out)
+    render.show(connect(ctx).audit(team, limit), json_out, lambda data: render.page(render.table(
+        ["AT", "ACTOR", "TEAM", "ACTION", "TARGET", "DETAIL"],
+        [[_when(e["at"]), e["actor"], e["team"], e["action"], e["target"], e["detail"]] for e in data["data"]]),
+        len(data["data"]), data["count"]))

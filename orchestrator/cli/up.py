@@ -20,7 +20,7 @@ import yaml
 from orchestrator.cli.core import EXIT_USAGE, CliError, app
 
 if TYPE_CHECKING:
-    from orchestrator.autoscale import FakeNodes
+    from orchestrator.local.autoscale import FakeNodes
 
 # Service managers stop with SIGTERM (systemd, Docker, Kubernetes), a terminal with SIGINT, a closed
 # terminal or session with SIGHUP.
@@ -103,7 +103,7 @@ def up(
     stopped_by: int | None = None
     try:
         if not settings.ray_address:
-            from orchestrator.local_ray import LocalRayHead, default_head_cpus
+            from orchestrator.local.head import LocalRayHead, default_head_cpus
 
             ray_token = secrets.token_hex(32)
             token_file = settings.state_dir / "ray_auth_token"
@@ -113,7 +113,7 @@ def up(
             print(f"starting a local Ray head with {head.num_cpus} logical CPUs (logs: {head.log_path}) ...",
                   file=sys.stderr)
             head.start()
-            if fake_nodes is not None:  # queued jobs' demand goes to the autoscaler (orchestrator/demand_groups.py)
+            if fake_nodes is not None:  # queued jobs' demand goes to the autoscaler (orchestrator/controller/demand_groups.py)
                 overrides.update(ray_gcs_address=head.gcs_address, autoscaler_max_extra=fake_nodes.max_extra())
             settings = load_settings(**overrides, ray_address=head.dashboard_url, ray_auth_token=ray_token,
                                      ray_logs_dir=head.temp_dir / "session_latest" / "logs")
@@ -121,7 +121,7 @@ def up(
                   f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file}) RAY_ADDRESS={head.dashboard_url}",
                   file=sys.stderr)
         from orchestrator.api.app import create_app
-        from orchestrator.server import serve
+        from orchestrator.api.server import serve
 
         url = f"http://{settings.host}:{settings.port}"
         where = f"token in {settings.state_dir / 'api_token'}" if settings.api_token is None else "token from ORCH_API_TOKEN"
@@ -150,7 +150,7 @@ def _fake_nodes(autoscale: bool, config: Path | None) -> FakeNodes | None:
     from pydantic import ValidationError
 
     from jobs.specs import field_errors
-    from orchestrator.autoscale import FakeNodes
+    from orchestrator.local.autoscale import FakeNodes
 
     if not autoscale:
         if config is not None:

@@ -59,7 +59,7 @@ class Wait:
     position: int  # 1: first in line
     reason: str
     # It waits for room in its pools (not for quota, a slot, or a cluster it can never fit): what an
-    # autoscaler could add (orchestrator/demand_groups.py shows it these jobs' demand).
+    # autoscaler could add (orchestrator/controller/demand_groups.py shows it these jobs' demand).
     needs_room: bool = False
 
 

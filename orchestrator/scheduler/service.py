@@ -12,7 +12,7 @@ deployment is stored, so the pass takes every stored deployment too (``plan(...,
 one that ``holds`` (admitted, not given up) is an admitted view holding its booking, a QUEUED one is
 queued like a job, admitted or kept waiting with a reason (``Decisions.serving_admit`` and
 ``serving_wait``, which the controller records with ``store.record_deployment_queue``). The
-reconciler (orchestrator/deployments.py) deploys only what this pass admitted. A deployment books
+reconciler (orchestrator/deployments/reconciler.py) deploys only what this pass admitted. A deployment books
 its replicas at ``max_replicas`` x ``num_cpus`` (``deployment_demand``): Serve's autoscaler adds
 replicas up to the maximum without asking, so only that booking keeps quotas and free capacity true.
 """

@@ -2,7 +2,7 @@
 running. ``JobStore`` inherits these methods (one database, one write lock). The API writes the
 intent (create, delete request); the controller's scheduler admits a QUEUED deployment or says why
 it waits (``record_deployment_queue``, the only write while it is QUEUED); the reconciler
-(orchestrator/deployments.py) is the only writer of what Serve reports and of the deploy/delete
+(orchestrator/deployments/reconciler.py) is the only writer of what Serve reports and of the deploy/delete
 counters, and never touches a QUEUED deployment.
 """
 

@@ -120,7 +120,7 @@ audit_t = Table(
     Index("ix_audit_team_seq", "team", "seq"),
 )
 
-# Serving deployments (orchestrator/deployments.py reconciles Ray Serve with these rows). ``spec`` is
+# Serving deployments (orchestrator/deployments/reconciler.py reconciles Ray Serve with these rows). ``spec`` is
 # the ServeSpec as deployed (JSON: the resolved checkpoint and the bearer key's SHA-256, never the
 # key). Names and route prefixes are unique: both are Serve's, cluster-wide. A row lives until Serve
 # has dropped its application; the audit log keeps the history.

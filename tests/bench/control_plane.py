@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from orchestrator.waiting import wait_until
 from tests.servers import BackgroundServer, free_port, wait_until_healthy
+from workers.waiting import wait_until
 
 TOKEN = "bench-token-" + "0123456789abcdef" * 2
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -179,7 +179,7 @@ def _time_to_running(c: httpx.Client, body: dict) -> float:
 def bench_post_to_running(runs: int = 3, num_cpus: int = 4) -> dict[str, Any]:
     """Seconds from POST /v1/jobs of the demo spec to RUNNING (Ray reports the driver running)."""
     from orchestrator.api.app import create_app
-    from orchestrator.local_ray import LocalRayHead
+    from orchestrator.local.head import LocalRayHead
     from orchestrator.settings import Settings
 
     body = _demo_body()

@@ -24,6 +24,7 @@ Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BE
   product loop's data position (``workers.loop._Position.next``, in the worker process only; the loop
   does not know) and times each call against the time between steps.
 - reading each sequence once, resuming, a read task's memory: tests/bench/data_exact.py.
+- S3 reads of the same shards through pyarrow's client and through s3fs: tests/bench/data_s3.py.
 - ``jobs.prepare``'s pipeline on a slice of the standard library with the bytes and the BPE
   tokenizer (tests/bench/data_prepare.py): input MB/s per core, and BPE tokens per input byte.
 
@@ -263,7 +264,7 @@ def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
     Ray Data read tasks), as one rank taking the whole global batch, consumed in the driver."""
     from workers.data.stream import RankStream, ray_fetch, state_for
 
-    plan = data.train_plan(spec.data)
+    plan = data.plan("train", spec.data)
     rows = [spec.train.batch_size * spec.resources.max_workers]
     stream = RankStream(plan, state_for(plan, spec.seed, None), 0, ray_fetch(plan))
 
@@ -295,9 +296,9 @@ def read_parquet_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
 def _driver_pass(ds: Any, spec: TrainSpec) -> dict[str, Any]:
     """``ds`` (packed rows) through Ray Train's DataConfig for the training split, consumed in the
     driver as the loop consumes it, with the memory sampled."""
-    from jobs.trainer import data_config
+    from ray.train import DataConfig
 
-    it = data_config().configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
+    it = DataConfig(datasets_to_split=[]).configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
     with PeakMemory() as mem:
         result = _consume((b["input_ids"] for b in it.iter_batches(batch_size=None, batch_format="numpy")), spec)
     return {**result, "memory": mem.result()}
@@ -412,7 +413,7 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
             pa.default_memory_pool().release_unused()  # the drawing's buffers are not the passes' memory
             started = time.perf_counter()
             data[label] = open_training_data(specs[label].data, specs[label].model.vocab_size, log=lambda msg: None)
-            sets[label] = {"size_gb": gb, **made, "read_tasks": specs[label].data.read_tasks,
+            sets[label] = {"size_gb": gb, **made,
                            "verify_s": time.perf_counter() - started}
         os.sync()  # GBs of new files: their write-back would compete with the first passes
         results.mkdir(parents=True, exist_ok=True)
@@ -427,6 +428,7 @@ def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -
     from jobs.trainer import init_ray
     from tests.bench.data_prepare import PREP_WARMUP_BYTES, prepare_run
     from tests.bench.data_report import markdown
+    from tests.bench.data_s3 import s3_section
 
     steps = steps or TRAIN_STEPS
     scratch = scratch.resolve() / "data"  # Ray Train's storage_path must be absolute
@@ -438,8 +440,10 @@ def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -
     prep = {tok: _cached(results / f"prepare-{tok}.json", reuse, lambda tok=tok: prepare_run(scratch, tok))
             for tok in ("bytes", "bpe")}
     sets = _measure_sets(scratch, sizes, base, reuse)
+    s3 = _cached(results / "s3.json", reuse, s3_section)
     for folder in scratch.iterdir():  # the shards (GBs of them) and the runs' outputs; results/ stays
         if folder.name != "results":
             shutil.rmtree(folder)
-    return {"data": {"name": "data", "sizes_gb": list(sizes), "sets": sets, "prepare": prep, "goals": GOALS},
-            "markdown": markdown(sets, prep, steps)}
+    return {"data": {"name": "data", "sizes_gb": list(sizes), "sets": sets, "prepare": prep, "s3": s3,
+                     "goals": GOALS},
+            "markdown": markdown(sets, prep, steps, s3)}

@@ -159,7 +159,7 @@ def position_cost() -> dict[str, Any]:
 
 
 def exact_section(data: Any, spec: Any, scratch: Path) -> dict[str, Any]:
-    plan = data.train_plan(spec.data)
+    plan = data.plan("train", spec.data)
     return {"amplification": amplification(plan, spec.seed, spec.train.batch_size),
             "resume": resume_times(plan, spec.seed, spec.train.batch_size * spec.resources.max_workers),
             "task_memory": task_memory(scratch / "rss", spec.data.seq_len), "position": position_cost(),

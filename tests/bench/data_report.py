@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.bench.data import GOALS, MB, SHARD_TOKENS, SIZES_ENV
 from tests.bench.data_exact import exact_markdown
 from tests.bench.data_prepare import BPE_VOCAB, PREP_INPUT_BYTES, PREP_TASKS
+from tests.bench.data_s3 import s3_markdown
 
 
 def _gib(n: float) -> str:
@@ -15,14 +16,13 @@ def _goal(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[str]:
+def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int, s3: dict) -> list[str]:
     small, large = sets["small"], sets["large"]
     md = ["## Data plane: memory as the data grows, Ray Data vs pyarrow, data wait, preparation", "",
           f"`python -m tests.bench --sections data` (tests/bench/data.py): shards of random byte ids in the "
           f"prepared format, {small['size_gb']:g} GB ({small['shards']} shards) vs {large['size_gb']:g} GB "
           f"({large['shards']} shards) of files, {SHARD_TOKENS // 2**20} Mi tokens per shard; the demo spec "
-          f"(2 CPU workers, global batch {small['ray']['batch_rows']} x {small['ray']['seq_len']} + 1 tokens, "
-          f"`data.read_tasks` {small['read_tasks']}); `{SIZES_ENV}=SMALL,LARGE` sets the sizes.", "",
+          f"(2 CPU workers, global batch {small['ray']['batch_rows']} x {small['ray']['seq_len']} + 1 tokens); `{SIZES_ENV}=SMALL,LARGE` sets the sizes.", "",
           "Memory: peaks sampled every 0.2 s of the summed RSS of the driver and every Ray worker process (the "
           "raylet's children), the same without shared pages (each reader's mapped object-store pages count in "
           "its RSS), and the object store's used bytes; before = the summed RSS when the pass started (what "
@@ -84,4 +84,4 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int) -> list[s
            "| tokenizer | MB/s per core | MB per CPU-s | end-to-end MB/s | tokens per byte |", "|---|---:|---:|---:|---:|"]
     md += [f"| {t} | {p['mb_per_s_per_core']:.2f} | {p['mb_per_cpu_s']:.2f} | {p['end_to_end_mb_per_s']:.2f} | "
            f"{p['tokens_per_byte']:.3f} |" for t, p in prep.items()]
-    return md
+    return md + s3_markdown(s3)

@@ -28,16 +28,16 @@ import yaml
 from jobs.contracts import ProgressRecord
 from jobs.specs import validate_spec
 from orchestrator.api.app import create_app
-from orchestrator.autoscale import FakeNodes, FakeWorkerType
-from orchestrator.local_ray import LocalRayHead
+from orchestrator.local.autoscale import FakeNodes, FakeWorkerType
+from orchestrator.local.head import LocalRayHead
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.bench.elastic_nodes import markdown as node_markdown
 from tests.bench.elastic_nodes import node_rows
 from tests.bench.recovery import markdown as recovery_markdown
 from tests.bench.recovery import recovery_rows
 from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
 from tests.servers import BackgroundServer
+from workers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "bench-elastic-token-0123456789"

@@ -30,9 +30,11 @@ from tests.bench import local_sgd
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 300
-FRONTIER = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct", "local_h8_3pct", "local_h8_1pct", "local_h16_1pct"]
+FRONTIER = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct", "local_h4_3pct_olr15", "local_h8_3pct", "local_h8_1pct",
+            "local_h16_1pct"]
 HORIZON_STEPS = 900
-FRONTIER_900 = ["dense", "topk_1pct", "diloco_h8", "local_h2_3pct", "local_h4_3pct", "local_h4_3pct_ef99", "local_h8_3pct"]
+FRONTIER_900 = ["dense", "topk_1pct", "diloco_h8", "local_h2_3pct", "local_h4_3pct", "local_h4_3pct_olr15",
+                "local_h8_3pct", "local_h8_3pct_olr15", "local_h16_3pct_olr2"]
 GOALS_900 = ((100, 2.0), (400, 4.0), (1000, 2.0))  # (dense / sent at least, eval gap % at most); the last a moonshot
 LINKS = (("1 Gbit/s", "1gbit"), ("100 Mbit/s", "100mbit"))
 DENSE_LINK_STEPS = 48  # a multiple of local_sgd.EVAL_EVERY
@@ -85,7 +87,7 @@ def frontier_result(rows: dict[str, dict], steps: int, name: str, goals: tuple =
           "tokens. dense / sent: bytes a dense ring allreduce after every step would send over bytes sent "
           "(indices, values, scales, token weights and dense warm-up all counted). Every variant but the "
           "per-step top-k trains with AdamW and the global clip 1.0; local = `compression.method: local` "
-          "(error decay 0.95, outer lr 1, no warm-up).", "",
+          "(error decay 0.95, no warm-up, outer lr 1 unless the label says otherwise).", "",
           "| variant | eval loss | gap vs dense | bytes sent | dense / sent | tokens/s vs dense |",
           "|---|---|---|---|---|---|"]
     for r in rows.values():

@@ -40,9 +40,10 @@ VAL_PERCENT = 2  # held-out share of files, by CRC-32 of the relative path
 VARIANTS_ENV, STEPS_ENV = "LOCAL_SGD_BENCH_VARIANTS", "LOCAL_SGD_BENCH_STEPS"
 
 
-def _local(h: int, density: float, bits: int = 2, decay: float = 0.95, warmup: int = 0) -> CompressionConfig:
+def _local(h: int, density: float, bits: int = 2, decay: float = 0.95, warmup: int = 0,
+           outer_lr: float = 1.0) -> CompressionConfig:
     return CompressionConfig(method="local", local_steps=h, density=density, value_bits=bits, error_decay=decay,
-                             warmup_steps=warmup)
+                             warmup_steps=warmup, outer_lr=outer_lr)
 
 
 # name -> (label, compression config). The demo's per-step top-k keeps its own optimizer contract
@@ -59,6 +60,9 @@ VARIANTS: dict[str, tuple[str, CompressionConfig]] = {
     "local_h8_3pct": ("local H 8, top-k 3%, 2-bit", _local(8, 0.03)),
     "local_h8_1pct": ("local H 8, top-k 1%, 2-bit", _local(8, 0.01)),
     "local_h16_1pct": ("local H 16, top-k 1%, 2-bit", _local(16, 0.01)),
+    "local_h4_3pct_olr15": ("local H 4, top-k 3%, 2-bit, outer lr 1.5", _local(4, 0.03, outer_lr=1.5)),
+    "local_h8_3pct_olr15": ("local H 8, top-k 3%, 2-bit, outer lr 1.5", _local(8, 0.03, outer_lr=1.5)),
+    "local_h16_3pct_olr2": ("local H 16, top-k 3%, 2-bit, outer lr 2", _local(16, 0.03, outer_lr=2.0)),
 }
 
 

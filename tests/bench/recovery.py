@@ -2,18 +2,20 @@
 worker group inside the job from the latest checkpoint. Part of the elastic section
 (tests/bench/elastic.py); run alone with ``python -m tests.bench.recovery``.
 
-Two runs side by side, each on an embedded 4-CPU cluster of its own: with Ray's defaults and with the
+Three runs side by side, each on an embedded 4-CPU cluster of its own: with Ray's defaults, with the
 job's settings (jobs/trainer.py): ``DATA_REQUEST_ENV`` (the workers' data pipelines' resource requests
-at Ray Data's AutoscalingCoordinator lapse within 10 s of a worker's death instead of 180 s),
-``TRAIN_POLL_ENV`` (Ray Train's controller polls its workers every 0.5 s instead of 2 s) and
-``PRELOAD_MODULES`` (Ray's idle workers import torch before they take work). Per run: the seconds from the kill to the first step
-after it, broken down by the times this process sees (the new loop's start, written by each worker as
+at Ray Data's AutoscalingCoordinator lapse within 10 s of a worker's death instead of 180 s) and
+``TRAIN_POLL_ENV`` (Ray Train's controller polls its workers every 0.5 s instead of 2 s), and between
+them the job's settings with torch preloaded into every worker process, as the embedded cluster had
+it (a restart's actors each get a new process, which then imports torch before its first call).
+Per run: the seconds from the kill to the first step after it, broken down by the times this process sees (the new loop's start, written by each worker as
 it enters the loop, then its "resuming from step" note and its first step), and the throughput before
 the kill and after the recovery: the median wall time of a step, and the workers' CPU time per step
 (tests/procs.py), which holds on this loaded machine where wall times move with other processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,7 +35,8 @@ KILL_AFTER = 50  # the kill comes right after this step's record; the job resume
 WARMUP = 10  # steps after a (re)start left out of the throughput figures
 LOOP_STARTS = "loop-starts.jsonl"  # in the job's output folder: one line per worker per loop start
 TIMEOUT_S = 900.0
-IDLE_WORKERS_S = 20  # a new cluster's wait before the job, so Ray's idle workers have started (and preloaded)
+PRELOADED = "job settings, torch preloaded (before)"
+IDLE_WORKERS_S = 20  # a new cluster's wait before the job, so the processes Ray starts ahead are up
 SETS = [f"train.steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1",
         "train.warmup_steps=5", "train.eval_batches=0", "train.batch_size=8", "model.n_layers=1",
         "model.d_model=64", "model.n_heads=2", "model.expert_hidden=64", "resources.max_failures=2",
@@ -147,6 +150,24 @@ def measure(scratch: Path, ray_defaults: bool) -> dict:
             "cpu_after_over_before": round(cpu_after / cpu_before, 2)}
 
 
+@contextlib.contextmanager
+def preloading(modules: list[str]) -> Any:
+    """Every ``ray.init`` here starts its cluster with ``modules`` preloaded into each worker process
+    (Ray's preload_python_modules): jobs.trainer.init_ray as it was before issue 23's cut."""
+    import ray
+
+    real = ray.init
+
+    def init(*args: Any, _system_config: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return real(*args, _system_config={**(_system_config or {}), "preload_python_modules": modules}, **kwargs)
+
+    ray.init = init
+    try:
+        yield
+    finally:
+        ray.init = real
+
+
 def _run_on_cluster(scratch: Path, ray_defaults: bool) -> dict:
     """One run on an embedded cluster of its own (4 CPUs: 2 workers and Ray Data's tasks): Ray's
     defaults, or the one jobs.train starts (jobs/trainer.py ``init_ray``)."""
@@ -168,7 +189,10 @@ def _run_on_cluster(scratch: Path, ray_defaults: bool) -> dict:
 
 def recovery_rows(scratch: Path) -> list[dict]:
     os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"  # the attempts' times (``_attempts``), read by fit()
-    return [_run_on_cluster(scratch, ray_defaults=True), _run_on_cluster(scratch, ray_defaults=False)]
+    rows = [_run_on_cluster(scratch, ray_defaults=True)]  # first: the job's settings enter this environment
+    with preloading(["torch"]):  # the job's settings as they were, torch preloaded into every worker
+        rows.append({**_run_on_cluster(scratch / "preloaded", ray_defaults=False), "settings": PRELOADED})
+    return [*rows, _run_on_cluster(scratch, ray_defaults=False)]
 
 
 def markdown(rows: list[dict]) -> list[str]:
@@ -184,8 +208,9 @@ def markdown(rows: list[dict]) -> list[str]:
             f"(steps {WARMUP}-{KILL_AFTER} before, {KILL_AFTER - KILL_AFTER % CHECKPOINT_EVERY + WARMUP}-{STEPS} "
             "after) and the workers' CPU time per step (holds on a loaded machine). Ray defaults: dead workers' "
             "Ray Data requests kept 180 s, Train polls its workers every 2 s; job settings: the requests lapse "
-            "within 10 s, polls every 0.5 s, idle workers preload torch (jobs/trainer.py `DATA_REQUEST_ENV`, "
-            "`TRAIN_POLL_ENV`, `PRELOAD_MODULES`).", "",
+            "within 10 s, polls every 0.5 s (jobs/trainer.py `DATA_REQUEST_ENV`, `TRAIN_POLL_ENV`); with torch "
+            "preloaded: the same and every worker process imports torch before its first call (Ray's "
+            "preload_python_modules, the embedded cluster's setting before issue 23's second cut).", "",
             "| settings | kill -> attempt end (s) | -> next attempt (s) | -> process start (s) | -> loop start (s) "
             "| -> resumed (s) | -> first step (s) | kill -> first step (s) | step before (ms) | step after (ms) | "
             "throughput after / before | CPU/step before (ms) | CPU/step after (ms) | CPU after / before |",

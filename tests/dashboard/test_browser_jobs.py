@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("playwright", reason="browser tests need Playwright: .venv/bin/pip install playwright")
 from playwright.sync_api import expect  # noqa: E402
 
-from orchestrator.waiting import wait_until  # noqa: E402
 from tests.dashboard.conftest import UI_TIMEOUT_MS, sign_in
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
 from tests.orchestrator.fakes import progress_line
+from workers.waiting import wait_until  # noqa: E402
 
 XSS = "<img src=x onerror=alert(1)>"
 STEPS = 30

@@ -13,9 +13,9 @@ import pytest
 pytest.importorskip("playwright", reason="browser tests need Playwright: .venv/bin/pip install playwright")
 from playwright.sync_api import expect  # noqa: E402
 
-from orchestrator.waiting import wait_until  # noqa: E402
 from tests.dashboard.conftest import sign_in  # noqa: E402
 from tests.orchestrator.conftest import AUTH, TINY_SPEC  # noqa: E402
+from workers.waiting import wait_until  # noqa: E402
 
 TWO_REFRESHES_MS = 4500  # the page refreshes every 2 s
 ROW = "tr[data-id='{}']"

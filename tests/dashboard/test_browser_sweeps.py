@@ -27,11 +27,11 @@ from playwright.sync_api import expect  # noqa: E402
 from jobs.serve import key_hash  # noqa: E402
 from jobs.specs import apply_override  # noqa: E402
 from jobs.sweep_events import EVENTS_FILE, stop_requested  # noqa: E402
-from orchestrator.entrypoints import job_paths  # noqa: E402
-from orchestrator.waiting import wait_until  # noqa: E402
+from orchestrator.controller.entrypoints import job_paths  # noqa: E402
 from tests.dashboard.conftest import screenshot, sign_in  # noqa: E402
 from tests.orchestrator.conftest import AUTH  # noqa: E402
 from tests.sweeps import OVERRIDES, SPEC, TRIALS, attach  # noqa: E402
+from workers.waiting import wait_until  # noqa: E402
 
 pytest_plugins = ["tests.sweeps"]  # the session's one real sweep: the fixture `real_sweep`
 

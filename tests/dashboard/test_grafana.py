@@ -15,10 +15,10 @@ import httpx
 import ray.dashboard.modules.metrics.dashboards as ray_dashboards
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
 from tests.orchestrator.fakes import progress_line
 from workers.serving.metrics import EXPORTED as SERVING_EXPORTED
+from workers.waiting import wait_until
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "grafana" / "orch.json"
 METRIC = re.compile(r"\b((?:orch|ray)_[a-z0-9_]+)\b")

@@ -112,7 +112,7 @@ class FakeRay:
 
 
 class FakeDemand:
-    """A stand-in for orchestrator.demand_groups.DemandSink: records what each pass published, and
+    """A stand-in for orchestrator.controller.demand_groups.DemandSink: records what each pass published, and
     how many submissions Ray had seen by then (demand must be withdrawn before a submission)."""
 
     def __init__(self, ray: FakeRay):

@@ -13,7 +13,7 @@ import os
 import signal
 
 from orchestrator.api.app import create_app
-from orchestrator.server import serve
+from orchestrator.api.server import serve
 from orchestrator.settings import load_settings
 
 FAKE_ENTRYPOINTS = {"train": "tests.orchestrator.fake_train"}

@@ -16,9 +16,9 @@ from starlette.routing import Route
 from orchestrator.api.app import create_app
 from orchestrator.api.errors import MAX_REPORTED_ERRORS
 from orchestrator.states import JobState
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
 from tests.servers import BackgroundServer
+from workers.waiting import wait_until
 
 DEADLINE_S = 20.0
 POLL_S = 0.05

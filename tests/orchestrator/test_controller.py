@@ -8,9 +8,10 @@ import shlex
 import pytest
 
 from jobs.contracts import ControlChannel
-from orchestrator.api.schemas import JobPublic
+from orchestrator.api.schemas.jobs import JobPublic
 from orchestrator.cli import render
-from orchestrator.controller import Controller, latest_progress
+from orchestrator.controller.loop import Controller
+from orchestrator.controller.observe import latest_progress
 from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
@@ -231,7 +232,7 @@ def test_stored_spec_that_no_longer_validates_fails_before_ray(env):
 
 def test_only_one_controller_per_state_dir(env):
     store, ray, ctl, settings = env
-    from orchestrator.controller import ControllerBusy
+    from orchestrator.controller.loop import ControllerBusy
 
     ctl.start()
     try:
@@ -273,14 +274,14 @@ def test_one_broken_job_does_not_stall_the_others(env, monkeypatch):
     store, ray, ctl, settings = env
     bad, good = _job(store, name="bad"), _job(store, name="good")
     ctl.reconcile_once()
-    real_write = __import__("orchestrator.entrypoints", fromlist=["JobPaths"]).JobPaths.write_spec
+    real_write = __import__("orchestrator.controller.entrypoints", fromlist=["JobPaths"]).JobPaths.write_spec
 
     def write_spec(self, spec):
         if bad in str(self.root):
             raise OSError("No space left on device")
         real_write(self, spec)
 
-    monkeypatch.setattr("orchestrator.entrypoints.JobPaths.write_spec", write_spec)
+    monkeypatch.setattr("orchestrator.controller.entrypoints.JobPaths.write_spec", write_spec)
     ctl.reconcile_once()
     assert store.get(bad).state is S.QUEUED and store.get(good).state is S.STARTING
 

@@ -17,9 +17,10 @@ from fastapi.routing import APIRoute
 
 from jobs.serve import resolve_s3_checkpoint
 from jobs.sweep_events import append_event
-from orchestrator.deployments import AppView, DeploymentReconciler, parse_applications
-from orchestrator.entrypoints import job_paths
-from orchestrator.local_ray import free_port
+from orchestrator.controller.entrypoints import job_paths
+from orchestrator.deployments.reconciler import DeploymentReconciler
+from orchestrator.deployments.serve_status import AppView, parse_applications
+from orchestrator.local.head import free_port
 from orchestrator.ray_client import RayJobView
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.states import JobState

@@ -20,17 +20,17 @@ import pytest
 
 from jobs.sweep_events import append_event
 from orchestrator.api.app import create_app
-from orchestrator.deployments import ServeStatus
-from orchestrator.deployments import stats_key as stats_key_of
-from orchestrator.entrypoints import job_paths
-from orchestrator.local_ray import LocalRayHead, free_port
+from orchestrator.controller.entrypoints import job_paths
+from orchestrator.deployments.serve_status import ServeStatus
+from orchestrator.deployments.serve_status import stats_key as stats_key_of
+from orchestrator.local.head import LocalRayHead, free_port
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore
-from orchestrator.waiting import wait_until
 from tests.bench.serving import write_checkpoint
 from tests.servers import BackgroundServer
 from workers.config import ModelConfig
+from workers.waiting import wait_until
 
 pytestmark = pytest.mark.ray
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from orchestrator.deployments import stats_key
+from orchestrator.deployments.serve_status import stats_key
 from orchestrator.store import DeploymentStatus
 from tests.orchestrator.conftest import AUTH
 from tests.servers import BackgroundServer

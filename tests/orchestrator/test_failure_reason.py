@@ -1,9 +1,9 @@
-"""A failed attempt's reason leads with the job's own error (orchestrator/observe.py), whatever Ray's
+"""A failed attempt's reason leads with the job's own error (orchestrator/controller/observe.py), whatever Ray's
 message put before it; the real-Ray case is in test_ray_integration.py."""
 
 from __future__ import annotations
 
-from orchestrator.observe import REASON_MAX_CHARS, failure_reason, own_error
+from orchestrator.controller.observe import REASON_MAX_CHARS, failure_reason, own_error
 from orchestrator.ray_client import RayJobView
 
 PREAMBLE = "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):"

@@ -14,8 +14,8 @@ from jobs.kinds import KINDS, Bundle, JobKind, job_kind, kind_of
 from jobs.serve_spec import ServeSpec
 from jobs.sweep_spec import SweepSpec
 from orchestrator.auth import root_violations
-from orchestrator.demand_groups import demand_group
-from orchestrator.stop_checkpoint import StopCheckpoints
+from orchestrator.controller.demand_groups import demand_group
+from orchestrator.controller.stop_checkpoint import StopCheckpoints
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
 
 

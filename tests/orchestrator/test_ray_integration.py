@@ -19,13 +19,13 @@ import yaml
 from jobs.specs import validate_spec
 from orchestrator import cli
 from orchestrator.api.app import create_app
-from orchestrator.local_ray import LocalRayHead
+from orchestrator.local.head import LocalRayHead
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore, submission_id_for
-from orchestrator.waiting import wait_until
 from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
 from tests.servers import BackgroundServer, free_port, wait_until_healthy
+from workers.waiting import wait_until
 
 pytestmark = pytest.mark.ray
 

@@ -15,15 +15,15 @@ from jobs.elastic import ResizeError, check_size, describe_size, resized, size_b
 from jobs.kinds import job_kind
 from jobs.specs import TrainSpec
 from orchestrator.api.app import create_app
-from orchestrator.controller import Controller
-from orchestrator.demand_groups import DemandGroup, demand_group
+from orchestrator.controller.demand_groups import DemandGroup, demand_group
+from orchestrator.controller.loop import Controller
 from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import JobStore, submission_id_for
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import AUTH, TINY_SPEC, TOKEN
 from tests.orchestrator.fakes import FakeDemand, FakeRay, progress_line
+from workers.waiting import wait_until
 
 S = JobState
 

@@ -18,10 +18,10 @@ import yaml
 from jobs.contracts import ProgressRecord
 from jobs.specs import validate_spec
 from orchestrator.api.app import create_app
-from orchestrator.local_ray import LocalRayHead
+from orchestrator.local.head import LocalRayHead
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.servers import BackgroundServer
+from workers.waiting import wait_until
 
 pytestmark = pytest.mark.ray
 

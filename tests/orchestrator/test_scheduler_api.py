@@ -12,10 +12,10 @@ import pytest
 from orchestrator.api.app import create_app
 from orchestrator.ray_client import NodeView, UnmanagedJob
 from orchestrator.states import JobState
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import AUTH, TINY_SPEC
 from tests.orchestrator.fakes import FakeRay
 from tests.servers import BackgroundServer
+from workers.waiting import wait_until
 
 DEADLINE_S = 20.0
 SUBMITS = 24

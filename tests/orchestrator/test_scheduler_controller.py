@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from jobs.contracts import ControlChannel
-from orchestrator.controller import Controller
+from orchestrator.controller.loop import Controller
 from orchestrator.ray_client import NodeView, UnmanagedJob
 from orchestrator.settings import Settings
 from orchestrator.states import JobState

@@ -11,9 +11,9 @@ import pytest
 from orchestrator.api.app import create_app
 from orchestrator.api.errors import string_detail_errors
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import TINY_SPEC
 from tests.orchestrator.fakes import FakeRay
+from workers.waiting import wait_until
 
 TOKEN = "api-contract-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

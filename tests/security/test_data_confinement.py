@@ -65,9 +65,9 @@ def test_a_corpus_link_out_of_the_roots_is_skipped_counted_and_never_tokenized(t
     shards = data.shards["train"] + data.shards["val"]
     text = _shard_bytes(shards)
     assert b"legit_5" in text and secret.encode() not in text  # the check looks at real shard contents
-    assert any("skipped 1 file linked outside the data roots" in line for line in logs), logs
+    assert any("skipped 2 files linked outside the data roots" in line for line in logs), logs
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
-    assert manifest["skipped_links"] == 1
+    assert manifest["skipped_links"] == 2  # x.py and pkg2/s.py (pyarrow walks a linked folder)
     assert "x.py" not in pq.read_table(shards).column("path").to_pylist()
 
 
@@ -75,9 +75,8 @@ def test_without_roots_the_same_link_is_read_as_before(team, monkeypatch):
     root, corpus, _, secret = team
     monkeypatch.delenv(ROOTS_ENV)
     m = build_shards(DataConfig(source=str(corpus), path=str(root / "shards"), shard_tokens=1024), **QUIET)
-    assert secret.encode() in _shard_bytes([str(root / "shards" / f["name"]) for s in ("train", "val")
-                                            for f in m["splits"][s]["files"]])
-    assert m["skipped_links"] == 0
+    assert secret.encode() in _shard_bytes(m.shards["train"] + m.shards["val"])
+    assert m.manifest.skipped_links == 0
 
 
 def test_the_service_defaults_stay_readable_when_confined(team, tmp_path):
@@ -105,11 +104,11 @@ def test_a_shard_linked_out_of_the_roots_is_refused_naming_it(team, tmp_path):
     root, corpus, other, _ = team
     cfg = DataConfig(source=str(corpus), path=str(root / "shards"), shard_tokens=1024)
     m = build_shards(cfg, **QUIET)
-    victim = root / "shards" / m["splits"]["train"]["files"][0]["name"]
+    victim = root / "shards" / m.manifest.splits["train"].shards[0].file
     elsewhere = other / "stolen.parquet"
     victim.rename(elsewhere)  # the same bytes, so only the link gives it away
     victim.symlink_to(elsewhere)
-    with pytest.raises(DataError, match=f"shard {victim}: .*outside the team's data roots"):
+    with pytest.raises(DataError, match=f"file {victim} resolves to .*outside the team's data roots"):
         verify_shards(m)
     # prepared datasets: the tokenizer (the job's own input) the same way
     prepare(PrepareConfig(source=str(corpus), path=str(root / "prep"), shard_bytes=2048), **QUIET)
@@ -187,7 +186,7 @@ def test_a_built_manifest_entry_outside_its_folder_is_refused_naming_it(team):
     cfg = DataConfig(source=str(corpus), path=str(root / "shards"), shard_tokens=1024)
     build_shards(cfg, **QUIET)
     raw = json.loads((root / "shards" / "manifest.json").read_text())
-    raw["splits"]["train"]["files"][0]["name"] = "../corpus/pkg/m0.py"
+    raw["splits"]["train"]["shards"][0]["file"] = "../corpus/pkg/m0.py"
     (root / "shards" / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(DataError, match=r"lists '../corpus/pkg/m0.py', outside .*shards"):
+    with pytest.raises(DataError, match=r"splits.train.shards.0.file: .*entry '../corpus/pkg/m0.py' lies outside"):
         open_training_data(cfg, vocab_size=256)

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.api.app import create_app
 from orchestrator.api.routes.logs import DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES
-from orchestrator.observe import PROGRESS_READ_BYTES, AttemptReader
+from orchestrator.controller.observe import PROGRESS_READ_BYTES, AttemptReader
 from orchestrator.ray_client import DRIVER_LOG, SdkRayJobs
 from orchestrator.settings import Settings
 from orchestrator.states import JobState

@@ -14,9 +14,9 @@ from orchestrator.api.app import create_app
 from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
 from orchestrator.store import submission_id_for
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import TINY_SPEC
 from tests.orchestrator.fakes import FakeRay, progress_line
+from workers.waiting import wait_until
 
 TOKEN = "metrics-scope-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -16,9 +16,9 @@ from orchestrator.api.app import create_app
 from orchestrator.cli.cluster import team_rows
 from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.orchestrator.conftest import TINY_SPEC
 from tests.orchestrator.fakes import FakeRay
+from workers.waiting import wait_until
 
 TOKEN = "serving-quota-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from jobs.serve_spec import ServeSpec
 from orchestrator.api.app import create_app
-from orchestrator.deployments import DeploymentReconciler
+from orchestrator.deployments.reconciler import DeploymentReconciler
 from orchestrator.ray_client import NodeView
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.settings import Settings

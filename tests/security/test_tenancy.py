@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from jobs.specs import SpecError
 from jobs.sweep_spec import MAX_TRIALS, validate_sweep_spec
 from orchestrator.api.app import create_app
-from orchestrator.entrypoints import DATA_ROOTS_ENV, job_paths
+from orchestrator.controller.entrypoints import DATA_ROOTS_ENV, job_paths
 from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
-from orchestrator.waiting import wait_until
 from tests.orchestrator.fakes import FakeRay
+from workers.waiting import wait_until
 
 TOKEN = "tenancy-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

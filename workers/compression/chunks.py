@@ -3,10 +3,10 @@
 Why chunks: one top-k over the whole model lets a few layers with large changes take every slot;
 a fixed k per chunk of CHUNK_NUMEL consecutive elements spreads the sent entries over the model,
 makes every payload the same size (all_gather needs that) and lets an index be the position inside
-its chunk, 2 bytes instead of 4. Why low-bit values: what is not sent exactly (the rounding to
-``2 ** bits`` levels) stays in the error-feedback accumulator, so coarse values lose nothing for
-good; a sent entry then costs about 2 bytes of index plus ``bits / 8`` of value (SparseLoCo,
-Sarfi et al. 2025: 2-bit values). DESIGN.md, "Local steps", has the byte model.
+its chunk: 12 bits (two indices in 3 bytes) instead of 4 bytes. Why low-bit values: what is not
+sent exactly (the rounding to ``2 ** bits`` levels) stays in the error-feedback accumulator, so
+coarse values lose nothing for good; a sent entry then costs 1.5 bytes of index plus ``bits / 8``
+of value (SparseLoCo, Sarfi et al. 2025: 2-bit values). DESIGN.md, "Local steps", has the byte model.
 
 Shapes: ``n`` elements synced, ``c`` chunks (``c * CHUNK_NUMEL >= n``, the last one zero-padded),
 ``k`` entries sent per chunk, ``N`` ranks.
@@ -16,10 +16,9 @@ import math
 
 import torch
 
-# Elements per chunk; indices inside a chunk travel as int16, so it must stay <= 2 ** 15.
+# Elements per chunk; an index inside a chunk travels in CHUNK_INDEX_BITS bits (2 ** 12 = 4096).
 CHUNK_NUMEL = 4096
-CHUNK_INDEX_DTYPE = torch.int16
-CHUNK_INDEX_BYTES = 2
+CHUNK_INDEX_BITS = 12
 # One float32 scale per chunk for values below 32 bits; one float32 weight (tokens) per payload.
 SCALE_BYTES = 4
 WEIGHT_BYTES = 4
@@ -42,11 +41,16 @@ def value_bytes(k: int, bits: int) -> int:
     return k * 4 if bits == 32 else math.ceil(k * bits / 8)
 
 
+def index_bytes(m: int) -> int:
+    """Bytes of m packed 12-bit indices (two in three bytes)."""
+    return math.ceil(m * CHUNK_INDEX_BITS / 8)
+
+
 def payload_bytes(chunks: int, k: int, bits: int) -> int:
     """Bytes of one rank's payload: indices, packed values, per-chunk scales (bits < 32), weight."""
     per_chunk_values = chunks * k * 4 if bits == 32 else math.ceil(chunks * k * bits / 8)
     scales = 0 if bits == 32 else chunks * SCALE_BYTES
-    return chunks * k * CHUNK_INDEX_BYTES + per_chunk_values + scales + WEIGHT_BYTES
+    return index_bytes(chunks * k) + per_chunk_values + scales + WEIGHT_BYTES
 
 
 def select(acc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +102,27 @@ def _unpack_bits(packed: torch.Tensor, m: int, bits: int) -> torch.Tensor:
     return codes.reshape(-1)[:m].to(torch.uint8)
 
 
+def _pack_indices(idx: torch.Tensor) -> torch.Tensor:
+    """(m,) indices in [0, 4096) -> (index_bytes(m),) uint8: each pair a, b as the three bytes
+    ``a & 255``, ``(a >> 8) | (b & 15) << 4``, ``b >> 4`` (a zero index pads an odd m)."""
+    m = idx.numel()
+    flat = torch.cat([idx, idx.new_zeros(m % 2)]).to(torch.int32).view(-1, 2)  # (ceil(m / 2), 2)
+    a, b = flat[:, 0], flat[:, 1]
+    out = torch.stack([a & 255, (a >> 8) | ((b & 15) << 4), b >> 4], dim=1)  # (ceil(m / 2), 3)
+    return out.reshape(-1)[: index_bytes(m)].to(torch.uint8)
+
+
+def _unpack_indices(packed: torch.Tensor, m: int) -> torch.Tensor:
+    """``_pack_indices``' inverse: (m,) int64."""
+    full = torch.cat([packed, packed.new_zeros((-packed.numel()) % 3)]).long().view(-1, 3)  # (ceil(m / 2), 3)
+    a = full[:, 0] | ((full[:, 1] & 15) << 8)
+    b = (full[:, 1] >> 4) | (full[:, 2] << 4)
+    return torch.stack([a, b], dim=1).reshape(-1)[:m]
+
+
 def pack(idx: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None, weight: float, bits: int) -> torch.Tensor:
-    """One rank's payload as uint8: ``[c*k int16 indices | values | c float32 scales | float32 weight]``."""
-    parts = [idx.to(CHUNK_INDEX_DTYPE).reshape(-1).view(torch.uint8)]
+    """One rank's payload as uint8: ``[c*k 12-bit indices | values | c float32 scales | float32 weight]``."""
+    parts = [_pack_indices(idx.reshape(-1))]
     if bits == 32:
         parts.append(codes.reshape(-1).contiguous().view(torch.uint8))
     else:
@@ -113,10 +135,10 @@ def unpack(payload: torch.Tensor, chunks: int, k: int, bits: int
            ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``pack``'s inverse for one rank: (indices (c, k) int64, dequantized values (c, k), weight)."""
     m = chunks * k
-    at = m * CHUNK_INDEX_BYTES
+    at = index_bytes(m)
     # Slices are copied before their views: a payload's fields (and a rank's payload inside the
     # gathered buffer) need not start at a multiple of 4 bytes.
-    idx = payload[:at].clone().view(CHUNK_INDEX_DTYPE).long().view(chunks, k)  # (c, k)
+    idx = _unpack_indices(payload[:at], m).view(chunks, k)  # (c, k)
     if bits == 32:
         vals = payload[at : at + 4 * m].clone().view(torch.float32).view(chunks, k)  # (c, k)
         at += 4 * m

@@ -9,7 +9,8 @@ long rounds. Design and byte model: DESIGN.md, "Local steps".
 
 Use it on any model, as a DDP hook (no DDP wrapper: nothing is synced during a round)::
 
-    sync = LocalSGD(model, CompressionConfig(method="local", local_steps=8, density=0.01, value_bits=2))
+    sync = LocalSGD(model, CompressionConfig(method="local", local_steps=4, density=0.03, value_bits=2,
+                                             outer_lr=1.5))
     for x, y in batches:
         loss_fn(model(x), y).backward()
         optimizer.step()

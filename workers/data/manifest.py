@@ -30,7 +30,16 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.confine import OutsideRoots
-from workers.data.storage import confined, join, open_fs, read_bytes, uri_of, with_retries, write_bytes_atomic
+from workers.data.storage import (
+    confined,
+    join,
+    open_fs,
+    open_small_fs,
+    read_bytes,
+    uri_of,
+    with_retries,
+    write_bytes_atomic,
+)
 from workers.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -128,6 +137,24 @@ class Manifest(_Model):
     skipped_links: int = Field(0, ge=0)
     splits: dict[Literal["train", "val"], SplitEntry]
     spec: dict  # the PrepareConfig that made it
+    # Who wrote it: ``python -m jobs.prepare`` (a dataset a train job reads as it is), or a train job
+    # from its ``data.source`` (workers/data/cache.py: rebuilt when the corpus or a setting changes).
+    origin: Literal["jobs.prepare", "data.source"] = "jobs.prepare"
+    # Files of the manifest this one replaced (relative names): a job that started on them keeps
+    # reading them; the preparation after this one deletes them (workers/data/prepare.py).
+    retired: list[str] = []
+
+    @field_validator("retired")
+    @classmethod
+    def _retired_inside(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not inside(name):
+                raise ValueError(f"entry {name!r} lies outside the manifest's folder (absolute, or with '..')")
+        return names
+
+    def files(self) -> list[str]:
+        """Every file it lists: the tokenizer and the shards."""
+        return [self.tokenizer.file, *(e.file for s in SPLITS for e in self.splits[s].shards)]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -161,6 +188,12 @@ def check_file(fs: pafs.FileSystem, path: str, entry: FileEntry, checksums: bool
     return None
 
 
+def is_version_1(obj: Any) -> bool:
+    """A manifest of the shard builder before version 2 (``{"version": 1, "splits": {s: {"files":
+    [{"name": ...}]}}}``): read only to migrate it (workers/data/cache.py)."""
+    return isinstance(obj, dict) and obj.get("version") == 1 and "format" not in obj
+
+
 def load_manifest(fs: pafs.FileSystem, root: str, *, missing_ok: bool = False) -> Manifest | None:
     """The manifest under ``root`` (a path in ``fs``), or None when absent and ``missing_ok``."""
     path = join(root, MANIFEST)
@@ -182,6 +215,11 @@ def load_manifest(fs: pafs.FileSystem, root: str, *, missing_ok: bool = False) -
     if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT or obj.get("version") != MANIFEST_VERSION:
         if missing_ok:  # an older builder's manifest: this preparation replaces it
             return None
+        if is_version_1(obj):
+            raise CorpusError(f"{uri} is a version-1 manifest (shards a train job built from data.source before "
+                              f"version 2): train once with data.path={uri_of(fs, root)} and the data.source it was "
+                              f"built from to rebuild it in place, or run `python -m jobs.prepare --set "
+                              f"path={uri_of(fs, root)}`")
         raise CorpusError(f"{uri} is not a version-{MANIFEST_VERSION} {MANIFEST_FORMAT} manifest "
                           f"(written by another tool or version); rerun `python -m jobs.prepare`")
     try:
@@ -228,8 +266,9 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
     one shard). ``verify=False`` checks no shard (training: each read task verifies what it reads,
     workers/data/reader.py). The tokenizer must always match: a model cannot train with the wrong one.
     Raises CorpusError (missing or unreadable manifest) or StorageError (unreachable location)."""
-    fs, root = open_fs(path)
-    manifest = load_manifest(fs, root)
+    fs, root = open_fs(path)  # pyarrow's client: the shards' reads (workers/data/storage.py)
+    small, _ = open_small_fs(path)  # s3fs on S3: the manifest and the tokenizer
+    manifest = load_manifest(small, root)
     assert manifest is not None
     manifest_uri = uri_of(fs, join(root, MANIFEST))
     entries = [e for s in SPLITS for e in manifest.splits[s].shards]
@@ -240,11 +279,11 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
             raise CorpusError(f"{e} (listed in {manifest_uri})") from None
 
     tok_path = join(root, manifest.tokenizer.file)
-    reason = check_file(fs, tok_path, manifest.tokenizer, checksums=True)
+    reason = check_file(small, tok_path, manifest.tokenizer, checksums=True)
     if reason:
         raise CorruptShardError(uri_of(fs, tok_path), reason, manifest_uri)
     try:
-        tokenizer = load_tokenizer(read_bytes(fs, tok_path).decode())
+        tokenizer = load_tokenizer(read_bytes(small, tok_path).decode())
     except (TokenizerError, UnicodeDecodeError) as e:
         raise CorruptShardError(uri_of(fs, tok_path), str(e), manifest_uri) from None
 

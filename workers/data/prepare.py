@@ -8,6 +8,9 @@
    ``map_batches(build_shard_batch)``); each writes its parquet and done-record itself, so nothing
    depends on ``write_parquet``'s non-atomic output. Finished shards (done-records) are skipped.
 4. Commit: the manifest, listing every shard with rows, tokens and SHA-256, written last.
+5. Retire: a manifest that replaces another lists the other's files as ``retired`` (a job that
+   started on them keeps reading them) and deletes the files the replaced one had retired: only
+   files a manifest of ours listed, with their done-records, and their folder once empty.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from workers.data.manifest import (
     write_manifest,
 )
 from workers.data.prepare_config import PrepareConfig
-from workers.data.shards import build_shard, build_shard_batch, read_done
+from workers.data.shards import build_shard, build_shard_batch, done_path, read_done
 from workers.data.sources import Plan, ShardPlan, bpe_sample, list_source, make_plan, require_text
-from workers.data.storage import join, open_fs, read_bytes, s3_env, uri_of, write_bytes_atomic
+from workers.data.storage import confined, join, open_fs, read_bytes, s3_env, uri_of, write_bytes_atomic
 from workers.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -110,9 +113,36 @@ def _tokenizer(cfg: PrepareConfig, out_fs: pafs.FileSystem, staging: str, fs: pa
     return tokenizer, raw
 
 
-def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
-            runner: ShardRunner = run_in_process) -> Manifest:
+def _remove_retired(fs: pafs.FileSystem, root: str, names: set[str]) -> None:
+    """Delete these files an earlier manifest listed (relative names, checked inside ``root``), each
+    shard's done-record, and their folders once empty. A local file whose folder is linked out of the
+    job's roots is left alone; a failure is left for the next preparation to retry."""
+    folders = set()
+    for name in sorted(names):
+        folder = join(root, name.rsplit("/", 1)[0]) if "/" in name else root
+        try:
+            confined(fs, folder)
+            for path in (join(root, name), done_path(folder, name.rsplit("/", 1)[-1].removesuffix(".parquet"))):
+                if fs.get_file_info(path).type == pafs.FileType.File:
+                    fs.delete_file(path)
+        except OSError:  # OutsideRoots, or a store that refuses: the next preparation retries
+            continue
+        folders.add(folder)
+    for folder in folders - {root}:
+        try:
+            if not fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+                fs.delete_dir(folder)
+        except OSError:
+            continue
+
+
+def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print, runner: ShardRunner = run_in_process, *,
+            origin: str = "jobs.prepare", retire: tuple[str, ...] = ()) -> Manifest:
     """Prepare ``cfg.source`` into ``cfg.path`` and return the committed manifest.
+
+    ``origin``: who asks (the manifest's ``origin``); ``retire``: files of a manifest in an older
+    format that this one replaces (workers/data/cache.py's migration), retired like the files of a
+    replaced version-2 manifest.
 
     Idempotent: an up-to-date manifest (same fingerprint) is returned as is; an interrupted run
     resumes, building only the shards without a done-record. Raises CorpusError / StorageError
@@ -154,6 +184,8 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
                                 documents=sum(e.documents for e in es), shards=es)
               for split in SPLITS for es in [[e for e in entries if e.split == split]]}
     tok_file = FileEntry(file=f"{plan.shard_dir}/{TOKENIZER_FILE}", bytes=len(tok_raw), sha256=sha256_hex(tok_raw))
+    new_files = {tok_file.file, *(e.file for e in entries)}
+    in_use = set(existing.files() if existing is not None else retire)  # what a running job may still read
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=plan.source,
         fingerprint=plan.fingerprint, shard_dir=plan.shard_dir, pack_len=cfg.pack_len,
@@ -162,11 +194,13 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
         input_files=len(files), input_bytes=plan.input_bytes,
         skipped_binary=sum(e.skipped_binary for e in entries),
         skipped_links=linked_out + sum(e.skipped_links for e in entries), splits=splits,
-        spec=cfg.model_dump(mode="json"))
+        spec=cfg.model_dump(mode="json"), origin=origin, retired=sorted(in_use - new_files))
     if manifest.splits["train"].tokens == 0:
         raise CorpusError(f"prepare: no text in {plan.source} (skipped {manifest.skipped_binary} binary files); "
                            f"nothing committed")
     write_manifest(out_fs, out_root, manifest)
+    if existing is not None:
+        _remove_retired(out_fs, out_root, set(existing.retired) - new_files - in_use)
     log(f"prepare: committed {uri_of(out_fs, join(out_root, 'manifest.json'))}: "
         + ", ".join(f"{s} {manifest.splits[s].tokens / 1e6:.2f}M tokens in {len(manifest.splits[s].shards)} shards"
                     for s in SPLITS)

@@ -78,26 +78,28 @@ def read_unit(filesystem: pafs.FileSystem, unit: Unit, seq_len: int, roots: Conf
     group), OutsideRoots when a local shard lies outside ``roots``."""
     import hashlib
 
-    label = uri_of(filesystem, unit.path) + ("" if unit.row_group is None else f" (row group {unit.row_group})")
+    # "shard URI is corrupt (row group N): why": the file's name first, as every data error names it
+    label = uri_of(filesystem, unit.path)
+    group = "" if unit.row_group is None else f" (row group {unit.row_group})"
     try:
         with roots.open(unit.path) if roots is not None else filesystem.open_input_file(unit.path) as f:
             if unit.row_group is None:  # an older preparation's shard: one row group, verified as a file
                 raw = f.read()
                 if len(raw) != unit.stored_bytes or hashlib.sha256(raw).hexdigest() != unit.sha256:
-                    raise CorruptUnit(f"shard {label} is corrupt: its size or SHA-256 differs from the manifest")
+                    raise CorruptUnit(f"shard {label} is corrupt{group}: its size or SHA-256 differs from the manifest")
                 flat = _flat_tokens(pq.read_table(pa.BufferReader(raw), columns=["tokens"]))
             else:
                 flat = _flat_tokens(pq.ParquetFile(f).read_row_group(unit.row_group, columns=["tokens"]))
                 if hashlib.sha256(memoryview(np.ascontiguousarray(flat))).hexdigest() != unit.sha256:
-                    raise CorruptUnit(f"shard {label} is corrupt: its tokens' SHA-256 differs from the manifest")
+                    raise CorruptUnit(f"shard {label} is corrupt{group}: its tokens' SHA-256 differs from the manifest")
     except FileNotFoundError:
-        raise CorruptUnit(f"shard {label} is missing") from None
+        raise CorruptUnit(f"shard {label} is missing{group}") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, IndexError) as e:
         if isinstance(e, OutsideRoots):
             raise
-        raise CorruptUnit(f"shard {label} is corrupt: {e}") from None
+        raise CorruptUnit(f"shard {label} is corrupt{group}: {e}") from None
     if len(flat) != unit.tokens:
-        raise CorruptUnit(f"shard {label} is corrupt: {len(flat)} tokens, the manifest lists {unit.tokens}")
+        raise CorruptUnit(f"shard {label} is corrupt{group}: {len(flat)} tokens, the manifest lists {unit.tokens}")
     width = seq_len + 1
     n = len(flat) // width
     return flat[: n * width].reshape(n, width)  # (sequences, seq_len + 1)

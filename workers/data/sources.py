@@ -24,7 +24,7 @@ from workers import confine
 from workers.confine import OutsideRoots
 from workers.data.manifest import MANIFEST_VERSION, CorpusError
 from workers.data.prepare_config import PrepareConfig
-from workers.data.storage import join, open_fs, read_bytes, uri_of, where, with_retries
+from workers.data.storage import join, open_small_fs, read_bytes, uri_of, where, with_retries
 
 # Folders never read from a corpus: installed packages (not the stdlib's own code) and caches.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "node_modules", ".git"})
@@ -96,7 +96,7 @@ def list_source(cfg: PrepareConfig) -> tuple[pafs.FileSystem, str, list[SourceFi
     were left out as links out of the job's data roots. Raises CorpusError when none match the
     extensions; StorageError when the source cannot be reached or does not exist."""
     src = source_uri(cfg)
-    fs, root = open_fs(src, must_exist=True)
+    fs, root = open_small_fs(src, must_exist=True)  # a listing and small reads: s3fs on S3
     infos = with_retries(f"cannot list {where(src)}",
                          lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True)))
     roots = confine.from_env() if isinstance(fs, pafs.LocalFileSystem) else None

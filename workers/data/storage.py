@@ -14,9 +14,22 @@ A local file is read or written here only under the job's data roots when it is 
 (workers/confine.py, ``ORCH_DATA_ROOTS``; unset: anywhere): a link out of them raises
 ``OutsideRoots`` naming the file, never retried. S3 keys have no links.
 
+Two S3 clients, each where it is the better one (docs/data.md, "S3"; measured side by side by
+``python -m tests.bench --sections data``):
+
+- pyarrow's own ``S3FileSystem`` (``open_fs``) on the hot path: every shard a read task reads,
+  every shard a preparation writes. Its reads of whole row groups were faster than s3fs's, and
+  Ray Data and Ray Train take it as it is.
+- s3fs (fsspec, on botocore) for the credential chain and for listing and small objects
+  (``open_small_fs``: a source's listing, manifests). botocore resolves what users configured for
+  every other AWS tool: ``AWS_PROFILE`` / named profiles in ``~/.aws/config``, SSO logins,
+  ``credential_process``, assumed roles. The keys it resolves on the driver are handed to both
+  clients (``_credentials``), so a read task on a node without the user's ``~/.aws`` uses them too.
+
 Ray pickles a filesystem handed to it (Ray Data's readers, Ray Train's storage) into other
-processes; the endpoint, region, timeouts and the environment's static keys travel with it, so
-those processes reach the same bucket whatever their own environment (``_static_credentials``).
+processes; the endpoint, region, timeouts and the resolved keys travel with it, so those processes
+reach the same bucket whatever their own environment. Keys of a temporary session (SSO, a role)
+last as long as that session.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -55,8 +68,16 @@ T = TypeVar("T")
 
 
 def s3_env() -> dict[str, str]:
-    """The driver's S3 settings (S3_ENV_VARS that are set), for the runtime_env of remote work."""
-    return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+    """The driver's S3 settings (S3_ENV_VARS that are set), for the runtime_env of remote work; with
+    ``AWS_PROFILE`` (and no static keys), the keys its profile resolves to here, as other nodes
+    have no ``~/.aws``."""
+    env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+    if os.environ.get("AWS_PROFILE") and "AWS_ACCESS_KEY_ID" not in env:
+        keys = _credentials()
+        names = {"access_key": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_ACCESS_KEY",
+                 "session_token": "AWS_SESSION_TOKEN"}
+        env.update({names[k]: v for k, v in keys.items() if v})
+    return env
 
 
 class StorageError(RuntimeError):
@@ -98,27 +119,62 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _static_credentials() -> dict[str, str | None]:
-    """The environment's static keys, given to the client explicitly so that they travel with the
-    pickled filesystem (pyarrow pickles explicit keys, not what its default chain found): Ray Train's
-    controller actor, which writes the checkpoint bookkeeping, is started with Ray's own variables
-    only, and would otherwise see just its node's environment. Without both keys: the default chain
-    (instance profile, ~/.aws) wherever the filesystem is used."""
+def _credentials() -> dict[str, str | None]:
+    """Keys given to both clients explicitly, so that they travel with the pickled filesystem
+    (pyarrow pickles explicit keys, not what its default chain found): Ray Train's controller
+    actor, which writes the checkpoint bookkeeping, is started with Ray's own variables only, and a
+    read task on another node has no ``~/.aws``. The environment's static keys first, else what
+    botocore's chain resolves here (a named profile, SSO, credential_process, a role); none found:
+    {} (each process then asks its own chain, e.g. an instance profile)."""
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not (key and secret):
+    if key and secret:
+        return {"access_key": key, "secret_key": secret, "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        found = botocore.session.Session(profile=os.environ.get("AWS_PROFILE") or None).get_credentials()
+    except botocore.exceptions.BotoCoreError as e:  # a named profile that does not exist, an expired SSO login
+        raise StorageError(f"S3 credentials: {e}") from None
+    if found is None:
         return {}
-    return {"access_key": key, "secret_key": secret, "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+    frozen = found.get_frozen_credentials()
+    return {"access_key": frozen.access_key, "secret_key": frozen.secret_key, "session_token": frozen.token}
+
+
+def _region(bucket: str) -> str:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and s3_endpoint() is None:  # real AWS without a region: ask where the bucket lives
+        region = pafs.resolve_s3_region(bucket)
+    return region or DEFAULT_REGION
 
 
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
-    endpoint = s3_endpoint()
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region is None and endpoint is None:  # real AWS without a region: ask where the bucket lives
-        region = pafs.resolve_s3_region(bucket)
     return pafs.S3FileSystem(
-        endpoint_override=endpoint, region=region or DEFAULT_REGION, **_static_credentials(),
+        endpoint_override=s3_endpoint(), region=_region(bucket), **_credentials(),
         connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS))
+
+
+def s3fs_filesystem(bucket: str) -> Any:
+    """An s3fs client with the same endpoint, region, keys and bounds as ``_s3_filesystem``."""
+    import s3fs
+
+    keys = _credentials()
+    return s3fs.S3FileSystem(
+        key=keys.get("access_key"), secret=keys.get("secret_key"), token=keys.get("session_token"),
+        endpoint_url=s3_endpoint(), client_kwargs={"region_name": _region(bucket)}, skip_instance_cache=True,
+        config_kwargs={"connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_REQUEST_TIMEOUT_S,
+                       "retries": {"max_attempts": S3_SDK_ATTEMPTS, "mode": "standard"}})
+
+
+def open_small_fs(uri: str, *, must_exist: bool = False) -> tuple[pafs.FileSystem, str]:
+    """Like ``open_fs``, through s3fs for an ``s3://`` URI (a pyarrow filesystem over fsspec): for
+    listing and small objects such as manifests, not for shards."""
+    fs, path = open_fs(uri, must_exist=must_exist)
+    if not is_s3(uri):
+        return fs, path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(s3fs_filesystem(_bucket(uri)))), path
 
 
 def where(uri: str) -> str:
@@ -212,7 +268,12 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, *, also: Ite
 
 def uri_of(fs: pafs.FileSystem, path: str) -> str:
     """The URI a user (and Ray Data) names ``path`` of ``fs`` by."""
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+    return f"s3://{path}" if is_s3_fs(fs) else path
+
+
+def is_s3_fs(fs: pafs.FileSystem) -> bool:
+    """pyarrow's S3 filesystem, or s3fs behind pyarrow's fsspec handler."""
+    return isinstance(fs, pafs.S3FileSystem) or (isinstance(fs, pafs.PyFileSystem) and "s3" in fs.type_name)
 
 
 @contextmanager

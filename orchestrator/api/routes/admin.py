@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from fastapi.exceptions import RequestValidationError
 
+from jobs.specs import NAME_PATTERN
+from orchestrator.api import service
 from orchestrator.api.deps import AdminDep, AuthenticatorDep, PrincipalDep, StoreDep
-from orchestrator.api.schemas import (
-    TOKEN_ID_PATTERN,
+from orchestrator.api.schemas.access import (
     AuditEntry,
     AuditPublic,
-    Problem,
     TeamPublic,
     TeamsPublic,
     TeamUpdate,
@@ -22,7 +22,8 @@ from orchestrator.api.schemas import (
     TokenPublic,
     TokensPublic,
 )
-from orchestrator.auth import NAME_PATTERN, RESERVED_USERS, Forbidden, new_token, visible_team
+from orchestrator.api.schemas.base import TOKEN_ID_PATTERN, Problem, TeamFilter
+from orchestrator.auth import RESERVED_USERS, new_token
 from orchestrator.store import TokenNotFound
 
 router = APIRouter(tags=["access"])
@@ -99,15 +100,11 @@ def set_team(team: TeamPath, body: TeamUpdate, store: StoreDep, admin: AdminDep)
 def audit_log(
     store: StoreDep,
     principal: PrincipalDep,
-    team: Annotated[str | None, Query(pattern=NAME_PATTERN, description="filter by team (users: own team only)")] = None,
+    team: TeamFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> AuditPublic:
     """Who submitted, cancelled, resized or preempted what, newest first: a user's team's entries, or
     (admin) everyone's."""
-    try:
-        team = visible_team(principal, team)
-    except Forbidden as e:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, str(e)) from None
-    entries, count = store.audit_log(limit=limit, offset=offset, team=team)
+    entries, count = store.audit_log(limit=limit, offset=offset, team=service.listed_team(principal, team))
     return AuditPublic(data=[AuditEntry.of(e) for e in entries], count=count)

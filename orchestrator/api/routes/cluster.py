@@ -12,7 +12,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from orchestrator.api.deps import ControllerDep, PrincipalDep, RayDep, SettingsDep
-from orchestrator.api.schemas import ClusterPublic, DevicePublic, NodePublic, PoolPublic, Problem
+from orchestrator.api.schemas.base import Problem
+from orchestrator.api.schemas.cluster import ClusterPublic, DevicePublic, NodePublic, PoolPublic
 from orchestrator.auth import Principal
 from orchestrator.ray_client import NodeView, RayUnavailable, UnmanagedJob
 from orchestrator.scheduler.pools import build_pools, candidates

@@ -8,7 +8,7 @@ what the driver wrote since the last one. Its cost follows what was written sinc
 age; the first poll after a restart of the service reads each log once, in bounded pieces.
 
 Torch-free: the line format comes from ``jobs.contracts.ProgressRecord``. Authorization is the jobs
-routes' own (``_get``): another team's job is a 404 like a missing one.
+routes' own (``VisibleJob``): another team's job is a 404 like a missing one.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from jobs.contracts import ProgressRecord
-from orchestrator.api.deps import PrincipalDep, RayDep, StoreDep
-from orchestrator.api.routes.jobs import _NOT_FOUND, JobId, _get
-from orchestrator.api.schemas import Problem
+from orchestrator.api.deps import JOB_NOT_FOUND, RayDep, VisibleJob
+from orchestrator.api.schemas.base import Problem
 from orchestrator.ray_client import RayJobs, RayUnavailable
 from orchestrator.store import JobRecord
 
@@ -183,12 +182,10 @@ def _cache(request: Request) -> CurveCache:
 
 
 @router.get("/{job_id}/curve", response_model=JobCurve,
-            responses={**_NOT_FOUND, 503: {"model": Problem, "description": "Ray is not reachable"}})
-async def job_curve(job_id: JobId, store: StoreDep, ray: RayDep, principal: PrincipalDep,
-                    request: Request) -> JobCurve:
+            responses={**JOB_NOT_FOUND, 503: {"model": Problem, "description": "Ray is not reachable"}})
+async def job_curve(job: VisibleJob, ray: RayDep, request: Request) -> JobCurve:
     """Step, loss, learning rate, throughput, compression and MaxVio of each progress record of each
     attempt (empty before the first record)."""
-    job = await run_in_threadpool(_get, store, job_id, principal)
     try:
         return await run_in_threadpool(read_curve, job, ray, _cache(request))
     except RayUnavailable as e:

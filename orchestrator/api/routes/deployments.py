@@ -1,10 +1,11 @@
 """/v1/deployments: serve a checkpoint on Ray Serve, list, inspect, delete; and
 /v1/sweeps/{id}/promote: serve a sweep's best trial.
 
-Handlers store intent only; the reconciler (orchestrator/deployments.py) deploys and deletes on Ray
+Handlers store intent only; the reconciler (orchestrator/deployments/reconciler.py) deploys and deletes on Ray
 and records Serve's status, replicas and messages. Authorization is the jobs': a user creates,
 sees and deletes its team's deployments only, and another team's deployment is a 404 like one that
-does not exist (``_get_deployment``, the one way a handler loads one by id); a checkpoint path must
+does not exist (``_get_deployment``, the one way a handler loads one by id; a job or sweep is
+loaded as the jobs routes load it, orchestrator/api/service.py); a checkpoint path must
 lie under the team's data roots (the "serve" kind's ``checkpoint`` field), and a job's or sweep's
 checkpoint needs the job to be visible (and the roots too when it lies outside the job's own output
 folder: a spec's ``checkpoint_storage``). The bearer key is made here, answered once (201) and stored
@@ -38,7 +39,10 @@ from jobs.serve import (
 )
 from jobs.serve_spec import LimitsConfig, ServeSpec
 from jobs.specs import SpecError
-from orchestrator.api.deployment_schemas import (
+from orchestrator.api import service
+from orchestrator.api.deps import PrincipalDep, SettingsDep, StoreDep, VisibleSweep
+from orchestrator.api.schemas.base import Problem, TeamFilter
+from orchestrator.api.schemas.deployments import (
     DEPLOYMENT_ID_PATTERN,
     DeploymentCreate,
     DeploymentCreated,
@@ -48,22 +52,10 @@ from orchestrator.api.deployment_schemas import (
     PromoteCreate,
     ServeOptions,
 )
-from orchestrator.api.deps import PrincipalDep, SettingsDep, StoreDep
-from orchestrator.api.routes.jobs import _forbidden, _get
-from orchestrator.api.routes.sweeps import SweepId, _get_sweep
-from orchestrator.api.schemas import Problem
-from orchestrator.auth import (
-    NAME_PATTERN,
-    Forbidden,
-    Principal,
-    root_error,
-    root_violations,
-    submission_team,
-    visible_team,
-)
+from orchestrator.auth import Principal, root_error, root_violations
 from orchestrator.auth.roots import S3_SCHEME
-from orchestrator.deployments import StatsUnavailable, replica_stats, stats_key
-from orchestrator.entrypoints import job_paths
+from orchestrator.controller.entrypoints import job_paths
+from orchestrator.deployments.serve_status import StatsUnavailable, replica_stats, stats_key
 from orchestrator.settings import Settings
 from orchestrator.store import (
     DeploymentConflict,
@@ -169,9 +161,7 @@ def _job_checkpoint(settings: Settings, job: JobRecord) -> tuple[str, bool]:
 
 def _wake(request: Request) -> None:
     """The controller's next pass admits (or frees) the deployment's replicas, the reconciler's acts on Serve."""
-    for loop in (request.app.state.controller, request.app.state.deployments):
-        if loop is not None:
-            loop.wake()
+    service.wake(request.app.state.controller, request.app.state.deployments)
 
 
 def _check_fits(request: Request, options: ServeOptions) -> None:
@@ -212,10 +202,7 @@ def _create(request: Request, store: JobStore, settings: Settings, principal: Pr
     key. A ``user_path`` must lie under the team's data roots, checked before the folder is even
     looked at (no probing outside them) and again on the checkpoint found (a ``step-*`` link inside
     may point outside)."""
-    try:
-        team = submission_team(principal, team)
-    except Forbidden as e:
-        raise _forbidden(e) from None
+    team = service.acting_team(principal, team)
     _check_fits(request, options)
     if user_path:
         _check_roots(store, principal, checkpoint, loc)
@@ -249,7 +236,7 @@ def create_deployment(body: DeploymentCreate, request: Request, store: StoreDep,
     storage). The answer holds the bearer key, shown this once; the deployment is QUEUED until its
     replicas fit the team's quota and the cluster, then the reconciler deploys it."""
     if body.job_id is not None:
-        job = _get(store, body.job_id, principal)
+        job = service.visible_job(store, body.job_id, principal)
         if not job_kind(job.kind).servable_output:
             raise _unprocessable(("job_id",), f"job {job.id} is a {job.kind} job; serve a train job "
                                               "(a sweep's best trial: POST /v1/sweeps/{id}/promote)")
@@ -268,11 +255,11 @@ def create_deployment(body: DeploymentCreate, request: Request, store: StoreDep,
              response_model=DeploymentCreated, tags=["sweeps"],
              responses={**_CREATE_ERRORS, 409: {"model": Problem, "description": (
                  "the sweep has not finished, no trial has a checkpoint, or the name is taken")}})
-def promote_sweep(sweep_id: SweepId, request: Request, store: StoreDep, settings: SettingsDep,
+def promote_sweep(job: VisibleSweep, request: Request, store: StoreDep, settings: SettingsDep,
                   principal: PrincipalDep, body: PromoteCreate | None = None) -> DeploymentCreated:
     """Serve the finished sweep's best trial (by its metric, as the sweep reports ``best``)."""
     body = body or PromoteCreate()
-    job = _get_sweep(store, sweep_id, principal)
+    sweep_id = job.id
     if not job.state.terminal:
         raise HTTPException(status.HTTP_409_CONFLICT, f"sweep {sweep_id} is {job.state.value}; its best trial "
                                                       "may still change: promote it once it has finished")
@@ -286,16 +273,12 @@ def promote_sweep(sweep_id: SweepId, request: Request, store: StoreDep, settings
 @router.get("/v1/deployments", response_model=DeploymentsPublic)
 def list_deployments(
     store: StoreDep, settings: SettingsDep, principal: PrincipalDep,
-    team: Annotated[str | None, Query(pattern=NAME_PATTERN, description="filter by team (users: own team only)")] = None,
+    team: TeamFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> DeploymentsPublic:
     """Deployments, newest first: a user's team's, or (admin) every team's."""
-    try:
-        team = visible_team(principal, team)
-    except Forbidden as e:
-        raise _forbidden(e) from None
-    rows, count = store.deployments(team=team, limit=limit, offset=offset)
+    rows, count = store.deployments(team=service.listed_team(principal, team), limit=limit, offset=offset)
     return DeploymentsPublic(data=[DeploymentPublic.of(d, settings.serve_base_url) for d in rows], count=count)
 
 

@@ -4,7 +4,7 @@ follows the job for at most ``ORCH_FOLLOW_MAX_S``.
 A driver's log grows without bound (``log_every: 1`` over millions of steps), so no answer holds it
 whole: a read returns at most ``tail`` bytes (``DEFAULT_TAIL_BYTES`` unless asked), says where they
 start in the log and whether earlier output exists, and ``before=<start>`` pages back from there.
-Authorization is the jobs routes' (``_get``): another team's job is a 404 like a missing one.
+Authorization is the jobs routes' (``VisibleJob``): another team's job is a 404 like a missing one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.api.deps import PrincipalDep, RayDep, SettingsDep, StoreDep
-from orchestrator.api.routes.jobs import _NOT_FOUND, JobId, _get
-from orchestrator.api.schemas import Problem
+from orchestrator.api.deps import JOB_NOT_FOUND, RayDep, SettingsDep, StoreDep, VisibleJob
+from orchestrator.api.schemas.base import Problem
 from orchestrator.ray_client import LogSlice, RayJobs, RayUnavailable
 from orchestrator.store import JobStore
 
@@ -56,12 +55,12 @@ Before = Annotated[int | None, Query(ge=0, le=MAX_LOG_OFFSET, description=(
 
 @router.get(
     "/{job_id}/logs", response_model=JobLogs,
-    responses={**_NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+    responses={**JOB_NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                    "description": "JSON, or with follow=true a text stream (see the route)"},
                503: {"model": Problem, "description": "Ray is not reachable"}},
 )
 async def job_logs(
-    job_id: JobId, store: StoreDep, ray: RayDep, settings: SettingsDep, principal: PrincipalDep,
+    job: VisibleJob, store: StoreDep, ray: RayDep, settings: SettingsDep,
     follow: Annotated[bool, Query(description="stream text as the job writes it (see the route)")] = False,
     attempt: Annotated[int | None, Query(ge=1, le=1000)] = None,
     tail: Tail = DEFAULT_TAIL_BYTES,
@@ -76,7 +75,7 @@ async def job_logs(
     job ends, and in any case after the server's ``ORCH_FOLLOW_MAX_S`` (default one hour). A quiet job
     sends nothing for long stretches: read it as a stream without a read timeout (``curl -N``, httpx
     ``stream(..., timeout=None)``), or poll without ``follow``."""
-    job = await run_in_threadpool(_get, store, job_id, principal)
+    job_id = job.id
     if follow:
         return StreamingResponse(_follow(store, ray, job_id, attempt or 1, tail, settings.follow_max_s),
                                  media_type="text/plain; charset=utf-8")

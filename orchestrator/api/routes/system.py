@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.api.deps import PrincipalDep, StoreDep, TelemetryDep
-from orchestrator.api.schemas import Health, Problem
+from orchestrator.api.schemas.base import Health, Problem
 from orchestrator.api.security import require_token
 
 public = APIRouter(tags=["service"])

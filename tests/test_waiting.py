@@ -1,4 +1,4 @@
-"""orchestrator.waiting.wait_until: returns what the check found, bounded by its timeout."""
+"""workers.waiting.wait_until: returns what the check found, bounded by its timeout."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from orchestrator.waiting import wait_until
+from workers.waiting import wait_until
 
 
 class FakeTime:

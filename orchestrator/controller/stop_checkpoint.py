@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from jobs.contracts import CheckpointRequest, ControlChannel
 from jobs.kinds import job_kind
-from orchestrator.entrypoints import job_paths
+from orchestrator.controller.entrypoints import job_paths
 from orchestrator.settings import Settings
 
 # How long the loop waits to be stopped after the checkpoint: a few reconcile passes and Ray's stop

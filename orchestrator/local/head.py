@@ -5,7 +5,7 @@ Ray cluster on the machine (``ray stop`` would kill every cluster of the user; w
 stops on SIGTERM (Ray drains, then ends its processes); the process group is killed if that hangs.
 
 Autoscaling: with ``fake_nodes`` the head runs Ray's autoscaler v1 with the fake multi-node provider
-(orchestrator/autoscale.py): nodes it adds are real raylets on this machine in the head's temp dir.
+(orchestrator/local/autoscale.py): nodes it adds are real raylets on this machine in the head's temp dir.
 They are not children of ``ray start`` once the monitor that made them is gone, so ``stop`` ends
 every process left whose command line names this head's temp dir (ours alone: made by mkdtemp).
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 
 from jobs.trainer import DATA_HEADROOM_CPUS
-from orchestrator.autoscale import FakeNodes, local_gcs_address, write_autoscaler_config
-from orchestrator.waiting import wait_until
+from orchestrator.local.autoscale import FakeNodes, local_gcs_address, write_autoscaler_config
+from workers.waiting import wait_until
 
 HEAD_START_TIMEOUT_S = 180.0
 HEAD_READY_POLL_S = 0.5

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.contracts import ProgressRecord, TrainSummary
-from orchestrator.entrypoints import job_paths
+from orchestrator.controller.entrypoints import job_paths
 from orchestrator.ray_client import RayJobs, RayJobView
 from orchestrator.settings import Settings
 from orchestrator.store import JobRecord, JobStore

@@ -11,7 +11,8 @@ from pydantic import model_validator
 from jobs.sweep_events import HISTORY_MAX_POINTS, SweepView, TrialState
 from jobs.sweep_spec import SweepSpec
 from orchestrator.api.errors import json_safe
-from orchestrator.api.schemas import JobCreate, _Schema
+from orchestrator.api.schemas.base import Schema
+from orchestrator.api.schemas.jobs import JobCreate
 from orchestrator.states import JobState
 from orchestrator.store import JobRecord
 from orchestrator.sweeps import trials_total
@@ -30,7 +31,7 @@ class SweepCreate(JobCreate):
         return {"kind": "sweep", **data} if isinstance(data, dict) else data
 
 
-class TrialPublic(_Schema):
+class TrialPublic(Schema):
     id: str
     state: TrialState
     parameters: dict[str, Any]  # spec field path -> this trial's value
@@ -48,7 +49,7 @@ class TrialPublic(_Schema):
     history: list[dict[str, float]]  # one point per report ({step, loss[, eval_loss]}), thinned
 
 
-class BestTrial(_Schema):
+class BestTrial(Schema):
     trial_id: str
     value: float
     step: int
@@ -56,7 +57,7 @@ class BestTrial(_Schema):
     parameters: dict[str, Any]
 
 
-class SweepSummary(_Schema):
+class SweepSummary(Schema):
     id: str
     name: str
     state: JobState
@@ -101,12 +102,12 @@ class SweepPublic(SweepSummary):
                    history_max_points=HISTORY_MAX_POINTS)
 
 
-class SweepsPublic(_Schema):
+class SweepsPublic(Schema):
     data: list[SweepSummary]
     count: int
 
 
-class TrialStop(_Schema):
+class TrialStop(Schema):
     sweep_id: str
     trial_id: str
     requested_at: float

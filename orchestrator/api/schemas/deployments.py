@@ -1,4 +1,4 @@
-"""Request and response models of /v1/deployments and /v1/sweeps/{id}/promote (routes/deployments.py).
+"""API schemas of /v1/deployments and /v1/sweeps/{id}/promote (routes/deployments.py).
 
 The serving settings are ServeSpec's own (jobs/serve_spec.py: batching, autoscaling, limits, CPUs,
 int8), so a deployment made over REST is the deployment ``python -m jobs.serve`` makes from a YAML
@@ -8,37 +8,15 @@ and stores only its SHA-256) and, for ``job_id`` and promote, the checkpoint.
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.serve_spec import ServeSpec
-from orchestrator.api.errors import MAX_REPORTED_ERRORS, unencodable
-from orchestrator.api.schemas import JOB_ID_PATTERN, TeamName
+from orchestrator.api.schemas.base import JOB_ID_PATTERN, Name, Request
 from orchestrator.store import DeploymentRecord, DeploymentStatus
 
 DEPLOYMENT_ID_PATTERN = r"^d[0-9a-f]{12}$"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # ServeSpec.name's
-NAME_MAX_CHARS = 64
-
-
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _encodable(cls, data: Any) -> Any:
-        """Every string valid Unicode and every number finite, anywhere in the body (as JobCreate)."""
-        errors: list[InitErrorDetails] = [
-            {"type": PydanticCustomError("string_surrogate", "String should not hold a lone UTF-16 surrogate")
-             if kind == "surrogate" else "finite_number", "loc": loc, "input": value}
-            for loc, kind, value in islice(unencodable(data), MAX_REPORTED_ERRORS)
-        ]
-        if errors:
-            raise ValidationError.from_exception_data(cls.__name__, errors)
-        return data
 
 
 class ServeOptions(ServeSpec):
@@ -68,12 +46,13 @@ class PromoteOptions(ServeOptions):
             raise ValueError("a promoted deployment serves the sweep's best checkpoint; leave it unset")
 
 
-class _DeploymentOptions(_Schema):
+class _DeploymentOptions(Request):
     # The Serve application name and model id; default: the spec's name if given, else the
-    # deployment's id. Unique on the cluster (Serve's names are), like the route prefix.
-    name: str | None = Field(None, max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN)
+    # deployment's id. Unique on the cluster (Serve's names are), like the route prefix; at most 64
+    # characters, as ServeSpec.name.
+    name: Name | None = None
     # The deployment's team; only an admin may name one other than its own. Default: own team.
-    team: TeamName | None = None
+    team: Name | None = None
 
 
 class PromoteCreate(_DeploymentOptions):

@@ -190,9 +190,9 @@ def local_gcs_address(port: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m orchestrator.autoscale --gcs-address HOST:PORT --head-cpus N --out FILE``: one worker
+    """``python -m orchestrator.local.autoscale --gcs-address HOST:PORT --head-cpus N --out FILE``: one worker
     type of 1 CPU, 0 to 2 nodes (infra/local/fake-autoscaler.yaml is this with the defaults)."""
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.autoscale", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.local.autoscale", description=main.__doc__)
     parser.add_argument("--gcs-address", required=True, help="host:port of the running head's GCS")
     parser.add_argument("--head-cpus", type=int, default=0, help="the head's --num-cpus")
     parser.add_argument("--out", type=Path, required=True, help="where to write the YAML")
