@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+# The control plane's fixtures (settings, fake_ray, app, client) for every test folder.
+pytest_plugins = ["tests.support.control_plane"]
+
 # Ray Train's controller registers a report, and so commits a checkpoint (which the loop waits for),
 # when it next polls its workers: every 2 s by default. Every Train run of the suite pays that wait at
 # each checkpoint and at its end; the drivers and Ray heads that tests start inherit this setting.
@@ -28,9 +31,9 @@ def shards_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool_cluster():
-    """A multi-node Ray cluster with nodes of several pools (tests/cluster.py), one per test module:
+    """A multi-node Ray cluster with nodes of several pools (tests/support/cluster.py), one per test module:
     it is torn down before the next module, whose tests start Ray their own way."""
-    from tests.cluster import PoolCluster
+    from tests.support.cluster import PoolCluster
 
     cluster = PoolCluster()
     yield cluster
@@ -53,8 +56,8 @@ def train_ray():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """The session's one S3-protocol server on loopback (moto; tests/servers.py)."""
-    from tests.servers import S3Server
+    """The session's one S3-protocol server on loopback (moto; tests/support/servers.py)."""
+    from tests.support.servers import S3Server
 
     with S3Server() as server:
         yield server
@@ -80,6 +83,31 @@ def run_train(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fresh_process: needs a test process in which Ray never started; runs first")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run order, by module: ``fresh_process`` modules, then modules without a ``ray`` test, then the
+    rest. Ray caches its auth settings per process: the autoscale test's in-process driver joins a
+    token-auth head, which fails once any test of this process has started Ray without a token
+    (``ray.init(address="local")``, the ``train_ray`` and ``pool_cluster`` fixtures, Serve). A module
+    keeps its place in one group, so its module-scoped fixtures start once."""
+    fresh, ray = set(), set()
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if item.get_closest_marker("fresh_process"):
+            fresh.add(module)
+        if item.get_closest_marker("ray"):
+            ray.add(module)
+
+    def rank(item) -> int:
+        module = item.nodeid.split("::")[0]
+        return 0 if module in fresh else 2 if module in ray else 1
+
+    items.sort(key=rank)
 
 
 _EXIT_STATUS: list[int] = []

@@ -52,7 +52,7 @@ from workers.step import TrainStep, build_step, evaluate, final_window, lr_at
 
 # Told about each step's batch on every rank: (step, epoch, this rank's sequence ids in the epoch,
 # its rows (rows, seq_len + 1) on the device). None in the product; a test that checks which sequences
-# each rank trains on passes one (tests/test_exactly_once_ray.py).
+# each rank trains on passes one (tests/integration/training/test_exactly_once.py).
 BatchObserver = Callable[[int, int, list[int], torch.Tensor], None]
 
 
@@ -285,18 +285,28 @@ def _check_same_batch(x: torch.Tensor) -> None:
 
 def _eval_batches(plan: TrainPlan | None, rank: int, world: int, loop: LoopConfig,
                   device: torch.device) -> Iterator[torch.Tensor]:
-    """This rank's held-out batches (batch, seq_len + 1): its units of the held-out split (every
-    ``world``-th from ``rank``), each read by a Ray Data task as training units are, in stored order.
-    A unit found corrupt under ``data.on_corrupt: skip`` is left out (``fail``: the read raises)."""
+    """This rank's held-out batches (batch, seq_len + 1). Every rank reads the same first units of
+    the held-out split (each by a Ray Data task, as training units are) until they hold the
+    ``eval_batches`` global batches wanted, and takes its own slice of each: so every rank evaluates
+    the same number of batches (expert parallelism's all-to-all runs in every forward) and a
+    held-out split of one unit still feeds every rank. A unit found corrupt under
+    ``data.on_corrupt: skip`` is left out by every rank alike (``fail``: the read raises)."""
     if plan is None or not loop.eval_batches:
         return
-    fetch = ray_fetch(plan)
-    for unit in plan.units[rank::world]:
+    wanted = loop.eval_batches * loop.batch_size * world  # rows, all ranks together
+    fetch, parts, have = ray_fetch(plan), [], 0
+    for unit in plan.units:
+        if have >= wanted:
+            break
         rows = fetch(unit)
-        if isinstance(rows, str):
-            continue
-        for i in range(0, len(rows), loop.batch_size):
-            yield torch.from_numpy(rows[i:i + loop.batch_size].astype(np.int64)).to(device)
+        if not isinstance(rows, str):
+            parts.append(rows)
+            have += len(rows)
+    rows = np.concatenate(parts)[:wanted] if parts else np.empty((0, 0), np.uint16)
+    per_rank = min(loop.batch_size, len(rows) // world)  # a short split: smaller batches, not fewer ranks
+    for start in range(0, len(rows) - per_rank * world + 1, per_rank * world) if per_rank else ():
+        mine = rows[start + rank * per_rank:start + (rank + 1) * per_rank]
+        yield torch.from_numpy(mine.astype(np.int64)).to(device)
 
 
 def train_loop_per_worker(config: dict[str, Any], on_batch: BatchObserver | None = None) -> None:

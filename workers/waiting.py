@@ -4,7 +4,7 @@ Every wait in the product and its tests (a server answering /healthz, a Ray head
 API, a job reaching a state, a worker's step loop answering checkpoint-now) is this loop; writing it
 once keeps each wait bounded and each timeout message naming what was awaited. It lives in workers/
 because that is the one package every other may import; it imports only the standard library, so
-the control plane importing it pulls in no worker code (tests/test_boundaries.py holds it to that).
+the control plane importing it pulls in no worker code (tests/unit/test_boundaries.py holds it to that).
 """
 
 from __future__ import annotations

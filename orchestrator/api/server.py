@@ -1,5 +1,5 @@
 """Run the app under uvicorn in the foreground (``orch up``). Tests and the bench serve it from a
-background thread instead: tests/servers.py."""
+background thread instead: tests/support/servers.py."""
 
 from __future__ import annotations
 

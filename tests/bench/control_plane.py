@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from tests.servers import BackgroundServer, free_port, wait_until_healthy
+from tests.support.servers import BackgroundServer, free_port, wait_until_healthy
 from workers.waiting import wait_until
 
 TOKEN = "bench-token-" + "0123456789abcdef" * 2

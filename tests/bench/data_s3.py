@@ -1,6 +1,6 @@
 """S3 reads of the same shards through pyarrow's own client and through s3fs (issue #24, point 5).
 
-A real S3-protocol server (moto's, as tests/servers.py runs it) in a child process on loopback, so
+A real S3-protocol server (moto's, as tests/support/servers.py runs it) in a child process on loopback, so
 the server's Python does not share this process's interpreter lock with the client measured. The
 same prepared shards (row groups of ``ROW_GROUP_BYTES``, tests/bench/data.py ``random_docs``) are
 uploaded once, then read by the product's read path (workers/data/reader.py ``read_unit``: one row
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 from workers.waiting import wait_until
 
 SHARDS = 4

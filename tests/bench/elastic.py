@@ -35,8 +35,8 @@ from tests.bench.elastic_nodes import markdown as node_markdown
 from tests.bench.elastic_nodes import node_rows
 from tests.bench.recovery import markdown as recovery_markdown
 from tests.bench.recovery import recovery_rows
-from tests.orchestrator.serve_app import FAKE_ENTRYPOINTS
-from tests.servers import BackgroundServer
+from tests.support.serve_app import FAKE_ENTRYPOINTS
+from tests.support.servers import BackgroundServer
 from workers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

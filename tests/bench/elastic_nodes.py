@@ -1,9 +1,9 @@
 """Elastic benchmark, node rows: a node lost mid-run, and a node drained as preempted.
 
-One ``PoolCluster`` (tests/cluster.py: a real raylet per node) with two nodes added for each row, of
+One ``PoolCluster`` (tests/support/cluster.py: a real raylet per node) with two nodes added for each row, of
 ``WORKER_CPUS`` each, more than any standing node offers, so each holds exactly one of the job's two
 workers. An elastic [1, 2] tiny ``jobs.train`` job runs on them through ``build_trainer``, as
-tests/test_elastic_ray.py does; rank 0's records and notes come through a Ray queue and are stamped
+tests/integration/training/test_elastic.py does; rank 0's records and notes come through a Ray queue and are stamped
 with the time the driver got them, so the figures are the times a user of the job would see:
 
 - node loss: one node is removed mid-run; from the removal to the next step, the steps lost (the
@@ -89,12 +89,12 @@ def _holding_a_worker(nodes: list[Any]) -> list[Any]:
 
 
 def _fit(spec, out: Path, on_event: Callable[[_Event], None]) -> list[_Event]:
-    """Run ``spec``'s job to the end (tests/cluster.py ``fit_watching``), calling ``on_event`` with each
+    """Run ``spec``'s job to the end (tests/support/cluster.py ``fit_watching``), calling ``on_event`` with each
     record and note, stamped as it arrives. The queue holds one event: rank 0 waits at its next record
     until the driver has taken the last, so the driver acts at the step it saw (on a loaded machine it
     would otherwise fall behind, and a tiny job could end before the driver acts). ``out`` starts
     empty: a checkpoint left there by an earlier bench would be resumed from."""
-    from tests.cluster import fit_watching
+    from tests.support.cluster import fit_watching
 
     shutil.rmtree(out, ignore_errors=True)
     events: list[_Event] = []
@@ -222,7 +222,7 @@ def node_rows(scratch: Path, data_dir: Path, tiny: list[str]) -> dict:
     """Both rows on one PoolCluster (started here, torn down after)."""
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
-    from tests.cluster import PoolCluster
+    from tests.support.cluster import PoolCluster
 
     previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
     os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(GROUP_START_TIMEOUT_S)
@@ -240,7 +240,7 @@ def node_rows(scratch: Path, data_dir: Path, tiny: list[str]) -> dict:
 
 def markdown(rows: dict) -> list[str]:
     loss, dr = rows["node_loss"], rows["drain"]
-    return ["Node loss and drain: a `PoolCluster` (tests/cluster.py, a real raylet per node) with two nodes of "
+    return ["Node loss and drain: a `PoolCluster` (tests/support/cluster.py, a real raylet per node) with two nodes of "
             f"{WORKER_CPUS} CPUs added, an elastic `[1, 2]` tiny `jobs.train` job through `build_trainer` (no "
             "held-out pass); the node removed or drained is one that holds a worker. Times are when the driver "
             "got rank 0's record; rank 0 waits at each record until the driver has taken the last, so the "

@@ -1,7 +1,7 @@
 """One timed 2-rank run per compression variant of the demo model, with its eval curve: the runner of
 the local-steps sections (tests/bench/local_sections.py) and a command of its own.
 
-Two gloo ranks (tests/distributed.py: plain torch.distributed processes, one torch thread each) run
+Two gloo ranks (tests/support/distributed.py: plain torch.distributed processes, one torch thread each) run
 the product's training step (workers/step.py) on the demo spec's model and schedule, on byte
 windows of this Python's standard library source (held-out files by a hash of the path), without
 Ray. Every ``EVAL_EVERY`` steps the ranks evaluate the weights they agree on (method local: the last
@@ -29,7 +29,7 @@ import torch
 
 from jobs.specs import load_spec
 from tests.conftest import DEMO
-from tests.distributed import run_scenarios, scenario_values
+from tests.support.distributed import run_scenarios, scenario_values
 from workers.config import CompressionConfig
 from workers.step import TrainStep, build_step, evaluate
 

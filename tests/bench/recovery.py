@@ -11,7 +11,7 @@ it (a restart's actors each get a new process, which then imports torch before i
 Per run: the seconds from the kill to the first step after it, broken down by the times this process sees (the new loop's start, written by each worker as
 it enters the loop, then its "resuming from step" note and its first step), and the throughput before
 the kill and after the recovery: the median wall time of a step, and the workers' CPU time per step
-(tests/procs.py), which holds on this loaded machine where wall times move with other processes."""
+(tests/support/procs.py), which holds on this loaded machine where wall times move with other processes."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from tests.procs import cpu_per_step, workers_cpu
+from tests.support.procs import cpu_per_step, workers_cpu
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 110

@@ -49,7 +49,7 @@ def ignore_experts_in_ddp(model: MoETransformer) -> list[str]:
     other EP ranks' slices) nor all-reduces their gradients. Uses DDP's static
     ``_set_params_and_buffers_to_ignore_for_model``: DDP in torch 2.13 has no constructor argument
     for this; the method is underscored but documented, works there without a warning (see
-    tests/test_grad_sync.py), and is called in this one place in case it changes.
+    tests/unit/workers/moe/test_grad_sync.py), and is called in this one place in case it changes.
     """
     names = expert_param_names(model)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
