@@ -4,7 +4,7 @@ else runs training (sweeps, the scheduler), and the driver's connection to Ray.
 ``build_trainer`` checks that the cluster can ever run the job, then assembles Ray Train's objects;
 running it (``fit()``), showing progress and writing the summary belong to the caller.
 
-Placement (``placement``): a job of one device reserves its device in each worker's bundle, so Ray
+Placement (``placement``): a job whose workers share one device reserves it in each worker's bundle, so Ray
 gives each worker its own device and sets CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES. A job
 spanning pools gets one label selector per worker (Ray Train v2 takes a list, one per worker), each
 naming the nodes of that worker's pool (``ray.io/node-id in (...)``, resolved here from the live
@@ -67,7 +67,7 @@ TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # No module is preloaded into the embedded cluster's workers (Ray's preload_python_modules): Ray never
 # places an actor on the idle workers it started ahead (each Train and Tune actor gets a process of its
 # own, and Train gives its controller and workers runtime-env variables besides), so a preloaded torch
-# only made every new actor import it before its first call: the ~11 actors of a sweep trial's Train
+# only made every new actor import it before its first call: the ~9 actors of a sweep trial's Train
 # run and the ~6 of a restart, of which only the controller and the workers use torch (a bare actor
 # alive in 0.7-1.1 s without, 1.5-2.6 s with; tests/bench/sweeps.py measures the trials).
 
