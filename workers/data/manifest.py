@@ -34,8 +34,8 @@ from workers.data.storage import (
     confined,
     join,
     open_fs,
-    open_small_fs,
     read_bytes,
+    small_view,
     uri_of,
     with_retries,
     write_bytes_atomic,
@@ -267,7 +267,7 @@ def open_prepared(path: str, *, on_corrupt: Literal["fail", "skip"] = "fail",
     workers/data/reader.py). The tokenizer must always match: a model cannot train with the wrong one.
     Raises CorpusError (missing or unreadable manifest) or StorageError (unreachable location)."""
     fs, root = open_fs(path)  # pyarrow's client: the shards' reads (workers/data/storage.py)
-    small, _ = open_small_fs(path)  # s3fs on S3: the manifest and the tokenizer
+    small = small_view(fs, path)  # s3fs on S3: the manifest and the tokenizer
     manifest = load_manifest(small, root)
     assert manifest is not None
     manifest_uri = uri_of(fs, join(root, MANIFEST))

@@ -168,13 +168,18 @@ def s3fs_filesystem(bucket: str) -> Any:
                        "retries": {"max_attempts": S3_SDK_ATTEMPTS, "mode": "standard"}})
 
 
-def open_small_fs(uri: str, *, must_exist: bool = False) -> tuple[pafs.FileSystem, str]:
-    """Like ``open_fs``, through s3fs for an ``s3://`` URI (a pyarrow filesystem over fsspec): for
-    listing and small objects such as manifests, not for shards."""
-    fs, path = open_fs(uri, must_exist=must_exist)
+def small_view(fs: pafs.FileSystem, uri: str) -> pafs.FileSystem:
+    """The client for listing and small objects such as manifests (not shards) of ``uri``, opened
+    as ``fs`` by ``open_fs``: s3fs behind pyarrow's fsspec handler on S3, ``fs`` itself elsewhere."""
     if not is_s3(uri):
-        return fs, path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(s3fs_filesystem(_bucket(uri)))), path
+        return fs
+    return pafs.PyFileSystem(pafs.FSSpecHandler(s3fs_filesystem(_bucket(uri))))
+
+
+def open_small_fs(uri: str, *, must_exist: bool = False) -> tuple[pafs.FileSystem, str]:
+    """``open_fs``'s probe, then ``small_view`` of the location."""
+    fs, path = open_fs(uri, must_exist=must_exist)
+    return small_view(fs, uri), path
 
 
 def where(uri: str) -> str:
