@@ -24,8 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobs.prepare_spec import PrepareSpec, load_prepare_spec
-from jobs.specs import SpecError
+from jobs.specs.base import SpecError
+from jobs.specs.prepare import PrepareSpec, load_prepare_spec
+from workers.confine import OutsideRoots
+from workers.data import CorpusError, ShardEntry, prepare, ray_runner
+from workers.data.sources import ShardPlan
+from workers.data.storage import StorageError, original_error
+from workers.data.tokenizer import TokenizerError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +49,8 @@ def _log(msg: str) -> None:
 
 def init_ray(verbose: bool) -> None:
     """Join RAY_ADDRESS's cluster or start an embedded one with one logical CPU per core."""
+    # deferred: Ray loads (~1 s) only when there are shards to build (a bad source or an up-to-date
+    # manifest answers without it)
     import ray
     from ray.data import DataContext
 
@@ -60,11 +67,6 @@ def init_ray(verbose: bool) -> None:
 def failure_message(e: BaseException) -> str | None:
     """The user-facing cause of a failure: a CorpusError / StorageError / TokenizerError (or a file
     linked out of the job's data roots, OutsideRoots) raised here or inside a shard task."""
-    from workers.confine import OutsideRoots
-    from workers.data import CorpusError
-    from workers.data.storage import StorageError, original_error
-    from workers.data.tokenizer import TokenizerError
-
     cause = original_error(e, (CorpusError, StorageError, TokenizerError, OutsideRoots))
     return None if cause is None else str(cause)
 
@@ -76,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from workers.data import ShardEntry, prepare, ray_runner
-    from workers.data.sources import ShardPlan
 
     started = time.perf_counter()
     shard_tasks = ray_runner(spec.max_tasks, spec.cpus_per_task)

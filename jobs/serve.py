@@ -3,26 +3,24 @@
 One Serve application per spec, deployed imperatively under its own name and route prefix, so
 deploying a second spec leaves the first serving, and deploying a spec again under the same name
 rolls its replicas over to the new checkpoint or settings (Serve starts new replicas and drains
-the old ones; no request is dropped).
-
-The Python API for the control plane (Ray must be initialised: ``ray.init(address=...)``):
-``deploy(spec, api_key=None) -> Deployment``, ``delete(name)``, ``status(name) -> DeploymentStatus``.
+the old ones; no request is dropped). The same as a Python API: jobs/runtime/serving.py (``deploy``,
+``delete``, ``status``).
 
 Checkpoints: a folder or an ``s3://`` prefix (the checkpoint itself, or a run's output folder or
-``checkpoint_storage``: its newest ``step-N``), resolved once here; replicas of an ``s3://``
-checkpoint copy it themselves, with this process's AWS_* settings in their runtime_env.
+``checkpoint_storage``: its newest ``step-N``, jobs/specs/serve.py), resolved once here; replicas of an
+``s3://`` checkpoint copy it themselves, with this process's AWS_* settings in their runtime_env.
 
 Bearer keys: a spec carries at most the key's SHA-256 (``key_sha256``). The key itself comes from
 ``--key-file`` or MOE_SERVE_API_KEY, or is made here; replicas only ever see the hash. A key made
 here is never printed or logged (a job's log outlives the terminal and is readable by the whole
 team): it is written to ``<out>/api_key``, readable by its owner only (0600; ``--out``, default
 ``runs/<name>-<time>``), and only that path is printed. ``--prompt`` keeps it in memory.
-``deploy()`` hands a key it made back to its caller (``Deployment.api_key``).
+``deploy()`` hands a key it made back to its Python caller (``Deployment.api_key``).
 
 Checkpoint files are read under the job's data roots (ORCH_DATA_ROOTS, workers/confine.py): a
 checkpoint, ``step-*`` folder or file linking outside them is refused, here (exit 2) for what this
 process reads and in the replicas (the deploy fails naming the file) for what they load; replicas
-get the same roots through their runtime_env (``replica_runtime_env``).
+get the same roots through their runtime_env (jobs/runtime/serving.py ``replica_runtime_env``).
 
 Run directly, an embedded Ray cluster starts and the command serves until Ctrl-C (the cluster ends
 with it). Under ``ray job submit`` (RAY_ADDRESS set) it deploys, prints the URL and exits: Serve
@@ -37,227 +35,27 @@ last step; on an embedded cluster Serve listens on a free port unless ``--port``
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
-import json
 import logging
 import os
-import re
 import secrets
+import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+import httpx
 
-from jobs.serve_spec import ServeSpec, load_serve_spec
-from jobs.specs import SpecError
-from workers import confine
-from workers.config import ModelConfig
-from workers.data.storage import (
-    StorageError,  # resolve_s3_checkpoint's; the control plane catches it from here
-)
-from workers.serving.config import LimitsConfig
+from jobs.specs.base import SpecError
+from jobs.specs.serve import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, KEY_BYTES, StorageError, load_serve_spec
+
+if TYPE_CHECKING:
+    from jobs.runtime.serving import Deployment
 
 KEY_ENV = "MOE_SERVE_API_KEY"
-DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT = "127.0.0.1", 8000
-# Bytes of randomness in a key made here (43 URL-safe characters).
-KEY_BYTES = 32
 KEY_FILE = "api_key"  # in the --out folder: a key made by the command line, mode 0600
 # One --prompt request: the whole completion on a busy CPU, with the replica just started.
 PROMPT_TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True)
-class Deployment:
-    name: str
-    route_prefix: str
-    base_url: str  # the OpenAI base URL: http://host:port/<prefix>/v1
-    checkpoint: str  # the resolved checkpoint: a folder, or an s3:// prefix
-    api_key: str | None  # the key when deploy() made it (show it once, store only its hash); else None
-    key_sha256: str
-
-
-class DeploymentStatus(BaseModel):
-    name: str
-    status: str  # Serve's application status: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, ...
-    message: str
-    replicas: dict[str, int]  # replica state (RUNNING, STARTING, STOPPING, ...) -> count
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest (highest step) checkpoint under a run's output
-    folder (``<out>/ray-train/step-XXXXXXXX``); SpecError naming ``checkpoint`` otherwise, also when
-    the folder or the chosen ``step-*`` leads outside the team's data roots (a link; workers/confine.py)."""
-    try:
-        root = confine.check(Path(path).expanduser(), "checkpoint")
-        if (root / "meta.json").is_file():
-            return root
-        found = sorted(root.glob("**/step-*/meta.json")) if root.is_dir() else []
-        if not found:
-            raise SpecError(f"checkpoint: {root} is neither a checkpoint (meta.json) nor a run folder holding one")
-        newest = max(found, key=lambda p: (int(p.parent.name.removeprefix("step-")), str(p))).parent
-        return confine.check(newest, "checkpoint")
-    except confine.OutsideRoots as e:
-        raise SpecError(f"checkpoint: {e}") from None
-
-
-def resolve_s3_checkpoint(uri: str) -> str:
-    """``resolve_checkpoint`` for an ``s3://`` prefix: the prefix itself when it holds meta.json,
-    else its newest ``step-N`` checkpoint at any depth (a run's ``checkpoint_storage``); SpecError
-    naming ``checkpoint`` when it holds none, StorageError when the bucket does not answer."""
-    import pyarrow.fs as pafs
-
-    from workers.data.storage import join, open_fs, uri_of, with_retries
-
-    fs, root = open_fs(uri)
-    if with_retries(f"cannot read {uri}", lambda: fs.get_file_info(join(root, "meta.json"))).is_file:
-        return uri_of(fs, root)
-    listing = with_retries(f"cannot list {uri}",
-                           lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)))
-    steps = [(int(m.group(1)), info.path.rsplit("/", 1)[0]) for info in listing if info.base_name == "meta.json"
-             and (m := re.fullmatch(r"step-(\d+)", info.path.rsplit("/", 2)[-2]))]
-    if not steps:
-        raise SpecError(f"checkpoint: {uri} is neither a checkpoint (meta.json) nor a run prefix holding one")
-    return uri_of(fs, max(steps)[1])
-
-
-def checkpoint_context(checkpoint: str) -> int:
-    """The model's context (max_seq_len, tokens) from a resolved checkpoint's meta.json, local (under
-    the job's data roots) or s3://. Torch-free: the control plane sizes a deployment's limits with it."""
-    from workers.data.storage import is_s3, join, open_fs, read_bytes
-
-    try:
-        if is_s3(checkpoint):
-            fs, root = open_fs(checkpoint)
-            raw = read_bytes(fs, join(root, "meta.json"))
-        else:
-            with confine.open_file(Path(checkpoint) / "meta.json") as f:
-                raw = f.read()
-        # As load_model reads it: ModelConfig's default where meta.json's model leaves it out.
-        context = json.loads(raw).get("model", {}).get("max_seq_len", ModelConfig.model_fields["max_seq_len"].default)
-    except confine.OutsideRoots as e:  # meta.json itself links out of the roots
-        raise SpecError(f"checkpoint: {e}") from None
-    except (OSError, ValueError, AttributeError) as e:
-        raise SpecError(f"checkpoint: {checkpoint}/meta.json cannot be read: {e}") from None
-    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
-        raise SpecError(f"checkpoint: {checkpoint}/meta.json names no model.max_seq_len")
-    return context
-
-
-def fit_limits(limits: LimitsConfig, context: int) -> LimitsConfig:
-    """``limits`` for a model of ``context`` tokens: ``max_tokens`` and ``default_max_tokens`` that
-    the spec leaves unset are derived from it (half the context, at most the defaults), so a spec
-    naming only a checkpoint fits any model; a value set that cannot fit is a SpecError naming it."""
-    max_tokens = limits.max_tokens if "max_tokens" in limits.model_fields_set else min(limits.max_tokens,
-                                                                                       context // 2)
-    default = limits.default_max_tokens if "default_max_tokens" in limits.model_fields_set else min(
-        limits.default_max_tokens, max_tokens)
-    if max_tokens >= context:
-        raise SpecError(f"limits.max_tokens: {max_tokens} must be below the model's context ({context} tokens), "
-                        "which also holds the prompt")
-    if default > max_tokens:
-        raise SpecError(f"limits.default_max_tokens: {default} must be <= limits.max_tokens ({max_tokens}, "
-                        f"{'as set' if 'max_tokens' in limits.model_fields_set else 'derived from the context'})")
-    return LimitsConfig(**{**limits.model_dump(), "max_tokens": max_tokens, "default_max_tokens": default})
-
-
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def deploy(spec: ServeSpec, api_key: str | None = None, *, http_host: str = DEFAULT_HTTP_HOST,
-           http_port: int = DEFAULT_HTTP_PORT) -> Deployment:
-    """Deploys (or updates in place, rolling) the spec's application and returns once it runs.
-    Starts Serve's HTTP proxy on http_host:http_port when Serve is not running yet."""
-    from ray import serve
-
-    from workers.data import s3_env
-    from workers.data.storage import is_s3
-    from workers.serving.app import CompletionServer
-    from workers.serving.config import ReplicaConfig
-
-    made_key = None
-    if api_key is None and spec.key_sha256 is None:
-        api_key = made_key = secrets.token_urlsafe(KEY_BYTES)
-    digest = key_hash(api_key) if api_key is not None else spec.key_sha256
-    if spec.key_sha256 is not None and not hmac.compare_digest(digest, spec.key_sha256):
-        raise SpecError("key_sha256: does not match the key given to deploy it")
-    on_s3 = is_s3(spec.checkpoint)
-    checkpoint = resolve_s3_checkpoint(spec.checkpoint) if on_s3 else str(resolve_checkpoint(spec.checkpoint))
-    limits = fit_limits(spec.limits, checkpoint_context(checkpoint))
-    config = ReplicaConfig(name=spec.name, checkpoint=checkpoint, key_sha256=digest,
-                           stats_key_sha256=spec.stats_key_sha256, batching=spec.batching,
-                           limits=limits, int8=spec.int8, torch_threads=spec.torch_threads,
-                           chat_template=spec.chat_template)
-    runtime_env = replica_runtime_env(s3_env() if on_s3 else {})
-    b = spec.batching
-    app = CompletionServer.options(
-        name=spec.name,
-        autoscaling_config=spec.autoscaling.model_dump(),
-        # Serve's batch queue needs room for every row of every concurrent batch, plus a few
-        # non-generating calls (models, score, stats) beside them.
-        max_ongoing_requests=b.max_batch_size * b.max_concurrent_batches + 4,
-        ray_actor_options={"num_cpus": spec.num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})},
-    ).bind(config.model_dump())
-    serve.start(http_options={"host": http_host, "port": http_port})
-    try:
-        serve.run(app, name=spec.name, route_prefix=spec.prefix, blocking=False)
-    except RuntimeError as e:  # Serve says which deployment failed; its status says why
-        raise RuntimeError(f"{e} {replica_error(spec.name)}".strip()) from None
-    return Deployment(name=spec.name, route_prefix=spec.prefix, checkpoint=checkpoint, api_key=made_key,
-                      base_url=f"http://{http_host}:{http_port}{spec.prefix.rstrip('/')}/v1", key_sha256=digest)
-
-
-def replica_runtime_env(env_vars: dict[str, str]) -> dict | None:
-    """The replicas' runtime_env: this driver's job runtime_env plus ``env_vars`` (an ``s3://``
-    checkpoint's AWS_* settings: replicas copy it themselves) and this job's data roots
-    (``ORCH_DATA_ROOTS``: replicas open the checkpoint's files under them, workers/confine.py), or
-    None when there is nothing to add. Why explicit: Serve gives a deployment the driver's job
-    runtime_env only when it sets none itself (``build_app._set_default_runtime_env``, Ray 2.60),
-    and the roots of a driver run by hand live in its process environment, not in a runtime_env."""
-    import ray
-
-    extra = dict(env_vars)
-    if (roots := os.environ.get(confine.ROOTS_ENV)) is not None:
-        extra[confine.ROOTS_ENV] = roots
-    if not extra:
-        return None
-    job = dict(ray.get_runtime_context().runtime_env or {})
-    return {**job, "env_vars": {**(job.get("env_vars") or {}), **extra}}
-
-
-def replica_error(name: str) -> str:
-    """The exception that stopped the application's replicas from starting (the last line of each
-    failed deployment's message, which ends in the replica's traceback), or ""."""
-    from ray import serve
-
-    app = serve.status().applications.get(name)
-    messages = [dep.message for dep in app.deployments.values() if dep.message] if app is not None else []
-    return " ".join(m.strip().splitlines()[-1] for m in messages)
-
-
-def delete(name: str) -> None:
-    """Removes the application and its replicas (the other applications keep serving)."""
-    from ray import serve
-
-    serve.delete(name)
-
-
-def status(name: str) -> DeploymentStatus | None:
-    """The application's status and replica counts, or None when no such application runs."""
-    from ray import serve
-
-    app = serve.status().applications.get(name)
-    if app is None:
-        return None
-    replicas: dict[str, int] = {}
-    for dep in app.deployments.values():
-        for state, count in dep.replica_states.items():
-            replicas[str(getattr(state, "value", state))] = replicas.get(str(getattr(state, "value", state)), 0) + count
-    return DeploymentStatus(name=name, status=str(getattr(app.status, "value", app.status)), message=app.message,
-                            replicas=replicas)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -281,8 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _free_port(host: str) -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -290,11 +86,14 @@ def _free_port(host: str) -> int:
 
 def delete_main(name: str) -> int:
     """``--delete NAME`` on the cluster at RAY_ADDRESS: 0 once the application is gone (or was)."""
-    import ray
-
     if not os.environ.get("RAY_ADDRESS"):
         print("error: --delete needs RAY_ADDRESS (the cluster whose application to remove)", file=sys.stderr)
         return 2
+    # deferred: Ray and Serve load (~1.5 s) once the arguments are known good, not for --help
+    import ray
+
+    from jobs.runtime.serving import delete, status
+
     ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
     if status(name) is None:
         print(f"no application {name}: nothing to delete", flush=True)
@@ -318,8 +117,6 @@ def write_key_file(key: str, folder: Path) -> Path:
 
 def answer(d: Deployment, key: str, prompt: str) -> str:
     """The completion of ``prompt`` (greedy, the deployment's default length), over plain HTTP."""
-    import httpx
-
     r = httpx.post(f"{d.base_url}/completions", json={"model": d.name, "prompt": prompt, "temperature": 0},
                    headers={"Authorization": f"Bearer {key}"}, timeout=PROMPT_TIMEOUT_S)
     r.raise_for_status()
@@ -347,16 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"error: --out: cannot write the key file: {e}", file=sys.stderr)
             return 2
+    # deferred: Ray and Serve load (~1.5 s) once the spec is known good, so --help and a bad spec answer at once
     import ray
+
+    from jobs.runtime.serving import delete, deploy
 
     attached = bool(os.environ.get("RAY_ADDRESS"))
     port = args.port or (DEFAULT_HTTP_PORT if attached or args.prompt is None else _free_port(args.host))
     # Without --verbose the replicas' and Serve's own INFO lines stay in Ray's session logs.
     ray.init(address=os.environ["RAY_ADDRESS"] if attached else "local", logging_level="ERROR",
              log_to_driver=args.verbose)
-    if not args.verbose:
-        import ray.serve  # noqa: F401 - importing it sets its logger to INFO; quieten it after that
-
+    if not args.verbose:  # importing ray.serve (above) set its logger to INFO; quieten it
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         d = deploy(spec, key, http_host=args.host, http_port=port)

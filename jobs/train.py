@@ -13,10 +13,10 @@ there is one, so rerunning the same command continues an interrupted job. A spec
 same resume rule; DIR then keeps summary.json and the "checkpoint now" control folder, which are
 local by nature (workers/control.py). Under a team's data roots (ORCH_DATA_ROOTS, set by the
 control plane), a checkpoint folder that is, or holds, a link leading outside them is refused
-before anything is written (exit 1, naming the link; jobs/trainer.py ``check_storage``).
+before anything is written (exit 1, naming the link; jobs/runtime/trainer.py ``check_storage``).
 
 Output: one live progress bar on a terminal, else one ``[progress] ...`` line per report (which the
-control plane parses from the job's log); see jobs/display.py. The logs of Ray's own processes and
+control plane parses from the job's log); see jobs/runtime/display.py. The logs of Ray's own processes and
 of the workers reach the driver only with ``--verbose``; a failed worker's error is printed either way.
 """
 
@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.contracts import TrainSummary
-from jobs.display import RunDisplay, follow
-from jobs.specs import SpecError, TrainSpec, load_spec
-from jobs.trainer import build_trainer, check_storage, init_ray
+from jobs.contracts.training import ControlChannel, TrainSummary
+from jobs.specs.base import SpecError
+from jobs.specs.train import TrainSpec, load_spec
+from workers.confine import OutsideRoots
 
 # Ray Jobs sends SIGKILL 3 s after SIGTERM; the driver waits for a checkpoint a little less than that.
 SIGTERM_GRACE_S = 2.5
@@ -69,8 +69,6 @@ def _checkpoint_on_sigterm(out: Path) -> None:
     (workers/control.py), wait for it within that grace, then stop as asked. (The controller asks
     earlier and waits longer before it stops a job; this covers `ray job stop` and anything else
     that stops the driver.)"""
-    from workers.control import ControlChannel
-
     def handler(signum: int, frame: Any) -> None:
         channel = ControlChannel(out)
         request = channel.request_checkpoint("the driver got SIGTERM (job stopping)", hold_s=4 * SIGTERM_GRACE_S)
@@ -91,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from workers.confine import OutsideRoots
+    # deferred: Ray, torch and pyarrow load (~3 s) once the spec is known good, so --help and a bad spec
+    # answer at once
+    from jobs.runtime.display import RunDisplay, follow
+    from jobs.runtime.trainer import build_trainer, check_storage, checkpoint_uri, init_ray, sample_checkpoint
     from workers.data import DataError, open_training_data
     from workers.data.storage import StorageError, open_fs
     from workers.device import DeviceUnavailable, check_available
@@ -129,30 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     print_summary(summary, out)
     return 0
-
-
-def checkpoint_uri(checkpoint: Any) -> str:
-    """A reported checkpoint (ray.train.Checkpoint) as users and jobs.serve name it: its folder, or
-    ``s3://bucket/...`` when the run's storage is on S3."""
-    from workers.data.storage import uri_of
-
-    return uri_of(checkpoint.filesystem, checkpoint.path)
-
-
-def sample_checkpoint(checkpoint: Any, spec: TrainSpec) -> list[str]:
-    """The summary's samples from a reported checkpoint (copied to a temporary folder first when it
-    lies on S3), decoded with the tokenizer it stores."""
-    import pyarrow.fs as pafs
-
-    from workers.checkpoint import load_model, load_tokenizer_for
-    from workers.sampling import sample_text
-
-    with checkpoint.as_directory() as folder:
-        path = Path(folder)
-        # A local checkpoint is read under the job's roots; an S3 one from the copy Ray just made here.
-        also = () if isinstance(checkpoint.filesystem, pafs.LocalFileSystem) else (folder,)
-        return sample_text(load_model(path, spec.model, also=also), load_tokenizer_for(path, also=also),
-                           seed=spec.seed)
 
 
 def training_error(e: Exception, verbose: bool) -> str:

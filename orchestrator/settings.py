@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     @field_validator("autoscaler_max_extra", mode="after")
     @classmethod
     def _pool_names(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        from jobs.pools import check_pool_name
+        from jobs.contracts.pools import check_pool_name
 
         for name in v:
             check_pool_name(name)
@@ -183,7 +183,7 @@ def load_settings(**overrides: object) -> Settings:
     """Settings from the environment (and explicit overrides), or SettingsError naming the problem."""
     from pydantic import ValidationError
 
-    from jobs.specs import field_errors
+    from jobs.specs.base import field_errors
 
     try:
         return Settings(**overrides)

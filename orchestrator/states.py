@@ -1,14 +1,14 @@
 """A job's life as a typed state machine: the states, the moves allowed between them, and the check.
 
-``store.JobStore.transition`` is the one place that moves a job; it calls ``check_transition`` inside
-the same database transaction that records the move and its reason.
+``store.jobs.transition`` is the one place that moves a job; it calls ``check_transition`` inside the
+same database transaction that records the move and its reason.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-from jobs.terminal import PublishesTerminal
+from jobs.contracts.terminal import PublishesTerminal
 
 
 class JobState(PublishesTerminal, str, Enum):

@@ -1,5 +1,5 @@
 """The control plane's view of a sweep: a job of kind "sweep" plus the trial events its driver writes
-in the job's output folder (jobs/sweep_events.py), and stop requests for one trial.
+in the job's output folder (jobs/contracts/sweep_events.py), and stop requests for one trial.
 
 The driver is the only writer of the events; the service only reads them, so a sweep's trials are
 visible while it runs without any call into Ray, and after the service restarts. Once the job has
@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from jobs.contracts.sweep_events import SweepView, TrialState, read_sweep, request_stop
 from jobs.kinds import sweep
-from jobs.specs import LoopConfig
-from jobs.sweep_events import SweepView, TrialState, read_sweep, request_stop
-from jobs.sweep_spec import SweepSpec
+from jobs.specs.sweep import SweepSpec
+from jobs.specs.train import LoopConfig
 from orchestrator.controller.entrypoints import job_paths
 from orchestrator.states import JobState
 from orchestrator.store import JobRecord

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
-CountByState = Callable[..., Mapping[JobState, int]]  # JobStore.count_by_state(team=None)
+CountByState = Callable[..., Mapping[JobState, int]]  # store.jobs.count_by_state(team=None)
 
 
 class _JobsByState:

@@ -1,7 +1,7 @@
 """The components' typed configs, torch-free so the control plane can validate specs.
 
 Each component (model, compression, data, loop) has its config here and uses it from its own
-module (``workers.moe.model.ModelConfig`` is this ``ModelConfig``); ``jobs/specs.py`` composes them
+module (``workers.moe.model.ModelConfig`` is this ``ModelConfig``); ``jobs/specs/train.py`` composes them
 into a job spec. This module imports only pydantic: the orchestrator validates specs with the same
 models and must never import torch. Unknown keys are errors and every field carries bounds, so a
 typo in a spec fails before any Ray work starts.

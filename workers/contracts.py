@@ -27,7 +27,7 @@ class WorkerConfig(Config):
     device: Device
     expert_parallel: int = Field(1, ge=1)
     # A job spanning pools (resources.pools): the device each node gives, Ray node id -> device,
-    # resolved by the driver from the node's pool (jobs/pools.py); a worker takes its device from the
+    # resolved by the driver from the node's pool (jobs/contracts/pools.py); a worker takes its device from the
     # node it was placed on. Empty: every worker has ``device``.
     node_devices: dict[str, Device] = {}
     # The job mixes devices, so its placement bundles reserve CPUs only and each accelerator worker
@@ -36,7 +36,7 @@ class WorkerConfig(Config):
     # The job's output folder: its control/ subfolder carries "checkpoint now" requests
     # (workers/control.py); None: nobody can ask.
     control_dir: str | None = None
-    # A PBT segment of a sweep (jobs/sweep_trial.py): start from this checkpoint folder when the run has
+    # A PBT segment of a sweep (jobs/runtime/sweep_trial.py): start from this checkpoint folder when the run has
     # none of its own, and end after the checkpoint at stop_at_step. None: neither.
     init_checkpoint: str | None = None
     stop_at_step: int | None = Field(None, ge=1)

@@ -9,7 +9,7 @@ names the request, the step and the reason. A request made before a stop also as
 (``hold_s``): take no further step until it is stopped, at most that long (then it trains on, and
 nothing is lost). So a job stopped this way resumes from the step it had finished when asked, plus
 at most the step in flight, instead of up to a checkpoint interval back. A request with ``stop`` ends
-the run after its checkpoint instead (a sweep's trial stopped on request, jobs/sweep_trial.py).
+the run after its checkpoint instead (a sweep's trial stopped on request, jobs/runtime/sweep_trial.py).
 
 Files, not Ray actors: the writer may be the control plane, which reaches the cluster only through
 the Jobs API, and a retry of the job finds a request that its previous attempt never saw. Writes

@@ -3,10 +3,10 @@ carries it to the driver.
 
 Rank 0 sends a ``ProgressRecord`` every ``log_every`` steps to the driver (``ProgressChannel``); the
 driver shows a live bar on a terminal and otherwise prints each record as a line that reads
-``[progress] step=20/300 loss=3.21 tokens_per_s=5400 ...`` (jobs/display.py). ``key=value`` pairs
+``[progress] step=20/300 loss=3.21 tokens_per_s=5400 ...`` (jobs/runtime/display.py). ``key=value`` pairs
 are readable in ``ray job logs`` and parse back without a second channel: the control plane reads a
 job's progress from its driver's log with ``ProgressRecord.from_line``. This module has no torch or
-Ray import so the control plane can use it (through jobs/contracts.py).
+Ray import so the control plane can use it (through jobs/contracts/training.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ export async function enumValues(name) {
 }
 
 // The enum's values a record never leaves: the schema's "x-terminal" list (orchestrator/states.py,
-// jobs/sweep_events.py publish it), a subset of the enum.
+// jobs/contracts/sweep_events.py publish it), a subset of the enum.
 export async function terminalValues(name) {
   const listed = ((await schemas())[name] || {})["x-terminal"];
   if (!Array.isArray(listed)) throw new Error(`the API's schema lists no terminal values for ${name}`);

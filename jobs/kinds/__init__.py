@@ -5,8 +5,8 @@ their kind from here.
 
 Every kind runs the same way, under the service or by hand with ``ray job submit``:
 ``python -m <module> --spec FILE --out DIR``, the spec validated by the kind's model before any Ray
-work starts. A new kind is one file here, one line below and its entry module under ``jobs/``.
-Torch-free: the control plane imports it.
+work starts. A new kind is one file here, one line below, its spec under ``jobs/specs/`` and its
+entry module under ``jobs/``. Torch-free: the control plane imports it.
 """
 
 from __future__ import annotations

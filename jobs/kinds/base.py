@@ -20,7 +20,7 @@ from pydantic import BaseModel
 @dataclass(frozen=True)
 class Bundle:
     """``count`` placement bundles of ``need`` (Ray resource -> amount) in ``pool`` (an exact pool such
-    as ``gpu-a100`` or a bare device such as ``gpu``, jobs/pools.py)."""
+    as ``gpu-a100`` or a bare device such as ``gpu``, jobs/contracts/pools.py)."""
     pool: str
     need: Mapping[str, float]
     count: int = 1
@@ -37,10 +37,10 @@ class JobKind:
     # Required: a kind that forgot its paths would let a team read anywhere.
     path_fields: tuple[str, ...]
     # What a job of this kind holds while it runs, at its largest, as placement bundles; the first
-    # bundle's pool also holds the driver's reservation (jobs/demand.py: totals; the autoscaler sees
+    # bundle's pool also holds the driver's reservation (jobs/contracts/demand.py: totals; the autoscaler sees
     # the bundles themselves, orchestrator/controller/demand_groups.py).
     demand: Callable[[Any], tuple[Bundle, ...]]
-    # Whether PATCH /v1/jobs/{id} may change its worker count (jobs/elastic.py reads a train spec).
+    # Whether PATCH /v1/jobs/{id} may change its worker count (jobs/contracts/elastic.py reads a train spec).
     resizable: bool = False
     # How it is stopped (cancel, preemption, resize): a kind whose loop answers "checkpoint now"
     # (workers/control.py) is asked first and stopped once it confirms; any other is stopped at once,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.kinds.base import Bundle, JobKind
-from jobs.prepare_spec import PrepareSpec
+from jobs.specs.prepare import PrepareSpec
 
 KIND = JobKind(
     "prepare", "jobs.prepare", PrepareSpec, "corpus -> tokenizer -> packed parquet shards + manifest",

@@ -4,7 +4,7 @@ the service, a deployment only (orchestrator/deployments/reconciler.py)."""
 from __future__ import annotations
 
 from jobs.kinds.base import Bundle, JobKind
-from jobs.serve_spec import ServeSpec
+from jobs.specs.serve import ServeSpec
 
 KIND = JobKind(
     "serve", "jobs.serve", ServeSpec, "a checkpoint behind OpenAI-compatible routes on Ray Serve",

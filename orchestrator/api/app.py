@@ -22,7 +22,7 @@ from orchestrator.deployments.reconciler import DeploymentReconciler
 from orchestrator.deployments.serve_status import ServeStatus
 from orchestrator.ray_client import NoRay, RayJobs, SdkRayJobs
 from orchestrator.settings import Settings
-from orchestrator.store import JobStore
+from orchestrator.store import Store
 from orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,14 @@ def make_ray_client(settings: Settings) -> RayJobs:
                       logs_dir=settings.ray_logs_dir)
 
 
-def create_app(settings: Settings, *, ray: RayJobs | None = None, store: JobStore | None = None,
+def create_app(settings: Settings, *, ray: RayJobs | None = None, store: Store | None = None,
                entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS) -> FastAPI:
     """Build the service. ``ray``, ``store`` and the entry-point allow-list are injectable for tests
     (clients only ever choose a job kind); the controller thread starts with the app's lifespan when
     ``settings.controller_enabled``."""
-    store = store or JobStore(settings.database_url, settings.sqlite_synchronous)
+    store = store or Store(settings.database_url, settings.sqlite_synchronous)
     ray = ray or make_ray_client(settings)
-    telemetry = Telemetry(store.count_by_state)
+    telemetry = Telemetry(store.jobs.count_by_state)
     controller = (Controller(store, ray, settings, telemetry, entrypoints=entrypoints)
                   if settings.controller_enabled else None)
     # Serving deployments have their own reconciler (orchestrator/deployments/reconciler.py); it needs a cluster.

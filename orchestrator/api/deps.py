@@ -19,7 +19,7 @@ from orchestrator.auth import Authenticator, Principal
 from orchestrator.controller.loop import Controller
 from orchestrator.ray_client import RayJobs
 from orchestrator.settings import Settings
-from orchestrator.store import JobRecord, JobStore
+from orchestrator.store import JobRecord, Store
 from orchestrator.telemetry import Telemetry
 
 
@@ -27,7 +27,7 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
@@ -48,7 +48,7 @@ async def get_authenticator(request: Request) -> Authenticator:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
+StoreDep = Annotated[Store, Depends(get_store)]
 RayDep = Annotated[RayJobs, Depends(get_ray)]
 ControllerDep = Annotated[Controller | None, Depends(get_controller)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]

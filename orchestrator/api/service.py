@@ -15,9 +15,9 @@ from fastapi import HTTPException, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from jobs.elastic import ResizeError, check_size, describe_size, resized, size_bounds
+from jobs.contracts.elastic import ResizeError, check_size, describe_size, resized, size_bounds
 from jobs.kinds import KINDS, job_kind
-from jobs.specs import field_errors
+from jobs.specs.base import field_errors
 from orchestrator.api.schemas.jobs import JobCreate, JobResize, ResizeWorkers
 from orchestrator.auth import (
     Forbidden,
@@ -30,7 +30,7 @@ from orchestrator.auth import (
 )
 from orchestrator.controller.loop import Controller
 from orchestrator.states import JobState
-from orchestrator.store import IdempotencyConflict, JobNotFound, JobRecord, JobStore, ResizeConflict
+from orchestrator.store import IdempotencyConflict, JobNotFound, JobRecord, ResizeConflict, Store
 from orchestrator.sweeps import SWEEP_KIND
 
 
@@ -48,10 +48,10 @@ def wake(*loops: Wakeable | None) -> None:
 # -- who may see and act ---------------------------------------------------------------------------
 
 
-def visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecord:
+def visible_job(store: Store, job_id: str, principal: Principal) -> JobRecord:
     """The job, or 404 if there is none or the principal may not see it (the same answer for both)."""
     try:
-        job = store.get(job_id)
+        job = store.jobs.get(job_id)
     except JobNotFound:
         job = None
     if job is None or not can_see(principal, job):
@@ -59,7 +59,7 @@ def visible_job(store: JobStore, job_id: str, principal: Principal) -> JobRecord
     return job
 
 
-def visible_sweep(store: JobStore, job_id: str, principal: Principal) -> JobRecord:
+def visible_sweep(store: Store, job_id: str, principal: Principal) -> JobRecord:
     """``visible_job``, and 404 too for a job of another kind."""
     job = visible_job(store, job_id, principal)
     if job.kind != SWEEP_KIND:
@@ -93,11 +93,11 @@ def _body_loc(field: str) -> tuple[str | int, ...]:
     return ("body", "spec", *(int(p) if p.isdigit() else p for p in field.split(".")))
 
 
-def _check_roots(store: JobStore, principal: Principal, kind: str, spec: dict) -> None:
+def _check_roots(store: Store, principal: Principal, kind: str, spec: dict) -> None:
     """422 naming each path field of a user's spec outside its team's data roots (admins: any path)."""
     if principal.is_admin:
         return
-    problems = root_violations(kind, spec, store.team(principal.team).roots)
+    problems = root_violations(kind, spec, store.teams.get(principal.team).roots)
     if problems:
         raise RequestValidationError([{"type": "data_root", "loc": _body_loc(f), "msg": m} for f, m in problems])
 
@@ -107,14 +107,14 @@ def _never_fits(refusal: str, loc: tuple[str, ...]) -> RequestValidationError:
     return RequestValidationError([{"type": "capacity", "loc": loc, "msg": refusal}])
 
 
-def submit_job(store: JobStore, controller: Controller | None, principal: Principal, body: JobCreate,
+def submit_job(store: Store, controller: Controller | None, principal: Principal, body: JobCreate,
                idempotency_key: str | None) -> tuple[JobRecord, bool]:
     """Store a job (validated, PENDING) in the submitter's team and wake the controller; the job and
     whether it is new (False: the Idempotency-Key's earlier job). Nothing is stored on a 422 or 403."""
     team = acting_team(principal, body.team)
-    refusal = priority_refusal(principal, store.team(team), body.priority)
+    refusal = priority_refusal(principal, store.teams.get(team), body.priority)
     if refusal:
-        store.audit(principal.user, "submit.refused", team, detail=refusal, team=team)
+        store.audit.record(principal.user, "submit.refused", team, detail=refusal, team=team)
         raise HTTPException(status.HTTP_403_FORBIDDEN, refusal)
     if job_kind(body.kind).serves:
         raise RequestValidationError([{"type": "kind", "loc": ("body", "kind"), "msg": (
@@ -130,7 +130,7 @@ def submit_job(store: JobStore, controller: Controller | None, principal: Princi
     signed = {"request": payload, "team": team, "owner": principal.user}
     request_hash = hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
     try:
-        job, created = store.create(
+        job, created = store.jobs.create(
             kind=body.kind, name=body.spec.name, spec=payload["spec"], max_retries=body.max_retries,
             idempotency_key=idempotency_key, request_hash=request_hash if idempotency_key else None,
             team=team, owner=principal.user, priority=body.priority,
@@ -139,24 +139,25 @@ def submit_job(store: JobStore, controller: Controller | None, principal: Princi
         # 409, not 422: the body is valid; it conflicts with the request first made under this key.
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     if created:
-        store.audit(principal.user, "submit", job.id, detail=f"{job.kind} {job.name} priority={job.priority}",
-                    team=team)
+        store.audit.record(principal.user, "submit", job.id, detail=f"{job.kind} {job.name} priority={job.priority}",
+                           team=team)
         wake(controller)
     return job, created
 
 
-def cancel_job(store: JobStore, controller: Controller | None, principal: Principal, job: JobRecord) -> JobRecord:
+def cancel_job(store: Store, controller: Controller | None, principal: Principal, job: JobRecord) -> JobRecord:
     """Ask for a visible job's cancellation (409 if it already finished otherwise); the controller stops it."""
-    cancelled = store.request_cancel(job.id)  # a job is never deleted: it still exists
+    cancelled = store.jobs.request_cancel(job.id)  # a job is never deleted: it still exists
     if cancelled.state.terminal and cancelled.state is not JobState.CANCELLED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} already {cancelled.state.value}")
     if cancelled.cancel_requested and not job.cancel_requested:
-        store.audit(principal.user, "cancel", job.id, detail=f"in state {cancelled.state.value}", team=cancelled.team)
+        store.audit.record(principal.user, "cancel", job.id, detail=f"in state {cancelled.state.value}",
+                           team=cancelled.team)
     wake(controller)
     return cancelled
 
 
-def resize_job(store: JobStore, controller: Controller | None, principal: Principal, job: JobRecord,
+def resize_job(store: Store, controller: Controller | None, principal: Principal, job: JobRecord,
                body: JobResize) -> JobRecord:
     """Store a visible training job's new size (422 naming the field for a size out of its bounds or
     one the cluster can never hold, 409 for a job that cannot take it now); the controller restarts it."""
@@ -181,10 +182,10 @@ def resize_job(store: JobStore, controller: Controller | None, principal: Princi
     if refusal:
         raise _never_fits(refusal, ("body", field))
     try:
-        job = store.request_resize(job.id, new_spec)
+        job = store.jobs.request_resize(job.id, new_spec)
     except ResizeConflict as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
-    store.audit(principal.user, "resize", job.id, detail=f"to {describe_size(new_spec)} in state {job.state.value}",
-                team=job.team)
+    store.audit.record(principal.user, "resize", job.id,
+                       detail=f"to {describe_size(new_spec)} in state {job.state.value}", team=job.team)
     wake(controller)
     return job

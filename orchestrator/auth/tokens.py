@@ -25,7 +25,7 @@ import time
 import anyio.to_thread
 
 from orchestrator.auth.principals import ADMIN, Principal
-from orchestrator.store import JobStore
+from orchestrator.store import Store
 
 TOKEN_PREFIX = "orch_"
 TOKEN_BYTES = 32  # 256 random bits
@@ -50,7 +50,7 @@ def bearer_secret(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, admin_token: str, store: JobStore, cache_ttl_s: float):
+    def __init__(self, admin_token: str, store: Store, cache_ttl_s: float):
         self._admin_token = admin_token.encode()
         self._store = store
         self._ttl_s = cache_ttl_s
@@ -69,7 +69,7 @@ class Authenticator:
         return token_hash, None
 
     def _from_store(self, token_hash: str) -> Principal | None:
-        record = self._store.token_by_hash(token_hash)
+        record = self._store.tokens.by_hash(token_hash)
         if record is None or record.revoked:
             return None
         principal = Principal(user=record.user, team=record.team, role=record.role)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import typer
 
-from jobs.specs import field_errors
+from jobs.specs.base import field_errors
 from orchestrator.cli.core import EXIT_FAILED, EXIT_USAGE, CliError, api_url
 
 REQUEST_TIMEOUT_S = 30.0

@@ -34,7 +34,7 @@ def submit(
 ) -> None:
     # The spec is validated here, before anything is sent.
     from jobs.kinds import job_kind
-    from jobs.specs import SpecError, read_yaml, validate_as
+    from jobs.specs.base import SpecError, read_yaml, validate_as
 
     try:
         if job_kind(kind).serves:

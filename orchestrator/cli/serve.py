@@ -46,7 +46,7 @@ def serve(
         "--timeout", metavar="SECONDS", min=0.0, help="with --wait: give up waiting after this long")] = WAIT_TIMEOUT_S,
     json_out: JsonFlag = False,
 ) -> None:
-    from jobs.specs import SpecError, apply_override
+    from jobs.specs.base import SpecError, apply_override
 
     if (checkpoint is None) == (job is None):
         raise CliError("give a CHECKPOINT folder or --job ID (one of them)", EXIT_USAGE)

@@ -37,8 +37,8 @@ def sweep(
     follow: FollowFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
-    from jobs.specs import SpecError
-    from jobs.sweep_spec import load_sweep_spec  # validated here, before anything is sent
+    from jobs.specs.base import SpecError
+    from jobs.specs.sweep import load_sweep_spec  # validated here, before anything is sent
 
     try:
         loaded = load_sweep_spec(spec, set_ or [])

@@ -149,7 +149,7 @@ def _fake_nodes(autoscale: bool, config: Path | None) -> FakeNodes | None:
     """The fake node types for --autoscale (from FILE, or the defaults); None without --autoscale."""
     from pydantic import ValidationError
 
-    from jobs.specs import field_errors
+    from jobs.specs.base import field_errors
     from orchestrator.local.autoscale import FakeNodes
 
     if not autoscale:

@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from jobs.demand import Demand
+from jobs.contracts.demand import Demand
+from jobs.contracts.pools import POOL_LABEL, pool_device
+from jobs.contracts.ray_private import use_auth_token
 from jobs.kinds import Bundle
-from jobs.pools import POOL_LABEL, pool_device
-from jobs.ray_private import use_auth_token
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)

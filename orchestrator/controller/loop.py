@@ -41,7 +41,7 @@ from orchestrator.scheduler.schedule import Decisions, Policies
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.states import IllegalTransition, JobState
-from orchestrator.store import JobRecord, JobStore
+from orchestrator.store import JobRecord, Store
 from orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Controller(ReconcileLoop):
     thread_name = "orch-controller"
     stop_timeout_s = STOP_TIMEOUT_S
 
-    def __init__(self, store: JobStore, ray: RayJobs, settings: Settings, telemetry: Telemetry | None = None,
+    def __init__(self, store: Store, ray: RayJobs, settings: Settings, telemetry: Telemetry | None = None,
                  entrypoints: dict[str, str] = ALLOWED_ENTRYPOINTS, clock=time.monotonic,
                  fault_hook: Callable[[str], None] = no_fault, policies: Policies | None = None,
                  demand: DemandSink | None = None):
@@ -92,7 +92,7 @@ class Controller(ReconcileLoop):
 
     def reconcile_once(self) -> None:
         self.telemetry.reconciles.inc()
-        jobs = self.store.unfinished()
+        jobs = self.store.jobs.unfinished()
         reader = self.steps.reader
         reader.keep_only(job.id for job in jobs if job.state is S.RUNNING)
         try:
@@ -128,8 +128,8 @@ class Controller(ReconcileLoop):
     def _schedule(self, jobs: list[JobRecord]) -> None:
         """Admit, queue and preempt by one scheduler pass over the jobs as this pass first read them and
         every stored deployment (whose reconciler deploys only what this pass admitted)."""
-        quotas = {name: team.quotas for name, team in self.store.teams().items() if team.quotas}
-        decisions = self.scheduler.plan(jobs, self.ray, quotas, self.store.deployments()[0])
+        quotas = {name: team.quotas for name, team in self.store.teams.all().items() if team.quotas}
+        decisions = self.scheduler.plan(jobs, self.ray, quotas, self.store.deployments.list()[0])
         by_id = {job.id: job for job in jobs}
         for victim in decisions.preempt:
             self._guarded(by_id[victim.job_id], lambda job, v=victim: self.steps.preempt(job, v.reason))
@@ -142,8 +142,8 @@ class Controller(ReconcileLoop):
         for admit in decisions.admit:
             self._guarded(by_id[admit.job_id], self.steps.start_attempt)
         self._record_queue(decisions, by_id)
-        self.store.record_deployment_queue([a.job_id for a in decisions.serving_admit],
-                                           [(w.job_id, w.reason) for w in decisions.serving_wait])
+        self.store.deployments.record_queue([a.job_id for a in decisions.serving_admit],
+                                            [(w.job_id, w.reason) for w in decisions.serving_wait])
 
     def _demand_group(self, job: JobRecord):
         kind = job_kind(job.kind)
@@ -156,7 +156,7 @@ class Controller(ReconcileLoop):
         entries += [(w.job_id, w.position, w.reason) for w in decisions.wait]
         changed = [(i, p, r) for i, p, r in entries if (by_id[i].queue_position, by_id[i].queue_reason) != (p, r)]
         if changed:
-            self.store.set_queue_many(changed)
+            self.store.jobs.set_queue_many(changed)
 
     # -- running it -------------------------------------------------------------------------------
 

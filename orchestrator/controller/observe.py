@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.contracts import ProgressRecord, TrainSummary
+from jobs.contracts.training import ProgressRecord, TrainSummary
 from orchestrator.controller.entrypoints import job_paths
 from orchestrator.ray_client import RayJobs, RayJobView
 from orchestrator.settings import Settings
-from orchestrator.store import JobRecord, JobStore
+from orchestrator.store import JobRecord, Store
 from orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class _Progress:
 class AttemptReader:
     """Metrics of the attempts the controller looks at; ``clock`` is the controller's (tests move it)."""
 
-    def __init__(self, store: JobStore, ray: RayJobs, settings: Settings, telemetry: Telemetry,
+    def __init__(self, store: Store, ray: RayJobs, settings: Settings, telemetry: Telemetry,
                  clock: Callable[[], float]):
         self.store, self.ray, self.settings, self.telemetry, self.clock = store, ray, settings, telemetry, clock
         self._read_at: dict[str, float] = {}
@@ -119,7 +119,7 @@ class AttemptReader:
         else:
             metrics.update(self._stall_marks(job, latest["step"] if latest else None, now))
         if metrics != (job.metrics or {}):
-            self.store.set_metrics(job.id, metrics)
+            self.store.jobs.set_metrics(job.id, metrics)
 
     def _latest(self, job_id: str, submission_id: str) -> dict[str, Any] | None:
         """The attempt's latest progress record, from what its log gained since the last read."""
@@ -157,9 +157,9 @@ class AttemptReader:
 
     def clear_stall(self, job_id: str) -> None:
         """Drop the stall mark of an attempt that ended without a final metrics read (lost, stopped)."""
-        metrics = self.store.get(job_id).metrics or {}
+        metrics = self.store.jobs.get(job_id).metrics or {}
         if not STALL_KEYS.isdisjoint(metrics):
-            self.store.set_metrics(job_id, _unstalled(metrics))
+            self.store.jobs.set_metrics(job_id, _unstalled(metrics))
 
 
 def latest_progress(logs: str) -> dict[str, Any] | None:

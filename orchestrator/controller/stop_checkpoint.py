@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs.contracts import CheckpointRequest, ControlChannel
+from jobs.contracts.training import CheckpointRequest, ControlChannel
 from jobs.kinds import job_kind
 from orchestrator.controller.entrypoints import job_paths
 from orchestrator.settings import Settings

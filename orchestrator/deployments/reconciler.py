@@ -56,7 +56,7 @@ from orchestrator.store import (
     DeploymentNotFound,
     DeploymentRecord,
     DeploymentStatus,
-    JobStore,
+    Store,
     delete_submission_id,
     deploy_submission_id,
 )
@@ -90,7 +90,7 @@ def write_spec(settings: Settings, d: DeploymentRecord) -> Path:
 class DeploymentReconciler(ReconcileLoop):
     thread_name = "orch-deployments"
 
-    def __init__(self, store: JobStore, ray: RayJobs, serve: ServeStatus, settings: Settings):
+    def __init__(self, store: Store, ray: RayJobs, serve: ServeStatus, settings: Settings):
         super().__init__()
         self.store, self.ray, self.serve, self.settings = store, ray, serve, settings
 
@@ -111,7 +111,7 @@ class DeploymentReconciler(ReconcileLoop):
     # -- one pass ---------------------------------------------------------------------------------
 
     def reconcile_once(self) -> None:
-        deployments, _ = self.store.deployments()
+        deployments, _ = self.store.deployments.list()
         if not deployments:
             return
         # Jobs before applications: a deploy job seen ended has finished its serve.run, so the
@@ -142,7 +142,7 @@ class DeploymentReconciler(ReconcileLoop):
             return
         if app is not None and d.deploys == 0:
             if d.status is not DeploymentStatus.FAILED:
-                self.store.update_deployment(d.id, status=DeploymentStatus.FAILED, message=(
+                self.store.deployments.update(d.id, status=DeploymentStatus.FAILED, message=(
                     f"Serve already runs an application named {d.name!r} that this service did not deploy; "
                     "delete this deployment and choose another name"))
             return
@@ -159,11 +159,11 @@ class DeploymentReconciler(ReconcileLoop):
             if deploy_job.exit_code == SPEC_ERROR_EXIT_CODE:  # the spec or checkpoint is invalid
                 failures = max(failures, self.settings.deploy_max_failures)
             if failures >= self.settings.deploy_max_failures:
-                self.store.update_deployment(d.id, status=DeploymentStatus.FAILED, failures=failures,
-                                             message=f"gave up after {failures} failed deploys: {reason}")
+                self.store.deployments.update(d.id, status=DeploymentStatus.FAILED, failures=failures,
+                                              message=f"gave up after {failures} failed deploys: {reason}")
                 return
-            self.store.update_deployment(d.id, status=DeploymentStatus.DEPLOY_FAILED, failures=failures,
-                                         message=f"deploy {d.deploys} failed, deploying again: {reason}")
+            self.store.deployments.update(d.id, status=DeploymentStatus.DEPLOY_FAILED, failures=failures,
+                                          message=f"deploy {d.deploys} failed, deploying again: {reason}")
         elif d.deploys:
             log.warning("deployments: %s (%s) is missing from Serve; deploying it again", d.id, d.name)
         self._submit_deploy(d)
@@ -173,13 +173,13 @@ class DeploymentReconciler(ReconcileLoop):
                                   "replicas": app.replicas if app is not None else {}}
         if status is DeploymentStatus.RUNNING:
             values["failures"] = 0
-        self.store.update_deployment(d.id, **values)
+        self.store.deployments.update(d.id, **values)
 
     def _submit_deploy(self, d: DeploymentRecord) -> None:
         number = d.deploys + 1
         # Intent first: a crash after this line reuses the number (and Ray refuses a second copy).
-        self.store.update_deployment(d.id, deploys=number, status=DeploymentStatus.DEPLOYING,
-                                     message=f"submitting deploy {number}")
+        self.store.deployments.update(d.id, deploys=number, status=DeploymentStatus.DEPLOYING,
+                                      message=f"submitting deploy {number}")
         spec = write_spec(self.settings, d)
         argv = [self.settings.job_python, "-m", ALLOWED_ENTRYPOINTS["serve"], "--spec", str(spec),
                 "--host", self.settings.serve_host, "--port", str(self.settings.serve_port)]
@@ -188,7 +188,7 @@ class DeploymentReconciler(ReconcileLoop):
     def _confinement(self, d: DeploymentRecord) -> dict[str, str]:
         """``ORCH_DATA_ROOTS`` for a non-admin team's deploy (see the module docstring); none for the
         admin team's. ``s3://`` roots and checkpoints are left out: object stores have no links."""
-        return confinement_env(d.team, self.store.team(d.team).roots, d.checkpoint)
+        return confinement_env(d.team, self.store.teams.get(d.team).roots, d.checkpoint)
 
     def _submit(self, d: DeploymentRecord, submission_id: str, argv: list[str], action: str,
                 env: Mapping[str, str] | None = None) -> None:
@@ -198,8 +198,8 @@ class DeploymentReconciler(ReconcileLoop):
                             metadata={"orch_deployment_id": d.id, "orch_action": action},
                             entrypoint_resources=dict(self.settings.driver_resources))
         except RayRefused as e:
-            self.store.update_deployment(d.id, status=DeploymentStatus.FAILED,
-                                         message=f"Ray refused the {action} job: {e}")
+            self.store.deployments.update(d.id, status=DeploymentStatus.FAILED,
+                                          message=f"Ray refused the {action} job: {e}")
 
     def _delete(self, d: DeploymentRecord, app: AppView | None, deploy_job: RayJobView | None,
                 delete_job: RayJobView | None) -> None:
@@ -209,7 +209,7 @@ class DeploymentReconciler(ReconcileLoop):
         if delete_job is not None and not delete_job.terminal:
             return
         if app is None or d.deploys == 0:  # gone, or never ours to delete
-            self.store.remove_deployment(d.id)
+            self.store.deployments.remove(d.id)
             log.info("deployments: %s (%s) removed", d.id, d.name)
             return
         if d.failures >= self.settings.deploy_max_failures:
@@ -217,10 +217,10 @@ class DeploymentReconciler(ReconcileLoop):
         failures = d.failures + int(delete_job is not None and delete_job.status != "SUCCEEDED")
         if failures >= self.settings.deploy_max_failures:
             reason = (delete_job.message or "")[-MESSAGE_MAX_CHARS:] if delete_job else ""
-            self.store.update_deployment(d.id, failures=failures, message=(
+            self.store.deployments.update(d.id, failures=failures, message=(
                 f"delete failed {failures} times (DELETE again to retry): {reason}"))
             return
         number = d.deletes + 1
-        self.store.update_deployment(d.id, deletes=number, failures=failures, message=f"deleting (job {number})")
+        self.store.deployments.update(d.id, deletes=number, failures=failures, message=f"deleting (job {number})")
         argv = [self.settings.job_python, "-m", ALLOWED_ENTRYPOINTS["serve"], "--delete", d.name]
         self._submit(d, delete_submission_id(d.id, number), argv, "delete")

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.ray_private import node_ip_address
+from jobs.contracts.ray_private import node_ip_address
 
 # The fake provider registers the head under this node type (fake_multi_node/node_provider.py,
 # FAKE_HEAD_NODE_TYPE); any other name leaves the head without a node type.
@@ -115,7 +115,7 @@ class FakeNodes(_Config):
     def max_extra(self) -> dict[str, dict[str, float]]:
         """Per pool, what the autoscaler may add at most (``ORCH_AUTOSCALER_MAX_EXTRA``): the
         scheduler refuses only jobs larger than the nodes plus this."""
-        from jobs.pools import pool_of
+        from jobs.contracts.pools import pool_of
 
         extra: dict[str, dict[str, float]] = {}
         for w in self.workers:

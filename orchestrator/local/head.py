@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from jobs.trainer import DATA_HEADROOM_CPUS
+from jobs.kinds.train import DATA_HEADROOM_CPUS
 from orchestrator.local.autoscale import FakeNodes, local_gcs_address, write_autoscaler_config
 from workers.waiting import wait_until
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from jobs.demand import Demand, devices
-from jobs.pools import satisfies
+from jobs.contracts.demand import Demand, devices
+from jobs.contracts.pools import satisfies
 from orchestrator.scheduler.pools import candidates, covers
 from orchestrator.scheduler.views import JobView
 

@@ -1,6 +1,6 @@
 """Pools derived from what Ray reports, and the free-resource ledger of one scheduling pass.
 
-Nothing is configured by hand: each alive node's pool is ``jobs.pools.pool_of(resources, labels)``.
+Nothing is configured by hand: each alive node's pool is ``jobs.contracts.pools.pool_of(resources, labels)``.
 A pool's *capacity* is its alive nodes' totals; *unmanaged* is what Ray jobs the service did not
 submit (``ray job submit``) hold there; *max capacity* adds what the autoscaler may still bring
 (``ORCH_AUTOSCALER_MAX_EXTRA``, per pool), the bar for "can this job ever run".
@@ -15,8 +15,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from jobs.demand import Demand
-from jobs.pools import pool_device, pool_of, satisfies
+from jobs.contracts.demand import Demand
+from jobs.contracts.pools import pool_device, pool_of, satisfies
 from orchestrator.ray_client import NodeView, UnmanagedJob
 
 Resources = dict[str, float]

@@ -23,8 +23,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from jobs.demand import Demand, devices
-from jobs.pools import satisfies
+from jobs.contracts.demand import Demand, devices
+from jobs.contracts.pools import satisfies
 from orchestrator.scheduler.policies import (
     BestFit,
     LowerPriorityFirst,
@@ -78,7 +78,7 @@ class Decisions:
     reserved: dict[str, dict[str, float]] = field(default_factory=dict)  # pool -> held by admitted jobs
     queued_demand: dict[str, dict[str, float]] = field(default_factory=dict)  # pool or device -> waiting jobs'
     # Deployments' decisions, which Scheduler.plan moves out of ``admit`` and ``wait`` (those are the
-    # jobs whose attempts the controller starts); the store records them (``record_deployment_queue``).
+    # jobs whose attempts the controller starts); the store records them (``store.deployments.record_queue``).
     serving_admit: list[Admit] = field(default_factory=list)
     serving_wait: list[Wait] = field(default_factory=list)
 

@@ -11,7 +11,7 @@ Serving deployments share this one accounting. Their replicas run on Ray Serve f
 deployment is stored, so the pass takes every stored deployment too (``plan(..., deployments)``):
 one that ``holds`` (admitted, not given up) is an admitted view holding its booking, a QUEUED one is
 queued like a job, admitted or kept waiting with a reason (``Decisions.serving_admit`` and
-``serving_wait``, which the controller records with ``store.record_deployment_queue``). The
+``serving_wait``, which the controller records with ``store.deployments.record_queue``). The
 reconciler (orchestrator/deployments/reconciler.py) deploys only what this pass admitted. A deployment books
 its replicas at ``max_replicas`` x ``num_cpus`` (``deployment_demand``): Serve's autoscaler adds
 replicas up to the maximum without asking, so only that booking keeps quotas and free capacity true.
@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.demand import Demand, job_demand
-from jobs.elastic import SPEC_MAX_WORKERS
+from jobs.contracts.demand import Demand, job_demand
+from jobs.contracts.elastic import SPEC_MAX_WORKERS
 from jobs.kinds import job_kind
-from jobs.serve_spec import ServeSpec
-from jobs.specs import TrainSpec
+from jobs.specs.serve import ServeSpec
+from jobs.specs.train import TrainSpec
 from orchestrator.ray_client import RayJobs, UnmanagedJob
 from orchestrator.scheduler.pools import Pool, build_pools, never_fits
 from orchestrator.scheduler.schedule import Decisions, Policies, Quotas, schedule_pass

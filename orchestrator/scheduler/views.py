@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jobs.demand import Demand
+from jobs.contracts.demand import Demand
 
 Priority = Literal["low", "normal", "high"]
 PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high")
@@ -15,7 +15,7 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 @dataclass(frozen=True)
 class JobView:
-    """``demand`` is per pool or device (jobs/demand.py). ``placement`` maps each demand key to the
+    """``demand`` is per pool or device (jobs/contracts/demand.py). ``placement`` maps each demand key to the
     concrete pool it is booked in (admitted jobs only). ``preemptible``: RUNNING, so it can
     checkpoint on request; a job still starting has no checkpoint to resume from. ``slot``: it takes
     one of the ``ORCH_MAX_ACTIVE_JOBS`` slots (a deployment's replicas do not: the limit counts jobs)."""

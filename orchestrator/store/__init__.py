@@ -1,11 +1,19 @@
-"""The durable job store: ``JobStore`` and the records it hands out.
+"""The durable store: ``Store`` and the records its repositories hand out.
 
-Split by concern: ``tables`` (the one schema definition), ``records`` (immutable job records),
-``repository`` (``JobStore``: reads and the one transition function), ``access`` (teams, user
-tokens, the audit log), ``deployments`` (serving deployments), ``schema`` and ``migrations/``
-(Alembic revisions, applied at every open).
+``Store`` (``database``) owns one database: the engine, the write lock and the transaction helper
+(``transactions``), the migration at every open (``schema`` and the Alembic revisions in
+``migrations/``), ``ping`` and ``close``. It exposes one repository per aggregate, each given the
+shared transactions and writing only its own tables:
+
+* ``store.jobs`` (``jobs``): jobs, their state history and attempts, queue places, resize requests,
+  preemptions; ``store.jobs.transition`` is the one place a job changes state;
+* ``store.teams``, ``store.tokens``, ``store.audit`` (``access``): teams, user tokens, the audit log;
+* ``store.deployments`` (``deployments``): serving deployments.
+
+``tables`` is the one schema definition; ``records`` the immutable job, team, token and audit records.
 """
 
+from orchestrator.store.database import Store
 from orchestrator.store.deployments import (
     DeploymentConflict,
     DeploymentNotFound,
@@ -29,7 +37,6 @@ from orchestrator.store.records import (
     new_job_id,
     submission_id_for,
 )
-from orchestrator.store.repository import SQLITE_BUSY_TIMEOUT_MS, JobStore
 from orchestrator.store.schema import SchemaTooNew
 from orchestrator.store.tables import (
     attempts_t,
@@ -41,6 +48,7 @@ from orchestrator.store.tables import (
     teams_t,
     tokens_t,
 )
+from orchestrator.store.transactions import SQLITE_BUSY_TIMEOUT_MS
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
@@ -54,9 +62,9 @@ __all__ = [
     "IdempotencyConflict",
     "JobNotFound",
     "JobRecord",
-    "JobStore",
     "ResizeConflict",
     "SchemaTooNew",
+    "Store",
     "TeamRecord",
     "TokenNotFound",
     "TokenRecord",

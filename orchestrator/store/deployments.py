@@ -1,9 +1,8 @@
-"""Serving deployments, stored beside the jobs: the set of Ray Serve applications the service keeps
-running. ``JobStore`` inherits these methods (one database, one write lock). The API writes the
-intent (create, delete request); the controller's scheduler admits a QUEUED deployment or says why
-it waits (``record_deployment_queue``, the only write while it is QUEUED); the reconciler
-(orchestrator/deployments/reconciler.py) is the only writer of what Serve reports and of the deploy/delete
-counters, and never touches a QUEUED deployment.
+"""``store.deployments``: serving deployments, stored beside the jobs: the set of Ray Serve applications
+the service keeps running. The API writes the intent (create, delete request); the controller's
+scheduler admits a QUEUED deployment or says why it waits (``record_queue``, the only write while it
+is QUEUED); the reconciler (orchestrator/deployments/reconciler.py) is the only writer of what Serve
+reports and of the deploy/delete counters, and never touches a QUEUED deployment.
 """
 
 from __future__ import annotations
@@ -11,16 +10,16 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.store.tables import deployments_t
+from orchestrator.store.transactions import Transactions
 
 
 class DeploymentStatus(str, Enum):
@@ -109,10 +108,11 @@ def prefixes_overlap(a: str, b: str) -> bool:
 _RECONCILED = frozenset({"status", "message", "replicas", "deploys", "deletes", "failures", "checked_at"})
 
 
-class DeploymentRecords:
-    _tx: Callable[..., AbstractContextManager[Connection]]  # JobStore's transaction (write=True by default)
+class DeploymentRepository:
+    def __init__(self, tx: Transactions):
+        self._tx = tx
 
-    def create_deployment(self, *, name: str, route_prefix: str, team: str, owner: str, spec: dict[str, Any],
+    def create(self, *, name: str, route_prefix: str, team: str, owner: str, spec: dict[str, Any],
                           source: str | None, deployment_id: str | None = None) -> DeploymentRecord:
         """Store a new deployment (PENDING); DeploymentConflict if its name is taken or its prefix
         overlaps a stored deployment's (any team's: both are one namespace on the Serve cluster)."""
@@ -136,14 +136,14 @@ class DeploymentRecords:
                 raise DeploymentConflict(f"name or route_prefix: {name!r} / {route_prefix!r} was just taken") from None
         return record
 
-    def deployment(self, deployment_id: str) -> DeploymentRecord:
+    def get(self, deployment_id: str) -> DeploymentRecord:
         with self._tx(write=False) as conn:
             row = conn.execute(select(deployments_t).where(deployments_t.c.id == deployment_id)).first()
         if row is None:
             raise DeploymentNotFound(deployment_id)
         return _record(row)
 
-    def deployments(self, team: str | None = None, limit: int | None = None,
+    def list(self, team: str | None = None, limit: int | None = None,
                     offset: int = 0) -> tuple[list[DeploymentRecord], int]:
         """Deployments newest first, and how many match in all; ``team``: that team's only."""
         q = select(deployments_t).order_by(deployments_t.c.created_at.desc(), deployments_t.c.id).offset(offset)
@@ -157,7 +157,7 @@ class DeploymentRecords:
             total = conn.execute(count_q).scalar_one()
         return [_record(r) for r in rows], total
 
-    def update_deployment(self, deployment_id: str, **values: Any) -> DeploymentRecord:
+    def update(self, deployment_id: str, **values: Any) -> DeploymentRecord:
         """Store what the reconciler did or saw (only the columns in ``_RECONCILED``). A row asked to
         be deleted stays DELETING whatever Serve reports. DeploymentNotFound if it is gone."""
         unknown = set(values) - _RECONCILED
@@ -177,7 +177,7 @@ class DeploymentRecords:
                          .values(**values, updated_at=time.time()))
             return _record(conn.execute(select(deployments_t).where(deployments_t.c.id == deployment_id)).one())
 
-    def record_deployment_queue(self, admitted: Iterable[str], waiting: Iterable[tuple[str, str]]) -> None:
+    def record_queue(self, admitted: Iterable[str], waiting: Iterable[tuple[str, str]]) -> None:
         """The scheduler's pass, in one transaction: ``admitted`` deployments go QUEUED -> PENDING (the
         reconciler deploys them); ``waiting`` ones (id, reason) keep QUEUED with the reason as their
         message. Only rows still QUEUED change (a delete asked meanwhile wins); unchanged rows are
@@ -194,7 +194,7 @@ class DeploymentRecords:
                 conn.execute(t.update().where(t.c.id == deployment_id, queued, t.c.message.is_distinct_from(reason))
                              .values(message=reason, updated_at=now))
 
-    def request_deployment_delete(self, deployment_id: str) -> DeploymentRecord:
+    def request_delete(self, deployment_id: str) -> DeploymentRecord:
         """Mark the deployment DELETING (asking again resets a delete that kept failing)."""
         with self._tx() as conn:
             found = conn.execute(deployments_t.update().where(deployments_t.c.id == deployment_id).values(
@@ -204,7 +204,7 @@ class DeploymentRecords:
                 raise DeploymentNotFound(deployment_id)
             return _record(conn.execute(select(deployments_t).where(deployments_t.c.id == deployment_id)).one())
 
-    def remove_deployment(self, deployment_id: str) -> None:
+    def remove(self, deployment_id: str) -> None:
         """Drop the row once Serve no longer has its application (the reconciler's last step)."""
         with self._tx() as conn:
             conn.execute(deployments_t.delete().where(deployments_t.c.id == deployment_id))

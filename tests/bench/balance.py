@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.specs import load_spec
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO
 
 SPEEDS = (1, 2, 4)
@@ -61,7 +61,7 @@ def _run(scratch: Path, name: str, speeds: tuple[int, ...], split: str, steps: i
     """One job of len(speeds) workers: its steady tokens/s (mean over the records after WARM_STEPS)."""
     from ray.util.queue import Queue
 
-    from jobs.trainer import build_trainer
+    from jobs.runtime.trainer import build_trainer
     from workers.data import build_shards
     from workers.progress import PROGRESS
 
@@ -91,7 +91,7 @@ def _run(scratch: Path, name: str, speeds: tuple[int, ...], split: str, steps: i
 
 
 def balance_section(scratch: Path, steps: int | None = None, reuse: bool = False) -> dict:
-    from jobs.trainer import init_ray
+    from jobs.runtime.trainer import init_ray
 
     steps = steps or STEPS
     scratch = scratch / "balance"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.specs import load_spec
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO, run_train
 from workers.moe.model import MoETransformer
 from workers.progress import parse_progress

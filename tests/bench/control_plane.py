@@ -40,7 +40,7 @@ WARMUP_REQUESTS = 50
 
 
 def _demo_body() -> dict[str, Any]:
-    from jobs.specs import load_spec
+    from jobs.specs.train import load_spec
 
     return {"spec": load_spec(DEMO).model_dump(mode="json"), "max_retries": 0}
 

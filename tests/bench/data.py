@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.specs import TrainSpec, load_spec
+from jobs.specs.train import TrainSpec, load_spec
 from tests.conftest import DEMO
 
 SIZES_ENV = "MOE_BENCH_DATA_GB"  # "SMALL,LARGE" in GB of shard files, e.g. "0.125,1" on a slow machine
@@ -356,7 +356,7 @@ def wait_share(path: Path) -> dict[str, float]:
 
 
 def train_run(data: Any, spec: TrainSpec, out: Path) -> dict[str, Any]:
-    from jobs.trainer import build_trainer
+    from jobs.runtime.trainer import build_trainer
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -425,7 +425,7 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
 
 
 def data_section(scratch: Path, steps: int | None = None, reuse: bool = False) -> dict:
-    from jobs.trainer import init_ray
+    from jobs.runtime.trainer import init_ray
     from tests.bench.data_prepare import PREP_WARMUP_BYTES, prepare_run
     from tests.bench.data_report import markdown
     from tests.bench.data_s3 import s3_section

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from jobs.contracts import ProgressRecord
-from jobs.specs import validate_spec
+from jobs.contracts.training import ProgressRecord
+from jobs.specs.train import validate_spec
 from orchestrator.api.app import create_app
 from orchestrator.local.autoscale import FakeNodes, FakeWorkerType
 from orchestrator.local.head import LocalRayHead

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.specs import load_spec
+from jobs.specs.train import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "jobs" / "examples" / "demo.yaml"
@@ -173,7 +173,7 @@ class _DiskWatch:
 
 
 def drain(cluster, data_dir: Path, tiny: list[str], out: Path) -> dict:
-    from jobs.trainer import RUN_NAME
+    from jobs.runtime.trainer import RUN_NAME
     from workers.progress import NOTE, PROGRESS
 
     # No interval checkpoint before the end: the notice's is the first on disk.

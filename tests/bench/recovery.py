@@ -3,7 +3,7 @@ worker group inside the job from the latest checkpoint. Part of the elastic sect
 (tests/bench/elastic.py); run alone with ``python -m tests.bench.recovery``.
 
 Three runs side by side, each on an embedded 4-CPU cluster of its own: with Ray's defaults, with the
-job's settings (jobs/trainer.py): ``DATA_REQUEST_ENV`` (the workers' data pipelines' resource requests
+job's settings (jobs/runtime/trainer.py): ``DATA_REQUEST_ENV`` (the workers' data pipelines' resource requests
 at Ray Data's AutoscalingCoordinator lapse within 10 s of a worker's death instead of 180 s) and
 ``TRAIN_POLL_ENV`` (Ray Train's controller polls its workers every 0.5 s instead of 2 s), and between
 them the job's settings with torch preloaded into every worker process, as the embedded cluster had
@@ -76,8 +76,8 @@ def _fit(spec: Any, out: Path, ray_defaults: bool) -> tuple[list[tuple[float, st
     payload, workers' CPU then), the kill's time and the run's attempts (``_attempts``)."""
     from ray.util.queue import Queue
 
-    import jobs.trainer as trainer_module
-    from jobs.trainer import build_trainer
+    import jobs.runtime.trainer as trainer_module
+    from jobs.runtime.trainer import build_trainer
     from workers.data import build_shards
     from workers.progress import PROGRESS
 
@@ -115,7 +115,7 @@ def _median_step_s(records: list[tuple[float, int]], first: int, last: int) -> f
 
 
 def measure(scratch: Path, ray_defaults: bool) -> dict:
-    from jobs.specs import load_spec
+    from jobs.specs.train import load_spec
     from workers.progress import NOTE, PROGRESS
 
     spec = load_spec(REPO / "jobs" / "examples" / "demo.yaml", SETS)
@@ -153,7 +153,7 @@ def measure(scratch: Path, ray_defaults: bool) -> dict:
 @contextlib.contextmanager
 def preloading(modules: list[str]) -> Any:
     """Every ``ray.init`` here starts its cluster with ``modules`` preloaded into each worker process
-    (Ray's preload_python_modules): jobs.trainer.init_ray as it was before issue 23's cut."""
+    (Ray's preload_python_modules): jobs.runtime.trainer.init_ray as it was before issue 23's cut."""
     import ray
 
     real = ray.init
@@ -170,11 +170,11 @@ def preloading(modules: list[str]) -> Any:
 
 def _run_on_cluster(scratch: Path, ray_defaults: bool) -> dict:
     """One run on an embedded cluster of its own (4 CPUs: 2 workers and Ray Data's tasks): Ray's
-    defaults, or the one jobs.train starts (jobs/trainer.py ``init_ray``)."""
+    defaults, or the one jobs.train starts (jobs/runtime/trainer.py ``init_ray``)."""
     import ray
 
-    from jobs.specs import load_spec
-    from jobs.trainer import init_ray
+    from jobs.runtime.trainer import init_ray
+    from jobs.specs.train import load_spec
 
     if ray_defaults:
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
@@ -208,7 +208,7 @@ def markdown(rows: list[dict]) -> list[str]:
             f"(steps {WARMUP}-{KILL_AFTER} before, {KILL_AFTER - KILL_AFTER % CHECKPOINT_EVERY + WARMUP}-{STEPS} "
             "after) and the workers' CPU time per step (holds on a loaded machine). Ray defaults: dead workers' "
             "Ray Data requests kept 180 s, Train polls its workers every 2 s; job settings: the requests lapse "
-            "within 10 s, polls every 0.5 s (jobs/trainer.py `DATA_REQUEST_ENV`, `TRAIN_POLL_ENV`); with torch "
+            "within 10 s, polls every 0.5 s (jobs/runtime/trainer.py `DATA_REQUEST_ENV`, `TRAIN_POLL_ENV`); with torch "
             "preloaded: the same and every worker process imports torch before its first call (Ray's "
             "preload_python_modules, the embedded cluster's setting before issue 23's second cut).", "",
             "| settings | kill -> attempt end (s) | -> next attempt (s) | -> process start (s) | -> loop start (s) "

@@ -213,8 +213,8 @@ def over_serve(ckpt: Path) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from jobs.serve import deploy
-    from jobs.serve_spec import ServeSpec
+    from jobs.runtime.serving import deploy
+    from jobs.specs.serve import ServeSpec
 
     os.environ.pop("RAY_ADDRESS", None)
     with socket.socket() as s:

@@ -50,7 +50,7 @@ SWEEPS = {"random": ("random", {"type": "fifo"}), "random + ASHA": ("random", AS
 TIMINGS = "timings"
 ROW = "row.json"  # a finished sweep's figures, kept for --reuse
 BEFORE = "before"  # the start-up comparison's old-settings sweep (its folder and row label)
-OLD_PRELOAD = ["torch"]  # what jobs/trainer.py preloaded into every worker before issue 23's cut
+OLD_PRELOAD = ["torch"]  # what jobs/runtime/trainer.py preloaded into every worker before issue 23's cut
 
 
 def timed_trial(config: dict[str, Any], **params: Any) -> None:
@@ -59,7 +59,7 @@ def timed_trial(config: dict[str, Any], **params: Any) -> None:
     goes, and ends at its "complete" event instead (_spans)."""
     from ray import tune
 
-    from jobs.sweep_trial import run_trial
+    from jobs.runtime.sweep_trial import run_trial
 
     path = Path(params["out"]) / TIMINGS / f"{tune.get_context().get_trial_id()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def _spans(out: Path, events: list[dict[str, Any]]) -> dict[str, dict[str, float
 
 
 def _spec(overrides: dict[str, Any]) -> Any:
-    from jobs.sweep_spec import SweepSpec
+    from jobs.specs.sweep import SweepSpec
 
     raw = yaml.safe_load(SPEC.read_text())
     for key, value in overrides.items():
@@ -101,7 +101,7 @@ def _idle_slot_s(spans: list[dict[str, float]], t0: float, t1: float, slots: int
 
 def _overhead(out: Path, t0: float, t1: float) -> dict[str, Any]:
     """wall / ideal of the sweep in ``out`` (fit() from ``t0`` to ``t1``) and where the difference went."""
-    from jobs.sweep_events import read_events
+    from jobs.contracts.sweep_events import read_events
 
     events = read_events(out)
     spans = _spans(out, events)
@@ -141,7 +141,8 @@ def _sweep(label: str, search: str, scheduler: dict[str, Any], data: Any, out: P
     and the best trial that ran all its steps."""
     from ray import tune
 
-    from jobs.sweep import make_tuner, summarize
+    from jobs.runtime.tuner import make_tuner
+    from jobs.sweep import summarize
     from workers.data import s3_env
 
     spec = _spec({"trials": TRIALS, "max_concurrent": CONCURRENCY, "search": search, "scheduler": scheduler,
@@ -244,7 +245,7 @@ def _run_sweeps(todo: dict[int, tuple[str, tuple[str, dict[str, Any]]]], saved: 
     saving each row; index -> row."""
     import ray
 
-    from jobs.trainer import init_ray
+    from jobs.runtime.trainer import init_ray
     from workers.data import open_training_data
 
     if not todo:

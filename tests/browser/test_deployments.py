@@ -53,7 +53,7 @@ def test_the_deployment_page_shows_each_replicas_serving_figures(serving, watche
     expect(page.locator("#deployment-name")).to_have_text("chat-bot")
     expect(page.locator("#stats-message")).to_contain_text("QUEUED")  # nothing serves it yet
 
-    app.state.store.update_deployment(d["id"], status=DeploymentStatus.RUNNING, replicas={"RUNNING": 1})
+    app.state.store.deployments.update(d["id"], status=DeploymentStatus.RUNNING, replicas={"RUNNING": 1})
     row = page.locator("#serving-figures tr[data-id='replica-1']")
     expect(row).to_contain_text("12.5 / 30")  # TTFT p50 / p95 ms
     for shown in ("4.25 / 9.5", "1.5 / 6", "2.2", "88.5", "200: 7, 422: 1", "1: 3, 4: 2"):

@@ -24,9 +24,9 @@ import yaml
 pytest.importorskip("playwright", reason="browser tests need Playwright: .venv/bin/pip install playwright")
 from playwright.sync_api import expect  # noqa: E402
 
-from jobs.serve import key_hash  # noqa: E402
-from jobs.specs import apply_override  # noqa: E402
-from jobs.sweep_events import EVENTS_FILE, stop_requested  # noqa: E402
+from jobs.contracts.sweep_events import EVENTS_FILE, stop_requested  # noqa: E402
+from jobs.specs.base import apply_override  # noqa: E402
+from jobs.specs.serve import key_hash  # noqa: E402
 from orchestrator.controller.entrypoints import job_paths  # noqa: E402
 from tests.browser.conftest import screenshot, sign_in  # noqa: E402
 from tests.support.control_plane import AUTH  # noqa: E402
@@ -74,7 +74,7 @@ def test_launch_a_sweep_from_the_form(idle_service, watched):
     _launch(page)
     assert page.inner_text("#sweep-name") == "sweep-ui"
     sweep_id = page.url.rsplit("/", 1)[-1]
-    job = app.state.store.get(sweep_id)
+    job = app.state.store.jobs.get(sweep_id)
     assert job.kind == "sweep" and job.name == "sweep-ui"
     assert job.spec["trials"] == 3 and job.spec["base"]["train"]["steps"] == STEPS
     assert job.spec["space"]["train.lr"] == {"type": "loguniform", "low": 0.001, "high": 0.01}

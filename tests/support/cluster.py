@@ -2,7 +2,7 @@
 
 ``ray.cluster_utils.Cluster`` starts a real raylet per node (a process tree each: heavy on 2 cores),
 so the session starts one ``PoolCluster`` (tests/conftest.py, ``pool_cluster``) and its tests share
-it. Nodes carry the pool label of jobs/pools.py; the GPU node's GPUs are logical (Ray accounts for
+it. Nodes carry the pool label of jobs/contracts/pools.py; the GPU node's GPUs are logical (Ray accounts for
 them and assigns ids; nothing here can run CUDA). Tests that lose or add nodes (node loss,
 autoscaling) use ``add_node`` / ``remove_node`` and put the cluster back as they found it.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
-from jobs.pools import POOL_LABEL, pool_of
+from jobs.contracts.pools import POOL_LABEL, pool_of
 
 # Logical CPUs of the head: Ray Data's read/pack tasks of the tests' jobs (the Train controller
 # actors take none).
@@ -66,7 +66,7 @@ class PoolCluster:
 
     @staticmethod
     def pools() -> dict[str, str]:
-        """Node id -> pool (jobs/pools.py) of every live node, from the GCS's node table (the same
+        """Node id -> pool (jobs/contracts/pools.py) of every live node, from the GCS's node table (the same
         labels and resources the state API shows, without needing the dashboard process up)."""
         import ray
 
@@ -91,7 +91,7 @@ def fit_watching(spec: Any, out: Any, on_event: Callable[[tuple[str, Any]], None
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jobs.trainer import build_trainer
+    from jobs.runtime.trainer import build_trainer
     from workers.data import build_shards
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from jobs.sweep_events import EVENTS_FILE, STOP_DIR, SUMMARY_FILE, read_events, request_stop
+from jobs.contracts.sweep_events import EVENTS_FILE, STOP_DIR, SUMMARY_FILE, read_events, request_stop
 from workers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,10 @@ the control plane's own: no shell strings, no unpickling, an entry-point allow-l
   under ``if TYPE_CHECKING:`` (a circle there is still two modules that each need the other);
   ``from package import submodule`` is an arrow to the submodule only, and a submodule's import of
   its own package's ``__init__`` is not drawn (Python imports the package first anyway);
-- the contract and spec modules of jobs/, and every jobs/ module the control plane imports, import
-  without torch (a subprocess where torch cannot be imported), as the control plane itself does;
+- jobs/'s torch-free packages (TORCH_FREE_JOBS: every module in their folders, so a new file is
+  covered as it lands) import without torch (a subprocess where torch cannot be imported), as the
+  control plane itself does, and the control plane imports jobs/ only from them (never the runtime
+  builders or the entry points);
 - no source file in workers/, jobs/ or orchestrator/ over MAX_LINES.
 """
 
@@ -35,12 +37,17 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("orchestrator", "workers", "jobs")
 SOURCES = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if "migrations" not in p.parts)
 MAX_LINES = 400
+# jobs/ packages the control plane may import: specs, contracts and the kind registry. It runs where torch
+# is not installed, so every module in these folders imports without it.
+TORCH_FREE_JOBS = ("jobs/specs", "jobs/contracts", "jobs/kinds")
 # package (or module) -> import prefixes it must not use
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "orchestrator": ("torch", "workers"),
     "workers": ("jobs", "orchestrator"),
     "workers/moe/model.py": ("ray", "torch.distributed"),
     "jobs": ("orchestrator", "workers.moe"),
+    # the torch-free packages never reach the runtime builders or the entry points
+    **{folder: ("jobs.runtime", "jobs.train", "jobs.serve", "jobs.sweep", "jobs.prepare") for folder in TORCH_FREE_JOBS},
 }
 # package -> modules it may import although FORBIDDEN names their prefix; each must be a stdlib-only leaf
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -195,10 +202,6 @@ def test_circle_finder_sees_function_level_and_type_checking_imports(tmp_path, m
     assert _circles(graph) == [["workers.a", "workers.b", "workers.c"]]
 
 
-# jobs/ modules that hold contracts and specs: the control plane reads them, and it runs where torch is
-# not installed. Each pattern must match a file (a rename fails here rather than checking nothing).
-TORCH_FREE_JOBS = ("jobs/specs.py", "jobs/contracts.py", "jobs/*_spec.py", "jobs/kinds/*.py", "jobs/terminal.py",
-                   "jobs/demand.py", "jobs/pools.py")
 # Imports each module named in argv with torch made unimportable; prints {module: where torch was
 # imported from} for those that failed (the deepest traceback frame in one of the source roots, argv[1]).
 _IMPORT_WITHOUT_TORCH = """
@@ -231,23 +234,59 @@ def _import_without_torch(modules: list[str], extra_path: Path | None = None) ->
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def _torch_free_jobs_modules() -> list[str]:
-    """The contract modules by pattern, and every jobs/ module the control plane imports."""
-    named = set()
-    for pattern in TORCH_FREE_JOBS:
-        found = {_module(p) for p in ROOT.glob(pattern)}
-        assert found, f"{pattern} (TORCH_FREE_JOBS in tests/unit/test_boundaries.py) matches no file"
-        named |= found
-    control_plane = {n for p in SOURCES if p.relative_to(ROOT).parts[0] == "orchestrator"
-                     for n in _imports(p) if _uses(n, "jobs") and n in MODULES}
-    return sorted(named | control_plane)
+def _torch_free_jobs_modules(root: Path = ROOT) -> list[str]:
+    """Every module in the TORCH_FREE_JOBS folders under ``root`` (each folder must exist: a rename
+    fails here rather than checking nothing)."""
+    found = []
+    for folder in TORCH_FREE_JOBS:
+        assert (root / folder / "__init__.py").is_file(), f"{folder} (TORCH_FREE_JOBS) is no package"
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return found
 
 
-def test_jobs_contracts_and_what_the_control_plane_imports_need_no_torch():
+def _outside_torch_free_jobs(name: str, path: Path) -> list[str]:
+    """The jobs/ modules ``name`` imports outside the TORCH_FREE_JOBS packages (the ``jobs`` package
+    itself, a docstring, is no arrow)."""
+    packages = tuple(folder.replace("/", ".") for folder in TORCH_FREE_JOBS)
+    return sorted(m for m in _arrows(name, path) if _uses(m, "jobs") and m != "jobs"
+                  and not any(_uses(m, p) for p in packages))
+
+
+def test_jobs_torch_free_packages_import_without_torch():
     modules = _torch_free_jobs_modules()
-    assert {"jobs.specs", "jobs.contracts", "jobs.kinds"} <= set(modules)
+    assert {"jobs.specs.train", "jobs.contracts.training", "jobs.kinds"} <= set(modules)
     failed = _import_without_torch(modules)
     assert not failed, f"these jobs/ modules import torch (module: where), defer it to a function: {failed}"
+
+
+def test_the_torch_free_packages_cover_a_new_file(tmp_path):
+    """The checker itself: a module added to one of the folders is among those imported without torch."""
+    for folder in TORCH_FREE_JOBS:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "jobs" / "contracts" / "new_record.py").write_text("")
+    assert "jobs.contracts.new_record" in _torch_free_jobs_modules(tmp_path)
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if p.relative_to(ROOT).parts[0] == "orchestrator"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_control_plane_imports_only_torch_free_jobs_packages(path):
+    bad = _outside_torch_free_jobs(_module(path), path)
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}: the control plane may import {TORCH_FREE_JOBS} only"
+
+
+def test_torch_free_rule_catches_runtime_and_entry_point_imports(tmp_path):
+    """The checker itself: a runtime builder or an entry point is caught, however it is imported."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from jobs.runtime.trainer import build_trainer\nfrom jobs import runtime, kinds\n"
+                     "import jobs.train\nfrom jobs.specs.serve import ServeSpec\nfrom jobs.contracts import pools\n")
+    assert _outside_torch_free_jobs("orchestrator.probe", probe) == ["jobs.runtime", "jobs.runtime.trainer",
+                                                                     "jobs.train"]
+    # and inside jobs/, a torch-free package may not import them either
+    names = {"jobs.runtime.trainer", "jobs.train", "jobs.specs.serve", "jobs.contracts.pools"}
+    assert _violations(ROOT / "jobs" / "contracts" / "probe.py", names) == ["jobs.runtime.trainer", "jobs.train"]
 
 
 def test_the_torch_blocker_catches_an_import_and_names_where(tmp_path):

@@ -1,5 +1,5 @@
 """The preparation's typed config (torch-free, like workers/config.py): what to read, how to
-tokenize and pack it, where the shards go. ``jobs/prepare_spec.py`` composes it into a job spec."""
+tokenize and pack it, where the shards go. ``jobs/specs/prepare.py`` composes it into a job spec."""
 
 from __future__ import annotations
 

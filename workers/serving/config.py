@@ -1,4 +1,4 @@
-"""Typed, bounded settings of one serving deployment, torch-free (jobs/serve_spec.py composes them
+"""Typed, bounded settings of one serving deployment, torch-free (jobs/specs/serve.py composes them
 into the ServeSpec the control plane validates; ``ReplicaConfig`` is what each replica receives).
 
 Only the SHA-256 of a deployment's bearer key ever reaches a replica or a spec: the key itself is
@@ -53,7 +53,7 @@ class LimitsConfig(Config):
     """What one request may ask for; beyond these it gets a 422 naming the field and the limit."""
 
     # Upper bound of a request's max_tokens (the model's context bounds prompt + max_tokens too).
-    # Left unset, jobs/serve.py derives it and default_max_tokens from the checkpoint's context.
+    # Left unset, jobs/specs/serve.py (fit_limits) derives it and default_max_tokens from the checkpoint's context.
     max_tokens: int = Field(256, ge=1, le=131072)
     # max_tokens when a request does not say.
     default_max_tokens: int = Field(16, ge=1, le=131072)

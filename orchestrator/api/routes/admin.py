@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from fastapi.exceptions import RequestValidationError
 
-from jobs.specs import NAME_PATTERN
+from jobs.specs.base import NAME_PATTERN
 from orchestrator.api import service
 from orchestrator.api.deps import AdminDep, AuthenticatorDep, PrincipalDep, StoreDep
 from orchestrator.api.schemas.access import (
@@ -49,10 +49,10 @@ def create_token(body: TokenCreate, store: StoreDep, admin: AdminDep) -> TokenCr
     if body.role == "user" and body.team == "admin":
         raise _invalid("team", "'admin' holds the bootstrap admin's jobs; give users a team of their own")
     secret, token_hash = new_token()
-    record = store.create_token(user=body.user, team=body.team, role=body.role, token_hash=token_hash,
-                                created_by=admin.user)
-    store.audit(admin.user, "token.create", record.id, detail=f"user={record.user} role={record.role}",
-                team=record.team)
+    record = store.tokens.create(user=body.user, team=body.team, role=body.role, token_hash=token_hash,
+                                 created_by=admin.user)
+    store.audit.record(admin.user, "token.create", record.id, detail=f"user={record.user} role={record.role}",
+                       team=record.team)
     return TokenCreated(**TokenPublic.of(record).model_dump(), token=secret)
 
 
@@ -60,7 +60,7 @@ def create_token(body: TokenCreate, store: StoreDep, admin: AdminDep) -> TokenCr
 def list_tokens(store: StoreDep, _: AdminDep,
                 include_revoked: Annotated[bool, Query(description="list revoked tokens too")] = False) -> TokensPublic:
     """Tokens, oldest first, without their secrets."""
-    return TokensPublic(data=[TokenPublic.of(t) for t in store.tokens(include_revoked=include_revoked)])
+    return TokensPublic(data=[TokenPublic.of(t) for t in store.tokens.list(include_revoked=include_revoked)])
 
 
 @router.delete("/v1/tokens/{token_id}", response_model=TokenPublic,
@@ -69,30 +69,30 @@ def revoke_token(token_id: TokenId, store: StoreDep, authenticator: Authenticato
     """Revoke a token: refused (401) from now on in this process, in other API processes within
     ORCH_TOKEN_CACHE_S. Revoking twice is not an error."""
     try:
-        record, token_hash = store.revoke_token(token_id)
+        record, token_hash = store.tokens.revoke(token_id)
     except TokenNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no token {token_id}") from None
     authenticator.forget(token_hash)
-    store.audit(admin.user, "token.revoke", record.id, detail=f"user={record.user}", team=record.team)
+    store.audit.record(admin.user, "token.revoke", record.id, detail=f"user={record.user}", team=record.team)
     return TokenPublic.of(record)
 
 
 @router.get("/v1/teams", response_model=TeamsPublic, responses=_ADMIN_ONLY)
 def list_teams(store: StoreDep, _: AdminDep) -> TeamsPublic:
-    return TeamsPublic(data=[TeamPublic.of(t) for t in store.teams().values()])
+    return TeamsPublic(data=[TeamPublic.of(t) for t in store.teams.all().values()])
 
 
 @router.get("/v1/teams/{team}", response_model=TeamPublic, responses=_ADMIN_ONLY)
 def get_team(team: TeamPath, store: StoreDep, _: AdminDep) -> TeamPublic:
     """A team's data roots, quotas and highest priority (a team nobody configured: none, none, normal)."""
-    return TeamPublic.of(store.team(team))
+    return TeamPublic.of(store.teams.get(team))
 
 
 @router.put("/v1/teams/{team}", response_model=TeamPublic, responses=_WITH_BODY)
 def set_team(team: TeamPath, body: TeamUpdate, store: StoreDep, admin: AdminDep) -> TeamPublic:
     """Set a team's data roots, quotas and/or highest priority; a field left out keeps its value."""
-    record = store.set_team(team, roots=body.roots, quotas=body.quotas, max_priority=body.max_priority)
-    store.audit(admin.user, "team.set", team, detail=body.model_dump_json(exclude_none=True), team=team)
+    record = store.teams.put(team, roots=body.roots, quotas=body.quotas, max_priority=body.max_priority)
+    store.audit.record(admin.user, "team.set", team, detail=body.model_dump_json(exclude_none=True), team=team)
     return TeamPublic.of(record)
 
 
@@ -106,5 +106,5 @@ def audit_log(
 ) -> AuditPublic:
     """Who submitted, cancelled, resized or preempted what, newest first: a user's team's entries, or
     (admin) everyone's."""
-    entries, count = store.audit_log(limit=limit, offset=offset, team=service.listed_team(principal, team))
+    entries, count = store.audit.list(limit=limit, offset=offset, team=service.listed_team(principal, team))
     return AuditPublic(data=[AuditEntry.of(e) for e in entries], count=count)

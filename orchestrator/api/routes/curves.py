@@ -7,7 +7,7 @@ kept so far (thinned as they come, so at most ``MAX_CURVE_POINTS`` each), and a 
 what the driver wrote since the last one. Its cost follows what was written since, not the job's
 age; the first poll after a restart of the service reads each log once, in bounded pieces.
 
-Torch-free: the line format comes from ``jobs.contracts.ProgressRecord``. Authorization is the jobs
+Torch-free: the line format comes from ``jobs.contracts.training.ProgressRecord``. Authorization is the jobs
 routes' own (``VisibleJob``): another team's job is a 404 like a missing one.
 """
 
@@ -22,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
-from jobs.contracts import ProgressRecord
+from jobs.contracts.training import ProgressRecord
 from orchestrator.api.deps import JOB_NOT_FOUND, RayDep, VisibleJob
 from orchestrator.api.schemas.base import Problem
 from orchestrator.ray_client import RayJobs, RayUnavailable

@@ -27,18 +27,19 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 
-from jobs.contracts import TrainSummary
+from jobs.contracts.training import TrainSummary
 from jobs.kinds import job_kind
-from jobs.serve import (
+from jobs.specs.base import SpecError
+from jobs.specs.serve import (
     KEY_BYTES,
+    LimitsConfig,
+    ServeSpec,
     StorageError,
     checkpoint_context,
     fit_limits,
     key_hash,
     resolve_s3_checkpoint,
 )
-from jobs.serve_spec import LimitsConfig, ServeSpec
-from jobs.specs import SpecError
 from orchestrator.api import service
 from orchestrator.api.deps import PrincipalDep, SettingsDep, StoreDep, VisibleSweep
 from orchestrator.api.schemas.base import Problem, TeamFilter
@@ -63,7 +64,7 @@ from orchestrator.store import (
     DeploymentRecord,
     DeploymentStatus,
     JobRecord,
-    JobStore,
+    Store,
     new_deployment_id,
 )
 from orchestrator.sweeps import sweep_view
@@ -72,7 +73,7 @@ router = APIRouter(tags=["deployments"])
 
 DeploymentId = Annotated[str, Path(pattern=DEPLOYMENT_ID_PATTERN, description="deployment id")]
 SERVING = frozenset({DeploymentStatus.RUNNING, DeploymentStatus.UNHEALTHY})  # statuses whose replicas answer
-CHECKPOINT_META = "meta.json"  # what makes a folder a checkpoint (as jobs.serve.resolve_checkpoint)
+CHECKPOINT_META = "meta.json"  # what makes a folder a checkpoint (as jobs.specs.serve.resolve_checkpoint)
 _NOT_FOUND = {404: {"model": Problem, "description": "no such deployment (or another team's)"}}
 _CREATE_ERRORS = {
     422: {"description": "invalid spec, a checkpoint outside the team's data roots or not a checkpoint, "
@@ -89,10 +90,10 @@ def _unprocessable(loc: tuple[str, ...], msg: str) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg}])
 
 
-def _get_deployment(store: JobStore, deployment_id: str, principal: Principal) -> DeploymentRecord:
+def _get_deployment(store: Store, deployment_id: str, principal: Principal) -> DeploymentRecord:
     """The deployment, or 404 if there is none or the principal may not see it (one answer for both)."""
     try:
-        d = store.deployment(deployment_id)
+        d = store.deployments.get(deployment_id)
     except DeploymentNotFound:
         d = None
     if d is None or not (principal.is_admin or d.team == principal.team):
@@ -174,15 +175,15 @@ def _check_fits(request: Request, options: ServeOptions) -> None:
         raise _unprocessable(("spec", *loc), why)
 
 
-def _check_roots(store: JobStore, principal: Principal, path: str, loc: tuple[str, ...]) -> None:
+def _check_roots(store: Store, principal: Principal, path: str, loc: tuple[str, ...]) -> None:
     if not principal.is_admin:
-        problems = root_violations("serve", {"checkpoint": path}, store.team(principal.team).roots)
+        problems = root_violations("serve", {"checkpoint": path}, store.teams.get(principal.team).roots)
         if problems:
             raise _unprocessable(loc, problems[0][1])
 
 
 def _fit_limits(options: ServeOptions, checkpoint: str, loc: tuple[str, ...]) -> LimitsConfig:
-    """The spec's limits fitted to the checkpoint's context (jobs.serve.fit_limits: unset ones
+    """The spec's limits fitted to the checkpoint's context (jobs.specs.serve.fit_limits: unset ones
     derived from it), so a deployment naming only a checkpoint never fails later on its default
     limits; a limit set that cannot fit is a 422 naming it, now rather than a FAILED deployment."""
     try:
@@ -194,7 +195,7 @@ def _fit_limits(options: ServeOptions, checkpoint: str, loc: tuple[str, ...]) ->
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{'.'.join(loc)}: {e}") from None
 
 
-def _create(request: Request, store: JobStore, settings: Settings, principal: Principal, options: ServeOptions,
+def _create(request: Request, store: Store, settings: Settings, principal: Principal, options: ServeOptions,
             name: str | None, team: str | None, checkpoint: str, source: str, loc: tuple[str, ...],
             user_path: bool = False) -> DeploymentCreated:
     """Store a deployment of ``checkpoint`` (a folder or ``s3://`` prefix, or a run's: its newest
@@ -218,11 +219,11 @@ def _create(request: Request, store: JobStore, settings: Settings, principal: Pr
                                      "stats_key_sha256": key_hash(stats_key(settings, deployment_id)),
                                      "limits": limits.model_dump()})
     try:
-        d = store.create_deployment(deployment_id=deployment_id, name=name, route_prefix=spec.prefix, team=team,
-                                    owner=principal.user, spec=spec.model_dump(mode="json"), source=source)
+        d = store.deployments.create(deployment_id=deployment_id, name=name, route_prefix=spec.prefix, team=team,
+                                     owner=principal.user, spec=spec.model_dump(mode="json"), source=source)
     except DeploymentConflict as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
-    store.audit(principal.user, "deployment.create", d.id, detail=f"{name} {resolved} ({source})", team=team)
+    store.audit.record(principal.user, "deployment.create", d.id, detail=f"{name} {resolved} ({source})", team=team)
     _wake(request)
     return DeploymentCreated(**DeploymentPublic.of(d, settings.serve_base_url).model_dump(), api_key=key)
 
@@ -278,7 +279,7 @@ def list_deployments(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> DeploymentsPublic:
     """Deployments, newest first: a user's team's, or (admin) every team's."""
-    rows, count = store.deployments(team=service.listed_team(principal, team), limit=limit, offset=offset)
+    rows, count = store.deployments.list(team=service.listed_team(principal, team), limit=limit, offset=offset)
     return DeploymentsPublic(data=[DeploymentPublic.of(d, settings.serve_base_url) for d in rows], count=count)
 
 
@@ -313,9 +314,9 @@ def delete_deployment(deployment_id: DeploymentId, request: Request, store: Stor
     """Remove the application (DELETING until Serve has dropped it, then 404); the others keep serving."""
     d = _get_deployment(store, deployment_id, principal)
     try:
-        d = store.request_deployment_delete(d.id)
+        d = store.deployments.request_delete(d.id)
     except DeploymentNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no deployment {deployment_id}") from None
-    store.audit(principal.user, "deployment.delete", d.id, detail=d.name, team=d.team)
+    store.audit.record(principal.user, "deployment.delete", d.id, detail=d.name, team=d.team)
     _wake(request)
     return DeploymentPublic.of(d, settings.serve_base_url)

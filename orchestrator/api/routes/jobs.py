@@ -58,7 +58,8 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> JobsPublic:
     """Jobs, newest first: a user's team's, or (admin) every team's."""
-    jobs, count = store.list(states=state or (), limit=limit, offset=offset, team=service.listed_team(principal, team))
+    jobs, count = store.jobs.list(states=state or (), limit=limit, offset=offset,
+                                  team=service.listed_team(principal, team))
     return JobsPublic(data=[JobSummary.of(j) for j in jobs], count=count)
 
 

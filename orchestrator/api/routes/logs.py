@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.api.deps import JOB_NOT_FOUND, RayDep, SettingsDep, StoreDep, VisibleJob
 from orchestrator.api.schemas.base import Problem
 from orchestrator.ray_client import LogSlice, RayJobs, RayUnavailable
-from orchestrator.store import JobStore
+from orchestrator.store import Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -113,7 +113,7 @@ def _from_line_start(part: LogSlice) -> LogSlice:
     return LogSlice(part.data[cut:], part.start + cut, part.size)
 
 
-async def _follow(store: JobStore, ray: RayJobs, job_id: str, first_attempt: int, tail: int,
+async def _follow(store: Store, ray: RayJobs, job_id: str, first_attempt: int, tail: int,
                   max_s: float) -> AsyncIterator[str]:
     """Tail each attempt from ``first_attempt`` on until the job ends or ``max_s`` passes. What an
     attempt had written before the stream opened is cut to its last ``tail`` bytes; a tail that
@@ -123,7 +123,7 @@ async def _follow(store: JobStore, ray: RayJobs, job_id: str, first_attempt: int
     sent: dict[int, int] = {}  # attempt -> bytes of its log already streamed (or skipped)
     done: set[int] = set()
     while loop.time() < deadline:
-        job = await run_in_threadpool(store.get, job_id)
+        job = await run_in_threadpool(store.jobs.get, job_id)
         for a in job.attempt_records:
             if a.number < first_attempt or a.number in done or a.submitted_at is None:
                 continue

@@ -65,8 +65,8 @@ def list_sweeps(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> SweepsPublic:
     """Sweeps, newest first, with their trial counts and best trial."""
-    jobs, count = store.list(states=state or (), limit=limit, offset=offset, team=service.listed_team(principal, team),
-                             kind=SWEEP_KIND)
+    jobs, count = store.jobs.list(states=state or (), limit=limit, offset=offset,
+                                  team=service.listed_team(principal, team), kind=SWEEP_KIND)
     return SweepsPublic(data=[SweepSummary.of(j, sweep_view(settings.job_root, j)) for j in jobs], count=count)
 
 
@@ -97,5 +97,5 @@ def stop_one_trial(job: VisibleSweep, trial_id: TrialId, store: StoreDep, settin
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
     except TrialFinished as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
-    store.audit(principal.user, "stop-trial", job.id, detail=trial_id, team=job.team)
+    store.audit.record(principal.user, "stop-trial", job.id, detail=trial_id, team=job.team)
     return TrialStop(sweep_id=job.id, trial_id=trial_id, requested_at=at)

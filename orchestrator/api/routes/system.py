@@ -37,7 +37,7 @@ async def metrics(telemetry: TelemetryDep, store: StoreDep, principal: Principal
     def render() -> bytes:
         if principal.sees_every_team:
             return telemetry.render()
-        return telemetry.render_team(principal.team, store.unfinished_ids(principal.team))
+        return telemetry.render_team(principal.team, store.jobs.unfinished_ids(principal.team))
 
     return Response(await run_in_threadpool(render), media_type=CONTENT_TYPE_LATEST)
 

@@ -11,7 +11,7 @@ from fastapi import Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from jobs.specs import NAME_MAX_CHARS, NAME_PATTERN
+from jobs.specs.base import NAME_MAX_CHARS, NAME_PATTERN
 from orchestrator.api.errors import MAX_REPORTED_ERRORS, unencodable
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

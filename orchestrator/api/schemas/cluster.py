@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.specs import Device
+from jobs.specs.train import Device
 from orchestrator.api.schemas.base import Schema
 
 

@@ -1,6 +1,6 @@
 """API schemas of /v1/deployments and /v1/sweeps/{id}/promote (routes/deployments.py).
 
-The serving settings are ServeSpec's own (jobs/serve_spec.py: batching, autoscaling, limits, CPUs,
+The serving settings are ServeSpec's own (jobs/specs/serve.py: batching, autoscaling, limits, CPUs,
 int8), so a deployment made over REST is the deployment ``python -m jobs.serve`` makes from a YAML
 file. Two fields are the service's, never a client's: the key (the service makes it, shows it once
 and stores only its SHA-256) and, for ``job_id`` and promote, the checkpoint.
@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.serve_spec import ServeSpec
+from jobs.specs.serve import ServeSpec
 from orchestrator.api.schemas.base import JOB_ID_PATTERN, Name, Request
 from orchestrator.store import DeploymentRecord, DeploymentStatus
 

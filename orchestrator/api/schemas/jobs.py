@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from jobs.contracts.pools import POOL_NAME_PATTERN
 from jobs.kinds import KINDS, AnySpec, KindName
-from jobs.pools import POOL_NAME_PATTERN
 from orchestrator.api.errors import json_safe
 from orchestrator.api.schemas.base import NOT_BOOL, Name, Priority, Request, Schema
 from orchestrator.states import JobState
@@ -49,7 +49,7 @@ class JobCreate(Request):
 
 
 class ResizeWorkers(Request):
-    """A training job on one pool at a new size; bounds come from the job (jobs/elastic.py)."""
+    """A training job on one pool at a new size; bounds come from the job (jobs/contracts/elastic.py)."""
 
     num_workers: Annotated[int, NOT_BOOL] = Field(ge=1, le=4096)
 

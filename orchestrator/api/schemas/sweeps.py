@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
-from jobs.sweep_events import HISTORY_MAX_POINTS, SweepView, TrialState
-from jobs.sweep_spec import SweepSpec
+from jobs.contracts.sweep_events import HISTORY_MAX_POINTS, SweepView, TrialState
+from jobs.specs.sweep import SweepSpec
 from orchestrator.api.errors import json_safe
 from orchestrator.api.schemas.base import Schema
 from orchestrator.api.schemas.jobs import JobCreate

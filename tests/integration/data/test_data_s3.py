@@ -11,8 +11,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.specs import load_spec
-from jobs.trainer import build_trainer
+from jobs.runtime.trainer import build_trainer
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO, TINY
 from workers.config import DataConfig
 from workers.data import open_training_data

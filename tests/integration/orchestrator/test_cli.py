@@ -63,7 +63,7 @@ def test_invalid_spec_exits_2_and_submits_nothing(api, app, capsys):
     assert code == 2 and "train.steps" in err
     code, _, err = run(capsys, "submit", str(DEMO), "--max-retries", "99")
     assert code == 2 and "max_retries" in err
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
 
 
 def test_submit_takes_any_job_kind(api, app, capsys):
@@ -74,7 +74,7 @@ def test_submit_takes_any_job_kind(api, app, capsys):
     assert code == 2 and "unknown job kind 'nosuch'" in err
     code, _, err = run(capsys, "submit", str(prepare), "--kind", "prepare", "--set", "vocab_size=1")
     assert code == 2 and "vocab_size" in err
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
     code, out, err = run(capsys, "submit", str(prepare), "--kind", "prepare", "--set", "vocab_size=512", "--json")
     assert code == 0, err
     job = json.loads(out)
@@ -82,7 +82,7 @@ def test_submit_takes_any_job_kind(api, app, capsys):
     # A serve spec is a deployment (one namespace for every team's applications), never a plain job.
     code, _, err = run(capsys, "submit", str(DEMO.with_name("serve.yaml")), "--kind", "serve")
     assert code == 2 and "orch serve CHECKPOINT" in err
-    assert app.state.store.list()[1] == 1
+    assert app.state.store.jobs.list()[1] == 1
 
 
 def test_unknown_job_and_unreachable_api(api, capsys, monkeypatch):

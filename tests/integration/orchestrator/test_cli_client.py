@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jobs.sweep_events import append_event
+from jobs.contracts.sweep_events import append_event
 from orchestrator import cli
 from orchestrator.api.app import create_app
 from orchestrator.cli import sweeps as sweeps_cli
@@ -54,7 +54,7 @@ def test_serve_wait_gives_up_after_its_timeout_and_names_the_deployment_and_its_
     code = cli.main(["serve", str(_checkpoint(tmp_path / "c")), "--name", "m", "--set", "num_cpus=0",
                      "--wait", "--timeout", "0.5", "--json"])
     err = capsys.readouterr().err
-    [d] = api.state.store.deployments()[0]
+    [d] = api.state.store.deployments.list()[0]
     assert code == 1, err
     assert f"error: waited 0.5 s for deployment {d.id} to run; it is {d.status.value}" in err
     assert f"it goes on: orch deployments show {d.id}" in err
@@ -72,9 +72,9 @@ def test_an_unreachable_api_is_one_line_for_every_request(argv, monkeypatch, cap
 
 def test_trials_follow_prints_each_change_until_the_sweep_ends(api, ray, capsys, monkeypatch):
     store = api.state.store
-    job, _ = store.create(kind="sweep", name="sw", spec=SWEEP_SPEC, max_retries=0, team="nlp", owner="alice")
+    job, _ = store.jobs.create(kind="sweep", name="sw", spec=SWEEP_SPEC, max_retries=0, team="nlp", owner="alice")
     for state in (JobState.QUEUED, JobState.STARTING, JobState.RUNNING):
-        store.transition(job.id, state, "test", new_attempt=state is JobState.STARTING)
+        store.jobs.transition(job.id, state, "test", new_attempt=state is JobState.STARTING)
     ray.set(submission_id_for(job.id, 1), "RUNNING")  # the controller sees it run, and leaves it
     out = job_paths(api.state.settings.job_root, job.id).out
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def test_trials_follow_prints_each_change_until_the_sweep_ends(api, ray, capsys,
         if answer["state"] == "RUNNING":
             append_event(out, "result", "t1", metrics={"step": 20, "loss": 1.5})
             append_event(out, "complete", "t1", state="SUCCEEDED")
-            store.transition(job.id, JobState.SUCCEEDED, "test")
+            store.jobs.transition(job.id, JobState.SUCCEEDED, "test")
         return answer
 
     monkeypatch.setattr(OrchClient, "sweep", read_then_finish)

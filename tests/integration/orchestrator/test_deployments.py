@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 import pytest
 from fastapi.routing import APIRoute
 
-from jobs.serve import resolve_s3_checkpoint
-from jobs.sweep_events import append_event
+from jobs.contracts.sweep_events import append_event
+from jobs.specs.serve import resolve_s3_checkpoint
 from orchestrator.controller.entrypoints import job_paths
 from orchestrator.deployments.reconciler import DeploymentReconciler
 from orchestrator.deployments.serve_status import AppView, parse_applications
@@ -83,9 +83,9 @@ def nlp_s3(client, nlp_root, s3_bucket) -> str:
 
 def _finished_job(app, kind="train", spec=None, state=JobState.SUCCEEDED, team="nlp"):
     store = app.state.store
-    job, _ = store.create(kind=kind, name="j", spec=spec or {"name": "j"}, max_retries=0, team=team, owner="alice")
+    job, _ = store.jobs.create(kind=kind, name="j", spec=spec or {"name": "j"}, max_retries=0, team=team, owner="alice")
     for s in (JobState.QUEUED, JobState.STARTING, JobState.RUNNING, state)[: 4 if state.terminal else 3]:
-        store.transition(job.id, s, "test", new_attempt=s is JobState.STARTING)
+        store.jobs.transition(job.id, s, "test", new_attempt=s is JobState.STARTING)
     return job.id
 
 
@@ -215,9 +215,9 @@ def _deployment(client, app, tmp_path, name="alpha"):
     ckpt = _checkpoint(tmp_path / name)
     r = client.post("/v1/deployments", json={"name": name, "spec": {"checkpoint": str(ckpt)}}, headers=AUTH)
     store = app.state.store
-    decisions = Scheduler(app.state.settings).plan([], app.state.ray, {}, store.deployments()[0])
-    store.record_deployment_queue([a.job_id for a in decisions.serving_admit], [])
-    return store.deployment(r.json()["id"])
+    decisions = Scheduler(app.state.settings).plan([], app.state.ray, {}, store.deployments.list()[0])
+    store.deployments.record_queue([a.job_id for a in decisions.serving_admit], [])
+    return store.deployments.get(r.json()["id"])
 
 
 def test_reconciler_deploys_retries_gives_up_and_never_takes_a_foreign_name(client, app, fake_ray, tmp_path):
@@ -231,13 +231,13 @@ def test_reconciler_deploys_retries_gives_up_and_never_takes_a_foreign_name(clie
     assert sub["submission_id"] == deploy_submission_id(d.id, 1)
     assert re.fullmatch(r"python -m jobs\.serve --spec \S+/deployments/d\w+/spec\.json --host 127\.0\.0\.1 "
                         r"--port 8000", sub["entrypoint"])
-    assert store.deployment(d.id).status is DeploymentStatus.DEPLOYING
+    assert store.deployments.get(d.id).status is DeploymentStatus.DEPLOYING
     rec.reconcile_once()
     assert len(fake_ray.submissions) == 1  # still running: nothing new
     for n in range(1, 4):  # each deploy fails; the third failure in a row is the last
         fake_ray.jobs[deploy_submission_id(d.id, n)] = RayJobView(deploy_submission_id(d.id, n), "FAILED", "boom")
         rec.reconcile_once()
-    d = store.deployment(d.id)
+    d = store.deployments.get(d.id)
     assert (d.status, d.deploys, d.failures) == (DeploymentStatus.FAILED, 3, 3) and "boom" in d.message
     rec.reconcile_once()
     assert len(fake_ray.submissions) == 3
@@ -245,10 +245,10 @@ def test_reconciler_deploys_retries_gives_up_and_never_takes_a_foreign_name(clie
     other = _deployment(client, app, tmp_path, name="taken")
     serve.apps["taken"] = AppView("RUNNING", "", "/taken", {"RUNNING": 1})
     rec.reconcile_once()
-    assert store.deployment(other.id).status is DeploymentStatus.FAILED and len(fake_ray.submissions) == 3
+    assert store.deployments.get(other.id).status is DeploymentStatus.FAILED and len(fake_ray.submissions) == 3
     client.delete(f"/v1/deployments/{other.id}", headers=AUTH)
     rec.reconcile_once()  # never deployed by us: the row goes, the foreign application stays
-    assert store.deployments()[1] == 1 and not fake_ray.stops and len(fake_ray.submissions) == 3
+    assert store.deployments.list()[1] == 1 and not fake_ray.stops and len(fake_ray.submissions) == 3
 
 
 def test_serve_details_parse_into_status_and_replica_counts():
@@ -270,7 +270,7 @@ def test_orch_serve_prints_the_key_once_and_deployments_lists_shows_deletes(app,
         assert cli.main(["serve", str(ckpt), "--name", "cli-model", "--set", "num_cpus=0"]) == 0
         out = capsys.readouterr().out
         key = re.search(r"API key \(shown once.*\): (\S+)", out).group(1)
-        [d] = app.state.store.deployments()[0]
+        [d] = app.state.store.deployments.list()[0]
         assert d.name == "cli-model" and d.spec["num_cpus"] == 0
         assert d.spec["key_sha256"] == hashlib.sha256(key.encode()).hexdigest()
         assert "OpenAI base URL: http://127.0.0.1:8000/cli-model/v1" in out
@@ -302,7 +302,7 @@ def test_an_s3_run_prefix_is_pinned_to_its_newest_step_at_creation(client, app, 
     assert r.status_code == 201, r.text
     assert (r.json()["checkpoint"], r.json()["source"]) == (newest, run)
     _s3_checkpoint(s3_server, f"{run}/ray-train/step-00000020")  # the run goes on after the deployment
-    spec = app.state.store.deployment(r.json()["id"]).spec
+    spec = app.state.store.deployments.get(r.json()["id"]).spec
     assert resolve_s3_checkpoint(spec["checkpoint"]) == newest  # what a redeploy's replicas load
     r = client.post("/v1/deployments", json={"spec": {"checkpoint": newest.replace("s3://", "S3://")}},
                     headers=users["alice"])

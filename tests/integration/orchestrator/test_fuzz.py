@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from schemathesis.checks import positive_data_acceptance
 
-from jobs.specs import TrainSpec
+from jobs.specs.train import TrainSpec
 from orchestrator.api.app import create_app
 from orchestrator.settings import Settings
 from tests.support.control_plane import AUTH, TINY_SPEC, TOKEN

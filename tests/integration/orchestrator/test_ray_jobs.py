@@ -16,13 +16,13 @@ import httpx
 import pytest
 import yaml
 
-from jobs.specs import validate_spec
+from jobs.specs.train import validate_spec
 from orchestrator import cli
 from orchestrator.api.app import create_app
 from orchestrator.local.head import LocalRayHead
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
-from orchestrator.store import JobStore, submission_id_for
+from orchestrator.store import Store, submission_id_for
 from tests.support.serve_app import FAKE_ENTRYPOINTS
 from tests.support.servers import BackgroundServer, free_port, wait_until_healthy
 from workers.waiting import wait_until
@@ -138,8 +138,8 @@ def test_controller_sigkilled_between_storing_and_submitting_runs_the_job_exactl
     finally:
         if proc.poll() is None:
             proc.kill()
-    store = JobStore(f"sqlite:///{tmp_path / 'state' / 'orch.db'}")
-    job = store.get(job_id)
+    store = Store(f"sqlite:///{tmp_path / 'state' / 'orch.db'}")
+    job = store.jobs.get(job_id)
     store.close()
     assert job.state is JobState.STARTING and job.current_attempt.submitted_at is None  # intent stored, no call
     assert _ray_jobs_of(ray_head, job_id) == []

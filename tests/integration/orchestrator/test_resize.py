@@ -15,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from jobs.contracts import ProgressRecord
-from jobs.specs import validate_spec
+from jobs.contracts.training import ProgressRecord
+from jobs.specs.train import validate_spec
 from orchestrator.api.app import create_app
 from orchestrator.local.head import LocalRayHead
 from orchestrator.settings import Settings

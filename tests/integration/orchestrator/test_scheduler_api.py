@@ -39,7 +39,7 @@ def served(settings):
 def test_team_quota_is_never_exceeded_under_concurrent_submits(served):
     app, url = served
     store = app.state.store
-    store.set_team("admin", quotas={"cpu": QUOTA_CPUS})
+    store.teams.put("admin", quotas={"cpu": QUOTA_CPUS})
     body = {"spec": {**TINY_SPEC, "resources": {"num_workers": 1}}, "max_retries": 0}
     seen_active: list[int] = []
 
@@ -53,13 +53,13 @@ def test_team_quota_is_never_exceeded_under_concurrent_submits(served):
     assert {r.status_code for r in responses} == {202}
 
     def settled() -> bool:
-        jobs, _ = store.list(limit=SUBMITS)
+        jobs, _ = store.jobs.list(limit=SUBMITS)
         seen_active.append(sum(j.state in ACTIVE for j in jobs))
         return all(j.state in ACTIVE or j.queue_reason for j in jobs)
 
     wait_until(settled, timeout_s=DEADLINE_S, interval_s=0.02, what="every job admitted or queued with a reason")
     assert max(seen_active) == 2 and seen_active[-1] == 2  # 2 x 2 CPUs = the quota, never more
-    jobs, _ = store.list(states=[JobState.QUEUED], limit=SUBMITS)
+    jobs, _ = store.jobs.list(states=[JobState.QUEUED], limit=SUBMITS)
     assert len(jobs) == SUBMITS - 2 and all("team admin quota for cpu is 4 devices" in j.queue_reason for j in jobs)
     listed = httpx.get(f"{url}/v1/jobs", params={"state": "QUEUED"}, headers=AUTH).json()["data"]
     assert sorted(j["queue_position"] for j in listed) == list(range(1, SUBMITS - 1))
@@ -76,7 +76,7 @@ def test_a_job_no_pool_can_ever_hold_is_refused_naming_the_shortfall(served):
     assert error["loc"] == ["body", "spec", "resources"]
     assert error["msg"] == ("the job can never run on this cluster: pool gpu-a100 can hold at most 4 GPU, "
                                   "16 CPU; the job needs 8 GPU, 9 CPU there (short by 4 GPU)")
-    assert app.state.store.list()[1] == 0  # nothing stored
+    assert app.state.store.jobs.list()[1] == 0  # nothing stored
     fits_later = {"spec": {**TINY_SPEC, "resources": {"num_workers": 4, "device": "gpu"}}}
     r = httpx.post(f"{url}/v1/jobs", json=fits_later, headers=AUTH)
     assert r.status_code == 202

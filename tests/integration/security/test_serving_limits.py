@@ -20,8 +20,9 @@ import pytest
 import ray
 from ray import serve
 
-from jobs.serve import KEY_FILE, deploy
-from jobs.serve_spec import ServeSpec
+from jobs.runtime.serving import deploy
+from jobs.serve import KEY_FILE
+from jobs.specs.serve import ServeSpec
 from tests.bench.serving import write_checkpoint
 from workers.config import ModelConfig
 from workers.confine import ROOTS_ENV, env_value

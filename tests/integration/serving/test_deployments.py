@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from jobs.sweep_events import append_event
+from jobs.contracts.sweep_events import append_event
 from orchestrator.api.app import create_app
 from orchestrator.controller.entrypoints import job_paths
 from orchestrator.deployments.serve_status import ServeStatus
@@ -26,7 +26,7 @@ from orchestrator.deployments.serve_status import stats_key as stats_key_of
 from orchestrator.local.head import LocalRayHead, free_port
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
-from orchestrator.store import JobStore
+from orchestrator.store import Store
 from tests.bench.serving import write_checkpoint
 from tests.support.servers import BackgroundServer
 from workers.config import ModelConfig
@@ -60,8 +60,8 @@ class Env:
         self.keys: dict[str, str] = {}  # deployment name -> its key
         self.ids: dict[str, str] = {}  # deployment name -> its id
 
-    def store(self) -> JobStore:
-        return JobStore(self.settings.database_url)
+    def store(self) -> Store:
+        return Store(self.settings.database_url)
 
     def serve_apps(self) -> dict:
         return ServeStatus(self.head.dashboard_url, RAY_TOKEN, 30.0).applications()
@@ -133,7 +133,7 @@ def test_create_over_rest_serves_and_shows_status_replicas_and_checkpoint(env):
         stats_key = {"Authorization": f"Bearer {stats_key_of(env.settings, created['id'])}"}
         assert httpx.get(f"{d['base_url']}/models", headers=stats_key, timeout=30).status_code == 401
     store = env.store()
-    row = store.deployment(created["id"])
+    row = store.deployments.get(created["id"])
     store.close()
     assert row.spec["key_sha256"] == hashlib.sha256(created["api_key"].encode()).hexdigest()
     assert created["api_key"] not in (env.settings.state_dir / "orch.db").read_bytes().decode("latin-1")
@@ -165,13 +165,13 @@ def test_another_team_can_neither_replace_nor_shadow_a_running_application(env):
 
 def test_a_second_deployment_from_a_finished_job_leaves_the_first_serving(env):
     store = env.store()
-    job, _ = store.create(kind="train", name="beta-run", spec={"name": "beta-run"}, max_retries=0)
+    job, _ = store.jobs.create(kind="train", name="beta-run", spec={"name": "beta-run"}, max_retries=0)
     store.close()
     out = job_paths(env.settings.job_root, job.id).out
     ckpt = write_checkpoint(out / "ray-train" / "step-00000010", TINY, seed=1)
     app = create_app(env.settings.model_copy(update={"controller_enabled": True}))
     for state in (JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED):
-        app.state.store.transition(job.id, state, "test: a training job that ran", new_attempt=state is JobState.STARTING)
+        app.state.store.jobs.transition(job.id, state, "test: a training job that ran", new_attempt=state is JobState.STARTING)
     with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
         created = _create(env, c, "/v1/deployments", {"job_id": job.id, "name": "beta", "spec": SERVING})
         assert created["checkpoint"] == str(ckpt) and created["source"] == f"job {job.id}"
@@ -197,7 +197,7 @@ def test_a_restarted_service_redeploys_what_was_deleted_behind_its_back(env):
         assert d["status"] == "RUNNING", d["message"]
         assert env.ask(c, "alpha") and env.ask(c, "beta")  # the same key still opens it
     store = env.store()
-    assert store.deployment(env.ids["alpha"]).deploys == 2 and store.deployment(env.ids["beta"]).deploys == 1
+    assert store.deployments.get(env.ids["alpha"]).deploys == 2 and store.deployments.get(env.ids["beta"]).deploys == 1
     store.close()
 
 
@@ -216,7 +216,7 @@ def test_promote_serves_the_best_trial_of_a_finished_sweep(env):
     store = env.store()
     spec = {"name": "sw", "trials": 2, "space": {"train.lr": {"type": "choice", "values": [0.001, 0.002]}},
             "base": {"name": "b", "train": {"steps": 20}}}
-    job, _ = store.create(kind="sweep", name="sw", spec=spec, max_retries=0)
+    job, _ = store.jobs.create(kind="sweep", name="sw", spec=spec, max_retries=0)
     store.close()
     out = job_paths(env.settings.job_root, job.id).out
     ckpts = {t: write_checkpoint(out / "trials" / t / "train" / "step-00000020", TINY, seed=i)
@@ -227,7 +227,7 @@ def test_promote_serves_the_best_trial_of_a_finished_sweep(env):
         append_event(out, "complete", trial, state="SUCCEEDED")
     app = create_app(env.settings)
     for state in (JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED):
-        app.state.store.transition(job.id, state, "test: a sweep that ran", new_attempt=state is JobState.STARTING)
+        app.state.store.jobs.transition(job.id, state, "test: a sweep that ran", new_attempt=state is JobState.STARTING)
     with BackgroundServer(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
         created = _create(env, c, f"/v1/sweeps/{job.id}/promote", {"name": "best", "spec": SERVING})
         assert created["checkpoint"] == str(ckpts["t1"]) and created["source"] == f"sweep {job.id} trial t1"

@@ -23,8 +23,8 @@ import ray
 import torch
 from ray import serve
 
-from jobs.serve import deploy, key_hash, status
-from jobs.serve_spec import ServeSpec
+from jobs.runtime.serving import deploy, status
+from jobs.specs.serve import ServeSpec, key_hash
 from tests.bench.serving import write_checkpoint
 from workers.checkpoint import load_model
 from workers.config import ModelConfig

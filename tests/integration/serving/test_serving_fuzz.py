@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, settings
 from ray import serve
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-from jobs.serve import deploy
-from jobs.serve_spec import ServeSpec
+from jobs.runtime.serving import deploy
+from jobs.specs.serve import ServeSpec
 from tests.bench.serving import write_checkpoint
 from workers.config import ModelConfig
 from workers.serving.app import api

@@ -24,8 +24,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from jobs.serve import deploy
-from jobs.serve_spec import ServeSpec
+from jobs.runtime.serving import deploy
+from jobs.specs.serve import ServeSpec
 from tests.bench.serving import write_checkpoint
 from tests.browser.test_grafana import serving_metrics_on_the_dashboard
 from workers.config import ModelConfig

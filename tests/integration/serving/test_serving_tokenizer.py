@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from jobs.serve import checkpoint_context, resolve_s3_checkpoint
-from jobs.specs import SpecError
+from jobs.specs.base import SpecError
+from jobs.specs.serve import checkpoint_context, resolve_s3_checkpoint
 from tests.bench.serving import write_checkpoint
 from workers.checkpoint import TOKENIZER_FILE, load_model
 from workers.config import ModelConfig

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from jobs.sweep_events import STOP_DIR, SUMMARY_FILE, TrialState, append_event, read_events
+from jobs.contracts.sweep_events import STOP_DIR, SUMMARY_FILE, TrialState, append_event, read_events
 from orchestrator import cli
 from orchestrator.api.app import create_app
 from orchestrator.controller.entrypoints import job_paths

@@ -4,7 +4,7 @@ A sweep trial's Train run starts about eleven actors, each in a new Python proce
 actor on the idle workers it starts ahead), and only the controller and the worker use torch. With
 torch in Ray's preload_python_modules every one of them imported it before taking its first call,
 seconds each on a loaded machine (tests/bench/sweeps.py measures the trials before and after). The
-test starts the cluster jobs.sweep and jobs.train start (jobs.trainer.init_ray) and looks inside a
+test starts the cluster jobs.sweep and jobs.train start (jobs.runtime.trainer.init_ray) and looks inside a
 new actor and a new task: neither may have torch imported before it ran.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from jobs.specs import TrainSpec
+from jobs.specs.train import TrainSpec
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 def test_new_actors_and_tasks_of_the_embedded_cluster_start_without_torch():
     import ray
 
-    from jobs.trainer import init_ray
+    from jobs.runtime.trainer import init_ray
 
     @ray.remote(num_cpus=0)
     class Probe:

@@ -1,15 +1,15 @@
 """The sweep driver's Tune wiring with scripted trials (no training): ASHA stops the trials whose
 scripted curve is worse at a rung, the stop-request stopper ends a trial at its next report, a stop
-reaches the trial's training loop (jobs/sweep_trial.py), the events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
-(jobs/sweep.py, jobs/sweep_trial.py, jobs/sweep_events.py). About 40 s on 2 cores."""
+reaches the trial's training loop (jobs/runtime/sweep_trial.py), the events callback records what happened, and the Optuna and HyperOpt searches stay inside the space
+(jobs/runtime/tuner.py, jobs/runtime/sweep_trial.py, jobs/contracts/sweep_events.py). About 40 s on 2 cores."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.sweep import make_tuner
-from jobs.sweep_events import SUMMARY_FILE, TrialState, read_events, read_sweep, request_stop
-from jobs.sweep_spec import SweepSpec
+from jobs.contracts.sweep_events import SUMMARY_FILE, TrialState, read_events, read_sweep, request_stop
+from jobs.runtime.tuner import make_tuner
+from jobs.specs.sweep import SweepSpec
 
 STEPS, EVERY = 20, 5
 # train.lr (as a label) -> the loss the scripted trial reports at each of its reports.
@@ -122,7 +122,7 @@ def test_a_stop_reaches_the_trials_training_loop(tmp_path):
     step; nothing is asked before, or once the trial has ended."""
     import threading
 
-    from jobs.sweep_trial import _relay_stop
+    from jobs.runtime.sweep_trial import _relay_stop
     from workers.control import ControlChannel
 
     def relay(trial: str) -> tuple[threading.Thread, threading.Event, ControlChannel]:

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from ray.util.queue import Queue
 
-from jobs.specs import load_spec
-from jobs.train import checkpoint_uri, sample_checkpoint
-from jobs.trainer import RUN_NAME, build_trainer
+from jobs.runtime.trainer import RUN_NAME, build_trainer, checkpoint_uri, sample_checkpoint
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO, TINY
 from workers.data.storage import open_fs
 from workers.progress import NOTE
@@ -81,7 +80,8 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(train_ray, s3_bucket
 
 
 def test_checkpoint_storage_is_a_checked_path_field():
-    from jobs.specs import SpecError, validate_spec
+    from jobs.specs.base import SpecError
+    from jobs.specs.train import validate_spec
     from orchestrator.auth import check_data_roots
 
     roots = ["s3://corp/nlp", "/data/nlp"]

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from jobs.specs import load_spec
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO, TINY
 from tests.support.cluster import fit_watching
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.specs import load_spec
-from jobs.trainer import RUN_NAME, build_trainer
+from jobs.runtime.trainer import RUN_NAME, build_trainer
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO, TINY
 
 pytestmark = pytest.mark.ray

@@ -16,8 +16,8 @@ import threading
 
 import pytest
 
-from jobs.specs import load_spec, validate_spec
-from jobs.trainer import build_trainer, placement
+from jobs.runtime.trainer import build_trainer, placement
+from jobs.specs.train import load_spec, validate_spec
 from tests.conftest import DEMO, TINY
 from workers.contracts import WorkerConfig
 

@@ -12,7 +12,7 @@ restart the dead group's requests (kept 180 s by default) shared the two spare C
 group's: 2 // 4 = 0 CPUs each. The new pipelines then ran a task only when the loop was starved,
 and their scheduling loops, with no task to wait on, spun in the worker process (GIL and CPU taken
 from the training thread): ~5x the CPU per step and a third of the throughput until the dead
-requests expired. jobs/trainer.py now lets a request lapse after ``DATA_REQUEST_EXPIRE_S``.
+requests expired. jobs/runtime/trainer.py now lets a request lapse after ``DATA_REQUEST_EXPIRE_S``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from jobs.specs import load_spec
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO
 from tests.support.cluster import fit_watching
 from tests.support.procs import cpu_per_step, workers_cpu

@@ -6,7 +6,7 @@ import io
 import pytest
 from rich.console import Console
 
-from jobs.display import RunDisplay
+from jobs.runtime.display import RunDisplay
 from jobs.train import training_error
 from orchestrator.controller.observe import latest_progress
 from tests.conftest import DEMO, run_train

@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from jobs.pools import DEVICE_RESOURCE, pool_device, pool_of, satisfies
+from jobs.contracts.pools import DEVICE_RESOURCE, pool_device, pool_of, satisfies
 from workers.config import device_name
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -1,8 +1,8 @@
-"""The pool vocabulary (jobs/pools.py): how a node's pool is derived and what a spec's pool name matches."""
+"""The pool vocabulary (jobs/contracts/pools.py): how a node's pool is derived and what a spec's pool name matches."""
 
 import pytest
 
-from jobs.pools import check_pool_name, pool_device, pool_of, satisfies
+from jobs.contracts.pools import check_pool_name, pool_device, pool_of, satisfies
 
 
 @pytest.mark.parametrize(("resources", "labels", "pool"), [

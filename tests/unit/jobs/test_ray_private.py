@@ -1,4 +1,4 @@
-"""Ray's private symbols the product uses (jobs/ray_private.py) are all where this Ray keeps them: an
+"""Ray's private symbols the product uses (jobs/contracts/ray_private.py) are all where this Ray keeps them: an
 upgrade that moves one fails here, naming it, not deep inside a job. No cluster is started."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib
 import pytest
 import ray
 
-from jobs import ray_private
+from jobs.contracts import ray_private
 
 
 @pytest.mark.parametrize("use", sorted(ray_private.PRIVATE))
@@ -17,7 +17,7 @@ def test_each_private_ray_symbol_is_where_ray_keeps_it(use):
     try:
         found = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError) as e:
-        pytest.fail(f"Ray {ray.__version__} moved {module}.{attribute} ({use}, jobs/ray_private.py): {e}")
+        pytest.fail(f"Ray {ray.__version__} moved {module}.{attribute} ({use}, jobs/contracts/ray_private.py): {e}")
     assert found is ray_private.private(use)
 
 
@@ -31,4 +31,4 @@ def test_no_other_product_module_touches_ray_private():
     from tests.unit.test_boundaries import ROOT, SOURCES
 
     users = sorted(str(p.relative_to(ROOT)) for p in SOURCES if "ray._private" in p.read_text())
-    assert users == ["jobs/ray_private.py"], f"use jobs/ray_private.py instead: {users}"
+    assert users == ["jobs/contracts/ray_private.py"], f"use jobs/contracts/ray_private.py instead: {users}"

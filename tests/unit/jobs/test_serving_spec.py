@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from jobs.kinds import job_kind
-from jobs.serve import resolve_checkpoint
-from jobs.serve_spec import load_serve_spec, validate_serve_spec
-from jobs.specs import SpecError
+from jobs.specs.base import SpecError
+from jobs.specs.serve import load_serve_spec, resolve_checkpoint, validate_serve_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 

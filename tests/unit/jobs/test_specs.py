@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.specs import SpecError, load_spec, validate_spec
+from jobs.specs.base import SpecError
+from jobs.specs.train import load_spec, validate_spec
 
 DEMO = Path(__file__).resolve().parents[3] / "jobs" / "examples" / "demo.yaml"
 
@@ -109,8 +110,8 @@ def test_fp16_with_powersgd_is_refused_before_any_work():
 
 
 def test_elastic_size_is_a_min_max_pair_that_demand_counts_at_its_max():
-    from jobs.demand import job_demand
-    from jobs.elastic import size_bounds
+    from jobs.contracts.demand import job_demand
+    from jobs.contracts.elastic import size_bounds
 
     spec = validate_spec({"resources": {"num_workers": [2, 6], "expert_parallel": 2}}, ["resources.max_failures=3"])
     res = spec.resources

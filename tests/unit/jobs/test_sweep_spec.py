@@ -1,4 +1,4 @@
-"""SweepSpec validation (jobs/sweep_spec.py) and the events fold (jobs/sweep_events.py): no Ray.
+"""SweepSpec validation (jobs/specs/sweep.py) and the events fold (jobs/contracts/sweep_events.py): no Ray.
 Under 2 s."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.specs import SpecError
-from jobs.sweep_events import TrialState, append_event, fold, read_events, request_stop
-from jobs.sweep_spec import load_sweep_spec, validate_sweep_spec
+from jobs.contracts.sweep_events import TrialState, append_event, fold, read_events, request_stop
+from jobs.specs.base import SpecError
+from jobs.specs.sweep import load_sweep_spec, validate_sweep_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = [ROOT / "jobs" / "examples" / "sweep.yaml", ROOT / "jobs" / "examples" / "sweep-demo.yaml",

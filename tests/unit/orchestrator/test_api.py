@@ -93,7 +93,7 @@ def test_malformed_spec_is_422_naming_the_field_and_stores_nothing(client, app, 
     r = client.post("/v1/jobs", json={"spec": spec}, headers=AUTH)
     assert r.status_code == 422
     assert loc in [e["loc"] for e in r.json()["detail"]]
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
 
 
 def strict_json(response: httpx.Response):
@@ -126,7 +126,7 @@ def test_unencodable_json_values_are_422_naming_the_field_and_store_nothing(clie
     r = client.post("/v1/jobs", content=raw, headers=JSON_CT)
     assert r.status_code == 422
     assert loc in [e["loc"] for e in strict_json(r)["detail"]]
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
 
 
 def test_a_lone_surrogate_in_a_key_is_422_with_a_printable_location(client):
@@ -163,9 +163,9 @@ def test_stored_non_finite_metrics_and_bad_strings_are_returned_as_json(client, 
     """Metrics come from the workers' logs (a NaN loss is real) and a spec from before this check
     could hold a lone surrogate: reading such a job is still a 200 in standard JSON."""
     fake_ray.reachable = False  # the controller leaves the job and its metrics alone
-    job, _ = app.state.store.create(kind="train", name="old", spec={"data": {"source": "/d/\udfff"}},
-                                    max_retries=0, idempotency_key=None, request_hash=None)
-    app.state.store.set_metrics(job.id, {"loss": float("nan"), "grad_norm": float("inf"), "note": "\ud800"})
+    job, _ = app.state.store.jobs.create(kind="train", name="old", spec={"data": {"source": "/d/\udfff"}},
+                                         max_retries=0, idempotency_key=None, request_hash=None)
+    app.state.store.jobs.set_metrics(job.id, {"loss": float("nan"), "grad_norm": float("inf"), "note": "\ud800"})
     r = client.get(f"/v1/jobs/{job.id}", headers=AUTH)
     assert r.status_code == 200
     body = strict_json(r)
@@ -180,13 +180,13 @@ def test_bad_control_fields_are_422(client, app):
         assert client.post("/v1/jobs", json=body, headers=AUTH).status_code == 422, body
     r = client.post("/v1/jobs", json={"spec": {}}, headers={**AUTH, "Idempotency-Key": "has space"})
     assert r.status_code == 422
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
 
 
 def test_body_size_is_limited(client, app):
     big = {"spec": {"name": "x" * (app.state.settings.max_body_bytes + 10)}}
     assert client.post("/v1/jobs", json=big, headers=AUTH).status_code == 413
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
 
 
 def _wait_state(client, job_id, states, deadline_s=DEADLINE_S):
@@ -231,9 +231,9 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job_and_one_submissi
         assert len(ids) == 1
         assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 7
         [job_id] = ids
-        wait_until(lambda: app.state.store.get(job_id).state is JobState.SUCCEEDED, timeout_s=DEADLINE_S,
+        wait_until(lambda: app.state.store.jobs.get(job_id).state is JobState.SUCCEEDED, timeout_s=DEADLINE_S,
                    interval_s=POLL_S, what=f"job {job_id} to succeed")
-    assert app.state.store.list()[1] == 1
+    assert app.state.store.jobs.list()[1] == 1
     assert [s["metadata"]["orch_job_id"] for s in fake_ray.submissions] == [job_id]
 
 
@@ -242,7 +242,7 @@ def test_idempotency_key_with_another_body_is_refused(client, app):
     assert client.post("/v1/jobs", json={"spec": {"name": "a"}}, headers=headers).status_code == 202
     r = client.post("/v1/jobs", json={"spec": {"name": "b"}}, headers=headers)
     assert r.status_code == 409 and "Idempotency-Key" in r.json()["detail"]
-    assert app.state.store.list()[1] == 1
+    assert app.state.store.jobs.list()[1] == 1
 
 
 def test_cancel(client, app, fake_ray):

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 
 from orchestrator import cli
 from orchestrator.auth import Authenticator, Principal, check_data_roots, hash_token, new_token
-from orchestrator.store import JobStore
+from orchestrator.store import Store
 from tests.support.control_plane import AUTH, TINY_SPEC, TOKEN
 from tests.support.servers import BackgroundServer
 
@@ -60,7 +60,7 @@ def test_another_teams_job_is_404_on_every_route_that_takes_a_job_id(app, client
         assert theirs.status_code == 404, (method, path, theirs.status_code)
         # The same answer as for a job that does not exist: ids of other teams cannot be probed.
         assert theirs.json()["detail"].replace(job_id, "X") == missing.json()["detail"].replace("nosuchjob", "X")
-    assert not app.state.store.get(job_id).cancel_requested
+    assert not app.state.store.jobs.get(job_id).cancel_requested
     for method, path in routes:  # the owner's team and the admin do see it
         for headers in (users["carol"], AUTH):
             r = client.request(method, path.replace("{job_id}", job_id), headers=headers)
@@ -187,7 +187,7 @@ def test_a_path_outside_the_team_roots_is_422_naming_the_field(client, app, user
     assert r.status_code == 422, r.text
     [error] = r.json()["detail"]
     assert error["loc"] == ["body", "spec", "data", field] and error["type"] == "data_root"
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
     # The admin is not bound by any team's roots.
     assert client.post("/v1/jobs", json={"spec": spec}, headers=AUTH).status_code == 202
 
@@ -222,15 +222,15 @@ def test_check_data_roots_by_components_and_for_unknown_kinds(tmp_path):
 def test_a_revoke_reaches_another_process_within_its_cache_time(tmp_path):
     """Authenticators over one database stand for API processes: one with a long cache keeps trusting
     its cached lookup until it forgets the token; one without a cache refuses at once."""
-    store = JobStore(f"sqlite:///{tmp_path / 'orch.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'orch.db'}")
     try:
         secret, token_hash = new_token()
-        record = store.create_token(user="alice", team="nlp", role="user", token_hash=token_hash, created_by="admin")
+        record = store.tokens.create(user="alice", team="nlp", role="user", token_hash=token_hash, created_by="admin")
         cached, uncached = Authenticator(TOKEN, store, cache_ttl_s=3600.0), Authenticator(TOKEN, store, cache_ttl_s=0.0)
         header = f"Bearer {secret}"
         assert cached.principal(header) == uncached.principal(header) == Principal("alice", "nlp", "user")
         assert cached.principal(f"Bearer {TOKEN}").is_admin and cached.principal("Bearer orch_nope") is None
-        store.revoke_token(record.id)
+        store.tokens.revoke(record.id)
         assert uncached.principal(header) is None
         assert cached.principal(header) is not None  # within its cache time
         cached.forget(token_hash)
@@ -258,7 +258,7 @@ def test_cli_token_create_prints_it_once_and_it_works(app, monkeypatch, capsys, 
         assert "/data/nlp" in capsys.readouterr().out
         monkeypatch.setenv("ORCH_API_TOKEN", secret)
         assert cli.main(["token", "list"]) == 1 and "403" in capsys.readouterr().err
-        job = app.state.store.create(kind="train", name="x", spec={}, max_retries=0, team="nlp", owner="alice")[0]
+        job = app.state.store.jobs.create(kind="train", name="x", spec={}, max_retries=0, team="nlp", owner="alice")[0]
         assert cli.main(["audit", "--json"]) == 0
         entries = json.loads(capsys.readouterr().out)["data"]
         assert [e["action"] for e in entries] == ["team.set", "token.create"]

@@ -38,20 +38,20 @@ def client(app):
 def _submitted(app, attempts: int) -> str:
     """A stored job whose ``attempts`` attempts were handed to Ray (the controller's bookkeeping)."""
     store = app.state.store
-    job, _ = store.create(kind="train", name="c", spec=TINY_SPEC, max_retries=3)
+    job, _ = store.jobs.create(kind="train", name="c", spec=TINY_SPEC, max_retries=3)
     for n in range(1, attempts + 1):
         if n == 1:
-            store.transition(job.id, JobState.QUEUED, "admitted")
+            store.jobs.transition(job.id, JobState.QUEUED, "admitted")
         else:
-            store.transition(job.id, JobState.RETRYING, "driver lost")
-        store.transition(job.id, JobState.STARTING, "submitting", new_attempt=True)
-        store.update_attempt(job.id, n, submitted_at=time.time())
+            store.jobs.transition(job.id, JobState.RETRYING, "driver lost")
+        store.jobs.transition(job.id, JobState.STARTING, "submitting", new_attempt=True)
+        store.jobs.update_attempt(job.id, n, submitted_at=time.time())
     return job.id
 
 
 def test_points_of_every_attempt_in_log_order(app, client, fake_ray):
     job_id = _submitted(app, 2)
-    first, second = (a.submission_id for a in app.state.store.get(job_id).attempt_records)
+    first, second = (a.submission_id for a in app.state.store.jobs.get(job_id).attempt_records)
     fake_ray.job_logs[first] = "\n".join(["starting", progress_line(1, 8, 3.0), "noise [progress] step=oops",
                                           progress_line(2, 8, 2.5)])
     fake_ray.job_logs[second] = progress_line(2, 8, 2.6) + "\n" + progress_line(3, 8, float("nan"))
@@ -79,7 +79,7 @@ def test_another_teams_job_is_404(app, client):
 def test_a_long_log_is_thinned_to_the_bound_keeping_the_last_point(app, client, fake_ray):
     job_id = _submitted(app, 1)
     steps = 3 * MAX_CURVE_POINTS + 7
-    [attempt] = app.state.store.get(job_id).attempt_records
+    [attempt] = app.state.store.jobs.get(job_id).attempt_records
     fake_ray.job_logs[attempt.submission_id] = "\n".join(progress_line(s, steps, 1.0 + 1 / s) for s in range(1, steps + 1))
     body = client.get(f"/v1/jobs/{job_id}/curve", headers=AUTH).json()
     assert body["sampled"] and len(body["points"]) <= MAX_CURVE_POINTS
@@ -94,7 +94,7 @@ def test_a_growing_log_adds_its_new_records_and_a_line_being_written_once(app, c
     """Each poll parses what was appended since the last; a last line without its newline counts
     while it parses, and is not counted twice once it is finished."""
     job_id = _submitted(app, 1)
-    [attempt] = app.state.store.get(job_id).attempt_records
+    [attempt] = app.state.store.jobs.get(job_id).attempt_records
     sid, line = attempt.submission_id, progress_line(2, 8, 2.5)
     fake_ray.job_logs[sid] = progress_line(1, 8, 3.0) + "\n" + line[:len(line) // 2]
     assert _steps(client, job_id) == [1]  # half a record is none
@@ -106,7 +106,7 @@ def test_a_growing_log_adds_its_new_records_and_a_line_being_written_once(app, c
 
 def test_a_curve_read_over_many_polls_stays_within_the_bound(app, client, fake_ray):
     job_id = _submitted(app, 1)
-    [attempt] = app.state.store.get(job_id).attempt_records
+    [attempt] = app.state.store.jobs.get(job_id).attempt_records
     steps = 3 * MAX_CURVE_POINTS + 7
     fake_ray.job_logs[attempt.submission_id] = ""
     for first in range(1, steps + 1, MAX_CURVE_POINTS // 2):

@@ -36,7 +36,7 @@ def _running(client, app, tmp_path, replicas_running: int = 2) -> dict:
     r = client.post("/v1/deployments", json={"spec": {"checkpoint": str(ckpt), "num_cpus": 0}}, headers=AUTH)
     assert r.status_code == 201, r.text
     d = r.json()
-    app.state.store.update_deployment(d["id"], status=DeploymentStatus.RUNNING, replicas={"RUNNING": replicas_running})
+    app.state.store.deployments.update(d["id"], status=DeploymentStatus.RUNNING, replicas={"RUNNING": replicas_running})
     return d
 
 
@@ -62,7 +62,7 @@ def test_stats_are_scoped_to_the_team_and_say_why_there_are_none(client, app, tm
     carol = client.post("/v1/tokens", json={"user": "carol", "team": "cv"}, headers=AUTH).json()["token"]
     r = client.get(f"/v1/deployments/{d['id']}/stats", headers={"Authorization": f"Bearer {carol}"})
     assert r.status_code == 404 and replicas.asks == 0
-    app.state.store.update_deployment(d["id"], status=DeploymentStatus.DEPLOYING)
+    app.state.store.deployments.update(d["id"], status=DeploymentStatus.DEPLOYING)
     r = client.get(f"/v1/deployments/{d['id']}/stats", headers=AUTH)
     assert r.status_code == 200 and r.json()["replicas"] == [] and "DEPLOYING" in r.json()["message"]
     assert replicas.asks == 0
@@ -73,7 +73,7 @@ def test_a_refused_or_missing_replica_is_a_503_saying_which(client, app, tmp_pat
     replicas.key_sha256 = "0" * 64  # deployed under another API token
     r = client.get(f"/v1/deployments/{d['id']}/stats", headers=AUTH)
     assert r.status_code == 503 and "stats key" in r.json()["detail"]
-    app.state.store.update_deployment(d["id"], status=DeploymentStatus.RUNNING)
+    app.state.store.deployments.update(d["id"], status=DeploymentStatus.RUNNING)
     app.state.settings.__dict__["serve_base_url"] = "http://127.0.0.1:9"  # nothing listens there
     r = client.get(f"/v1/deployments/{d['id']}/stats", headers=AUTH)
     assert r.status_code == 503 and "did not answer" in r.json()["detail"]

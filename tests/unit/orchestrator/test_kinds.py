@@ -9,10 +9,10 @@ import pytest
 from pydantic import BaseModel
 
 from jobs import kinds
-from jobs.demand import job_demand
+from jobs.contracts.demand import job_demand
 from jobs.kinds import KINDS, Bundle, JobKind, job_kind, kind_of
-from jobs.serve_spec import ServeSpec
-from jobs.sweep_spec import SweepSpec
+from jobs.specs.serve import ServeSpec
+from jobs.specs.sweep import SweepSpec
 from orchestrator.auth import root_violations
 from orchestrator.controller.demand_groups import demand_group
 from orchestrator.controller.stop_checkpoint import StopCheckpoints

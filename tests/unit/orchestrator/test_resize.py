@@ -10,17 +10,17 @@ import shlex
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.contracts import ControlChannel
-from jobs.elastic import ResizeError, check_size, describe_size, resized, size_bounds
+from jobs.contracts.elastic import ResizeError, check_size, describe_size, resized, size_bounds
+from jobs.contracts.training import ControlChannel
 from jobs.kinds import job_kind
-from jobs.specs import TrainSpec
+from jobs.specs.train import TrainSpec
 from orchestrator.api.app import create_app
 from orchestrator.controller.demand_groups import DemandGroup, demand_group
 from orchestrator.controller.loop import Controller
 from orchestrator.ray_client import NodeView
 from orchestrator.settings import Settings
 from orchestrator.states import JobState
-from orchestrator.store import JobStore, submission_id_for
+from orchestrator.store import Store, submission_id_for
 from tests.support.control_plane import AUTH, TINY_SPEC, TOKEN
 from tests.support.fakes import FakeDemand, FakeRay, progress_line
 from workers.waiting import wait_until
@@ -31,7 +31,7 @@ S = JobState
 @pytest.fixture
 def env(tmp_path):
     settings = Settings(api_token=TOKEN, state_dir=tmp_path, max_active_jobs=100, metrics_interval_s=0.001)
-    store = JobStore(settings.database_url)
+    store = Store(settings.database_url)
     ray = FakeRay()
     ray.node_list = [NodeView("n1", "127.0.0.1", True, "ALIVE", {"CPU": 4.0})]  # one default job (3 CPUs) at a time
     demand = FakeDemand(ray)
@@ -41,8 +41,8 @@ def env(tmp_path):
 
 def _job(store, name, workers=2, max_retries=1, team="a", **resources):
     spec = TrainSpec.model_validate({"name": name, "resources": {"num_workers": workers, **resources}})
-    job, _ = store.create(kind="train", name=name, spec=spec.model_dump(mode="json"), max_retries=max_retries,
-                          team=team)
+    job, _ = store.jobs.create(kind="train", name=name, spec=spec.model_dump(mode="json"), max_retries=max_retries,
+                               team=team)
     return job.id
 
 
@@ -53,9 +53,9 @@ def _run(ray, job_id, attempt=1, step=5):
 
 
 def _resize_to(store, job_id, workers):
-    job = store.get(job_id)
+    job = store.jobs.get(job_id)
     raw, _ = resized(job.spec, TrainSpec.model_validate(job.spec), num_workers=workers)
-    return store.request_resize(job_id, TrainSpec.model_validate(raw).model_dump(mode="json"))
+    return store.jobs.request_resize(job_id, TrainSpec.model_validate(raw).model_dump(mode="json"))
 
 
 def test_a_running_job_is_resized_through_a_checkpoint_and_readmitted_with_its_new_demand(env):
@@ -68,7 +68,7 @@ def test_a_running_job_is_resized_through_a_checkpoint_and_readmitted_with_its_n
     assert ctl.scheduler.snapshot.decisions.reserved == {"cpu": {"CPU": 3.0}}  # 2 workers + Ray Data's CPU
     assert _resize_to(store, jid, 1).state is S.RUNNING  # stored; the controller moves it
     ctl.reconcile_once()
-    job = store.get(jid)
+    job = store.jobs.get(jid)
     assert job.state is S.RESIZING and job.message == "resizing from 2 workers to 1 worker"
     assert job.spec["resources"]["num_workers"] == 2  # it still holds its old size until it stops
     request = ControlChannel(settings.job_root / jid / "out").pending()
@@ -79,12 +79,12 @@ def test_a_running_job_is_resized_through_a_checkpoint_and_readmitted_with_its_n
     ctl.reconcile_once()
     assert ray.stops == [submission_id_for(jid, 1)]
     ctl.reconcile_once()  # Ray says STOPPED: back in the queue at the new size
-    job = store.get(jid)
+    job = store.jobs.get(jid)
     assert job.state is S.QUEUED and job.resizes == 1 and job.resize_spec is None
     assert job.spec["resources"]["num_workers"] == 1
     assert job.message == "resized (checkpoint at step 7 first); waits to restart on 1 worker from its latest checkpoint"
     ctl.reconcile_once()
-    job = store.get(jid)
+    job = store.jobs.get(jid)
     assert job.state is S.STARTING and job.attempts == 2
     assert ctl.scheduler.snapshot.decisions.reserved == {"cpu": {"CPU": 2.0}}  # admitted with its new demand
     first, second = (s for s in ray.submissions if s["metadata"]["orch_job_id"] == jid)
@@ -96,7 +96,7 @@ def test_a_running_job_is_resized_through_a_checkpoint_and_readmitted_with_its_n
     ctl.reconcile_once()
     ray.restart_cluster()  # the resize did not use up its one retry
     ctl.reconcile_once()
-    assert store.get(jid).state is S.RETRYING and "retry 1 of 1" in store.get(jid).message
+    assert store.jobs.get(jid).state is S.RETRYING and "retry 1 of 1" in store.jobs.get(jid).message
 
 
 def test_a_resize_of_a_queued_job_changes_its_demand_at_once(env):
@@ -105,23 +105,23 @@ def test_a_resize_of_a_queued_job_changes_its_demand_at_once(env):
     second = _job(store, "second", workers=2)
     for _ in range(2):
         ctl.reconcile_once()
-    assert store.get(second).state is S.QUEUED  # 3 of 4 CPUs are taken
+    assert store.jobs.get(second).state is S.QUEUED  # 3 of 4 CPUs are taken
     assert _resize_to(store, second, 1).spec["resources"]["num_workers"] == 1
     ctl.reconcile_once()
-    assert store.get(second).state is S.QUEUED and store.get(first).state is S.STARTING
-    assert store.get(second).queue_reason.startswith("waiting for 1 CPU in pool cpu")  # needs 2, 1 is free
+    assert store.jobs.get(second).state is S.QUEUED and store.jobs.get(first).state is S.STARTING
+    assert store.jobs.get(second).queue_reason.startswith("waiting for 1 CPU in pool cpu")  # needs 2, 1 is free
 
 
 def test_demand_is_published_for_jobs_waiting_for_room_and_withdrawn_before_submission(env):
     store, ray, ctl, _, demand = env
     ray.node_list = [NodeView("n1", "127.0.0.1", True, "ALIVE", {"CPU": 6.0})]
-    store.set_team("q", quotas={"cpu": 1.0})
+    store.teams.put("q", quotas={"cpu": 1.0})
     running = _job(store, "r", workers=2)
     waiting = _job(store, "w", workers=4)
     over_quota = _job(store, "q", workers=1, team="q")  # fits, but not in its team's quota: no node would help
     for _ in range(2):
         ctl.reconcile_once()
-    assert "quota" in store.get(over_quota).queue_reason
+    assert "quota" in store.jobs.get(over_quota).queue_reason
     published, _ = demand.published[-1]
     assert list(published) == [waiting]
     assert published[waiting] == DemandGroup.of([({"CPU": 1.0}, {})] * 5)  # 4 workers + Ray Data's CPU
@@ -129,7 +129,7 @@ def test_demand_is_published_for_jobs_waiting_for_room_and_withdrawn_before_subm
     ctl.reconcile_once()  # the pass that sees it end schedules from what it read first
     submitted_before = len(ray.submissions)
     ctl.reconcile_once()
-    assert store.get(waiting).state is S.STARTING
+    assert store.jobs.get(waiting).state is S.STARTING
     published, submissions_then = demand.published[-1]
     assert waiting not in published and submissions_then == submitted_before  # withdrawn, then submitted
     ctl.stop()
@@ -208,7 +208,7 @@ def test_patch_resizes_a_running_job_and_refuses_bad_sizes_naming_the_bounds(ser
     resizing = next(h for h in job["history"] if h["to_state"] == "RESIZING")
     assert resizing["reason"] == "resizing from 2 workers to 1 worker"
     assert any(h["to_state"] == "QUEUED" and "checkpoint at step 3 first" in h["reason"] for h in job["history"])
-    [entry] = [a for a in app.state.store.audit_log()[0] if a.action == "resize"]
+    [entry] = [a for a in app.state.store.audit.list()[0] if a.action == "resize"]
     assert (entry.actor, entry.target, entry.detail) == ("admin", job_id, "to 1 worker in state RUNNING")
     r = client.patch(f"/v1/jobs/{job_id}", json={"num_workers": 2}, headers=AUTH)
     assert r.status_code == 409 and "STARTING" in r.json()["detail"]
@@ -240,11 +240,11 @@ def test_orch_scale_resizes_over_the_api_and_names_the_bounds(tmp_path, monkeypa
         monkeypatch.setenv("ORCH_URL", url)
         monkeypatch.setenv("ORCH_API_TOKEN", TOKEN)
         spec = TINY_SPEC | {"resources": {"num_workers": 4, "expert_parallel": 2}}
-        job_id = app.state.store.create(kind="train", name="tiny", spec=TrainSpec.model_validate(spec).model_dump(
+        job_id = app.state.store.jobs.create(kind="train", name="tiny", spec=TrainSpec.model_validate(spec).model_dump(
             mode="json"), max_retries=0)[0].id
         assert cli.main(["scale", job_id, "2"]) == 0
         assert f"resize requested for {job_id} (now " in capsys.readouterr().out
-        assert app.state.store.get(job_id).spec["resources"]["num_workers"] == 2
+        assert app.state.store.jobs.get(job_id).spec["resources"]["num_workers"] == 2
         assert cli.main(["scale", job_id, "3"]) == 2
         assert "not a multiple of resources.expert_parallel (2)" in capsys.readouterr().err
         assert cli.main(["scale", job_id]) == 2 and cli.main(["scale", job_id, "--pool", "cpu"]) == 2

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.demand import job_demand
-from jobs.specs import TrainSpec
+from jobs.contracts.demand import job_demand
+from jobs.specs.train import TrainSpec
 from orchestrator.ray_client import NodeView, UnmanagedJob
 from orchestrator.scheduler.policies import BestFit, LowerPriorityFirst, PriorityFairOrder
 from orchestrator.scheduler.pools import build_pools, never_fits

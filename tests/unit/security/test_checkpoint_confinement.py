@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.serve import resolve_checkpoint
-from jobs.specs import SpecError
-from jobs.trainer import RUN_NAME, TRAIN_SNAPSHOT_FILE, check_storage
+from jobs.runtime.trainer import RUN_NAME, TRAIN_SNAPSHOT_FILE, check_storage
+from jobs.specs.base import SpecError
+from jobs.specs.serve import resolve_checkpoint
 from tests.bench.serving import write_checkpoint
 from workers.checkpoint import (
     TOKENIZER_FILE,

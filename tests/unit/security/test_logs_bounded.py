@@ -71,12 +71,12 @@ def bytes_read(monkeypatch) -> list[int]:
 def _running(app) -> tuple[str, str]:
     """A stored job with one attempt handed to Ray: (job id, its submission id)."""
     store = app.state.store
-    job, _ = store.create(kind="train", name="big", spec=TINY_SPEC, max_retries=0)
-    store.transition(job.id, JobState.QUEUED, "admitted")
-    store.transition(job.id, JobState.STARTING, "submitting", new_attempt=True)
-    store.update_attempt(job.id, 1, submitted_at=time.time())
-    store.transition(job.id, JobState.RUNNING, "running")
-    return job.id, store.get(job.id).attempt_records[0].submission_id
+    job, _ = store.jobs.create(kind="train", name="big", spec=TINY_SPEC, max_retries=0)
+    store.jobs.transition(job.id, JobState.QUEUED, "admitted")
+    store.jobs.transition(job.id, JobState.STARTING, "submitting", new_attempt=True)
+    store.jobs.update_attempt(job.id, 1, submitted_at=time.time())
+    store.jobs.transition(job.id, JobState.RUNNING, "running")
+    return job.id, store.jobs.get(job.id).attempt_records[0].submission_id
 
 
 def _log(logs_dir: Path, sid: str) -> Path:
@@ -143,16 +143,16 @@ def test_the_controllers_progress_read_takes_only_new_bytes(app, logs_dir, bytes
     log = _log(logs_dir, sid)
     log.write_text(_lines(1, 3 * PROGRESS_READ_BYTES // 60) + progress_line(7, 100, 2.0) + "\n")
     now = [0.0]
-    reader = AttemptReader(store, app.state.ray, app.state.settings, Telemetry(store.count_by_state), lambda: now[0])
-    reader.read(store.get(job_id), sid)
-    assert store.get(job_id).metrics["step"] == 7 and sum(bytes_read) <= PROGRESS_READ_BYTES
+    reader = AttemptReader(store, app.state.ray, app.state.settings, Telemetry(store.jobs.count_by_state), lambda: now[0])
+    reader.read(store.jobs.get(job_id), sid)
+    assert store.jobs.get(job_id).metrics["step"] == 7 and sum(bytes_read) <= PROGRESS_READ_BYTES
     bytes_read.clear()
     new = progress_line(8, 100, 1.5) + "\n"
     with log.open("a") as f:
         f.write(new)
     now[0] += app.state.settings.metrics_interval_s  # the next pass that reads metrics
-    reader.read(store.get(job_id), sid)
-    assert store.get(job_id).metrics["step"] == 8 and sum(bytes_read) == len(new)
+    reader.read(store.jobs.get(job_id), sid)
+    assert store.jobs.get(job_id).metrics["step"] == 8 and sum(bytes_read) == len(new)
 
 
 def test_a_follow_stream_of_a_quiet_running_job_ends_by_itself(app, client, logs_dir):

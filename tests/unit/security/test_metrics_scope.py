@@ -40,8 +40,8 @@ def env(tmp_path):
         jobs = {}
         for user, team, loss in (("alice", "nlp", 1.25), ("carol", "cv", 7.5)):
             # Stored as a submit stores it (the route is tested elsewhere); the controller runs it.
-            job_id = app.state.store.create(kind="train", name="tiny", spec=TINY_SPEC, max_retries=0,
-                                            team=team, owner=user)[0].id
+            job_id = app.state.store.jobs.create(kind="train", name="tiny", spec=TINY_SPEC, max_retries=0,
+                                                 team=team, owner=user)[0].id
             sid = submission_id_for(job_id, 1)
             wait_until(lambda sid=sid: sid in ray.jobs, timeout_s=DEADLINE_S, interval_s=POLL_S, what=f"{sid} at Ray")
             ray.job_logs[sid] = progress_line(3, 100, loss) + "\n"

@@ -16,7 +16,7 @@ from orchestrator import cli
 from orchestrator.api.app import create_app
 from orchestrator.auth import ADMIN, Principal, priority_refusal
 from orchestrator.settings import Settings
-from orchestrator.store import JobStore, TeamRecord
+from orchestrator.store import Store, TeamRecord
 from orchestrator.store.schema import MIGRATIONS_DIR
 from tests.support.control_plane import TINY_SPEC
 from tests.support.fakes import FakeRay
@@ -80,7 +80,7 @@ def test_a_user_submits_high_only_after_an_admin_raises_the_team_limit(app, clie
                                       f"(an admin raises it: orch team set {team} --max-priority high)")
     assert _submit(client, users["alice"], priority="normal").status_code == 202
     assert _submit(client, users["alice"], priority="low").status_code == 202
-    assert store.list()[1] == 2  # nothing stored for the refusals
+    assert store.jobs.list()[1] == 2  # nothing stored for the refusals
 
     r = client.put("/v1/teams/nlp", json={"max_priority": "high"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["max_priority"] == "high"
@@ -126,7 +126,7 @@ def test_orch_team_set_max_priority(app, monkeypatch, capsys):
         assert json.loads(capsys.readouterr().out)["max_priority"] == "high"
         assert cli.main(["team", "set", "nlp", "--max-priority", "urgent"]) == 2
         assert "max_priority" in capsys.readouterr().err
-        assert app.state.store.team("nlp").max_priority == "high"
+        assert app.state.store.teams.get("nlp").max_priority == "high"
 
 
 # -- the store ---------------------------------------------------------------------------------------
@@ -143,8 +143,8 @@ def test_teams_from_before_priorities_keep_their_row_and_may_use_normal(tmp_path
         command.upgrade(cfg, "0005")
         conn.execute(text("""INSERT INTO teams (name, roots, quotas, updated_at) VALUES ('nlp', '["/d"]', '{}', 0)"""))
     engine.dispose()
-    store = JobStore(f"sqlite:///{path}")
+    store = Store(f"sqlite:///{path}")
     try:
-        assert store.team("nlp") == TeamRecord("nlp", ("/d",), {}, "normal")
+        assert store.teams.get("nlp") == TeamRecord("nlp", ("/d",), {}, "normal")
     finally:
         store.close()

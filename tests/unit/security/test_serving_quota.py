@@ -112,7 +112,7 @@ def test_replicas_count_against_their_teams_quota_and_only_theirs(served, teams)
 
 def test_a_deployment_waits_for_room_in_the_pools(served, teams):
     client, app = served
-    app.state.store.set_team("cv", quotas={})  # no quota: only the pool's room bounds it
+    app.state.store.teams.put("cv", quotas={})  # no quota: only the pool's room bounds it
     big = _deploy(client, teams["cv"], "big", num_cpus=3, autoscaling={"max_replicas": 2})
     assert _settled(client, teams["cv"][0], big)["status"] == "PENDING"
     later = _deploy(client, teams["cv"], "later", num_cpus=3)
@@ -138,4 +138,4 @@ def test_replicas_the_cluster_can_never_hold_are_a_422_naming_the_field(served, 
     [err] = r.json()["detail"]
     assert err["loc"] == loc and "the deployment can never run on this cluster" in err["msg"], err
     assert "pool cpu can hold at most 8 CPU; the deployment needs 9 CPU there" in err["msg"]
-    assert app.state.store.deployments()[1] == 0  # nothing stored
+    assert app.state.store.deployments.list()[1] == 0  # nothing stored

@@ -10,8 +10,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.specs import SpecError
-from jobs.sweep_spec import MAX_TRIALS, validate_sweep_spec
+from jobs.specs.base import SpecError
+from jobs.specs.sweep import MAX_TRIALS, validate_sweep_spec
 from orchestrator.api.app import create_app
 from orchestrator.controller.entrypoints import DATA_ROOTS_ENV, job_paths
 from orchestrator.ray_client import NodeView
@@ -53,7 +53,7 @@ def test_a_serve_spec_is_never_a_plain_job(env, who):
     assert r.status_code == 422, r.text
     [error] = r.json()["detail"]
     assert error["loc"] == ["body", "kind"] and "POST /v1/deployments" in error["msg"]
-    assert app.state.store.list()[1] == 0
+    assert app.state.store.jobs.list()[1] == 0
 
 
 def _runtime_env(ray: FakeRay, job_id: str) -> dict:

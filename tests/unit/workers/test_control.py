@@ -1,5 +1,5 @@
 """The "checkpoint now" side channel on its own (the loop honouring it on Ray: tests/integration/training/test_train.py;
-the controller asking before a stop: tests/unit/orchestrator/test_controller.py), and the driver's
+the controller asking before a stop: tests/unit/orchestrator/test_controller_cancel.py), and the driver's
 SIGTERM handler that uses it."""
 
 import signal

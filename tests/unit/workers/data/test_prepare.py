@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.kinds import job_kind
-from jobs.prepare_spec import validate_prepare_spec
-from jobs.specs import SpecError
+from jobs.specs.base import SpecError
+from jobs.specs.prepare import validate_prepare_spec
 from workers.data import (
     CorpusError,
     CorruptShardError,

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
-from jobs.serve import checkpoint_context, fit_limits
-from jobs.specs import SpecError
+from jobs.specs.base import SpecError
+from jobs.specs.serve import checkpoint_context, fit_limits
 from workers.config import ModelConfig
 from workers.data.tokenizer import ByteTokenizer
 from workers.moe.model import MoETransformer

@@ -1,7 +1,7 @@
 """A sweep's trial events and stop requests: the files between its driver and whoever watches it.
 
-The driver (jobs/sweep.py) appends one JSON line per trial event (start, result, complete, error) to
-``<out>/trials.jsonl``; the control plane reads the file to show the trials live, and the driver folds
+The driver (jobs/sweep.py, through its Tuner's callback in jobs/runtime/tuner.py) appends one JSON
+line per trial event (start, result, complete, error) to ``<out>/trials.jsonl``; the control plane reads the file to show the trials live, and the driver folds
 the same file into ``summary.json`` at the end. One writer, appends of one ``write`` each on an
 ``O_APPEND`` descriptor, so a reader sees whole lines (a torn last line, from a killed driver, is
 skipped). A driver restarted on the same folder keeps appending: a trial that starts again continues
@@ -9,7 +9,7 @@ its history.
 
 Stopping one trial goes the other way: ``<out>/control/trials/<trial_id>.stop`` (written atomically);
 the trial passes it to its training loop, which checkpoints at the end of its current step and ends
-(jobs/sweep_trial.py), and the driver's Tune stopper looks for it at each of the trial's reports.
+(jobs/runtime/sweep_trial.py), and the driver's Tune stopper looks for it at each of the trial's reports.
 
 Torch-free and Ray-free: the control plane imports it.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from jobs.terminal import PublishesTerminal
+from jobs.contracts.terminal import PublishesTerminal
 
 EVENTS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -1,7 +1,7 @@
 """A state enum that publishes its terminal values in its JSON schema (``x-terminal``), so the API's
 OpenAPI document tells clients (the dashboard) which states a record never leaves instead of each
 keeping a list of its own. Used by the job states (orchestrator/states.py) and the trial states
-(jobs/sweep_events.py); torch-free, as both sides need."""
+(jobs/contracts/sweep_events.py); torch-free, as both sides need."""
 
 from __future__ import annotations
 

@@ -1,27 +1,18 @@
-"""The durable job store: jobs, their state history and their attempts (SQLAlchemy Core).
-
-SQLite (WAL mode, ``synchronous=FULL`` unless ORCH_SQLITE_SYNCHRONOUS=NORMAL) by default; any SQLAlchemy URL works. Every write runs in one
-transaction that takes the write lock first (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE``
-elsewhere), so a state check and the move it allows cannot interleave with another writer's. Opening
-a store migrates its database to the newest schema first (``schema.py``).
+"""``store.jobs``: jobs, their state history, their attempts, their queue places, resize requests and
+preemption counts (SQLAlchemy Core). ``transition`` is the one place a job changes state.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.states import JobState, check_transition
-from orchestrator.store.access import AccessRecords
-from orchestrator.store.deployments import DeploymentRecords
 from orchestrator.store.records import (
     EventRecord,
     IdempotencyConflict,
@@ -32,92 +23,19 @@ from orchestrator.store.records import (
     new_job_id,
     submission_id_for,
 )
-from orchestrator.store.schema import upgrade_to_head
 from orchestrator.store.tables import attempts_t, events_t, jobs_t
-
-SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other this long before failing
-
-
-def _sqlite_engine(url: str, synchronous: str) -> Engine:
-    path = url.split("sqlite:///", 1)[-1]
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # The driver's own transaction handling is off; SQLAlchemy's "begin" event below issues BEGIN.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit survives power loss; NORMAL (WAL): it survives a process crash, and commits
-        # skip the fsync (several times the write throughput on slow disks).
-        cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-    return engine
+from orchestrator.store.transactions import Transactions
 
 
-class JobStore(AccessRecords, DeploymentRecords):
-    """Jobs (here), teams, user tokens and the audit log (``access.AccessRecords``) and serving
-    deployments (``deployments.DeploymentRecords``), one database."""
-
-    def __init__(self, url: str, sqlite_synchronous: str = "FULL"):
-        if sqlite_synchronous not in ("FULL", "NORMAL"):
-            raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, got {sqlite_synchronous!r}")
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        self._write_lock = threading.Lock()
-        self.engine = _sqlite_engine(url, sqlite_synchronous) if self.is_sqlite else create_engine(url, pool_pre_ping=True)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        """Upgrade the schema to head in one write transaction. On SQLite foreign keys are off meanwhile
-        (SQLite's own recipe for schema changes: a revision that rebuilds ``jobs`` by copy would
-        otherwise cascade-check its children) and checked before the commit."""
-        if not self.is_sqlite:
-            with self._tx() as conn:
-                upgrade_to_head(conn)
-            return
-        with self.engine.connect() as conn:
-            raw = conn.connection.driver_connection  # the pragma is a no-op inside a transaction
-            raw.execute("PRAGMA foreign_keys=OFF")
-            try:
-                with self._write_lock, conn.execution_options(write=True).begin():
-                    upgrade_to_head(conn)
-                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
-                    if broken:
-                        raise RuntimeError(f"the migrated database breaks foreign keys: {broken[:5]}")
-            finally:
-                raw.execute("PRAGMA foreign_keys=ON")
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[Connection]:
-        if write and self.is_sqlite:
-            # Writers of this process queue on a fair lock rather than in SQLite's busy handler, which
-            # sleeps in growing steps (up to 100 ms) and makes the latency tail long. Other processes
-            # still meet busy_timeout.
-            with self._write_lock, self.engine.connect().execution_options(write=True) as conn, conn.begin():
-                yield conn
-            return
-        with self.engine.connect().execution_options(write=write) as conn, conn.begin():
-            yield conn
+class JobRepository:
+    def __init__(self, tx: Transactions):
+        self._tx = tx
 
     # -- reads ------------------------------------------------------------------------------------
 
     def _load(self, conn: Connection, job_id: str, lock: bool = False) -> JobRecord:
         q = select(jobs_t).where(jobs_t.c.id == job_id)
-        row = conn.execute(q.with_for_update() if lock and not self.is_sqlite else q).first()
+        row = conn.execute(q.with_for_update() if lock and self._tx.locks_rows else q).first()
         if row is None:
             raise JobNotFound(job_id)
         events = conn.execute(select(events_t).where(events_t.c.job_id == job_id).order_by(events_t.c.seq))
@@ -166,10 +84,6 @@ class JobStore(AccessRecords, DeploymentRecords):
         q = select(jobs_t.c.id).where(jobs_t.c.team == team, jobs_t.c.state.in_(open_states))
         with self._tx(write=False) as conn:
             return set(conn.execute(q).scalars())
-
-    def ping(self) -> None:
-        with self._tx(write=False) as conn:
-            conn.exec_driver_sql("SELECT 1")
 
     # -- writes -----------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The trainer builder: one TorchTrainer from a validated spec, for ``jobs.train`` and for whoever
-else runs training (sweeps, the scheduler), and the driver's connection to Ray.
+else runs training (sweeps, the scheduler), the driver's connection to Ray, and what a finished run's
+checkpoint gives (``checkpoint_uri``, ``sample_checkpoint``).
 
 ``build_trainer`` checks that the cluster can ever run the job, then assembles Ray Train's objects;
 running it (``fit()``), showing progress and writing the summary belong to the caller.
@@ -8,8 +9,8 @@ Placement (``placement``): a job whose workers share one device reserves it in e
 gives each worker its own device and sets CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES. A job
 spanning pools gets one label selector per worker (Ray Train v2 takes a list, one per worker), each
 naming the nodes of that worker's pool (``ray.io/node-id in (...)``, resolved here from the live
-nodes by jobs/pools.py, so bare devices and unlabelled nodes work too). Ray Train gives every worker one
-bundle shape, so a job that mixes devices reserves CPUs only in its bundles; a worker reserving no
+nodes by jobs/contracts/pools.py, so bare devices and unlabelled nodes work too). Ray Train gives every
+worker one bundle shape, so a job that mixes devices reserves CPUs only in its bundles; a worker reserving no
 device would see every device of its node (Ray leaves the variables unset) and two jobs could take
 the same one, so each accelerator worker of such a job leases one device of its node through Ray
 (workers/device.py, ``lease_device``) and sees only that one. Mixed devices sync through gloo.
@@ -22,19 +23,32 @@ times, and the workers checkpoint on a preemption notice (workers/loop.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from jobs.pools import pool_device, pool_of, satisfies
-from jobs.ray_private import max_cluster_resources
-from jobs.specs import ResourcesSpec, TrainSpec
+import pyarrow.fs as pafs
+import ray
+from ray.data import DataContext
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
-if TYPE_CHECKING:
-    from workers.data import TrainingData
+from jobs.contracts.pools import pool_device, pool_of, satisfies
+from jobs.contracts.ray_private import max_cluster_resources
+from jobs.kinds.train import DATA_HEADROOM_CPUS, DATA_TASK_CPUS
+from jobs.specs.train import ResourcesSpec, TrainSpec
+from workers import confine
+from workers.checkpoint import load_model, load_tokenizer_for
+from workers.contracts import WorkerConfig
+from workers.data import TrainingData, s3_env
+from workers.data.storage import is_s3, open_fs, uri_of
+from workers.device import backend_for, worker_resources
+from workers.loop import train_loop_per_worker
+from workers.sampling import sample_text
 
 # Ray's own node label: every node carries its id under it (label selectors can name nodes).
 NODE_ID_LABEL = "ray.io/node-id"
@@ -44,11 +58,6 @@ STARTUP_CONCURRENCY = 8
 # Ray Train's record of a run's checkpoints, in the run folder: it names each by a path relative to
 # that folder, restores the latest from it and deletes the ones past keep_checkpoints by that name.
 TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-# Logical CPUs Ray Data's read/pack tasks need beside the training workers (one task at a time suffices).
-DATA_TASK_CPUS = 1.0
-# Logical CPUs a local cluster made for training offers beyond what its workers take (the embedded one
-# here, `orch up`'s head): Ray's CPUs are scheduling tokens, and Ray Data's tasks need their own.
-DATA_HEADROOM_CPUS = 2
 # Every Ray Data execution in a Train worker registers a resource request with Ray Data's cluster-wide
 # AutoscalingCoordinator, which splits the CPUs left beside the workers equally (whole CPUs) among
 # the live requests. A killed worker never cancels its request, and Ray keeps one 180 s after its
@@ -82,8 +91,6 @@ def check_room(spec: TrainSpec) -> None:
     tasks would then wait forever ("Cluster resources are not enough to run any task"), the job
     RUNNING without a step. An autoscaling cluster is judged by the largest size its config allows
     (Ray Train's own worker check reads the same private state); a fixed one by what it has now."""
-    import ray
-
     res = spec.resources
     largest = max_cluster_resources() or ray.cluster_resources()
     # An elastic job runs once its min fits (Ray Train waits for no more).
@@ -105,11 +112,6 @@ def check_storage(storage: str | None, out: Path, run_name: str = RUN_NAME) -> N
     run folder (``../``, an absolute path). The roots were checked at submission on the top folder
     only; Train would follow such a link or name when it saves, prunes (deletes) and resumes.
     Unconfined jobs and ``s3://`` storage (keys have no links): nothing to check."""
-    import json
-
-    from workers import confine
-    from workers.data.storage import is_s3, open_fs
-
     roots = confine.from_env()
     if roots is None or (storage and is_s3(storage)):
         return
@@ -161,8 +163,6 @@ class Placement:
 
 def _pool_selectors(res: ResourcesSpec) -> tuple[list[dict[str, str]], dict[str, str]]:
     """One label selector per worker naming the live nodes of its pool, and node id -> device."""
-    import ray
-
     nodes = {n["NodeID"]: pool_of(n["Resources"], n.get("Labels") or {}) for n in ray.nodes() if n["Alive"]}
     selectors, node_devices = [], {}
     for wanted, count in res.worker_pools().items():
@@ -177,10 +177,6 @@ def _pool_selectors(res: ResourcesSpec) -> tuple[list[dict[str, str]], dict[str,
 
 def placement(spec: TrainSpec) -> Placement:
     """The Ray Train scaling config and backend of ``spec``'s workers (module docstring)."""
-    from ray.train import ScalingConfig
-
-    from workers.device import backend_for, worker_resources
-
     res = spec.resources
     if res.pools is None:  # the only form an elastic size takes (a job spanning pools has fixed counts)
         return Placement(ScalingConfig(num_workers=res.num_workers, use_gpu=res.device == "gpu",
@@ -202,9 +198,6 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
     (log_to_driver) and the driver's "ray" logger shows errors only (token set-up, "Started a local
     Ray instance"): progress comes over the display's queue and failures in fit()'s exception.
     """
-    import ray
-    from ray.data import DataContext
-
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
@@ -236,17 +229,9 @@ def build_trainer(spec: TrainSpec, data: TrainingData, out: Path, *, progress: A
     (jobs.train passes the spec's ``checkpoint_storage``), reached through workers/data/storage.py's
     filesystem so the AWS_* endpoint and keys reach Ray Train's controller and workers; raises
     StorageError naming the bucket when it does not answer. ``progress``: a ray.util.queue.Queue that rank 0
-    sends its progress records to (jobs/display.py), or None. "Checkpoint now" requests are read from
+    sends its progress records to (jobs/runtime/display.py), or None. "Checkpoint now" requests are read from
     ``out``, which stays a local folder (workers/control.py). ``train_loop``: the per-worker function,
     workers.loop's by default (one that wraps it, e.g. to instrument the workers, takes the same config)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.contracts import WorkerConfig
-    from workers.data import s3_env
-    from workers.data.storage import open_fs
-    from workers.loop import train_loop_per_worker
-
     storage_fs, storage_path = open_fs(storage) if storage else (None, str(out))
     check_storage(storage, out, run_name)
     check_room(spec)
@@ -272,3 +257,20 @@ def build_trainer(spec: TrainSpec, data: TrainingData, out: Path, *, progress: A
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A reported checkpoint (ray.train.Checkpoint) as users and jobs.serve name it: its folder, or
+    ``s3://bucket/...`` when the run's storage is on S3."""
+    return uri_of(checkpoint.filesystem, checkpoint.path)
+
+
+def sample_checkpoint(checkpoint: Any, spec: TrainSpec) -> list[str]:
+    """The summary's samples from a reported checkpoint (copied to a temporary folder first when it
+    lies on S3), decoded with the tokenizer it stores."""
+    with checkpoint.as_directory() as folder:
+        path = Path(folder)
+        # A local checkpoint is read under the job's roots; an S3 one from the copy Ray just made here.
+        also = () if isinstance(checkpoint.filesystem, pafs.LocalFileSystem) else (folder,)
+        return sample_text(load_model(path, spec.model, also=also), load_tokenizer_for(path, also=also),
+                           seed=spec.seed)

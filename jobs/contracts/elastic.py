@@ -20,9 +20,9 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from jobs.specs import TrainSpec
+from jobs.specs.train import TrainSpec
 
-# ResourcesSpec.num_workers' own upper bound (jobs/specs.py).
+# ResourcesSpec.num_workers' own upper bound (jobs/specs/train.py).
 SPEC_MAX_WORKERS = 4096
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from jobs.specs import read_yaml, spec_name, validate_as
+from jobs.specs.base import read_yaml, spec_name, validate_as
 from workers.data.prepare_config import PrepareConfig
 
 

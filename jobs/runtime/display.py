@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ray.util.queue import Empty, Queue
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,7 +32,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from jobs.contracts import ProgressRecord
+from jobs.contracts.training import ProgressRecord
 from workers.progress import NOTE, PROGRESS
 
 # How long the reader thread waits on the queue before checking whether training has ended.
@@ -116,8 +117,6 @@ def follow(display: RunDisplay) -> Iterator[Any]:
     Every put returns after the queue actor holds the event, so when ``fit()`` has returned every
     event is queued: the reader drains the queue before it stops.
     """
-    from ray.util.queue import Empty, Queue
-
     queue = Queue(actor_options={"num_cpus": 0})  # no CPU taken from the workers' scheduling
     done = threading.Event()
 

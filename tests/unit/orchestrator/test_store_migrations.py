@@ -1,11 +1,10 @@
-"""The job store: schema migrations (Alembic), the one transition function, idempotency keys,
-durability across reopen."""
+"""The store's schema: Alembic migrations from an empty, a pre-Alembic and a newer release's database,
+never a drift from tables.py, foreign keys on after migrating."""
 
 from __future__ import annotations
 
 import re
 import sqlite3
-import threading
 
 import pytest
 from alembic import command
@@ -15,15 +14,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError
 
-from orchestrator.states import IllegalTransition, JobState
-from orchestrator.store import (
-    IdempotencyConflict,
-    JobNotFound,
-    JobStore,
-    SchemaTooNew,
-    TokenNotFound,
-    submission_id_for,
-)
+from orchestrator.states import JobState
+from orchestrator.store import SchemaTooNew, Store
 from orchestrator.store.schema import (
     LEGACY_VERSIONS,
     MIGRATIONS_DIR,
@@ -32,6 +24,7 @@ from orchestrator.store.schema import (
     upgrade_to_head,
 )
 from orchestrator.store.tables import metadata
+from tests.support.store import create_job
 
 S = JobState
 
@@ -81,18 +74,6 @@ LEGACY_V1_DDL = [
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at DOUBLE PRECISION NOT NULL)",
 ]
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = JobStore(f"sqlite:///{tmp_path / 'orch.db'}")
-    yield s
-    s.close()
-
-
-def _create(store, **kw):
-    args = {"kind": "train", "name": "demo", "spec": {"name": "demo"}, "max_retries": 1} | kw
-    return store.create(**args)
 
 
 def _legacy_db(path, version=1):
@@ -151,16 +132,16 @@ def test_pre_alembic_db_upgrades_to_head_and_keeps_its_rows(tmp_path):
     path = tmp_path / "orch.db"
     _legacy_db(path)
     url = f"sqlite:///{path}"
-    s = JobStore(url)
+    s = Store(url)
     try:
-        job = s.get("abc123")
+        job = s.jobs.get("abc123")
         assert (job.state, job.name, job.spec, job.metrics, job.idempotency_key) == (
             S.STARTING, "old", {"name": "old"}, {"step": 7}, "key-1")
         assert [e.reason for e in job.events] == ["accepted", "picked up", "submitting"]
         assert job.current_attempt.submission_id == "orch-abc123-1" and job.current_attempt.submitted_at == 3.5
         # It goes on where it was: the next event number, the same idempotency key.
-        assert s.transition("abc123", S.RUNNING, "ray: RUNNING").events[-1].seq == 4
-        again, created = _create(s, idempotency_key="key-1", request_hash="h1")
+        assert s.jobs.transition("abc123", S.RUNNING, "ray: RUNNING").events[-1].seq == 4
+        again, created = create_job(s, idempotency_key="key-1", request_hash="h1")
         assert not created and again.id == "abc123"
     finally:
         s.close()
@@ -170,7 +151,7 @@ def test_pre_alembic_db_upgrades_to_head_and_keeps_its_rows(tmp_path):
     assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
     assert _schema_drift(url) == []
     # Byte for byte the schema that a new database gets, and it still enforces uniqueness.
-    JobStore(f"sqlite:///{tmp_path / 'fresh.db'}").close()
+    Store(f"sqlite:///{tmp_path / 'fresh.db'}").close()
     assert _snapshot(path)[0] == _snapshot(tmp_path / "fresh.db")[0]
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("INSERT INTO attempts (job_id, number, submission_id, created_at)"
@@ -202,9 +183,9 @@ def test_upgrade_is_idempotent(tmp_path):
     path = tmp_path / "orch.db"
     _legacy_db(path)
     url = f"sqlite:///{path}"
-    JobStore(url).close()
+    Store(url).close()
     first = _snapshot(path)
-    s = JobStore(url)
+    s = Store(url)
     s.close()
     assert _snapshot(path) == first
     engine = create_engine(url)
@@ -216,12 +197,12 @@ def test_upgrade_is_idempotent(tmp_path):
 
 def test_db_from_a_newer_release_is_refused_clearly(tmp_path):
     path = tmp_path / "orch.db"
-    JobStore(f"sqlite:///{path}").close()
+    Store(f"sqlite:///{path}").close()
     conn = sqlite3.connect(path)
     conn.execute("UPDATE alembic_version SET version_num = 'f00d_from_the_future'")
     conn.commit()
     with pytest.raises(SchemaTooNew, match="f00d_from_the_future.*upgrade the orchestrator"):
-        JobStore(f"sqlite:///{path}")
+        Store(f"sqlite:///{path}")
     # Nothing was changed by the refusal.
     assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("f00d_from_the_future",)]
 
@@ -230,7 +211,7 @@ def test_pre_alembic_db_with_an_unknown_version_is_refused(tmp_path):
     path = tmp_path / "orch.db"
     _legacy_db(path, version=2)
     with pytest.raises(SchemaTooNew, match="pre-Alembic schema version 2"):
-        JobStore(f"sqlite:///{path}")
+        Store(f"sqlite:///{path}")
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
     assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(2,)]
@@ -242,161 +223,13 @@ def test_foreign_keys_are_enforced_after_migrating(store):
         conn.exec_driver_sql("INSERT INTO job_events VALUES ('no-such-job', 1, NULL, 'PENDING', 'x', 1.0)")
 
 
-def test_transitions_are_stored_with_reasons_and_attempts_get_derived_ids(store):
-    job, created = _create(store)
-    assert created and job.state is S.PENDING
-    store.transition(job.id, S.QUEUED, "picked up")
-    job = store.transition(job.id, S.STARTING, "submitting", new_attempt=True)
-    assert job.attempts == 1
-    assert job.current_attempt.submission_id == submission_id_for(job.id, 1)
-    job = store.transition(job.id, S.RUNNING, "ray: RUNNING")
-    assert [(e.from_state, e.to_state, e.reason) for e in job.events] == [
-        (None, S.PENDING, "accepted"),
-        (S.PENDING, S.QUEUED, "picked up"),
-        (S.QUEUED, S.STARTING, "submitting"),
-        (S.STARTING, S.RUNNING, "ray: RUNNING"),
-    ]
-
-
-def test_terminal_states_never_go_back(store):
-    job, _ = _create(store)
-    store.transition(job.id, S.CANCELLED, "user")
-    for target in S:
-        with pytest.raises(IllegalTransition):
-            store.transition(job.id, target, "no")
-    assert store.get(job.id).state is S.CANCELLED
-    assert len(store.get(job.id).events) == 2
-
-
-def test_illegal_move_changes_nothing(store):
-    job, _ = _create(store)
-    with pytest.raises(IllegalTransition):
-        store.transition(job.id, S.RUNNING, "skip ahead")
-    assert store.get(job.id).state is S.PENDING
-
-
-def test_unknown_job(store):
-    with pytest.raises(JobNotFound):
-        store.get("nope")
-    with pytest.raises(JobNotFound):
-        store.transition("nope", S.QUEUED, "x")
-
-
-def test_idempotency_key_returns_the_same_job_and_rejects_another_body(store):
-    a, created_a = _create(store, idempotency_key="k1", request_hash="h1")
-    b, created_b = _create(store, idempotency_key="k1", request_hash="h1")
-    assert created_a and not created_b and a.id == b.id
-    with pytest.raises(IdempotencyConflict):
-        _create(store, idempotency_key="k1", request_hash="h2")
-    assert store.list()[1] == 1
-
-
-def test_concurrent_creates_with_one_key_store_one_job(store):
-    results, barrier = [], threading.Barrier(8)
-
-    def worker():
-        barrier.wait(timeout=10)
-        results.append(_create(store, idempotency_key="same", request_hash="h"))
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert len(results) == 8
-    assert len({job.id for job, _ in results}) == 1
-    assert sum(created for _, created in results) == 1
-
-
-def test_cancel_request_and_listing(store):
-    a, _ = _create(store, name="a")
-    b, _ = _create(store, name="b")
-    assert store.request_cancel(a.id).cancel_requested
-    store.transition(b.id, S.FAILED, "bad")
-    assert not store.request_cancel(b.id).cancel_requested  # terminal: unchanged
-    jobs, total = store.list(states=[S.PENDING])
-    assert total == 1 and [j.id for j in jobs] == [a.id]
-    assert [j.id for j in store.unfinished()] == [a.id]
-    assert store.count_by_state()[S.FAILED] == 1
-
-
-def test_everything_survives_reopen(tmp_path):
-    url = f"sqlite:///{tmp_path / 'orch.db'}"
-    s = JobStore(url)
-    job, _ = _create(s)
-    s.transition(job.id, S.QUEUED, "q")
-    s.set_metrics(job.id, {"step": 3, "loss": 2.5})
-    s.close()
-    again = JobStore(url).get(job.id)
-    assert again.state is S.QUEUED and again.metrics == {"step": 3, "loss": 2.5} and len(again.events) == 2
-
-
-def test_jobs_carry_team_owner_priority_and_list_filters_by_team(store):
-    a, _ = _create(store, name="a", team="nlp", owner="alice", priority="high")
-    _create(store, name="b", team="cv", owner="bob")
-    assert (a.team, a.owner, a.priority, a.preemptions) == ("nlp", "alice", "high", 0)
-    again = store.get(a.id)
-    assert (again.team, again.owner, again.priority, again.queue_position, again.queue_reason) == (
-        "nlp", "alice", "high", None, None)
-    jobs, total = store.list(team="nlp")
-    assert total == 1 and [j.name for j in jobs] == ["a"]
-    assert store.list()[1] == 2 and store.list(team="nobody")[1] == 0
-
-
 def test_pre_team_jobs_belong_to_the_admin(tmp_path):
     path = tmp_path / "orch.db"
     _legacy_db(path)
-    s = JobStore(f"sqlite:///{path}")
+    s = Store(f"sqlite:///{path}")
     try:
-        job = s.get("abc123")
+        job = s.jobs.get("abc123")
         assert (job.team, job.owner, job.priority, job.preemptions) == ("admin", "admin", "normal", 0)
-        assert s.list(team="admin")[1] == 1
+        assert s.jobs.list(team="admin")[1] == 1
     finally:
         s.close()
-
-
-def test_queue_places_and_preemptions(store):
-    a, _ = _create(store, name="a")
-    b, _ = _create(store, name="b")
-    store.set_queue_many([(a.id, 1, "waiting for 2 GPU"), (b.id, 2, "behind a")])
-    assert (store.get(a.id).queue_position, store.get(b.id).queue_reason) == (1, "behind a")
-    store.set_queue(a.id, None, None)
-    assert (store.get(a.id).queue_position, store.get(a.id).queue_reason) == (None, None)
-    store.set_queue_many([])  # nothing to write is not an error
-    assert store.add_preemption(b.id).preemptions == 1
-    assert store.add_preemption(b.id).preemptions == 2 == store.get(b.id).preemptions
-    with pytest.raises(JobNotFound):
-        store.add_preemption("nope")
-
-
-def test_teams_are_upserted_and_keep_what_is_not_given(store):
-    assert store.teams() == {} and store.team("nlp").roots == () and store.team("nlp").max_priority == "normal"
-    store.set_team("nlp", roots=["/data/nlp", "s3://bucket/nlp"])
-    store.set_team("nlp", quotas={"gpu": 8})
-    store.set_team("nlp", max_priority="high")
-    nlp = store.teams()["nlp"]
-    assert nlp.roots == ("/data/nlp", "s3://bucket/nlp") and nlp.quotas == {"gpu": 8.0} and nlp.max_priority == "high"
-    assert store.set_team("nlp", roots=[]).quotas == {"gpu": 8.0}
-    assert store.team("nlp").roots == () and store.team("nlp").max_priority == "high"
-
-
-
-def test_tokens_are_stored_by_hash_and_revoked(store):
-    t = store.create_token(user="alice", team="nlp", role="user", token_hash="ab" * 32, created_by="admin")
-    assert store.token_by_hash("ab" * 32) == t and store.token_by_hash("cd" * 32) is None
-    revoked, token_hash = store.revoke_token(t.id)
-    assert revoked.revoked and token_hash == "ab" * 32
-    assert store.revoke_token(t.id)[0].revoked_at == revoked.revoked_at  # the first time is kept
-    assert store.tokens() == [] and [x.id for x in store.tokens(include_revoked=True)] == [t.id]
-    with pytest.raises(TokenNotFound):
-        store.revoke_token("tok_nope")
-
-
-def test_audit_log_is_newest_first_and_filters_by_team(store):
-    store.audit("alice", "submit", "j1", team="nlp")
-    store.audit("bob", "submit", "j2", team="cv")
-    store.audit("scheduler", "preempt", "j1", detail="for j3 (high)", team="nlp")
-    entries, total = store.audit_log(team="nlp")
-    assert total == 2 and [(e.actor, e.action) for e in entries] == [("scheduler", "preempt"), ("alice", "submit")]
-    assert entries[0].detail == "for j3 (high)" and entries[0].seq > entries[1].seq
-    assert store.audit_log(limit=1, offset=1)[0][0].actor == "bob" and store.audit_log()[1] == 3

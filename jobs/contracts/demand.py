@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel
 
+from jobs.contracts.pools import DEVICE_RESOURCE, pool_device
 from jobs.kinds import Bundle, kind_of
-from jobs.pools import DEVICE_RESOURCE, pool_device
 
 # {pool or bare device: {Ray resource: amount}}, e.g. {"gpu-a100": {"GPU": 4.0, "CPU": 9.0}}
 Demand = dict[str, dict[str, float]]

@@ -1,4 +1,5 @@
-"""Typed, bounded job specs composed of the workers' own configs.
+"""TrainSpec: a typed, bounded spec for one training job (``python -m jobs.train --spec FILE``),
+composed of the workers' own configs.
 
 A spec is YAML (or the same structure as JSON over REST). ``load_spec`` parses it, applies
 ``--set a.b=value`` overrides and validates everything before any Ray work starts; a bad field
@@ -7,14 +8,11 @@ raises ``SpecError`` whose message names the field.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
     Discriminator,
     Field,
@@ -24,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.pools import check_pool_name, pool_device
+from jobs.contracts.pools import check_pool_name, pool_device
+from jobs.specs.base import SpecError, apply_override, field_errors, read_yaml, spec_name
 from workers.config import (  # noqa: F401  (Device: re-exported for the control plane)
     VOCAB_SIZE,
     CompressionConfig,
@@ -57,7 +56,7 @@ class ResourcesSpec(Config):
     elastic_resize_monitor_interval_s: float = Field(60.0, ge=1.0, le=3600.0)
     # cpu -> gloo, gpu -> nccl, npu -> hccl (see workers/device.py); "cuda" is read as "gpu".
     device: Annotated[Device, BeforeValidator(device_name)] = "cpu"
-    # A job spanning pools: workers per pool (jobs/pools.py: an exact pool such as cpu-a or gpu-a100, or
+    # A job spanning pools: workers per pool (jobs/contracts/pools.py: an exact pool such as cpu-a or gpu-a100, or
     # a bare device), e.g. {gpu: 2, cpu: 4}. Instead of num_workers and device: num_workers becomes the
     # total and device the job's accelerator (cpu when it has none). Devices without a common
     # collective backend sync through gloo on host memory. One accelerator device per job.
@@ -139,17 +138,6 @@ class ResourcesSpec(Config):
         return len({pool_device(name) for name in self.worker_pools()}) > 1
 
 
-# Job, user and team names: short, printable, safe in paths, logs and audit lines. One pattern for
-# every spec's ``name`` and the control plane's user, team and deployment names (orchestrator/auth).
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-NAME_MAX_CHARS = 64
-
-
-def spec_name(default: str) -> Any:
-    """A spec's ``name`` field (at most NAME_MAX_CHARS, so a too-long name's error says the limit)."""
-    return Field(default, min_length=1, max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN)
-
-
 class TrainSpec(Config):
     name: str = spec_name("train")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -192,43 +180,6 @@ class TrainSpec(Config):
         return self
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-class SpecError(ValueError):
-    """A spec that does not parse or validate; the message names the field."""
-
-
-def field_errors(errors: Iterable[Mapping[str, Any]], *, skip: int = 0, root: str = "<spec>") -> list[str]:
-    """The one human rendering of pydantic validation errors, ``field.path: message`` per error
-    (specs here, settings, the CLI's view of an API 422). ``skip`` leading location parts are
-    dropped (the API's "body")."""
-    lines = []
-    for e in errors:
-        field = ".".join(str(p) for p in list(e.get("loc", ()))[skip:]) or root
-        msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg")
-        lines.append(f"{field}: {msg}")
-    return lines
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``100``, ``true``, ``null``)."""
-    key, sep, value = assignment.partition("=")
-    if not sep or not key.strip():
-        raise SpecError(f"--set expects KEY=VALUE, got {assignment!r}")
-    parts = key.strip().split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{key}: value {value!r} does not parse: {e}") from None
-
-
 def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
     if raw is None:
         raw = {}
@@ -242,40 +193,5 @@ def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Trai
         raise SpecError("invalid spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
 
 
-def validate_as(model: type[M], raw: Any, overrides: list[str] | tuple[str, ...], what: str) -> M:
-    """``raw`` (a mapping) with ``--set`` overrides applied, validated by ``model``: the one path of
-    every kind's spec (``what``: its name), errors rendered by field_errors. An empty file is an
-    empty mapping (every field at its default)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"a {what} spec must be a mapping, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(f"invalid {what} spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A spec file's YAML, or SpecError naming the file (unreadable, not YAML)."""
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
-
-
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"spec {path} is not valid YAML: {e}") from None
-    return validate_spec(raw, overrides)
+    return validate_spec(read_yaml(path), overrides)

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from jobs.specs import SpecError, TrainSpec, field_errors, read_yaml, spec_name, validate_as
+from jobs.specs.base import SpecError, field_errors, read_yaml, spec_name, validate_as
+from jobs.specs.train import TrainSpec
 from workers.config import Config
 
 # Trials of a random (or model-based) search when ``trials`` is not given.

@@ -3,9 +3,10 @@
 Ray offers no public way to do these three things: read the largest size an autoscaling cluster's
 config allows (Ray Train's own worker check reads the same), find the IP Ray picks for this node,
 and re-read the token-auth mode after setting ``RAY_AUTH_TOKEN`` in-process. ``PRIVATE`` names each
-symbol; tests/unit/jobs/test_ray_private.py imports every one, so an upgrade of Ray that moves one fails there,
-by name, instead of deep inside a job. Imported lazily: the control plane must start without
-connecting to Ray. jobs/ so that both jobs/ and orchestrator/ may import it (workers/ need none).
+symbol; tests/unit/jobs/test_ray_private.py imports every one, so an upgrade of Ray that moves one
+fails there, by name, instead of deep inside a job. Imported lazily: the control plane must start
+without connecting to Ray. In jobs/contracts/ so that both jobs/ and orchestrator/ may import it
+(workers/ need none).
 """
 
 from __future__ import annotations

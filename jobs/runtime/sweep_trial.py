@@ -1,7 +1,7 @@
 """A sweep's trial, inside its Tune actor (jobs/sweep.py drives the trials).
 
 Each trial is a Tune function (``run_trial``) that builds the trial's TorchTrainer
-(jobs.trainer.build_trainer) under a run name of its own and runs it, so a trial is a full Ray
+(jobs/runtime/trainer.py) under a run name of its own and runs it, so a trial is a full Ray
 Train run with its own workers, checkpoints and failure handling. Rank 0's reports reach Tune
 through Ray's TuneReportCallback (``_TrialReport`` makes every report carry ``step`` and ``loss``).
 For PBT a trial runs in segments of perturbation_interval steps (``_run_segments``). A trial asked to
@@ -20,11 +20,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from jobs.sweep_events import stop_requested
-from jobs.sweep_spec import PbtScheduler, SweepSpec
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from jobs.contracts.sweep_events import stop_requested
+from jobs.runtime.trainer import build_trainer
+from jobs.specs.sweep import PbtScheduler, SweepSpec
+from workers.checkpoint import read_meta
+from workers.control import ControlChannel
+from workers.loop import train_loop_per_worker
+from workers.waiting import wait_until
 
 TRIAL_RUN = "train"  # the Train run name of a (non-PBT) trial inside its own folder
-# How often a trial looks for a request to stop it (jobs/sweep_events.py), to end its run at once.
+# How often a trial looks for a request to stop it (jobs/contracts/sweep_events.py), to end its run at once.
 STOP_POLL_S = 0.5
 # A trial's runs have no deadline of their own: the stop relay waits as long as its trial runs.
 NO_DEADLINE_S = math.inf
@@ -41,8 +49,6 @@ def trial_metrics(m: dict[str, Any]) -> dict[str, Any]:
 
 def _trial_report() -> Any:
     """Ray's TuneReportCallback, forwarding trial_metrics(rank 0's report) and the checkpoint path."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     class _TrialReport(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             super().after_report(run_context, [trial_metrics(metrics[0])], checkpoint)
@@ -60,8 +66,6 @@ def _with_callbacks(trainer: Any, callbacks: list[Any]) -> Any:
 def _segment_loop(config: dict[str, Any], *, init_checkpoint: str | None, stop_at_step: int) -> None:
     """The worker loop of one PBT segment: start from ``init_checkpoint``, stop after the checkpoint
     at ``stop_at_step`` (WorkerConfig fields the loop honours)."""
-    from workers.loop import train_loop_per_worker
-
     worker = {**config["worker"], "init_checkpoint": init_checkpoint, "stop_at_step": stop_at_step}
     train_loop_per_worker({**config, "worker": worker})
 
@@ -69,11 +73,6 @@ def _segment_loop(config: dict[str, Any], *, init_checkpoint: str | None, stop_a
 def _run_segments(spec: Any, data: Any, trial_out: Path, interval: int) -> None:
     """PBT: segments of ``interval`` steps, each a new Train run from the checkpoint Tune gave this
     trial (its own latest, or a donor's after an exploit), each ending in a report with its checkpoint."""
-    from ray import tune
-
-    from jobs.trainer import build_trainer
-    from workers.checkpoint import read_meta
-
     given = tune.get_checkpoint()
     init = given.path if given is not None else None
     start = read_meta(Path(init))["step"] if init else 0
@@ -97,10 +96,6 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
     ``s3``: the driver's S3 settings (workers.data.s3_env). build_trainer runs here, in the trial's
     actor, whose environment is its node's rather than the driver's, and hands the S3 settings it
     finds to the run's workers and Ray Data tasks: set the driver's, as jobs.train hands its own."""
-    from ray import tune
-
-    from jobs.trainer import build_trainer
-
     os.environ.update(s3)
     swept = SweepSpec.model_validate(sweep)
     spec = swept.trial_spec(config["params"])
@@ -122,9 +117,6 @@ def _relay_stop(out: Path, trial_id: str, trial_out: Path, ended: threading.Even
     step, then the run ends. The driver's stopper acts only on the reports Tune has taken in, which
     trail the loop (Ray Train forwards them when its controller polls), so a short trial could
     otherwise finish before its stop took effect."""
-    from workers.control import ControlChannel
-    from workers.waiting import wait_until
-
     # ended.wait as the sleep: the relay ends as soon as its trial does, not at its next look.
     wait_until(lambda: ended.is_set() or stop_requested(out, trial_id), timeout_s=NO_DEADLINE_S,
                interval_s=STOP_POLL_S, what=f"trial {trial_id} to end or be asked to stop", sleep=ended.wait)
