@@ -27,7 +27,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Collective backend per device: gloo runs on host memory, nccl on NVIDIA GPUs, hccl on Ascend NPUs.
-BACKENDS: dict[str, str] = {"cpu": "gloo", "gpu": "nccl", "npu": "hccl"}
+# GPU workers also get gloo for the loop's host-side collectives (loss and byte totals, the corrupt
+# units' merge): nccl alone refuses CPU tensors.
+BACKENDS: dict[str, str] = {"cpu": "gloo", "gpu": "cpu:gloo,cuda:nccl", "npu": "hccl"}
 
 
 class DeviceUnavailable(RuntimeError):

@@ -1,7 +1,9 @@
-"""Per-worker training loop under Ray Train: setup -> steps -> reports and checkpoints.
+"""Per-worker training loop: setup -> steps -> reports and checkpoints.
 
-Runs inside each Ray Train worker. Ray Train has already initialized the process group (gloo, nccl
-or hccl). ``_setup`` builds the product's training step (workers/step.py: DDP with the compression
+Runs inside each Ray Train worker (``train_loop_per_worker``), which has initialized the process
+group (gloo, nccl or hccl), or in one process that is its whole world (``run_loop`` with a
+LocalSession: a one-worker sweep trial in its Tune actor); workers/session.py is all it asks of
+either. ``_setup`` builds the product's training step (workers/step.py: DDP with the compression
 hook, expert parallelism, optimizer) and restores the latest checkpoint into it; the loop streams
 this worker's packed rows (workers/data/stream.py) through that step; ``_Reporter`` turns the steps
 into rank 0's progress records (workers/progress.py) and the final metrics; a checkpoint is taken
@@ -48,6 +50,7 @@ from workers.device import lease_device, torch_device
 from workers.interrupts import PreemptionWatch, agreed_request, describe_preemption, hold
 from workers.moe.stats import routing_stats
 from workers.progress import ProgressChannel, ProgressRecord
+from workers.session import RayTrainSession, Session
 from workers.step import TrainStep, build_step, evaluate, final_window, lr_at
 
 # Told about each step's batch on every rank: (step, epoch, this rank's sequence ids in the epoch,
@@ -133,9 +136,10 @@ def place_worker(cfg: WorkerConfig) -> Placement:
 class _Run:
     """One worker's run: the step, where it is, and the byte totals carried over from a resume."""
 
-    def __init__(self, cfg: WorkerConfig, step: TrainStep, rank: int, world: int, placement: Placement,
+    def __init__(self, cfg: WorkerConfig, step: TrainStep, session: Session, placement: Placement,
                  tokenizer_json: str | None = None):
-        self.cfg, self.step, self.rank, self.world, self.placement = cfg, step, rank, world, placement
+        self.cfg, self.step, self.session, self.placement = cfg, step, session, placement
+        self.rank, self.world = session.rank, session.world
         self.tokenizer_json = tokenizer_json  # stored in every checkpoint (the data's tokenizer)
         self.start, self.pos = 0, _Position()
         self.base_bytes = torch.zeros(2, dtype=torch.float64)  # (wire, dense) before this attempt
@@ -148,8 +152,6 @@ class _Run:
 
     def save(self, step: int, metrics: dict[str, Any]) -> None:
         """Collective checkpoint + report: every rank takes part; rank 0's folder holds the files."""
-        import ray.train
-
         self.step.finish_round()  # method local: a checkpoint closes the round (DESIGN.md, "Local steps")
         totals = self.byte_totals()
         meta = {"step": step, "epoch": self.pos.epoch,
@@ -163,28 +165,21 @@ class _Run:
             checkpoint.save(Path(tmp), model=s.model, optimizer=s.optimizer, comm=comm, esync=esync,
                             groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler,
                             tokenizer_json=self.tokenizer_json)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None,
-                             checkpoint_dir_name=f"step-{step:08d}")
+            self.session.report(metrics, Path(tmp) if self.rank == 0 else None, f"step-{step:08d}")
         if self.rank == 0:
-            # Ray Train registers a report only when its controller next polls the workers (every 2 s):
-            # a node lost before then would take the checkpoint with it, and a resume would go back
-            # a whole interval. Wait for the registration (the other ranks wait at the next collective).
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            self.session.wait_committed()  # the other ranks wait at the next collective
 
 
-def _setup(cfg: WorkerConfig, channel: ProgressChannel, tokenizer_json: str | None) -> _Run:
-    """The training step on this rank, restored from Ray Train's latest checkpoint if there is one."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.loop.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+def _setup(cfg: WorkerConfig, session: Session, channel: ProgressChannel, tokenizer_json: str | None) -> _Run:
+    """The training step on this rank, restored from the run's latest checkpoint if there is one."""
+    rank, world = session.rank, session.world
+    torch.set_num_threads(cfg.loop.torch_threads or max(1, (os.cpu_count() or 1) // session.local_world))
     placement = place_worker(cfg)
     device = torch_device(placement.device)
     step = build_step(cfg.model, cfg.compression, cfg.loop, expert_parallel=cfg.expert_parallel, device=device,
                       seed=cfg.seed)
-    run = _Run(cfg, step, rank, world, placement, tokenizer_json)
-    saved = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None)
+    run = _Run(cfg, step, session, placement, tokenizer_json)
+    saved = session.resume_point(cfg.init_checkpoint)
     if saved is None:
         return run
     with saved.as_directory() as saved_dir:
@@ -313,11 +308,16 @@ def train_loop_per_worker(config: dict[str, Any], on_batch: BatchObserver | None
     """Ray Train entry: config = {"worker": a WorkerConfig dump; "progress": the driver's
     ray.util.queue.Queue or None; "tokenizer"; "data" and "val": the TrainPlans of the training and
     held-out splits}. ``on_batch``: see BatchObserver (Ray Train passes only config)."""
+    run_loop(config, RayTrainSession(), on_batch)
+
+
+def run_loop(config: dict[str, Any], session: Session, on_batch: BatchObserver | None = None) -> None:
+    """The loop on this rank of ``session`` (workers/session.py); ``config`` as train_loop_per_worker's."""
     started_at = time.time()  # requests made before this were meant for an earlier attempt
     cfg = WorkerConfig.model_validate(config["worker"])
     channel = ProgressChannel(config.get("progress"))
     control = ControlChannel(cfg.control_dir) if cfg.control_dir else None
-    run = _setup(cfg, channel, config.get("tokenizer"))
+    run = _setup(cfg, session, channel, config.get("tokenizer"))
     step_fn, loop = run.step, cfg.loop
     device = next(step_fn.model.parameters()).device
     # Every rank steps the one global position and reads only its own rows of each step: batch_size
@@ -361,7 +361,7 @@ def train_loop_per_worker(config: dict[str, Any], on_batch: BatchObserver | None
             if notice is not None and run.rank == 0:
                 channel.note(f"checkpoint at step {done} on a preemption notice: {describe_preemption(notice)}")
         if done == cfg.stop_at_step and done % loop.checkpoint_every == 0 and done < loop.steps:
-            return  # the end of a PBT segment (jobs/sweep_trial.py): its checkpoint was just reported
+            return  # the end of a PBT segment (jobs/runtime/sweep_trial.py): its checkpoint was just reported
 
     step_fn.finish_round()  # method local: evaluate the synced weights
     val = _eval_batches(config.get("val"), run.rank, run.world, loop, device)

@@ -1,8 +1,9 @@
 """A sweep's trial events and stop requests: the files between its driver and whoever watches it.
 
 The driver (jobs/sweep.py, through its Tuner's callback in jobs/runtime/tuner.py) appends one JSON
-line per trial event (start, result, complete, error) to ``<out>/trials.jsonl``; the control plane reads the file to show the trials live, and the driver folds
-the same file into ``summary.json`` at the end. One writer, appends of one ``write`` each on an
+line per trial event (start, result, checkpoint, complete, error) to ``<out>/trials.jsonl``;
+the control plane reads the file to show the trials live, and the driver folds the same file into
+``summary.json`` at the end. One writer, appends of one ``write`` each on an
 ``O_APPEND`` descriptor, so a reader sees whole lines (a torn last line, from a killed driver, is
 skipped). A driver restarted on the same folder keeps appending: a trial that starts again continues
 its history.
@@ -182,6 +183,8 @@ def fold(events: Iterable[dict[str, Any]], *, out: Path, metric: str, mode: str,
             t.eval_loss = _number(m.get("eval_loss")) if "eval_loss" in m else t.eval_loss
             t.history.append({k: float(v) for k, v in m.items()
                               if k in ("step", "loss", "eval_loss") and _number(v) is not None})
+        elif kind == "checkpoint":
+            t.checkpoint = e.get("path") or t.checkpoint
         elif kind == "pause":
             t.state = TrialState.PAUSED
         elif kind in ("complete", "error"):

@@ -1,13 +1,20 @@
 """A sweep's trial, inside its Tune actor (jobs/sweep.py drives the trials).
 
-Each trial is a Tune function (``run_trial``) that builds the trial's TorchTrainer
-(jobs/runtime/trainer.py) under a run name of its own and runs it, so a trial is a full Ray
-Train run with its own workers, checkpoints and failure handling. Rank 0's reports reach Tune
-through Ray's TuneReportCallback (``_TrialReport`` makes every report carry ``step`` and ``loss``).
-For PBT a trial runs in segments of perturbation_interval steps (``_run_segments``). A trial asked to
-stop tells its own training loop (``_relay_stop``), which checkpoints at the end of its current step
-and ends. (A trial that Tune stops, ASHA's cut, goes with its actor: Ray ends the Train run the
-actor owns, and its workers.)
+Each trial is a Tune function (``run_trial``). A trial of one worker (``SweepSpec.trials_in_actor``)
+runs the training loop in that actor (``_run_in_actor``, workers/session.py's LocalSession), with
+its checkpoints where its Train run would keep them and its reports straight to Tune. No Ray Train
+run starts for it (a controller, a worker group, a placement group, a process group over actors),
+which was most of a short trial's start-up.
+
+A trial of more workers builds its TorchTrainer (jobs/runtime/trainer.py) under a run name of its
+own and runs it, so it is a full Ray Train run with its own workers, checkpoints and failure
+handling. Rank 0's reports reach Tune through Ray's TuneReportCallback (``_TrialReport`` makes every
+report carry ``step`` and ``loss``). For PBT such a trial runs in segments of perturbation_interval
+steps (``_run_segments``).
+
+A trial asked to stop tells its own training loop (``_relay_stop``), which checkpoints at the end of
+its current step and ends. (A trial that Tune stops, ASHA's cut, goes with its actor, and with it
+the loop or the Train run the actor owns.)
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from jobs.contracts.sweep_events import stop_requested
-from jobs.runtime.trainer import build_trainer
+from jobs.runtime.trainer import build_trainer, loop_config
 from jobs.specs.sweep import PbtScheduler, SweepSpec
+from jobs.specs.train import TrainSpec
 from workers.checkpoint import read_meta
 from workers.control import ControlChannel
-from workers.loop import train_loop_per_worker
+from workers.device import backend_for
+from workers.loop import run_loop, train_loop_per_worker
+from workers.session import LocalSession
 from workers.waiting import wait_until
 
 TRIAL_RUN = "train"  # the Train run name of a (non-PBT) trial inside its own folder
@@ -88,14 +98,26 @@ def _run_segments(spec: Any, data: Any, trial_out: Path, interval: int) -> None:
             return
 
 
+def _run_in_actor(spec: TrainSpec, data: Any, trial_out: Path) -> None:
+    """A one-worker trial: the loop in this actor, its checkpoints in ``trial_out/TRIAL_RUN`` as a
+    Train run's would be (a restarted trial resumes from the newest), each report straight to Tune."""
+    def report(metrics: dict[str, Any], checkpoint: Path) -> None:
+        tune.report({**trial_metrics(metrics), "checkpoint_path": str(checkpoint)})
+
+    with LocalSession(trial_out / TRIAL_RUN, spec.train.keep_checkpoints, report,
+                      backend_for(spec.resources.device)) as session:
+        run_loop(loop_config(spec, data, trial_out), session)
+
+
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: str, s3: dict[str, str]) -> None:
     """One trial: the base train spec with this trial's values on ``data`` (workers.data.TrainingData,
-    opened once by the driver), as a Ray Train run in
-    ``out/trials/<trial id>`` (a stable run name, so a restarted trial resumes its checkpoints).
+    opened once by the driver), in this actor or as a Ray Train run in ``out/trials/<trial id>`` (a
+    stable run name, so a restarted trial resumes its checkpoints); control requests go through
+    that folder either way.
 
-    ``s3``: the driver's S3 settings (workers.data.s3_env). build_trainer runs here, in the trial's
-    actor, whose environment is its node's rather than the driver's, and hands the S3 settings it
-    finds to the run's workers and Ray Data tasks: set the driver's, as jobs.train hands its own."""
+    ``s3``: the driver's S3 settings (workers.data.s3_env). The trial runs here, in its actor, whose
+    environment is its node's rather than the driver's, and hands the S3 settings it finds to its
+    workers and Ray Data tasks: set the driver's, as jobs.train hands its own."""
     os.environ.update(s3)
     swept = SweepSpec.model_validate(sweep)
     spec = swept.trial_spec(config["params"])
@@ -104,7 +126,9 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], data: Any, out: 
     ended = threading.Event()
     threading.Thread(target=_relay_stop, args=(Path(out), trial_id, trial_out, ended), daemon=True).start()
     try:
-        if isinstance(swept.scheduler, PbtScheduler):
+        if swept.trials_in_actor:
+            _run_in_actor(spec, data, trial_out)
+        elif isinstance(swept.scheduler, PbtScheduler):
             _run_segments(spec, data, trial_out, swept.scheduler.perturbation_interval)
         else:
             _with_callbacks(build_trainer(spec, data, trial_out, run_name=TRIAL_RUN), [_trial_report()]).fit()

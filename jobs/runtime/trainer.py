@@ -220,6 +220,22 @@ def init_ray(spec: TrainSpec, verbose: bool) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def loop_config(spec: TrainSpec, data: TrainingData, out: Path, *, progress: Any = None,
+                place: Placement | None = None) -> dict[str, Any]:
+    """The config of the per-worker loop (workers/loop.py) for ``spec`` on ``data``: "checkpoint now"
+    requests are read from ``out``; ``place``: the Train run's placement (None: one process with the
+    spec's device, as a one-worker sweep trial runs in its Tune actor)."""
+    res = spec.resources
+    worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
+                          device=res.device, expert_parallel=res.expert_parallel,
+                          node_devices=place.node_devices if place else {},
+                          lease_devices=place.lease_devices if place else False, control_dir=str(out),
+                          # Preemption notices come from Ray Train, which one process does not run under.
+                          preemption_check_every=res.preemption_check_every if place else 0)
+    return {"worker": worker.model_dump(mode="json"), "progress": progress, "tokenizer": data.tokenizer.to_json(),
+            "data": data.plan("train", spec.data), "val": data.plan("val", spec.data)}
+
+
 def build_trainer(spec: TrainSpec, data: TrainingData, out: Path, *, progress: Any = None,
                   run_name: str = RUN_NAME, verbose: bool = False, storage: str | None = None,
                   train_loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
@@ -237,17 +253,11 @@ def build_trainer(spec: TrainSpec, data: TrainingData, out: Path, *, progress: A
     check_room(spec)
     place = placement(spec)
     res = spec.resources
-    worker = WorkerConfig(model=spec.model, compression=spec.compression, loop=spec.train, seed=spec.seed,
-                          device=res.device, expert_parallel=res.expert_parallel, node_devices=place.node_devices,
-                          lease_devices=place.lease_devices, control_dir=str(out),
-                          preemption_check_every=res.preemption_check_every)
     # A cluster started by init_ray has DATA_REQUEST_ENV in every process; other workers get it here.
     data_env = {k: v for k, v in DATA_REQUEST_ENV.items() if os.environ.get(k) != v}
     return TorchTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config={"worker": worker.model_dump(mode="json"), "progress": progress,
-                           "tokenizer": data.tokenizer.to_json(), "data": data.plan("train", spec.data),
-                           "val": data.plan("val", spec.data)},
+        train_loop_config=loop_config(spec, data, out, progress=progress, place=place),
         torch_config=TorchConfig(backend=place.backend),
         scaling_config=place.scaling_config,
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,

@@ -31,13 +31,14 @@ from jobs.specs.sweep import (
     RandInt,
     SweepSpec,
 )
+from workers.device import worker_resources
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside --out; fixed so a rerun finds it
-# Restarts of a trial whose Train run failed as a whole (its workers' own restarts are the base spec's
-# resources.max_failures): the trial resumes from its latest checkpoint (its run name is stable).
+# Restarts of a failed trial (of one in its actor, or of one whose Train run failed as a whole: its
+# workers' own restarts are the base spec's resources.max_failures): it resumes from its latest checkpoint.
 TRIAL_RETRIES = 2
-# Logical CPUs a trial's Tune actor reserves: it only waits on its Train run, whose workers reserve
-# their own (Tune refuses an empty request, so a token amount).
+# Logical CPUs the Tune actor of a trial that is a Train run reserves: it only waits on the run, whose
+# workers reserve their own (Tune refuses an empty request, so a token amount).
 TRIAL_DRIVER_CPUS = 0.01
 # The libraries' own numbers of random trials before TPE models the results (_startup_trials).
 OPTUNA_STARTUP_TRIALS, HYPEROPT_STARTUP_TRIALS = 10, 20
@@ -130,6 +131,11 @@ def _callbacks(spec: SweepSpec, out: Path) -> list[Any]:
             _log(f"trial {trial.trial_id}: step {keep.get('step')}/{total} {metric} "
                  + (f"{value:.4f}" if isinstance(value, float) else "n/a"))
 
+        def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+            # A checkpoint reported to Tune (a PBT segment's) is registered after on_trial_result has
+            # run for its report, whose event names the one before.
+            append_event(out, "checkpoint", trial.trial_id, path=checkpoint.path)
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             state = _trial_state(trial, out, total)
             append_event(out, "complete", trial.trial_id, state=state.value)
@@ -156,10 +162,17 @@ def _stopper(out: Path) -> Any:
     return StopRequests()
 
 
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What a trial's Tune actor reserves: a training worker's resources when the trial trains in it
+    (``trials_in_actor``), else next to nothing (its Train run reserves its workers)."""
+    res = spec.base.resources
+    return worker_resources(res.device, res.cpus_per_worker) if spec.trials_in_actor else {"CPU": TRIAL_DRIVER_CPUS}
+
+
 def make_tuner(spec: SweepSpec, trainable: Any, out: Path) -> Any:
     """The Tuner for ``spec`` running ``trainable`` (run_trial, or a scripted stand-in in tests),
     restored when ``out`` already holds the experiment."""
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(trainable, trial_resources(spec))
     if spec.metric == "eval_loss":  # known only at a trial's end: the other reports lack it
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     experiment = out / EXPERIMENT

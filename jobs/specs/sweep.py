@@ -199,7 +199,8 @@ class SweepSpec(Config):
     # None: the grid's size (search grid) or DEFAULT_TRIALS.
     trials: int | None = Field(None, ge=1, le=MAX_TRIALS)
     max_concurrent: int = Field(2, ge=1, le=1024)
-    # Ray Train workers of every trial; replaces base.resources.num_workers.
+    # Workers of every trial; replaces base.resources.num_workers. One: the trial trains in its Tune
+    # actor (trials_in_actor); more: each trial is a Ray Train run of that many workers.
     workers_per_trial: int = Field(1, ge=1, le=4096)
     # Steps between two reports of a trial: each is a checkpoint, a point of its curve and a moment
     # the scheduler may stop it. Replaces base.train.checkpoint_every.
@@ -276,6 +277,14 @@ class SweepSpec(Config):
     def trial_spec(self, params: dict[str, Any]) -> TrainSpec:
         """The train spec of the trial with ``params`` (module function ``trial_spec``)."""
         return trial_spec(self.base, self.workers_per_trial, self.report_every, params)
+
+    @property
+    def trials_in_actor(self) -> bool:
+        """A trial of one worker runs its training loop in its own Tune actor (jobs/runtime/sweep_trial.py),
+        with no Ray Train run to start; more workers, workers from pools, or PBT's segments (each a
+        run from a checkpoint Tune hands over) make each trial a Train run."""
+        return (self.workers_per_trial == 1 and self.base.resources.pools is None
+                and not isinstance(self.scheduler, PbtScheduler))
 
 
 def validate_sweep_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:

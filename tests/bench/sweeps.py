@@ -12,20 +12,21 @@ trials' final training loss). HyperOpt's TPE is left out: one more sweep for a s
   figure is fit()'s wall time / ideal (1.0: Tune adds nothing; the goal is <= 1.1). For the random
   sweep, where the rest goes: Tune's start-up (fit() to the first trial's function), its tear-down
   (the last trial's return to fit() returning), and the time a slot stands empty between one
-  trial's end and the next one's start; and beside it, the Train run's start-up inside a trial's
+  trial's end and the next one's start; and beside it, the training's start-up inside a trial's
   own run time (trial start to its first report, less the steps before it).
 - Trial start-up (issue 23), before and after in one run: each trial's seconds from Tune starting
   it to its first step (its first report, less the steps that report covers), for the random sweep
-  on a cluster of its own with the old settings (torch preloaded into every worker process Ray
-  starts: tests/bench/recovery.py ``preloading``, bench only) and then on the product's (nothing
-  preloaded). A trial's Train run starts ~11 actors, each in a new process (Ray places no actor on
-  its idle workers), and only the trial's actor, the controller and the worker use torch.
+  with every trial a Ray Train run of one worker (as before: ``as_train_runs``, bench only) and then
+  as the product runs a one-worker trial, in its Tune actor (jobs/runtime/sweep_trial.py). A
+  trial's Train run starts ~9 actors, each in a new process (Ray places no actor on its idle
+  workers); a trial in its actor starts none but its Ray Data read tasks.
 - Search quality: the best held-out loss among the trials that ran all their steps, that trial's
   values, and the steps each sweep trained in all (ASHA's saving).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,10 +34,9 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
-
-from tests.bench.recovery import preloading
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "jobs" / "examples" / "sweep-demo.yaml"
@@ -49,14 +49,24 @@ SWEEPS = {"random": ("random", {"type": "fifo"}), "random + ASHA": ("random", AS
           "optuna (TPE)": ("optuna", {"type": "fifo"})}
 TIMINGS = "timings"
 ROW = "row.json"  # a finished sweep's figures, kept for --reuse
-BEFORE = "before"  # the start-up comparison's old-settings sweep (its folder and row label)
-OLD_PRELOAD = ["torch"]  # what jobs/runtime/trainer.py preloaded into every worker before issue 23's cut
+BEFORE = "before"  # the start-up comparison's sweep of Train-run trials (its folder and row label)
 
 
-def timed_trial(config: dict[str, Any], **params: Any) -> None:
-    """run_trial, timed from inside the trial (the trial's own run time). The end is written when the
-    function returns; a trial that Tune stops (ASHA, at a cut or at max_t) never returns, as its actor
-    goes, and ends at its "complete" event instead (_spans)."""
+@contextlib.contextmanager
+def as_train_runs() -> Any:
+    """In this process, every sweep's one-worker trials are Ray Train runs, as before they trained in
+    their Tune actors (both where the driver reserves a trial's resources and in the trial)."""
+    from jobs.specs.sweep import SweepSpec
+
+    with mock.patch.object(SweepSpec, "trials_in_actor", new=property(lambda self: False)):
+        yield
+
+
+def timed_trial(config: dict[str, Any], *, train_run: bool = False, **params: Any) -> None:
+    """run_trial, timed from inside the trial (the trial's own run time); ``train_run``: as a Ray Train
+    run (``as_train_runs``). The end is written when the function returns; a trial that Tune stops
+    (ASHA, at a cut or at max_t) never returns, as its actor goes, and ends at its "complete" event
+    instead (_spans)."""
     from ray import tune
 
     from jobs.runtime.sweep_trial import run_trial
@@ -65,7 +75,8 @@ def timed_trial(config: dict[str, Any], **params: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     path.write_text(json.dumps({"start": start}))
-    run_trial(config, **params)
+    with as_train_runs() if train_run else contextlib.nullcontext():
+        run_trial(config, **params)
     path.write_text(json.dumps({"start": start, "end": time.time()}))
 
 
@@ -136,7 +147,8 @@ def _overhead(out: Path, t0: float, t1: float) -> dict[str, Any]:
             "trial_startup_s_median": round(statistics.median(trial_startups), 1) if trial_startups else None}
 
 
-def _sweep(label: str, search: str, scheduler: dict[str, Any], data: Any, out: Path) -> dict[str, Any]:
+def _sweep(label: str, search: str, scheduler: dict[str, Any], data: Any, out: Path,
+           train_run: bool = False) -> dict[str, Any]:
     """One sweep of the same space, seed and budget with ``search`` and ``scheduler``: its overhead
     and the best trial that ran all its steps."""
     from ray import tune
@@ -149,7 +161,7 @@ def _sweep(label: str, search: str, scheduler: dict[str, Any], data: Any, out: P
                   "report_every": EVERY, "base/train/steps": STEPS, "space": SPACE})
     out.mkdir(parents=True)
     trainable = tune.with_parameters(timed_trial, sweep=spec.model_dump(mode="json"), data=data, out=str(out),
-                                     s3=s3_env())
+                                     s3=s3_env(), train_run=train_run)
     t0 = time.time()
     make_tuner(spec, trainable, out).fit()
     t1 = time.time()
@@ -164,11 +176,12 @@ def _sweep(label: str, search: str, scheduler: dict[str, Any], data: Any, out: P
 
 def _startup_markdown(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     b, a = before["overhead"], after["overhead"]
-    return [f"Trial start-up, before and after in this run: the {after['label']} sweep (FIFO) on a cluster with "
-            "torch preloaded into every worker process (the old settings) and on the product's (nothing "
-            "preloaded). A trial's start-up: Tune starting it to its first step (its first report, less the "
-            "steps that report covers).", "",
-            "| measure | before (torch preloaded) | after | after / before |", "|---|---|---|---|",
+    return [f"Trial start-up, before and after in this run: the {after['label']} sweep (FIFO) with every trial a "
+            "Ray Train run of one worker (as before) and with each trial training in its own Tune actor (the "
+            "product's one-worker trials). A trial's start-up: Tune starting it to its first step (its first "
+            "report, less the steps that report covers).", "",
+            "| measure | before (trials as Train runs) | after (in their Tune actors) | after / before |",
+            "|---|---|---|---|",
             f"| trial start-up, median (goal <= 8 s) | {b['trial_startup_s_median']} s | "
             f"**{a['trial_startup_s_median']} s** | {round(a['trial_startup_s_median'] / b['trial_startup_s_median'], 2)} |",
             f"| trial start-up, each trial | {b['trial_startup_s']} | {a['trial_startup_s']} | |",
@@ -189,7 +202,7 @@ def _markdown(rows: list[dict[str, Any]], before: dict[str, Any]) -> list[str]:
           f"demo sweep's tiny model (one worker each), {CONCURRENCY} at once, the same space (train.lr "
           "loguniform 3e-4..3e-2, compression.density 0.01 or 0.1) and seed.", "",
           f"Tune overhead, the {rows[0]['label']} sweep (FIFO): ideal = the trials' own run times (timed inside "
-          "each trial, its Train run's start-up included) summed / concurrency.", "",
+          "each trial, its training's start-up included) summed / concurrency.", "",
           "| measure | value |", "|---|---|",
           f"| sweep wall time (fit()) | {o['wall_s']} s |", f"| ideal | {o['ideal_s']} s |",
           f"| **wall / ideal** (goal <= 1.1) | **{o['ratio']}** |",
@@ -201,7 +214,7 @@ def _markdown(rows: list[dict[str, Any]], before: dict[str, Any]) -> list[str]:
           f"| + slots empty after the last trial started (the last wave's spread; summed / concurrency) "
           f"| {o['idle_tail_s']} s |",
           f"| a trial's own run time (median) | {o['trial_run_s_median']} s |",
-          f"| of which its Train run's start-up (median) | {o['train_startup_s_median']} s |", "",
+          f"| of which its training's start-up (median) | {o['train_startup_s_median']} s |", "",
           *_startup_markdown(before, rows[0]),
           "Search quality at the same trial budget: the searches see each trial's final training loss; best "
           "eval loss is the lowest held-out loss among the trials that ran all their steps. ASHA: grace "
@@ -221,7 +234,7 @@ def _markdown(rows: list[dict[str, Any]], before: dict[str, Any]) -> list[str]:
 def sweeps_section(scratch: Path, reuse: bool = False) -> dict:
     """Run the sweeps; with ``reuse``, a sweep whose row an earlier (interrupted) bench saved is kept.
     A sweep without a saved row is rerun from nothing: its left-over experiment would be resumed.
-    First the start-up comparison's old-settings sweep, on a cluster of its own."""
+    First the start-up comparison's sweep of Train-run trials, on a cluster of its own."""
     if not reuse:
         shutil.rmtree(scratch, ignore_errors=True)
     labels = [BEFORE, *SWEEPS]
@@ -231,8 +244,8 @@ def sweeps_section(scratch: Path, reuse: bool = False) -> dict:
             if (r["label"], r["trials"], r["overhead"]["concurrency"]) == (labels[i], TRIALS, CONCURRENCY)
             and "trial_startup_s" in r["overhead"]}
     if 0 not in rows:
-        with preloading(OLD_PRELOAD):
-            rows.update(_run_sweeps({0: (BEFORE, SWEEPS["random"])}, saved))
+        with as_train_runs():
+            rows.update(_run_sweeps({0: (BEFORE, SWEEPS["random"])}, saved, train_run=True))
     todo = {i: SWEEPS[label] for i, label in enumerate(labels) if i and i not in rows}
     rows.update(_run_sweeps({i: (labels[i], todo[i]) for i in todo}, saved))
     ordered = [rows[i] for i in range(1, len(labels))]
@@ -240,7 +253,8 @@ def sweeps_section(scratch: Path, reuse: bool = False) -> dict:
             "markdown": _markdown(ordered, rows[0])}
 
 
-def _run_sweeps(todo: dict[int, tuple[str, tuple[str, dict[str, Any]]]], saved: dict[int, Path]) -> dict:
+def _run_sweeps(todo: dict[int, tuple[str, tuple[str, dict[str, Any]]]], saved: dict[int, Path],
+                train_run: bool = False) -> dict:
     """Run the sweeps ``todo`` (index -> label, (search, scheduler)) on one new embedded cluster,
     saving each row; index -> row."""
     import ray
@@ -259,7 +273,7 @@ def _run_sweeps(todo: dict[int, tuple[str, tuple[str, dict[str, Any]]]], saved: 
     try:
         for i, (label, (search, scheduler)) in todo.items():
             shutil.rmtree(saved[i].parent, ignore_errors=True)
-            rows[i] = _sweep(label, search, scheduler, data, saved[i].parent)
+            rows[i] = _sweep(label, search, scheduler, data, saved[i].parent, train_run)
             saved[i].write_text(json.dumps(rows[i]))
     finally:
         ray.shutdown()

@@ -134,3 +134,27 @@ def test_events_fold_into_trials_with_a_bounded_history(tmp_path):
     assert t1.stop_requested and t1.best_metric == pytest.approx(7.0)
     assert (t2.state, t2.error) == (TrialState.FAILED, "boom")
     assert view.best.trial_id == "t1" and view.counts == {TrialState.RUNNING: 1, TrialState.FAILED: 1}
+
+
+def test_a_checkpoint_event_names_the_trials_newest_checkpoint(tmp_path):
+    """Tune registers a checkpoint reported to it (a PBT segment's) after the result event of its
+    report, which names the one before: the checkpoint event that follows sets the newest."""
+    append_event(tmp_path, "start", "t1", parameters={})
+    append_event(tmp_path, "result", "t1", metrics={"step": 10, "loss": 2.0, "checkpoint": "c0"})
+    append_event(tmp_path, "checkpoint", "t1", path="c10")
+    [t1] = fold(read_events(tmp_path), out=tmp_path, metric="loss", mode="min", total_steps=20).trials
+    assert (t1.checkpoint, t1.step, t1.iteration) == ("c10", 10, 1)
+
+
+@pytest.mark.parametrize(("fields", "in_actor"), [
+    ({}, True),
+    ({"workers_per_trial": 2}, False),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 20}, "report_every": 10}, False),
+])
+def test_one_worker_trials_train_in_their_tune_actor_reserving_a_workers_resources(fields, in_actor):
+    from jobs.runtime.tuner import TRIAL_DRIVER_CPUS, trial_resources
+
+    spec = validate_sweep_spec(_raw(**fields))
+    assert spec.trials_in_actor is in_actor
+    assert trial_resources(spec) == ({"CPU": spec.base.resources.cpus_per_worker} if in_actor
+                                     else {"CPU": TRIAL_DRIVER_CPUS})
