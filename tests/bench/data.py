@@ -20,7 +20,7 @@ Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BE
   reading the same files one after the other in this process (no Ray).
 - the same data-only pass through ``ray.data.read_parquet``, the input path before the manifest-
   planned sources (workers/data/reader.py), side by side.
-- the share of a training step spent waiting for data: this module's per-worker function wraps the
+- the share of a training step spent waiting for data: a per-worker function wraps the
   product loop's data position (``workers.loop._Position.next``, in the worker process only; the loop
   does not know) and times each call against the time between steps.
 - reading each sequence once, resuming, a read task's memory: tests/bench/data_exact.py.
@@ -28,27 +28,25 @@ Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BE
 - ``jobs.prepare``'s pipeline on a slice of the standard library with the bytes and the BPE
   tokenizer (tests/bench/data_prepare.py): input MB/s per core, and BPE tokens per input byte.
 
-The tables are written by tests/bench/data_report.py.
+The passes are in tests/bench/data_passes.py; the tables are written by tests/bench/data_report.py.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from jobs.specs.train import TrainSpec, load_spec
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO
 
 SIZES_ENV = "MOE_BENCH_DATA_GB"  # "SMALL,LARGE" in GB of shard files, e.g. "0.125,1" on a slow machine
@@ -215,160 +213,6 @@ class PeakMemory:
         return {"peak": self.peak, "idle": self.idle, "store_capacity_bytes": self._store().object_store_bytes_avail}
 
 
-# -- reading ------------------------------------------------------------------------------------
-
-
-def trainer_batches(blocks: Iterator[np.ndarray], batch_rows: int) -> Iterator[Any]:
-    """Packed rows cut into global batches of int64 tensors, what the training step takes."""
-    import torch
-
-    carry = np.empty((0, 0), dtype=np.uint16)
-    for block in blocks:
-        rows = np.concatenate([carry, block]) if len(carry) else block
-        whole = len(rows) // batch_rows * batch_rows
-        for start in range(0, whole, batch_rows):
-            yield torch.from_numpy(rows[start:start + batch_rows].astype(np.int64))  # (batch_rows, seq_len + 1)
-        carry = rows[whole:]
-
-
-def _consume(blocks: Iterator[np.ndarray], spec: TrainSpec) -> dict[str, Any]:
-    """Rows/s of ``trainer_batches`` over ``blocks``, and the seconds spent getting the blocks (the
-    reader's share) apart from the rest (the loop's ordering, batching and tensors)."""
-    batch_rows = spec.train.batch_size * spec.resources.max_workers
-    source_s = 0.0
-
-    def timed_blocks() -> Iterator[np.ndarray]:
-        nonlocal source_s
-        while True:
-            t0 = time.perf_counter()
-            block = next(blocks, None)
-            source_s += time.perf_counter() - t0
-            if block is None:
-                return
-            yield block
-
-    started = time.perf_counter()
-    rows, first_s, first_rows = 0, 0.0, 0
-    for x in trainer_batches(timed_blocks(), batch_rows):
-        if not rows:
-            first_s, first_rows = time.perf_counter() - started, len(x)
-        rows += len(x)
-    seconds = time.perf_counter() - started
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "first_batch_s": first_s,
-            "steady_rows_per_s": (rows - first_rows) / (seconds - first_s), "reader_s": source_s,
-            "batch_rows": batch_rows, "seq_len": spec.data.seq_len}
-
-
-def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
-    """One epoch of the training split through a worker's input path (workers/data/stream.py, its
-    Ray Data read tasks), as one rank taking the whole global batch, consumed in the driver."""
-    from workers.data.stream import RankStream, ray_fetch, state_for
-
-    plan = data.plan("train", spec.data)
-    rows = [spec.train.batch_size * spec.resources.max_workers]
-    stream = RankStream(plan, state_for(plan, spec.seed, None), 0, ray_fetch(plan))
-
-    def blocks() -> Iterator[np.ndarray]:
-        while stream.state.remaining() >= rows[0]:
-            yield stream.next(rows)[1]
-
-    with PeakMemory() as mem:
-        result = _consume(blocks(), spec)
-    stream.close()
-    return {**result, "memory": mem.result()}
-
-
-def read_parquet_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
-    """The same pass with Ray Data's own parquet reader in place of the manifest-planned sources
-    (the input path before them): ``read_parquet`` with a seeded file order,
-    each block packed by a ``map_batches``."""
-    import ray.data
-
-    from workers.data.reader import pack_sequences
-
-    ds = ray.data.read_parquet(data.shards["train"], filesystem=data.filesystem, columns=["tokens"],
-                               shuffle=ray.data.FileShuffleConfig(seed=spec.seed, reseed_after_execution=False))
-    ds = ds.map_batches(lambda t: {"input_ids": pack_sequences(t, spec.data.seq_len)}, batch_format="pyarrow",
-                        batch_size=None)
-    return _driver_pass(ds, spec)
-
-
-def _driver_pass(ds: Any, spec: TrainSpec) -> dict[str, Any]:
-    """``ds`` (packed rows) through Ray Train's DataConfig for the training split, consumed in the
-    driver as the loop consumes it, with the memory sampled."""
-    from ray.train import DataConfig
-
-    it = DataConfig(datasets_to_split=[]).configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
-    with PeakMemory() as mem:
-        result = _consume((b["input_ids"] for b in it.iter_batches(batch_size=None, batch_format="numpy")), spec)
-    return {**result, "memory": mem.result()}
-
-
-def arrow_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
-    """The same files and consumer, each file read whole by pyarrow in this process (no Ray)."""
-    from workers.data.reader import pack_sequences
-
-    def blocks() -> Iterator[np.ndarray]:
-        for path in data.shards["train"]:
-            table = pq.read_table(path, columns=["tokens"], filesystem=data.filesystem)
-            yield pack_sequences(table, spec.data.seq_len)
-
-    return _consume(blocks(), spec)
-
-
-# -- training -----------------------------------------------------------------------------------
-
-
-def timed_loop(config: dict[str, Any], *, out: str) -> None:
-    """The product's per-worker loop with its data position's ``next`` timed (this worker process
-    only): each call's wait and the time it returned, written to ``out``/data-wait-rank<r>.json."""
-    import ray.train
-
-    import workers.loop as loop
-
-    batches = loop._Position.next
-    waits: list[float] = []
-    returned: list[float] = []
-
-    def timed(self: Any, rows: list[int]) -> Any:
-        t0 = time.perf_counter()
-        item = batches(self, rows)
-        returned.append(time.perf_counter())
-        waits.append(returned[-1] - t0)
-        return item
-
-    loop._Position.next = timed
-    try:
-        loop.train_loop_per_worker(config)
-    finally:
-        rank = ray.train.get_context().get_world_rank()
-        Path(out, f"data-wait-rank{rank}.json").write_text(json.dumps({"waits": waits, "returned": returned}))
-
-
-def wait_share(path: Path) -> dict[str, float]:
-    """Share of the steady steps (all but the first, which waits for the pipeline to start) spent in
-    ``next``: their waits over the time from the first batch's return to the last's."""
-    t = json.loads(path.read_text())
-    span = t["returned"][-1] - t["returned"][0]
-    loop_s = t["returned"][-1] - (t["returned"][0] - t["waits"][0])  # from the first next() on
-    return {"share": sum(t["waits"][1:]) / span, "step_s": span / (len(t["returned"]) - 1),
-            "first_batch_s": t["waits"][0], "max_wait_s": max(t["waits"][1:]), "run_share": sum(t["waits"]) / loop_s}
-
-
-def train_run(data: Any, spec: TrainSpec, out: Path) -> dict[str, Any]:
-    from jobs.runtime.trainer import build_trainer
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    trainer = build_trainer(spec, data, out, train_loop=functools.partial(timed_loop, out=str(out)))
-    started = time.perf_counter()
-    with PeakMemory() as mem:
-        trainer.fit()
-    ranks = [wait_share(p) for p in sorted(out.glob("data-wait-rank*.json"))]
-    return {"seconds": time.perf_counter() - started, "steps": spec.train.steps, "memory": mem.result(),
-            "ranks": ranks, "wait_share": max(r["share"] for r in ranks)}
-
-
 # -- the section --------------------------------------------------------------------------------
 
 
@@ -388,6 +232,7 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
     pass after the other: a pass leaves the cluster larger than it found it (the driver's own reads,
     Ray Train's actors), so the two sizes of one pass start from the same state."""
     from tests.bench.data_exact import exact_section
+    from tests.bench.data_passes import arrow_pass, ray_pass, read_parquet_pass, train_run
     from workers.data import open_training_data
 
     results = scratch / "results"
