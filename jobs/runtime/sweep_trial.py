@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from jobs.contracts.sweep_events import stop_requested
-from jobs.runtime.trainer import build_trainer, loop_config
+from jobs.runtime.trainer import build_trainer, check_storage, loop_config
 from jobs.specs.sweep import PbtScheduler, SweepSpec
 from jobs.specs.train import TrainSpec
 from workers.checkpoint import read_meta
@@ -41,7 +41,7 @@ from workers.loop import run_loop, train_loop_per_worker
 from workers.session import LocalSession
 from workers.waiting import wait_until
 
-TRIAL_RUN = "train"  # the Train run name of a (non-PBT) trial inside its own folder
+TRIAL_RUN = "train"  # a (non-PBT) trial's run folder inside its own: its Train run's, or its checkpoints in its actor
 # How often a trial looks for a request to stop it (jobs/contracts/sweep_events.py), to end its run at once.
 STOP_POLL_S = 0.5
 # A trial's runs have no deadline of their own: the stop relay waits as long as its trial runs.
@@ -104,6 +104,7 @@ def _run_in_actor(spec: TrainSpec, data: Any, trial_out: Path) -> None:
     def report(metrics: dict[str, Any], checkpoint: Path) -> None:
         tune.report({**trial_metrics(metrics), "checkpoint_path": str(checkpoint)})
 
+    check_storage(None, trial_out, TRIAL_RUN)  # as a Train run's: no link out of the team's roots
     with LocalSession(trial_out / TRIAL_RUN, spec.train.keep_checkpoints, report,
                       backend_for(spec.resources.device)) as session:
         run_loop(loop_config(spec, data, trial_out), session)

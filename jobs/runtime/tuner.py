@@ -184,7 +184,11 @@ def make_tuner(spec: SweepSpec, trainable: Any, out: Path) -> Any:
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=_search(spec), scheduler=_scheduler(spec),
             num_samples=1 if spec.search == "grid" else spec.n_trials,
-            max_concurrent_trials=spec.max_concurrent if spec.search in MODEL_BASED_SEARCHES else None),
+            max_concurrent_trials=spec.max_concurrent if spec.search in MODEL_BASED_SEARCHES else None,
+            # A trial in its actor ends with its function (a stopped one at its parked report, which
+            # Tune ends before reusing the actor), so the next trial takes the warm actor, torch
+            # imported. A trial that is a Train run ends only with its actor (docs/sweeps.md).
+            reuse_actors=spec.trials_in_actor),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=str(out), stop=_stopper(out), verbose=0, callbacks=_callbacks(spec, out),
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),

@@ -1,12 +1,12 @@
 """One small real sweep, run once per test session and shared: by the sweep tests (events, summary,
 stop, resume, API, CLI) and by the dashboard's browser tests (its sweeps page reads the same API).
 
-``python -m jobs.sweep`` as a user runs it: 3 trials of the demo sweep's tiny model (15 steps, a
-report every 5, 1 worker each, 2 at once, FIFO). While it runs, the first trial to start is asked to
+``python -m jobs.sweep`` as a user runs it: 3 trials of the demo sweep's tiny model (300 steps, a
+report every 50, 1 worker each, 2 at once, FIFO). While it runs, the first trial to start is asked to
 stop (the file the API's stop route writes: the trial's loop checkpoints at the end of its current
 step and ends, usually at step 1); once that trial has stopped and another has a checkpoint, the
 driver is killed (SIGKILL to its process group, the embedded cluster included) and the same command
-is run again, which resumes the experiment. About 2.5-3 minutes on 2 busy cores.
+is run again, which resumes the experiment. About a minute on 2 busy cores.
 
 Use: ``pytest_plugins = ["tests.support.sweeps"]`` in a test module registers the fixture ``real_sweep`` once for
 the whole session (importing the fixture function into each module would make one fixture, and one
@@ -34,7 +34,9 @@ from workers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "jobs" / "examples" / "sweep-demo.yaml"
-STEPS, EVERY, TRIALS = 15, 5, 3
+# Trials long enough (a few seconds each, in their Tune actors) that the driver is killed while one
+# is between two checkpoints: at 15 steps a trial ended within the poll that saw its first report.
+STEPS, EVERY, TRIALS = 300, 50, 3
 OVERRIDES = [f"base.train.steps={STEPS}", f"report_every={EVERY}", f"trials={TRIALS}", "max_concurrent=2",
              "scheduler={type: fifo}"]
 RUN_TIMEOUT_S = 600.0  # each driver run, generous for a loaded machine
