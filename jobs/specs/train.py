@@ -17,13 +17,12 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from jobs.contracts.pools import check_pool_name, pool_device
-from jobs.specs.base import SpecError, apply_override, field_errors, read_yaml, spec_name
+from jobs.specs.base import read_yaml, spec_name, validate_as
 from workers.config import (  # noqa: F401  (Device: re-exported for the control plane)
     VOCAB_SIZE,
     CompressionConfig,
@@ -181,16 +180,7 @@ class TrainSpec(Config):
 
 
 def validate_spec(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"a spec must be a mapping of sections, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    try:
-        return TrainSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError("invalid spec:\n  " + "\n  ".join(field_errors(e.errors()))) from None
+    return validate_as(TrainSpec, raw, overrides, "train")
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
