@@ -141,7 +141,8 @@ def main() -> None:
         section = SECTIONS[name](scratch, args)
         env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(time.time() - t0)}
-        print("\n".join(write_section(section, env)[-len(section["markdown"]) - 3:]))  # after every section: an interrupted bench keeps what it measured
+        write_section(section, env)  # after every section: an interrupted bench keeps what it measured
+        print("\n".join(section["markdown"]))
     print(f"bench: {round(time.time() - started)} s")
 
 
@@ -149,7 +150,9 @@ def write_section(section: dict, env: dict) -> list[str]:
     """Merge one section into BENCHMARKS.json / BENCHMARKS.md (the others stay as they were)."""
     data = {**section["data"], "markdown": section["markdown"], "env": env}
     previous = json.loads(JSON_PATH.read_text())["sections"] if JSON_PATH.exists() else []
-    merged = [s for s in previous if "markdown" in s and s["name"] != data["name"]] + [data]
+    kept = [s for s in previous if "markdown" in s]
+    merged = [data if s["name"] == data["name"] else s for s in kept]  # a rerun keeps its place
+    merged += [] if any(s["name"] == data["name"] for s in kept) else [data]
     JSON_PATH.write_text(json.dumps({"sections": merged}, indent=2))
     md = ["# Benchmarks", "",
           "Written by `make bench` (`python -m tests.bench [--sections ...]`). Figures in one table come from "
@@ -161,7 +164,6 @@ def write_section(section: dict, env: dict) -> list[str]:
                                    f"this section took {e['wall_time_s']} s._", ""]
     MD_PATH.write_text("\n".join(md))
     return md
-
 
 
 if __name__ == "__main__":

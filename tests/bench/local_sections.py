@@ -30,11 +30,12 @@ from tests.bench import local_sgd
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 300
-FRONTIER = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct", "local_h4_3pct_olr15", "local_h8_3pct", "local_h8_1pct",
-            "local_h16_1pct"]
+FRONTIER = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct", "local_h4_3pct_olr15", "local_h4_3pct_4bit_olr15",
+            "local_h4_3pct_8bit_olr15", "local_h8_3pct_olr15", "local_h8_1pct"]
 HORIZON_STEPS = 900
-FRONTIER_900 = ["dense", "topk_1pct", "diloco_h8", "local_h2_3pct", "local_h4_3pct", "local_h4_3pct_olr15",
-                "local_h8_3pct", "local_h8_3pct_olr15", "local_h16_3pct_olr2"]
+FRONTIER_900 = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct_olr15", "local_h4_3pct_4bit_olr15",
+                "local_h4_3pct_8bit_olr15", "local_h4_6pct_olr15", "local_h8_3pct_olr15", "local_h8_3pct_4bit_olr15",
+                "local_h16_3pct_olr2"]
 GOALS_900 = ((100, 2.0), (400, 4.0), (1000, 2.0))  # (dense / sent at least, eval gap % at most); the last a moonshot
 LINKS = (("1 Gbit/s", "1gbit"), ("100 Mbit/s", "100mbit"))
 DENSE_LINK_STEPS = 48  # a multiple of local_sgd.EVAL_EVERY
@@ -42,7 +43,7 @@ LINK_STRETCH = 2
 # The local setting timed on the links: the frontier's lowest eval gap among the local settings
 # that send at least this many times fewer bytes than dense; DEFAULT_LINK_VARIANT without a frontier.
 LINK_MIN_RATIO = 100
-DEFAULT_LINK_VARIANT = "local_h4_3pct"
+DEFAULT_LINK_VARIANT = "local_h4_3pct_4bit_olr15"
 GOAL_SPEEDUP = 3.0  # dense's loss at least this many times sooner than dense, on 100 Mbit/s
 GOAL_THROUGHPUT = 0.95  # tokens/s vs dense on plain loopback
 NETNS = f"moe-bench-{os.getpid()}"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.specs import load_spec
+from jobs.specs.train import load_spec
 from tests.conftest import DEMO
 from tests.support.distributed import run_scenarios, scenario_values
 from workers.config import CompressionConfig
@@ -54,15 +54,15 @@ VARIANTS: dict[str, tuple[str, CompressionConfig]] = {
                   CompressionConfig(method="topk", density=0.01, precondition="adam", clip_norm=1.0)),
     "diloco_h8": ("DiLoCo H 8, plain average (outer lr 1)",
                   CompressionConfig(method="local", local_steps=8, density=1.0, value_bits=32, error_decay=0.0)),
-    "local_h2_3pct": ("local H 2, top-k 3%, 2-bit", _local(2, 0.03)),
     "local_h4_3pct": ("local H 4, top-k 3%, 2-bit", _local(4, 0.03)),
-    "local_h4_3pct_ef99": ("local H 4, top-k 3%, 2-bit, error decay 0.99", _local(4, 0.03, decay=0.99)),
-    "local_h8_3pct": ("local H 8, top-k 3%, 2-bit", _local(8, 0.03)),
     "local_h8_1pct": ("local H 8, top-k 1%, 2-bit", _local(8, 0.01)),
-    "local_h16_1pct": ("local H 16, top-k 1%, 2-bit", _local(16, 0.01)),
     "local_h4_3pct_olr15": ("local H 4, top-k 3%, 2-bit, outer lr 1.5", _local(4, 0.03, outer_lr=1.5)),
     "local_h8_3pct_olr15": ("local H 8, top-k 3%, 2-bit, outer lr 1.5", _local(8, 0.03, outer_lr=1.5)),
     "local_h16_3pct_olr2": ("local H 16, top-k 3%, 2-bit, outer lr 2", _local(16, 0.03, outer_lr=2.0)),
+    "local_h4_6pct_olr15": ("local H 4, top-k 6%, 2-bit, outer lr 1.5", _local(4, 0.06, outer_lr=1.5)),
+    "local_h4_3pct_4bit_olr15": ("local H 4, top-k 3%, 4-bit, outer lr 1.5", _local(4, 0.03, bits=4, outer_lr=1.5)),
+    "local_h8_3pct_4bit_olr15": ("local H 8, top-k 3%, 4-bit, outer lr 1.5", _local(8, 0.03, bits=4, outer_lr=1.5)),
+    "local_h4_3pct_8bit_olr15": ("local H 4, top-k 3%, 8-bit, outer lr 1.5", _local(4, 0.03, bits=8, outer_lr=1.5)),
 }
 
 

@@ -15,7 +15,7 @@ def test_demo_spec_is_valid():
     assert spec.resources.num_workers == 2
     # The demo's default is the setting that met the slow-link goal (BENCHMARKS.md, "Local steps").
     assert (spec.compression.method, spec.compression.local_steps, spec.compression.density,
-            spec.compression.value_bits) == ("local", 4, 0.03, 2)
+            spec.compression.value_bits, spec.compression.outer_lr) == ("local", 4, 0.03, 4, 1.5)
     assert spec.train.grad_clip == 1.0
 
 
