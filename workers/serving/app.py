@@ -91,8 +91,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or wron
                                            413: {"description": "body over limits.max_body_bytes"}}
 MODEL_ERRORS = {**ERRORS, 400: {"description": "the body cannot be parsed (not UTF-8, or nested too deep)"},
                 404: {"description": "model names another deployment"}}
+# A server-sent event as the document describes one (the schema of a text/event-stream body is each
+# event's, OpenAPI 3.2's reading): its data is a JSON chunk, or "[DONE]" last.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
 STREAMS = {**MODEL_ERRORS, 200: {"description": "the answer; server-sent events with stream: true",
-                                 "content": {SSE: {"schema": {"type": "string"}}}}}
+                                 "content": {SSE: {"schema": SSE_EVENT}}}}
 
 
 def tokenize_prompt(tokenizer: Tokenizer, text: str, loc: list[str | int]) -> list[int]:
