@@ -4,13 +4,11 @@ Runs the same ways as jobs.train: directly (an embedded local Ray cluster starts
 ``ray job submit -- python -m jobs.sweep ...``, or submitted by the control plane (``--out DIR``).
 
 Ray Tune drives the trials (jobs/runtime/tuner.py); each trial (jobs/runtime/sweep_trial.py) is a Tune
-function that builds the trial's TorchTrainer (jobs/runtime/trainer.py) under a run name of its own
-and runs it, so a trial is a full Ray Train run with its own workers, checkpoints and failure
-handling. Rank 0's reports
-reach Tune through Ray's TuneReportCallback; ASHA stops trials early on them. Tune never holds those
-checkpoints, only their paths, so for PBT a trial runs in segments of perturbation_interval steps,
-each a new Train run started from the previous segment's checkpoint or, after an exploit, the
-donor's, and each segment ends with ``tune.report(metrics, checkpoint=...)``.
+function. A trial of one worker trains in its own Tune actor (no Ray Train run to start; Tune reuses
+the actor for the next trial); a trial of more workers builds its TorchTrainer
+(jobs/runtime/trainer.py) under a run name of its own and runs it, a full Ray Train run with its own
+workers, checkpoints and failure handling (under PBT in segments, each from the checkpoint Tune
+hands over). ASHA stops trials early on their reports.
 
 ``--out DIR`` holds Tune's experiment (``tune/``), each trial's runs (``trials/<id>/``), the trial
 events (``trials.jsonl``, jobs/contracts/sweep_events.py: what the control plane shows live), stop

@@ -1,8 +1,8 @@
 """A sweep spec's Ray Tune experiment: the Tuner, its search, trial scheduler, stop requests and the
 trial events feed (jobs/contracts/sweep_events.py), for ``python -m jobs.sweep`` and the tests.
 
-Each trial is ``run_trial`` (jobs/runtime/sweep_trial.py), a full Ray Train run; the driver's Tuner
-only schedules the trials, records their events and stops the ones asked to stop. A Tuner made on a
+Each trial is ``run_trial`` (jobs/runtime/sweep_trial.py), in its Tune actor or as a Ray Train run;
+the driver's Tuner only schedules the trials, records their events and stops the ones asked to stop. A Tuner made on a
 folder that holds the experiment restores it (``Tuner.restore``): finished trials stay, interrupted
 ones continue from their latest checkpoint.
 """
