@@ -33,8 +33,10 @@ CHECKPOINT_EVERY = 20
 KILL_AFTER = 50  # the kill comes after this step is logged; the job resumes from step 40
 WARMUP = 10  # steps after a (re)start left out of the measure (first batches, allocator warm-up)
 # After recovery the worker processes may spend this much more CPU per step than before (ratio).
-# Measured 5.75 before the fix (commit 49c8c39), 0.53 and 1.03 after.
-MAX_CPU_RATIO = 1.10
+# Measured 5.75 before the fix (commit 49c8c39); 0.53, 1.03 and, on a loaded CI machine, 1.29 after.
+# CPU time too moves with the machine's load (caches, gloo's waits), so the bound sits between the
+# noise and the regression it guards against; the recovery's speed itself is measured by `make bench`.
+MAX_CPU_RATIO = 2.0
 
 
 @pytest.mark.ray
