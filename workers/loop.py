@@ -27,7 +27,6 @@ mean over workers), router biases and data position.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,11 +160,11 @@ class _Run:
                 "model": self.cfg.model.model_dump()}
         s = self.step
         comm, esync = s.checkpoint_state()
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(Path(tmp), model=s.model, optimizer=s.optimizer, comm=comm, esync=esync,
+        with self.session.staging() as folder:
+            checkpoint.save(folder, model=s.model, optimizer=s.optimizer, comm=comm, esync=esync,
                             groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler,
                             tokenizer_json=self.tokenizer_json)
-            self.session.report(metrics, Path(tmp) if self.rank == 0 else None, f"step-{step:08d}")
+            self.session.report(metrics, folder if self.rank == 0 else None, f"step-{step:08d}")
         if self.rank == 0:
             self.session.wait_committed()  # the other ranks wait at the next collective
 

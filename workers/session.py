@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,8 +36,11 @@ class Session(Protocol):
         """The checkpoint to resume from (``as_directory()``, ``filesystem``): the run's latest,
         else ``init_checkpoint`` (a folder), else None."""
 
+    def staging(self) -> AbstractContextManager[Path]:
+        """A folder for this rank's checkpoint files until ``report`` has taken them; gone after."""
+
     def report(self, metrics: dict[str, Any], folder: Path | None, name: str) -> None:
-        """Report ``metrics`` and, on rank 0, the checkpoint ``folder`` (copied before this returns)."""
+        """Report ``metrics`` and, on rank 0, the checkpoint ``folder`` (taken before this returns)."""
 
     def wait_committed(self) -> None:
         """Rank 0: until the reported checkpoint is registered where a restart finds it."""
@@ -54,6 +59,11 @@ class RayTrainSession:
         import ray.train
 
         return ray.train.get_checkpoint() or (ray.train.Checkpoint(init_checkpoint) if init_checkpoint else None)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory() as tmp:  # ray.train.report copies it to the run's storage
+            yield Path(tmp)
 
     def report(self, metrics: dict[str, Any], folder: Path | None, name: str) -> None:
         import ray.train
@@ -83,6 +93,8 @@ class LocalSession:
         self.run_dir, self.keep, self.on_report, self.backend = run_dir, keep, on_report, backend
 
     def __enter__(self) -> LocalSession:
+        for stale in self.run_dir.glob(".partial-*"):  # staged by a process that died before its report
+            shutil.rmtree(stale, ignore_errors=True)
         # A one-rank group in this process: the loop's collectives (DDP, byte totals) run as they do
         # on N ranks. ``backend``: workers/device.py's for the device, as Ray Train would set up.
         dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -103,14 +115,27 @@ class LocalSession:
         path = str(saved[-1]) if saved else init_checkpoint
         return ray.train.Checkpoint(path) if path else None
 
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A hidden folder in ``run_dir`` that ``report`` renames into place: a checkpoint is written
+        once, and a crash leaves no half checkpoint under ``step-*``."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.run_dir))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # already renamed, unless the save failed
+
     def report(self, metrics: dict[str, Any], folder: Path | None, name: str) -> None:
         if folder is None:  # rank 0 always has one; kept for the protocol
             raise ValueError("a one-process run reports a checkpoint with every report")
-        dest, partial = self.run_dir / name, self.run_dir / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(folder, partial)  # then one rename: a crash leaves no half checkpoint under step-*
+        if folder.parent != self.run_dir:  # not from staging(): copied in first, then renamed the same way
+            with self.staging() as staged:
+                shutil.copytree(folder, staged, dirs_exist_ok=True)
+                return self.report(metrics, staged, name)
+        dest = self.run_dir / name
         shutil.rmtree(dest, ignore_errors=True)
-        os.replace(partial, dest)
+        os.replace(folder, dest)
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         self.on_report(metrics, dest)

@@ -55,13 +55,14 @@ def test_corrupt_shard_exits_1_naming_the_file(tmp_path):
         (src / f"m{i}.py").write_text(f"x{i} = {i}\n" * 400)
     data = DataConfig(source=str(src), path=str(tmp_path / "shards"), shard_tokens=2048)
     # Checked by the read task that reads it (nothing is scanned up front): every training shard is
-    # truncated, so whichever a worker reads first stops the run, naming that file.
+    # truncated, so whichever a worker reads first stops the run, naming that file. No retries: each
+    # would read a corrupt shard again (the retry path has its own tests).
     victims = shard_paths(build_shards(data, lambda _: None), "train")
     for victim in victims:
         with open(victim, "r+b") as f:
             f.truncate(100)
     r = run_train("--spec", str(DEMO), "--set", f"data.source={src}", "--set", f"data.path={tmp_path}/shards",
-                  "--set", "data.shard_tokens=2048", timeout=300)
+                  "--set", "data.shard_tokens=2048", "--set", "resources.max_failures=0", timeout=300)
     assert r.returncode == 1
     assert any(f"shard {v} is corrupt" in r.stderr for v in victims) and "Traceback" not in r.stderr
 

@@ -47,6 +47,21 @@ def test_reports_keep_the_newest_checkpoints_and_a_restart_resumes_from_the_newe
     assert Path(restarted.resume_point(str(tmp_path / "elsewhere")).path).name == "step-00000030"
 
 
+def test_a_staged_checkpoint_is_renamed_into_place_and_a_dead_ones_staging_is_cleared(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".partial-dead").mkdir()  # staged by a process killed before its report
+    with LocalSession(run, 2, lambda m, c: None) as session:
+        assert not (run / ".partial-dead").exists()
+        with session.staging() as folder:
+            (folder / "meta.json").write_text("{}")
+            inode = (folder / "meta.json").stat().st_ino
+            session.report({"step": 1}, folder, "step-00000001")
+            assert not folder.exists()
+    assert (run / "step-00000001" / "meta.json").stat().st_ino == inode  # the same file: written once
+    assert not list(run.glob(".*"))
+
+
 def test_without_checkpoints_of_its_own_it_starts_from_the_given_one(tmp_path):
     given = _checkpoint(tmp_path, 5)
     assert Path(LocalSession(tmp_path / "run", 1, lambda m, c: None).resume_point(str(given)).path) == given
