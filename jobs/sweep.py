@@ -59,7 +59,9 @@ def print_summary(s: SweepSummary, out: Path) -> None:
     lines = ["", f"== {s.name}: {len(s.trials)} trials ({s.search}, {s.scheduler}) in {s.wall_time_s:.0f} s =="]
     for t in s.trials:
         value = f"{t.last_metric:.4f}" if t.last_metric is not None else "n/a"
-        lines.append(f"  {t.id}  {t.state.value:<13} step {t.step:>6}  {s.metric} {value}  {t.parameters}")
+        sent = f"{t.compression:.0f}x" if t.compression is not None else "n/a"
+        lines.append(f"  {t.id}  {t.state.value:<13} step {t.step:>6}  {s.metric} {value}  dense/sent {sent:>6}  "
+                     f"{t.parameters}")
     if s.best is not None:
         lines.append(f"best: {s.best.trial_id} {s.metric} {s.best.value:.4f} {s.best.parameters}; "
                      f"checkpoint {s.best.checkpoint}")

@@ -106,6 +106,7 @@ export function sweepDetailPage(root, id) {
         cell: (t) => el("div", { class: "row" }, progressBar(t.step || 0, t.total_steps || 0), `${t.step ?? 0}/${t.total_steps ?? "?"}`) },
       { key: "last_metric", label: `last ${sweep.metric}`, num: true },
       { key: "best_metric", label: `best ${sweep.metric}`, num: true },
+      { key: "compression", label: "dense / sent", num: true },
       { key: "error", label: "Error", value: (t) => t.error || "" },
       { key: "actions", label: "", value: () => "", cell: (t) => el("span", {}, trialActions(sweep, t, refresh)) },
     ], { onRowClick: select, rowId: (t) => t.id, empty: "no trials yet", filterLabel: "Filter trials" });
@@ -130,6 +131,7 @@ export function sweepDetailPage(root, id) {
     replace(trialPanel, chosen ? [
       kv([["trial", chosen.id], ["state", badge(chosen.state)], ...Object.entries(chosen.parameters || {}).map(([k, v]) => [k, fmtNum(v)]),
           [`best ${sweep.metric}`, fmtNum(chosen.best_metric)], ["eval loss", fmtNum(chosen.eval_loss)],
+          ["dense / sent", fmtNum(chosen.compression)],
           ["checkpoint", chosen.checkpoint], ["error", chosen.error]]),
       lineChart({ title: `trial ${chosen.id}`, series: [{ name: chosen.id, colour: colour.get(chosen.id),
         points: (chosen.history || []).map((p) => [p.step, p.loss]) }] }),

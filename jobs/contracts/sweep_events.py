@@ -67,6 +67,7 @@ class TrialView(_View):
     last_metric: float | None = None
     best_metric: float | None = None
     eval_loss: float | None = None
+    compression: float | None = None  # dense bytes / bytes sent, at the latest report
     checkpoint: str | None = None
     error: str | None = None
     stop_requested: bool = False
@@ -144,6 +145,19 @@ def stop_requested(out: Path, trial_id: str) -> bool:
     return (out / STOP_DIR / f"{trial_id}.stop").exists()
 
 
+def trial_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """A Tune result from one of the loop's reports: ``{"step", "loss"}`` at a checkpoint, RunMetrics
+    at the end (loss: the mean over the final window; eval_loss when there is a held-out set); each
+    with the bytes sent so far and ``compression``, dense bytes over them (what a sweep of the
+    compression settings weighs a trial's loss against)."""
+    wire, dense = m["wire_bytes"], m["dense_bytes"]
+    sent = {"wire_bytes": int(wire), "compression": dense / wire if wire > 0 else 1.0}
+    if "steps" not in m:
+        return {"step": int(m["step"]), "loss": float(m["loss"]), **sent}
+    final = {"step": int(m["steps"]), "loss": m["final_loss"], "tokens_per_s": m["tokens_per_s"], **sent}
+    return final if m.get("eval_loss") is None else {**final, "eval_loss": m["eval_loss"]}
+
+
 def _thin(points: list[dict[str, float]], limit: int) -> list[dict[str, float]]:
     """At most ``limit`` points spread evenly, the first and the last kept."""
     if len(points) <= limit:
@@ -181,6 +195,7 @@ def fold(events: Iterable[dict[str, Any]], *, out: Path, metric: str, mode: str,
                 t.last_metric = value
                 t.best_metric = value if t.best_metric is None else better(t.best_metric, value)
             t.eval_loss = _number(m.get("eval_loss")) if "eval_loss" in m else t.eval_loss
+            t.compression = _number(m.get("compression")) if "compression" in m else t.compression
             t.history.append({k: float(v) for k, v in m.items()
                               if k in ("step", "loss", "eval_loss") and _number(v) is not None})
         elif kind == "checkpoint":

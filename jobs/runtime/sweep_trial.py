@@ -30,7 +30,7 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from jobs.contracts.sweep_events import stop_requested
+from jobs.contracts.sweep_events import stop_requested, trial_metrics
 from jobs.runtime.trainer import build_trainer, check_storage, loop_config
 from jobs.specs.sweep import PbtScheduler, SweepSpec
 from jobs.specs.train import TrainSpec
@@ -46,15 +46,6 @@ TRIAL_RUN = "train"  # a (non-PBT) trial's run folder inside its own: its Train 
 STOP_POLL_S = 0.5
 # A trial's runs have no deadline of their own: the stop relay waits as long as its trial runs.
 NO_DEADLINE_S = math.inf
-
-
-def trial_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    """A Tune result from one of the loop's reports: ``{"step", "loss"}`` at a checkpoint, RunMetrics
-    at the end (loss: the mean over the final window; eval_loss when there is a held-out set)."""
-    if "steps" not in m:
-        return {"step": int(m["step"]), "loss": float(m["loss"])}
-    final = {"step": int(m["steps"]), "loss": m["final_loss"], "tokens_per_s": m["tokens_per_s"]}
-    return final if m.get("eval_loss") is None else {**final, "eval_loss": m["eval_loss"]}
 
 
 def _trial_report() -> Any:

@@ -124,7 +124,8 @@ def _callbacks(spec: SweepSpec, out: Path) -> list[Any]:
             _log(f"trial {trial.trial_id}: started {trial.config['params']}")
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            keep = {k: result[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if result.get(k) is not None}
+            keep = {k: result[k] for k in ("step", "loss", "eval_loss", "tokens_per_s", "wire_bytes", "compression")
+                    if result.get(k) is not None}
             checkpoint = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
             append_event(out, "result", trial.trial_id, metrics={**keep, "checkpoint": checkpoint})
             value = result.get(metric)

@@ -63,6 +63,14 @@ VARIANTS: dict[str, tuple[str, CompressionConfig]] = {
     "local_h4_3pct_4bit_olr15": ("local H 4, top-k 3%, 4-bit, outer lr 1.5", _local(4, 0.03, bits=4, outer_lr=1.5)),
     "local_h8_3pct_4bit_olr15": ("local H 8, top-k 3%, 4-bit, outer lr 1.5", _local(8, 0.03, bits=4, outer_lr=1.5)),
     "local_h4_3pct_8bit_olr15": ("local H 4, top-k 3%, 8-bit, outer lr 1.5", _local(4, 0.03, bits=8, outer_lr=1.5)),
+    # Three trials of jobs/examples/sweep-local.yaml (12 trials, ASHA; BENCHMARKS.md "Local steps: the
+    # sweep"), their settings rounded: the lowest training loss, the lowest at >= 100x, at >= 1000x.
+    "sweep_loss": ("sweep's lowest loss: local H 4, top-k 10%, 4-bit, outer lr 1.73, decay 0.92, 48 dense steps",
+                   _local(4, 0.1, bits=4, decay=0.92, warmup=48, outer_lr=1.73)),
+    "sweep_100x": ("sweep's lowest loss at >= 100x: local H 8, top-k 10%, 4-bit, outer lr 1.18, decay 0.95",
+                   _local(8, 0.1, bits=4, decay=0.95, outer_lr=1.18)),
+    "sweep_1000x": ("sweep's lowest loss at >= 1000x: local H 16, top-k 3%, 4-bit, outer lr 1.02, decay 0.81",
+                    _local(16, 0.03, bits=4, decay=0.81, outer_lr=1.02)),
 }
 
 

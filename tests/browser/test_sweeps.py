@@ -144,6 +144,10 @@ def test_watch_stop_and_promote_a_real_sweep(real_sweep, service, fake_ray, watc
     [points] = [len(t["history"]) for t in shown["trials"] if t["id"] == best]
     page.locator(f"tr[data-id='{best}'] td").first.click()
     expect(page.locator(f"#trial-detail svg g[data-series='{best}']")).to_have_attribute("data-points", str(points))
+    # Each trial's byte saving (dense / sent: 1 for these one-worker trials, which send nothing).
+    assert all(t["compression"] == 1.0 for t in shown["trials"])
+    expect(page.locator("th", has_text="dense / sent")).to_have_count(1)
+    expect(page.locator("#trial-detail dt", has_text="dense / sent")).to_have_count(1)
 
     promote = page.locator("#promote")
     expect(promote).to_be_enabled()

@@ -41,6 +41,7 @@ class TrialPublic(Schema):
     last_metric: float | None  # the sweep's metric at the latest report
     best_metric: float | None
     eval_loss: float | None
+    compression: float | None  # dense bytes / bytes sent at the latest report (the trial's byte saving)
     checkpoint: str | None  # the latest checkpoint folder
     error: str | None
     stop_requested: bool

@@ -40,6 +40,7 @@ def test_the_summary_holds_every_trial_and_the_best(real_sweep):
     for t in s["trials"]:
         assert t["history"] and all(p["loss"] > 0 for p in t["history"])
         assert set(t["parameters"]) == {"train.lr", "compression.density"}
+        assert t["compression"] >= 1.0  # dense bytes / bytes sent, from every report
 
 
 @pytest.mark.ray
