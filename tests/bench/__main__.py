@@ -97,6 +97,12 @@ def _local_horizon(scratch: Path, args: argparse.Namespace) -> dict:
     return horizon_section()
 
 
+def _local_sweep(scratch: Path, args: argparse.Namespace) -> dict:
+    from tests.bench.local_sweep import sweep_section
+
+    return sweep_section(scratch)
+
+
 def _local_link(scratch: Path, args: argparse.Namespace) -> dict:
     from tests.bench.local_sections import link_section
 
@@ -109,6 +115,7 @@ SECTIONS = {
     "local-frontier": _local_frontier,
     "local-horizon": _local_horizon,
     "local-link": _local_link,
+    "local-sweep": _local_sweep,
     "selection": _selection,
     "moe": _moe,
     "projection": _projection,
