@@ -31,11 +31,11 @@ from tests.bench import local_sgd
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 300
 FRONTIER = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct", "local_h4_3pct_olr15", "local_h4_3pct_4bit_olr15",
-            "local_h4_3pct_8bit_olr15", "local_h8_3pct_olr15", "local_h8_1pct"]
+            "local_h4_3pct_8bit_olr15", "local_h8_3pct_olr15", "local_h8_1pct", "sweep_loss", "sweep_100x", "sweep_1000x"]
 HORIZON_STEPS = 900
 FRONTIER_900 = ["dense", "topk_1pct", "diloco_h8", "local_h4_3pct_olr15", "local_h4_3pct_4bit_olr15",
                 "local_h4_3pct_8bit_olr15", "local_h4_6pct_olr15", "local_h8_3pct_olr15", "local_h8_3pct_4bit_olr15",
-                "local_h16_3pct_olr2"]
+                "local_h16_3pct_olr2", "sweep_loss", "sweep_100x", "sweep_1000x"]
 GOALS_900 = ((100, 2.0), (400, 4.0), (1000, 2.0))  # (dense / sent at least, eval gap % at most); the last a moonshot
 LINKS = (("1 Gbit/s", "1gbit"), ("100 Mbit/s", "100mbit"))
 DENSE_LINK_STEPS = 48  # a multiple of local_sgd.EVAL_EVERY
