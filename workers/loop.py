@@ -161,7 +161,7 @@ class _Run:
         s = self.step
         comm, esync = s.checkpoint_state()
         # Every report carries the bytes so far (a sweep weighs each trial's loss against them).
-        metrics = {**metrics, "wire_bytes": meta["wire_bytes"], "dense_bytes": meta["dense_bytes"]}
+        metrics = {"wire_bytes": int(totals[0]), "dense_bytes": int(totals[1]), **metrics}
         with self.session.staging() as folder:
             checkpoint.save(folder, model=s.model, optimizer=s.optimizer, comm=comm, esync=esync,
                             groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler,

@@ -46,10 +46,17 @@ class TrainPlan:
 
 def ray_fetch(plan: TrainPlan) -> Fetch:
     """Read one unit with a Ray Data read task (workers/data/reader.py ``UnitSource``). Ray Data's
-    INFO lines (three per execution, so per unit) are left out of the worker's log; warnings stay."""
+    INFO lines (three per execution, so per unit) are left out of the worker's log; warnings stay.
+
+    The unit's blocks are taken as the execution's block references, not through ``iter_batches``:
+    in Ray 2.60 every batch iterator starts a "Prefetcher" thread that only its ``__del__`` stops,
+    and the thread holds the iterator, so none ever went: one thread per unit read, thousands per
+    epoch of a large set (and the process's end at TB scale)."""
     import logging
 
+    import ray
     import ray.data
+    from ray.data.block import BlockAccessor
 
     from workers.data.reader import UnitSource
 
@@ -62,7 +69,8 @@ def ray_fetch(plan: TrainPlan) -> Fetch:
                                       runtime_env={"env_vars": plan.env} if plan.env else None)
         parts = []
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for ref in (ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs):
+                batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
                 if "corrupt" in batch:
                     return str(batch["corrupt"][0])
                 parts.append(batch["input_ids"])

@@ -219,3 +219,21 @@ def test_a_ray_read_task_names_the_corrupt_row_group_in_one_line(train_ray, smal
     assert str(e.value).startswith(f"shard {path} is corrupt (row group 0)") and "Traceback" not in str(e.value)
     skip = ray_fetch(data.plan("train", DataConfig(seq_len=15, on_corrupt="skip")))
     assert skip(plan.units[0]).startswith(f"shard {path} is corrupt (row group 0)")
+
+
+@pytest.mark.ray
+def test_ray_reads_leave_no_thread_behind(train_ray, small_groups):
+    """Each unit is a Ray Data execution of its own: thousands per epoch of a large set. Ray 2.60's
+    batch iterator started a thread per execution that never ended (19 units: 19 threads more)."""
+    import threading
+
+    from workers.data.stream import ray_fetch
+
+    _, _, data = small_groups
+    plan = data.plan("train", DataConfig(seq_len=15))
+    fetch = ray_fetch(plan)
+    fetch(plan.units[0])  # Ray Data's own threads, started once
+    before = threading.active_count()
+    got = [fetch(unit) for unit in plan.units]
+    assert all(len(rows) > 0 for rows in got) and len(got) > 4
+    assert threading.active_count() == before
