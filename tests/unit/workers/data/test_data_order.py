@@ -237,3 +237,15 @@ def test_ray_reads_leave_no_thread_behind(train_ray, small_groups):
     got = [fetch(unit) for unit in plan.units]
     assert all(len(rows) > 0 for rows in got) and len(got) > 4
     assert threading.active_count() == before
+
+
+def test_a_copy_steps_into_the_next_epoch_without_moving_the_original():
+    plan = Plan([Unit(f"s{i}", 0, 129 * 4, "x", 1) for i in range(5)], 128)  # 5 units of 4 sequences
+    state = DataState(plan, seed=3)
+    state.step([8, 8])
+    trial = state.copy()
+    trial.step([8, 8])  # the epoch's last 4 sequences and then the next epoch's
+    assert trial.epoch == 1 and state.epoch == 0 and state.remaining() == 4
+    fresh = DataState(plan, seed=3)
+    fresh.step([8, 8])
+    assert state.step([2, 2]) == fresh.step([2, 2])  # the original's order is its epoch's, untouched
