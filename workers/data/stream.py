@@ -49,9 +49,10 @@ def ray_fetch(plan: TrainPlan) -> Fetch:
     INFO lines (three per execution, so per unit) are left out of the worker's log; warnings stay.
 
     The unit's blocks are taken as the execution's block references, not through ``iter_batches``:
-    in Ray 2.60 every batch iterator starts a "Prefetcher" thread that only its ``__del__`` stops,
-    and the thread holds the iterator, so none ever went: one thread per unit read, thousands per
-    epoch of a large set (and the process's end at TB scale)."""
+    in Ray 2.60 every batch iterator starts a ``WaitBlockPrefetcher`` whose thread only the
+    prefetcher's ``__del__`` stops, while that thread (its bound ``_run``) keeps the prefetcher
+    alive, so none ever went: one thread per unit read, thousands per epoch of a large set (and the
+    process's end at TB scale)."""
     import logging
 
     import ray
