@@ -146,11 +146,15 @@ def main() -> None:
         print(f"== bench section: {name}", flush=True)
         t0 = time.time()
         section = SECTIONS[name](scratch, args)
-        env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(time.time() - t0)}
-        write_section(section, env)  # after every section: an interrupted bench keeps what it measured
+        write_section(section, run_env(time.time() - t0))  # after every section: an interrupted bench keeps what it measured
         print("\n".join(section["markdown"]))
     print(f"bench: {round(time.time() - started)} s")
+
+
+def run_env(wall_time_s: float) -> dict:
+    """What a section's footer says of the machine and the run."""
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(wall_time_s)}
 
 
 def write_section(section: dict, env: dict) -> list[str]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,14 +65,12 @@ def sweep_section(scratch: Path) -> dict:
 
 
 def main() -> None:
-    from tests.bench.__main__ import write_section
+    from tests.bench.__main__ import run_env, write_section
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, required=True, help="a sweep-local run's summary.json")
     summary = json.loads(parser.parse_args().summary.read_text())
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "date": time.strftime("%Y-%m-%d %H:%M"), "wall_time_s": round(summary["wall_time_s"])}
-    print("\n".join(write_section(sweep_result(summary), env)))
+    print("\n".join(write_section(sweep_result(summary), run_env(summary["wall_time_s"]))))
 
 
 if __name__ == "__main__":
