@@ -12,7 +12,9 @@ messages, inputs and contexts go through ``json_safe``.
 of the documented contract. A 422 raised with a string (a rule no schema states: a reserved user
 name, a job that can never fit) answers the documented ``HTTPValidationError``, a list of ``{loc,
 msg, type}``; and a 405's ``Allow`` lists every method the document gives the path, where Starlette
-lists those of the first route it matched (``POST /v1/jobs`` answered ``Allow: POST``; GET is there too).
+lists those of the first route it matched (``POST /v1/jobs`` answered ``Allow: POST``; GET is there too);
+and a JSON body that is not UTF-8 is the 422 ``json_invalid`` that any other undecodable body gets,
+where FastAPI answers a bare 400.
 ``query_errors`` makes a query parameter no route declares a 422 (FastAPI ignores it, so ``?limt=5``
 silently listed 100), as does a single-valued one given twice (FastAPI keeps the last).
 """
@@ -148,10 +150,19 @@ async def http_error_response(request: Request, exc: HTTPException) -> Response:
     """The app's handler for ``HTTPException`` (see the module docstring)."""
     if exc.status_code == 422 and isinstance(exc.detail, str):
         return JSONResponse(status_code=422, content={"detail": string_detail_errors(exc.detail)}, headers=exc.headers)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        return JSONResponse(status_code=422, content={"detail": [invalid_utf8_error(exc.__cause__)]})
     if exc.status_code == 405:
         allow = ", ".join(documented_methods(request.app.openapi(), request.scope["path"]))
         exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": allow})
     return await http_exception_handler(request, exc)
+
+
+def invalid_utf8_error(e: UnicodeDecodeError) -> dict[str, Any]:
+    """A JSON body that is not UTF-8, as the ``json_invalid`` error FastAPI gives any other undecodable
+    body (located at the first bad byte); FastAPI itself answers it with a bare 400."""
+    return {"type": "json_invalid", "loc": ["body", e.start], "msg": "JSON decode error",
+            "ctx": {"error": f"invalid UTF-8 byte 0x{e.object[e.start]:02x} at {e.start}"}}
 
 
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})

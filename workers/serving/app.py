@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from ray import serve
 
@@ -57,7 +56,7 @@ from workers.data.tokenizer import Tokenizer
 from workers.serving import chat
 from workers.serving.config import ChatTemplate, ReplicaConfig
 from workers.serving.engine import BatchGeneration, Chunk, RowRequest, Rows, prompt_logprobs
-from workers.serving.http import BodyLimit, RequireKey, merge, unprocessable, validation_error_response
+from workers.serving.http import EXCEPTION_HANDLERS, BodyLimit, RequireKey, merge, unprocessable
 from workers.serving.int8 import quantize_model
 from workers.serving.logprobs import chat_logprobs, completion_logprobs
 from workers.serving.metrics import ServingMetrics
@@ -79,8 +78,7 @@ from workers.serving.stats import ReplicaFigures
 from workers.serving.tokens import encode_prompt, max_token_bytes, token_pieces
 
 log = logging.getLogger("ray.serve")
-api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None,
-              exception_handlers={RequestValidationError: validation_error_response})
+api = FastAPI(title="MoE completions", docs_url=None, redoc_url=None, exception_handlers=EXCEPTION_HANDLERS)
 api.add_middleware(BodyLimit)
 api.add_middleware(RequireKey)  # added last: it runs first
 SSE = "text/event-stream"

@@ -23,8 +23,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.serving.engine import Chunk
 
@@ -48,6 +50,21 @@ async def validation_error_response(request: Request, exc: RequestValidationErro
     errors = [{"loc": [_safe(p) for p in e.get("loc", ())], "msg": _safe(e.get("msg", "")),
                "type": _safe(e.get("type", "value_error"))} for e in exc.errors()[:MAX_REPORTED_ERRORS]]
     return AsciiJSON({"detail": errors}, status_code=422)
+
+
+async def http_error_response(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own answer, but a JSON body that is not UTF-8 (a bare 400 from FastAPI) is the 422
+    ``json_invalid`` any other undecodable body gets, located at its first bad byte."""
+    e = exc.__cause__
+    if exc.status_code == 400 and isinstance(e, UnicodeDecodeError):
+        return AsciiJSON({"detail": [{"loc": ["body", e.start], "type": "json_invalid",
+                                      "msg": f"JSON decode error: invalid UTF-8 byte 0x{e.object[e.start]:02x}"}]},
+                         status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+# The serving app's handlers (workers/serving/app.py): every error a client's body can cause is a 422.
+EXCEPTION_HANDLERS = {RequestValidationError: validation_error_response, StarletteHTTPException: http_error_response}
 
 
 def unprocessable(loc: list[str | int], msg: str) -> HTTPException:

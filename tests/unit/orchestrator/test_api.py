@@ -136,6 +136,15 @@ def test_a_lone_surrogate_in_a_key_is_422_with_a_printable_location(client):
     assert error["loc"][:2] == ["body", "spec"] and error["loc"][2].startswith("na") and "\ufffd" in error["loc"][2]
 
 
+def test_a_body_that_is_not_utf8_is_422_at_its_first_bad_byte(client, app):
+    """FastAPI answered these with a bare 400 "There was an error parsing the body"."""
+    r = client.post("/v1/jobs", content=b'{"kind": "train", "spec": {"name": "\xff"}}', headers=JSON_CT)
+    assert r.status_code == 422
+    [error] = strict_json(r)["detail"]
+    assert error["type"] == "json_invalid" and error["loc"] == ["body", 36] and "0xff" in error["ctx"]["error"]
+    assert app.state.store.jobs.list()[1] == 0
+
+
 def test_the_422_echoes_inputs_only_as_encodable_json(client):
     detail = strict_json(client.post("/v1/jobs", content=rb'{"spec": {"train": {"lr": NaN, "steps": "\udfff"}}}',
                                      headers=JSON_CT))["detail"]

@@ -11,7 +11,6 @@ import openai.types as ot
 import pytest
 import torch
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
 from jobs.specs.base import SpecError
@@ -22,7 +21,7 @@ from workers.moe.model import MoETransformer
 from workers.serving.chat import ChatCompletionRequest, ChatMessage, checkpoint_template, render
 from workers.serving.config import ChatTemplate, LimitsConfig
 from workers.serving.engine import BatchGeneration, RowRequest, prompt_logprobs
-from workers.serving.http import validation_error_response
+from workers.serving.http import EXCEPTION_HANDLERS
 from workers.serving.logprobs import chat_logprobs, completion_logprobs, token_text
 from workers.serving.prefix import PrefixCache
 from workers.serving.schemas import CompletionRequest
@@ -58,7 +57,7 @@ def test_a_checkpoints_template_file_is_read_and_a_bad_one_named(tmp_path):
 
 
 def _app() -> TestClient:
-    app = FastAPI(exception_handlers={RequestValidationError: validation_error_response})
+    app = FastAPI(exception_handlers=EXCEPTION_HANDLERS)
 
     @app.post("/c")
     def completions(req: CompletionRequest) -> dict:
@@ -85,6 +84,7 @@ def _app() -> TestClient:
     ("/chat", b'{"messages": [{"role": "robot", "content": "x"}]}', ["body", "messages", 0, "role"]),
     ("/chat", b'{"messages": []}', ["body", "messages"]),
     ("/chat", b'{"messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}', ["body", "temperature"]),
+    ("/c", b'{"prompt": "\xff"}', ["body", 12]),  # not UTF-8: FastAPI's own answer is a bare 400
 ])
 def test_bad_bodies_are_422s_naming_the_field_in_strict_json(path, raw, loc):
     r = _app().post(path, content=raw, headers={"content-type": "application/json"})
