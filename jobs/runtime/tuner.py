@@ -119,7 +119,11 @@ def _callbacks(spec: SweepSpec, out: Path) -> list[Any]:
     total, metric = spec.base.train.steps, spec.metric
 
     class TrialEvents(Callback):
+        def __init__(self) -> None:
+            self.paused: set[str] = set()  # trials reported paused and not started since
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.paused.discard(trial.trial_id)
             append_event(out, "start", trial.trial_id, parameters=trial.config["params"])
             _log(f"trial {trial.trial_id}: started {trial.config['params']}")
 
@@ -136,6 +140,15 @@ def _callbacks(spec: SweepSpec, out: Path) -> list[Any]:
             # A checkpoint reported to Tune (a PBT segment's) is registered after on_trial_result has
             # run for its report, whose event names the one before.
             append_event(out, "checkpoint", trial.trial_id, path=checkpoint.path)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            # Tune has no callback for a pause (PBT between segments): a trial seen PAUSED after a
+            # step is one; its next start (on_trial_start) makes it RUNNING again.
+            for trial in trials:
+                if trial.status == "PAUSED" and trial.trial_id not in self.paused:
+                    self.paused.add(trial.trial_id)
+                    append_event(out, "pause", trial.trial_id)
+                    _log(f"trial {trial.trial_id}: paused")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             state = _trial_state(trial, out, total)

@@ -165,6 +165,28 @@ def test_a_checkpoint_event_names_the_trials_newest_checkpoint(tmp_path):
     assert (t1.checkpoint, t1.step, t1.iteration) == ("c10", 10, 1)
 
 
+def test_a_pbt_pause_shows_as_paused_until_the_trial_starts_again(tmp_path):
+    """Tune has no pause callback; the events callback reports a trial it sees PAUSED after a step
+    once, and the trial's next start makes it RUNNING again."""
+    from types import SimpleNamespace
+
+    from jobs.runtime.tuner import _callbacks
+
+    [events] = _callbacks(validate_sweep_spec(_raw()), tmp_path)
+    trial = SimpleNamespace(trial_id="t1", status="RUNNING", config={"params": {"train.lr": 1e-3}})
+    view = lambda: fold(read_events(tmp_path), out=tmp_path, metric="loss", mode="min", total_steps=40).trials[0]  # noqa: E731
+    events.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    events.on_step_end(iteration=2, trials=[trial])
+    assert view().state == TrialState.RUNNING
+    trial.status = "PAUSED"
+    events.on_step_end(iteration=3, trials=[trial])
+    events.on_step_end(iteration=4, trials=[trial])
+    assert view().state == TrialState.PAUSED and len(read_events(tmp_path)) == 2  # reported once
+    trial.status = "RUNNING"
+    events.on_trial_start(iteration=5, trials=[trial], trial=trial)
+    assert view().state == TrialState.RUNNING
+
+
 @pytest.mark.parametrize(("fields", "in_actor"), [
     ({}, True),
     ({"workers_per_trial": 2}, False),
