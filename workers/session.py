@@ -127,12 +127,8 @@ class LocalSession:
             shutil.rmtree(folder, ignore_errors=True)  # already renamed, unless the save failed
 
     def report(self, metrics: dict[str, Any], folder: Path | None, name: str) -> None:
-        if folder is None:  # rank 0 always has one; kept for the protocol
-            raise ValueError("a one-process run reports a checkpoint with every report")
-        if folder.parent != self.run_dir:  # not from staging(): copied in first, then renamed the same way
-            with self.staging() as staged:
-                shutil.copytree(folder, staged, dirs_exist_ok=True)
-                return self.report(metrics, staged, name)
+        if folder is None or folder.parent != self.run_dir:  # the loop saves every checkpoint in staging()
+            raise ValueError(f"a one-process run reports a checkpoint from its staging() with every report, not {folder}")
         dest = self.run_dir / name
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(folder, dest)

@@ -14,9 +14,8 @@ import torch.distributed as dist
 from workers.session import LocalSession
 
 
-def _checkpoint(tmp: Path, step: int) -> Path:
-    folder = tmp / f"out-{step}"
-    folder.mkdir()
+def _write(folder: Path, step: int) -> Path:
+    folder.mkdir(exist_ok=True)
     (folder / "meta.json").write_text(json.dumps({"step": step}))
     (folder / "model.pt").write_bytes(b"weights %d" % step)
     return folder
@@ -36,7 +35,8 @@ def test_reports_keep_the_newest_checkpoints_and_a_restart_resumes_from_the_newe
     with LocalSession(run, 2, lambda metrics, path: seen.append((metrics["step"], path))) as session:
         assert session.resume_point(None) is None
         for step in (10, 20, 30):
-            session.report({"step": step}, _checkpoint(tmp_path, step), f"step-{step:08d}")
+            with session.staging() as folder:
+                session.report({"step": step}, _write(folder, step), f"step-{step:08d}")
             # Each report comes after its folder is complete in place.
             assert (seen[-1][1] / "model.pt").read_bytes() == b"weights %d" % step
     assert [p.name for p in session.checkpoints()] == ["step-00000020", "step-00000030"]
@@ -63,10 +63,12 @@ def test_a_staged_checkpoint_is_renamed_into_place_and_a_dead_ones_staging_is_cl
 
 
 def test_without_checkpoints_of_its_own_it_starts_from_the_given_one(tmp_path):
-    given = _checkpoint(tmp_path, 5)
+    given = _write(tmp_path / "given", 5)
     assert Path(LocalSession(tmp_path / "run", 1, lambda m, c: None).resume_point(str(given)).path) == given
 
 
-def test_every_report_carries_a_checkpoint(tmp_path):
-    with LocalSession(tmp_path / "run", 1, lambda m, c: None) as session, pytest.raises(ValueError):
-        session.report({"step": 1}, None, "step-00000001")
+def test_every_report_carries_a_checkpoint_from_its_staging(tmp_path):
+    with LocalSession(tmp_path / "run", 1, lambda m, c: None) as session:
+        for folder in (None, _write(tmp_path / "elsewhere", 1)):
+            with pytest.raises(ValueError):
+                session.report({"step": 1}, folder, "step-00000001")
