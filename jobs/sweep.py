@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.runtime.sweep_trial import run_trial
     from jobs.runtime.trainer import init_ray
-    from jobs.runtime.tuner import make_tuner
+    from jobs.runtime.tuner import SweepStateError, make_tuner
     from workers.data import DataError, open_training_data, s3_env
     from workers.device import DeviceUnavailable, check_available
 
@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # trials.jsonl is the feed
     trainable = tune.with_parameters(run_trial, sweep=spec.model_dump(mode="json"), data=data, out=str(out),
                                      s3=s3_env())
-    make_tuner(spec, trainable, out).fit()
+    try:
+        tuner = make_tuner(spec, trainable, out)
+    except SweepStateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tuner.fit()
     summary = summarize(spec, out, time.perf_counter() - started)
     (out / SUMMARY_FILE).write_text(summary.model_dump_json(indent=2))
     print_summary(summary, out)

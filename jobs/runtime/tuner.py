@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,10 @@ def trial_resources(spec: SweepSpec) -> dict[str, float]:
     return worker_resources(res.device, res.cpus_per_worker) if spec.trials_in_actor else {"CPU": TRIAL_DRIVER_CPUS}
 
 
+class SweepStateError(RuntimeError):
+    """An experiment in the output folder that this code cannot resume."""
+
+
 def make_tuner(spec: SweepSpec, trainable: Any, out: Path) -> Any:
     """The Tuner for ``spec`` running ``trainable`` (run_trial, or a scripted stand-in in tests),
     restored when ``out`` already holds the experiment."""
@@ -192,7 +197,12 @@ def make_tuner(spec: SweepSpec, trainable: Any, out: Path) -> Any:
     experiment = out / EXPERIMENT
     if tune.Tuner.can_restore(experiment):
         _log(f"sweep: resuming the experiment in {experiment}")
-        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+        try:
+            return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+        except (ImportError, AttributeError, pickle.UnpicklingError, EOFError) as e:  # Tune pickles its state
+            raise SweepStateError(f"the sweep in {experiment} cannot be resumed: its saved state was written by "
+                                  f"another version of this code or is damaged ({type(e).__name__}: {e}); "
+                                  "give a new --out, or delete that folder to start over") from e
     return tune.Tuner(
         trainable, param_space=param_space(spec),
         tune_config=tune.TuneConfig(

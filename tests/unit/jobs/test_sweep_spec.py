@@ -199,3 +199,15 @@ def test_one_worker_trials_train_in_their_tune_actor_reserving_a_workers_resourc
     assert spec.trials_in_actor is in_actor
     assert trial_resources(spec) == ({"CPU": spec.base.resources.cpus_per_worker} if in_actor
                                      else {"CPU": TRIAL_DRIVER_CPUS})
+
+
+@pytest.mark.parametrize("saved", [b"cjobs.sweep_events\nTrialView\n.", b"\x80\x05not a pickle"])
+def test_a_sweep_state_from_another_version_is_refused_saying_what_to_do(tmp_path, saved):
+    """Tune pickles its experiment state: one written before a module moved (jobs.sweep_events is
+    jobs/contracts/sweep_events.py now) raised a bare ModuleNotFoundError from deep in Tune."""
+    from jobs.runtime.tuner import EXPERIMENT, SweepStateError, make_tuner
+
+    (tmp_path / EXPERIMENT).mkdir()
+    (tmp_path / EXPERIMENT / "tuner.pkl").write_bytes(saved)
+    with pytest.raises(SweepStateError, match="cannot be resumed.*new --out"):
+        make_tuner(validate_sweep_spec(_raw()), lambda config: None, tmp_path)
