@@ -30,14 +30,15 @@ NODES: dict[str, dict[str, Any]] = {
 
 
 class PoolCluster:
-    """A head plus one node per entry of ``NODES``; the driver (this process) is connected to it."""
+    """A head plus one node per entry of ``nodes`` (default ``NODES``; ``{}``: the head alone, for tests
+    that add the nodes they need); the driver (this process) is connected to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: dict[str, dict[str, Any]] | None = None) -> None:
         import ray
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS})
-        self.nodes = {pool: self.add_node(**args) for pool, args in NODES.items()}
+        self.nodes = {pool: self.add_node(**args) for pool, args in (NODES if nodes is None else nodes).items()}
         ray.init(address=self.cluster.address, log_to_driver=False)
         self.cluster.wait_for_nodes()
 

@@ -34,8 +34,10 @@ def test_a_training_run_under_its_roots_never_reads_a_file_linked_out(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env[ROOTS_ENV] = json.dumps([str(team)])
+    # One worker: what is read is decided where the shards are built (the driver); a second worker
+    # would only add its start-up.
     sets = [*TINY, f"data.source={corpus}", f"data.path={team / 'shards'}", "data.shard_tokens=16384",
-            "train.steps=10", "train.checkpoint_every=10"]
+            "train.steps=10", "train.checkpoint_every=10", "resources.num_workers=1"]
     r = subprocess.run([sys.executable, "-m", "jobs.train", "--spec", str(DEMO), "--out", str(team / "out"),
                         "--no-sample", *[a for s in sets for a in ("--set", s)]],
                        cwd=ROOT, env=env, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)

@@ -1,8 +1,9 @@
-"""Elastic jobs that lose a node mid-run, on the shared multi-node cluster (tests/support/cluster.py).
+"""Elastic jobs that lose a node mid-run, on a multi-node cluster of this module (tests/support/cluster.py:
+its head alone, without the pool nodes, which these jobs never use).
 
-Each integration test adds two nodes that hold exactly one worker each (``WORKER_CPUS`` is more
-than any standing node of the cluster offers, so the job's workers land only there) and runs an
-elastic [1, 2] job on them through ``build_trainer``:
+Each integration test runs an elastic [1, 2] job through ``build_trainer`` on two nodes that hold
+exactly one worker each (``WORKER_CPUS`` is more than the head offers, so the job's workers land
+only there); the nodes are added as needed and a node the first test keeps serves the second too:
 
 - node loss: one node is removed while the job runs; Ray Train restarts the worker group on the
   worker that remains, from the latest checkpoint: at most a checkpoint interval of steps is lost
@@ -20,7 +21,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -29,10 +29,10 @@ import pytest
 
 from jobs.specs.train import load_spec
 from tests.conftest import DEMO, TINY
-from tests.support.cluster import fit_watching
+from tests.support.cluster import PoolCluster, fit_watching
 
-# Logical CPUs of each worker and of each node added here: more than any standing node of the
-# PoolCluster has (tests/support/cluster.py), so every node added holds exactly one of the job's workers.
+# Logical CPUs of each worker and of each node added here: more than the head has
+# (tests/support/cluster.py, HEAD_CPUS), so every node added holds exactly one of the job's workers.
 WORKER_CPUS = 3
 STEPS = 60
 FIT_TIMEOUT_S = 420
@@ -46,17 +46,27 @@ RESUMED = re.compile(r"resuming from step (\d+) \(saved by (\d+) workers, EP (\d
 Event = tuple[str, Any]  # (PROGRESS, ProgressRecord) or (NOTE, text): workers/progress.py
 
 
-@contextmanager
-def _two_worker_nodes(pool_cluster) -> Iterator[list[Any]]:
-    """Two nodes for the job's workers; the ones the test has not removed are removed after it."""
-    nodes = [pool_cluster.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
-    pool_cluster.cluster.wait_for_nodes()
-    alive = list(nodes)
-    try:
-        yield alive
-    finally:
-        for node in alive:
-            pool_cluster.remove_node(node)
+@pytest.fixture(scope="module")
+def elastic_cluster() -> Iterator[PoolCluster]:
+    """The head alone (its CPUs run Ray Data's tasks); the tests add the nodes for their workers."""
+    cluster = PoolCluster(nodes={})
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def worker_nodes() -> list[Any]:
+    """The live nodes added for jobs' workers, shared by this module's tests: a test removes from it
+    the nodes it removes and appends those it adds."""
+    return []
+
+
+def _two_worker_nodes(cluster: PoolCluster, nodes: list[Any]) -> list[Any]:
+    """``nodes``, topped up to two (the cluster's shutdown removes them at the module's end)."""
+    while len(nodes) < 2:
+        nodes.append(cluster.add_node(num_cpus=WORKER_CPUS))
+    cluster.cluster.wait_for_nodes()
+    return nodes
 
 
 def _spec(shards_dir: Path, *sets: str):
@@ -91,8 +101,8 @@ def _assert_curve_continues(before: list[float], after: list[float]) -> None:
 
 
 @pytest.mark.ray
-def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(pool_cluster, shards_dir,
-                                                                               tmp_path, monkeypatch):
+def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(elastic_cluster, worker_nodes,
+                                                                               shards_dir, tmp_path, monkeypatch):
     from workers.progress import PROGRESS
 
     # Ray Train retries at once, while the lost node's resources still show as ready: it first tries
@@ -103,15 +113,15 @@ def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(
     every = 10
     spec = _spec(shards_dir, f"train.checkpoint_every={every}", "resources.preemption_check_every=0")
     removed_after: list[int] = []
-    with _two_worker_nodes(pool_cluster) as nodes:
+    nodes = _two_worker_nodes(elastic_cluster, worker_nodes)
 
-        def remove_a_node(event: Event) -> None:
-            kind, record = event
-            if kind == PROGRESS and record.step >= 2 * every + 2 and not removed_after:
-                pool_cluster.remove_node(nodes.pop(0))
-                removed_after.append(record.step)
+    def remove_a_node(event: Event) -> None:
+        kind, record = event
+        if kind == PROGRESS and record.step >= 2 * every + 2 and not removed_after:
+            elastic_cluster.remove_node(nodes.pop(0))
+            removed_after.append(record.step)
 
-        events, result = fit_watching(spec, tmp_path, remove_a_node, timeout_s=FIT_TIMEOUT_S)
+    events, result = fit_watching(spec, tmp_path, remove_a_node, timeout_s=FIT_TIMEOUT_S)
     resumed_at, last_logged, before, after = _resume(events, saved_by=(2, 1), now=(1, 1))
     assert removed_after and resumed_at >= 2 * every and resumed_at % every == 0
     assert removed_after[0] <= last_logged <= resumed_at + every  # at most a checkpoint interval lost
@@ -120,8 +130,8 @@ def test_node_loss_continues_on_the_remaining_worker_from_the_latest_checkpoint(
 
 
 @pytest.mark.ray
-def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_there(pool_cluster, shards_dir,
-                                                                                    tmp_path, monkeypatch):
+def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_there(elastic_cluster, worker_nodes,
+                                                                                    shards_dir, tmp_path, monkeypatch):
     """Expert parallelism 2 on two nodes: the drained node's rank owns half the experts, so the job
     continues correctly only if the notice's checkpoint holds them before the node goes. The cloud
     replaces the node (a new one is added as the old one is removed) and the job resumes on 2 workers."""
@@ -137,24 +147,24 @@ def test_preemption_notice_checkpoints_the_drained_experts_and_the_job_resumes_t
                  "resources.num_workers=2", "resources.expert_parallel=2")
     drained_after: list[int] = []
     answered: list[str] = []
-    with _two_worker_nodes(pool_cluster) as nodes:
-        target = nodes[0]
+    nodes = _two_worker_nodes(elastic_cluster, worker_nodes)
+    target = nodes[0]
 
-        def preempt_a_node(event: Event) -> None:
-            kind, payload = event
-            if kind == PROGRESS and payload.step >= 20 and not drained_after:  # the loss has fallen by then
-                pool_cluster.drain_node(target, "test", deadline_remaining_s=30)
-                drained_after.append(payload.step)
-                # The tiny job would end before Ray Train's watcher sees the drain; rank 0 waits at
-                # its next record (queue_size=1) until the watcher has had a few polls.
-                time.sleep(3 * watcher_poll_s)
-            elif kind == NOTE and "preemption notice" in payload and not answered:
-                answered.append(payload)
-                pool_cluster.remove_node(target)  # the cloud takes the node once the job has answered
-                nodes.remove(target)
-                nodes.append(pool_cluster.add_node(num_cpus=WORKER_CPUS))  # and gives another
+    def preempt_a_node(event: Event) -> None:
+        kind, payload = event
+        if kind == PROGRESS and payload.step >= 20 and not drained_after:  # the loss has fallen by then
+            elastic_cluster.drain_node(target, "test", deadline_remaining_s=30)
+            drained_after.append(payload.step)
+            # The tiny job would end before Ray Train's watcher sees the drain; rank 0 waits at
+            # its next record (queue_size=1) until the watcher has had a few polls.
+            time.sleep(3 * watcher_poll_s)
+        elif kind == NOTE and "preemption notice" in payload and not answered:
+            answered.append(payload)
+            elastic_cluster.remove_node(target)  # the cloud takes the node once the job has answered
+            nodes.remove(target)
+            nodes.append(elastic_cluster.add_node(num_cpus=WORKER_CPUS))  # and gives another
 
-        events, result = fit_watching(spec, tmp_path, preempt_a_node, queue_size=1, timeout_s=FIT_TIMEOUT_S)
+    events, result = fit_watching(spec, tmp_path, preempt_a_node, queue_size=1, timeout_s=FIT_TIMEOUT_S)
     assert drained_after and len(answered) == 1, [e for e in events if e[0] == NOTE]
     notice = re.search(rf"checkpoint at step (\d+) on a preemption notice: node {target.node_id} \(ranks [01]\), "
                        r"deadline in \d+ s", answered[0])

@@ -9,10 +9,11 @@ from rich.console import Console
 from jobs.runtime.display import RunDisplay
 from jobs.train import training_error
 from orchestrator.controller.observe import latest_progress
-from tests.conftest import DEMO, run_train
+from tests.conftest import DEMO, TINY, run_train
 from workers.data import DataConfig, build_shards, shard_paths
 from workers.progress import NOTE, PROGRESS, ProgressRecord
 
+TINY_MODEL = [p for p in TINY if p.startswith("model.")]
 REPORTS = [(PROGRESS, ProgressRecord(step=s, total_steps=300, loss=3.0 - s / 100, lr=0.003, tokens_per_s=15519.25,
                                      wire_bytes=1000 * s, dense_bytes=50_000 * s, compression=50.0, max_vio=0.1,
                                      drop_frac=0.01))
@@ -55,14 +56,16 @@ def test_corrupt_shard_exits_1_naming_the_file(tmp_path):
         (src / f"m{i}.py").write_text(f"x{i} = {i}\n" * 400)
     data = DataConfig(source=str(src), path=str(tmp_path / "shards"), shard_tokens=2048)
     # Checked by the read task that reads it (nothing is scanned up front): every training shard is
-    # truncated, so whichever a worker reads first stops the run, naming that file. No retries: each
-    # would read a corrupt shard again (the retry path has its own tests).
+    # truncated, so the shard the worker reads first stops the run, naming that file. No retries: each
+    # would read a corrupt shard again (the retry path has its own tests). One worker, the tiny model:
+    # a second worker or a bigger model would only add start-up.
     victims = shard_paths(build_shards(data, lambda _: None), "train")
     for victim in victims:
         with open(victim, "r+b") as f:
             f.truncate(100)
     r = run_train("--spec", str(DEMO), "--set", f"data.source={src}", "--set", f"data.path={tmp_path}/shards",
-                  "--set", "data.shard_tokens=2048", "--set", "resources.max_failures=0", timeout=300)
+                  "--set", "data.shard_tokens=2048", "--set", "resources.max_failures=0",
+                  "--set", "resources.num_workers=1", *(a for p in TINY_MODEL for a in ("--set", p)), timeout=300)
     assert r.returncode == 1
     assert any(f"shard {v} is corrupt" in r.stderr for v in victims) and "Traceback" not in r.stderr
 

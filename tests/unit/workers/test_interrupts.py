@@ -1,6 +1,6 @@
 """The loop's interrupts on their own (workers/interrupts.py): the preemption watch, and the hold
 after a checkpoint asked for before a stop. (On Ray: tests/integration/training/test_elastic.py, tests/integration/training/test_train.py,
-tests/integration/orchestrator/test_resize.py.)"""
+tests/integration/orchestrator/test_ray_jobs.py.)"""
 
 from __future__ import annotations
 
