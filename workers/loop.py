@@ -44,7 +44,7 @@ from workers.config import Device, LoopConfig
 from workers.contracts import MoEStats, RunMetrics, WorkerConfig
 from workers.control import ControlChannel
 from workers.data import stream
-from workers.data.stream import TrainPlan, ray_fetch
+from workers.data.stream import TrainPlan, ray_reads
 from workers.device import lease_device, torch_device
 from workers.interrupts import PreemptionWatch, agreed_request, describe_preemption, hold
 from workers.moe.stats import routing_stats
@@ -85,7 +85,7 @@ class _Position:
         """This rank's stream from the saved position (workers/data/stream.py); with
         ``on_corrupt: skip`` the ranks merge the corrupt units they find at each step (collective)."""
         state = stream.state_for(plan, seed, self.meta)
-        self.stream = stream.RankStream(plan, state, rank, stream.ray_fetch(plan),
+        self.stream = stream.RankStream(plan, state, rank, stream.ray_reads(plan),
                                         _merge_corrupt if plan.on_corrupt == "skip" else None)
 
     def next(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -282,7 +282,7 @@ def _check_same_batch(x: torch.Tensor) -> None:
 def _eval_batches(plan: TrainPlan | None, rank: int, world: int, loop: LoopConfig,
                   device: torch.device) -> Iterator[torch.Tensor]:
     """This rank's held-out batches (batch, seq_len + 1). Every rank reads the same first units of
-    the held-out split (each by a Ray Data task, as training units are) until they hold the
+    the held-out split (one Ray Data read, a task per unit, as training units are) until they hold the
     ``eval_batches`` global batches wanted, and takes its own slice of each: so every rank evaluates
     the same number of batches (expert parallelism's all-to-all runs in every forward) and a
     held-out split of one unit still feeds every rank. A unit found corrupt under
@@ -290,14 +290,15 @@ def _eval_batches(plan: TrainPlan | None, rank: int, world: int, loop: LoopConfi
     if plan is None or not loop.eval_batches:
         return
     wanted = loop.eval_batches * loop.batch_size * world  # rows, all ranks together
-    fetch, parts, have = ray_fetch(plan), [], 0
-    for unit in plan.units:
-        if have >= wanted:
-            break
-        rows = fetch(unit)
+    parts, have = [], 0
+    read = ray_reads(plan)(plan.units) if plan.units else iter(())
+    for _, rows in read:
         if not isinstance(rows, str):
             parts.append(rows)
             have += len(rows)
+        if have >= wanted:
+            read.close()
+            break
     rows = np.concatenate(parts)[:wanted] if parts else np.empty((0, 0), np.uint16)
     per_rank = min(loop.batch_size, len(rows) // world)  # a short split: smaller batches, not fewer ranks
     for start in range(0, len(rows) - per_rank * world + 1, per_rank * world) if per_rank else ():

@@ -6,7 +6,7 @@ and re-read the token-auth mode after setting ``RAY_AUTH_TOKEN`` in-process. ``P
 symbol; tests/unit/jobs/test_ray_private.py imports every one, so an upgrade of Ray that moves one
 fails there, by name, instead of deep inside a job. Imported lazily: the control plane must start
 without connecting to Ray. In jobs/contracts/ so that both jobs/ and orchestrator/ may import it
-(workers/ need none).
+(workers/ need none of these; workers/data/stream.py uses two private Ray Data methods, listed and tested there).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ are, and drawing and encoding every shard would take most of the section's time 
 
 Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BENCH_DATA_GB``):
 - a data-only pass over one epoch through a worker's own input path (workers/data/stream.py: the
-  epoch's order, one Ray Data read task per row group, int64 tensors) in the driver, one rank taking
+  epoch's order, one Ray Data execution over the rank's row groups, int64 tensors) in the driver, one rank taking
   the whole global batch, and a fixed-step training run
   (``build_trainer(...).fit()`` on the demo spec); during each, a thread samples the summed RSS of
   the driver and every Ray worker process (the raylet's children) and the object store's used bytes.

@@ -38,9 +38,9 @@ def _rank_actor() -> Any:
         """One rank's stream over an epoch: rows trained, seconds, stored bytes its reads fetched."""
 
         def epoch(self, plan: Any, seed: int, rank: int, rows: list[int]) -> dict[str, float]:
-            from workers.data.stream import RankStream, ray_fetch, state_for
+            from workers.data.stream import RankStream, ray_reads, state_for
 
-            stream = RankStream(plan, state_for(plan, seed, None), rank, ray_fetch(plan))
+            stream = RankStream(plan, state_for(plan, seed, None), rank, ray_reads(plan))
             started, got = time.perf_counter(), 0
             while stream.state.remaining() >= sum(rows):  # the epoch's last whole step, no further
                 ids, _ = stream.next(rows)
@@ -73,7 +73,7 @@ def resume_times(plan: Any, seed: int, batch_rows: int) -> dict[str, Any]:
     position, and skip-by-reading (the consumed units read and dropped) beside it."""
     from workers.data.order import DataState, Plan
     from workers.data.reader import read_unit
-    from workers.data.stream import RankStream, ray_fetch, state_for
+    from workers.data.stream import RankStream, ray_reads, state_for
 
     order = Plan(plan.units, plan.seq_len)
     out = {}
@@ -84,7 +84,7 @@ def resume_times(plan: Any, seed: int, batch_rows: int) -> dict[str, Any]:
         meta = json.loads(json.dumps({"epoch": 0, "sequences_in_epoch": state.consumed,
                                       "data_state": state.state_dict()}))
         started = time.perf_counter()
-        stream = RankStream(plan, state_for(plan, seed, meta), 0, ray_fetch(plan))
+        stream = RankStream(plan, state_for(plan, seed, meta), 0, ray_reads(plan))
         stream.next([batch_rows])
         seek_s = time.perf_counter() - started
         stream.close()
@@ -176,7 +176,7 @@ def exact_markdown(r: dict[str, Any], size_gb: float) -> list[str]:
           "| ranks | bytes read / dataset bytes | aggregate rows/s | s |", "|---:|---:|---:|---:|"]
     md += [f"| {w} | **{a['read_ratio']:.3f}** | {a['rows_per_s']:,.0f} | {a['seconds']:.0f} |" for w, a in amp.items()]
     md += ["", "First batch after a resume (goal: flat, <= 1 s): a fresh stream from the checkpoint's position "
-               "(one read task for the unit it resumes in) vs skip-by-reading, the previous loop's way (every "
+               "(one Ray Data read from the unit it resumes in) vs skip-by-reading, the previous loop's way (every "
                "unit consumed so far read again; here pyarrow in-process, its lower bound):", "",
            "| resumed at | first batch s | skip-by-reading s | units consumed |", "|---:|---:|---:|---:|"]
     md += [f"| {float(f):.0%} | **{x['seek_s']:.2f}** | {x['skip_by_reading_s']:.1f} | {x['consumed_units']} |"

@@ -65,12 +65,13 @@ def _consume(blocks: Iterator[np.ndarray], spec: TrainSpec) -> dict[str, Any]:
 
 def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
     """One epoch of the training split through a worker's input path (workers/data/stream.py, its
-    Ray Data read tasks), as one rank taking the whole global batch, consumed in the driver."""
-    from workers.data.stream import RankStream, ray_fetch, state_for
+    Ray Data reads), as one rank taking the whole global batch, consumed in the driver; with the
+    Ray Data executions it started (one per unit before the reads over a stretch)."""
+    from workers.data.stream import RankStream, ray_reads, state_for
 
     plan = data.plan("train", spec.data)
     rows = [spec.train.batch_size * spec.resources.max_workers]
-    stream = RankStream(plan, state_for(plan, spec.seed, None), 0, ray_fetch(plan))
+    stream = RankStream(plan, state_for(plan, spec.seed, None), 0, ray_reads(plan))
 
     def blocks() -> Iterator[np.ndarray]:
         while stream.state.remaining() >= rows[0]:
@@ -79,7 +80,7 @@ def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
     with PeakMemory() as mem:
         result = _consume(blocks(), spec)
     stream.close()
-    return {**result, "memory": mem.result()}
+    return {**result, "memory": mem.result(), "executions": stream.executions, "units": len(plan.units)}
 
 
 def read_parquet_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:

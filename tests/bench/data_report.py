@@ -28,8 +28,11 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int, s3: dict)
           "its RSS), and the object store's used bytes; before = the summed RSS when the pass started (what "
           "earlier passes left: each kind of pass runs over both sets in turn, so both start alike). \"Ray's read_parquet\": the same pass with "
           "`ray.data.read_parquet` (seeded file order, a `map_batches` packing each block) in place of the "
-          "workers' stream (workers/data/stream.py: one Ray Data read task per row group): the input path before "
-          "the manifest-planned sources.", "",
+          "workers' stream (workers/data/stream.py: one Ray Data execution over the row groups the rank will "
+          f"take, a read task each; {small['ray'].get('executions', '?')} execution(s) for "
+          f"{small['ray'].get('units', '?')} row groups at {small['size_gb']:g} GB, "
+          f"{large['ray'].get('executions', '?')} for {large['ray'].get('units', '?')} at {large['size_gb']:g} GB): "
+          "the input path before the manifest-planned sources.", "",
           "| pass | set | GiB RSS | GiB RSS without shared | GiB object store | GiB RSS before | seconds |",
           "|---|---|---:|---:|---:|---:|---:|"]
     for kind, label in (("ray", "data only, one epoch"), ("read_parquet", "data only, Ray's read_parquet"),

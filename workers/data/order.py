@@ -218,6 +218,37 @@ class DataState:
         self.consumed += sum(rows)
         return out
 
+    def upcoming(self, rank: int, rows: list[int], claims: int) -> list[int]:
+        """The units ``rank`` will take next beyond those it holds, in the order it will need them, if
+        every step takes ``rows``: what its reader reads ahead (workers/data/stream.py). Stepped on a
+        copy until the epoch ends or ``claims`` units are claimed by all ranks together (the
+        simulation's cost: a step of every rank per claim); steps in which no rank finishes a piece
+        are jumped over at once, so a unit of 16k sequences costs a few steps, not 16k / rows."""
+        sim, out = self.copy(), []
+        seen = {p.unit for p in sim.held[rank]} if len(sim.held) == len(rows) else set()
+        start = sim.next
+        while sim.next - start < claims and sim.remaining() >= sum(rows):
+            for p in [*sim.step(rows)[rank], *sim.held[rank]]:
+                if p.unit not in seen:
+                    seen.add(p.unit)
+                    out.append(p.unit)
+            sim._jump(rows)
+        return out
+
+    def _jump(self, rows: list[int]) -> None:
+        """The steps in which every rank takes from its head piece and none finishes it, taken at
+        once (the same state as stepping them one by one: no claim, no pop, and the epoch cannot
+        end, as every head keeps more than its rank's rows)."""
+        heads = [(q[0], n) for q, n in zip(self.held, rows, strict=True) if n > 0 and q]
+        if len(self.held) != len(rows) or len(heads) != sum(1 for n in rows if n > 0):
+            return
+        k = min((p.rows - 1) // n for p, n in heads)
+        if k <= 0:
+            return
+        for p, n in heads:
+            p.lo += k * n
+        self.consumed += k * sum(rows)
+
     def mark_dead(self, units: set[int]) -> None:
         """Units found corrupt: their rows not yet trained are dropped from every queue."""
         self.dead |= units

@@ -61,7 +61,7 @@ def _eval_rows(monkeypatch, units: dict[int, np.ndarray | str], world: int, batc
 
     import workers.loop as loop_module
 
-    monkeypatch.setattr(loop_module, "ray_fetch", lambda plan: lambda unit: units[unit])
+    monkeypatch.setattr(loop_module, "ray_reads", lambda plan: lambda us: ((i, units[u]) for i, u in enumerate(us)))
     plan, cfg = SimpleNamespace(units=list(units)), LoopConfig(batch_size=batch, eval_batches=batches)
     return [[b[:, 0].tolist() for b in loop_module._eval_batches(plan, r, world, cfg, torch.device("cpu"))]
             for r in range(world)]

@@ -9,11 +9,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from ray.data.block import BlockAccessor
 
 from workers.data import DataConfig, PrepareConfig, open_training_data, prepare
 from workers.data.order import DataState, Plan, Unit
-from workers.data.reader import CorruptUnit, _read_unit_task, read_unit
+from workers.data.reader import CorruptUnit, _read_unit_task, read_unit, unit_rows
 from workers.data.stream import RankStream, state_for
 
 
@@ -102,15 +101,16 @@ def small_groups(tmp_path):
     return manifest, root, data
 
 
-def _fetch(plan, fetched):
-    """A unit's read task run here (Ray Data runs the same function, workers/data/stream.ray_fetch)."""
-    def fetch(unit):
-        fetched.append(unit)
+def _reads(plan, fetched):
+    """Units read here in order, as a Ray Data read yields them (the same read task,
+    workers/data/stream.ray_reads); ``fetched`` lists the units read."""
+    def reads(units):
         mode = "mark" if plan.on_corrupt == "skip" else "fail"
-        (batch,) = [BlockAccessor.for_block(b).to_batch_format("numpy")
-                    for b in _read_unit_task(plan.filesystem, unit, plan.seq_len, plan.roots, mode)]
-        return str(batch["corrupt"][0]) if "corrupt" in batch else batch["input_ids"]
-    return fetch
+        for i, unit in enumerate(units):
+            fetched.append(unit)
+            for block in _read_unit_task(plan.filesystem, unit, plan.seq_len, plan.roots, mode, i):
+                yield unit_rows(block)
+    return reads
 
 
 def test_prepare_writes_row_groups_of_bounded_size_each_listed(small_groups):
@@ -127,7 +127,7 @@ def test_a_resumed_stream_reads_no_consumed_unit_and_gets_each_row_once(small_gr
     _, _, data = small_groups
     plan = data.plan("train", DataConfig(seq_len=15))
     first: list = []
-    streams = [RankStream(plan, state_for(plan, 5, None), r, _fetch(plan, first)) for r in range(2)]
+    streams = [RankStream(plan, state_for(plan, 5, None), r, _reads(plan, first)) for r in range(2)]
     rows = {}
     for _ in range(7):
         for s in streams:
@@ -136,7 +136,7 @@ def test_a_resumed_stream_reads_no_consumed_unit_and_gets_each_row_once(small_gr
     saved = {"epoch": 0, "sequences_in_epoch": 56, "data_state": streams[0].state.state_dict()}
     assert streams[1].state.state_dict() == saved["data_state"] and len(rows) == 56
     resumed: list = []
-    stream = RankStream(plan, state_for(plan, 5, json.loads(json.dumps(saved))), 0, _fetch(plan, resumed))
+    stream = RankStream(plan, state_for(plan, 5, json.loads(json.dumps(saved))), 0, _reads(plan, resumed))
     ids, x = stream.next([8])
     pending = {plan.units[p[0]] for p in saved["data_state"]["pieces"]}
     assert set(resumed) <= pending | {plan.units[p.unit] for p in stream.state.held[0]}  # no consumed unit read
@@ -176,7 +176,7 @@ def test_a_corrupt_row_group_fails_its_read_task_naming_it_or_is_dropped_on_ever
         found.append(units)
         return units
 
-    stream = RankStream(skip, state_for(skip, 5, None), 0, _fetch(skip, []), agree, logs.append)
+    stream = RankStream(skip, state_for(skip, 5, None), 0, _reads(skip, []), agree, logs.append)
     seen = []
     while stream.state.epoch == 0:
         ids, _ = stream.next([4])
@@ -207,36 +207,90 @@ def test_an_older_one_row_group_shard_is_read_whole_and_verified_as_a_file(tmp_p
 
 @pytest.mark.ray
 def test_a_ray_read_task_names_the_corrupt_row_group_in_one_line(train_ray, small_groups):
-    from workers.data.stream import ray_fetch
+    from workers.data.stream import ray_reads
 
     manifest, root, data = small_groups
     path = _flip_a_row_group(root, manifest.splits["train"].shards[0], 0)
     plan = data.plan("train", DataConfig(seq_len=15))
-    fetch = ray_fetch(plan)
-    assert len(fetch(plan.units[1])) > 0  # the shard's other row group, through a real read task
+    reads = ray_reads(plan)
+    (index, rows), = list(reads([plan.units[1]]))  # the shard's other row group, through a real read task
+    assert index == 0 and len(rows) > 0
     with pytest.raises(CorruptUnit) as e:
-        fetch(plan.units[0])
+        list(reads(plan.units[:2]))
     assert str(e.value).startswith(f"shard {path} is corrupt (row group 0)") and "Traceback" not in str(e.value)
-    skip = ray_fetch(data.plan("train", DataConfig(seq_len=15, on_corrupt="skip")))
-    assert skip(plan.units[0]).startswith(f"shard {path} is corrupt (row group 0)")
+    got = dict(ray_reads(data.plan("train", DataConfig(seq_len=15, on_corrupt="skip")))(plan.units[:2]))
+    assert got[0].startswith(f"shard {path} is corrupt (row group 0)") and len(got[1]) > 0
 
 
 @pytest.mark.ray
-def test_ray_reads_leave_no_thread_behind(train_ray, small_groups):
-    """Each unit is a Ray Data execution of its own: thousands per epoch of a large set. Ray 2.60's
-    batch iterator started a thread per execution that never ended (19 units: 19 threads more)."""
+def test_a_ranks_epoch_is_one_ray_data_execution_and_leaves_no_thread_behind(train_ray, small_groups):
+    """An execution costs ~100 ms to start and Ray keeps its stats and metric series (its
+    _StatsActor and dashboard agent grew ~1.1 MiB per execution): a rank's epoch was one execution
+    per unit. Ray 2.60's batch iterator also left a thread per execution that never ended."""
     import threading
 
-    from workers.data.stream import ray_fetch
+    import ray
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    from workers.data.stream import ray_reads
 
     _, _, data = small_groups
     plan = data.plan("train", DataConfig(seq_len=15))
-    fetch = ray_fetch(plan)
-    fetch(plan.units[0])  # Ray Data's own threads, started once
-    before = threading.active_count()
-    got = [fetch(unit) for unit in plan.units]
-    assert all(len(rows) > 0 for rows in got) and len(got) > 4
-    assert threading.active_count() == before
+    stats = get_or_create_stats_actor()
+    reads = ray_reads(plan)
+    list(reads(plan.units[:1]))  # Ray Data's own threads, started once
+    threads, executions = threading.active_count(), len(ray.get(stats.get_datasets.remote()))
+    stream = RankStream(plan, state_for(plan, 5, None), 0, reads)
+    ids = []
+    while stream.state.epoch == 0 and stream.state.remaining() >= 8:
+        ids += stream.next([8])[0].tolist()
+    read = reads(plan.units)  # a read left before its end: shut down, its tasks cancelled
+    next(read)
+    read.close()
+    stream.close()
+    order = stream.state.plan
+    assert len(ids) == len(set(ids)) and order.total - len(ids) < 8
+    assert stream.units_read == int((order.counts > 0).sum()) == 8  # each unit read once
+    assert len(ray.get(stats.get_datasets.remote())) - executions == 2 == stream.executions + 1
+    assert threading.active_count() == threads
+
+
+def test_a_rank_reads_ahead_the_units_it_will_take_and_a_changing_split_only_restarts_its_read(small_groups):
+    """A speed split swinging between the ranks at every step: the ranks still get each sequence
+    once; a rank whose units differ from what it read ahead starts a new read from its position."""
+    _, _, data = small_groups
+    plan = data.plan("train", DataConfig(seq_len=15))
+    rng, fetched = np.random.default_rng(1), [[], []]
+    streams = [RankStream(plan, state_for(plan, 5, None), r, _reads(plan, fetched[r])) for r in range(2)]
+    seen = []
+    while streams[0].state.epoch == 0 and streams[0].state.remaining() >= 12:
+        rows = [1, 11] if rng.random() < 0.5 else [11, 1]
+        seen += [i for s in streams for i in s.next(rows)[0].tolist()]
+    order = streams[0].state.plan
+    assert len(seen) == len(set(seen)) and order.total - len(seen) < 12
+    assert all(s.executions > 1 for s in streams)
+    assert len(fetched[0]) + len(fetched[1]) <= len(plan.units) + 2 * sum(s.executions for s in streams)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_units_a_rank_will_take_are_those_stepping_finds(seed):
+    """``upcoming`` jumps over the steps in which no piece ends: the same units, in the same order,
+    as stepping one by one, to the epoch's end, after a resize and with pieces from a checkpoint."""
+    plan, rng = _plan(n_units=60, seed=seed), np.random.default_rng(seed)
+    state = DataState(plan, 5)
+    for _ in range(int(rng.integers(0, 30))):
+        state.step(_split(rng, 9, 3))
+    state = DataState.restore(plan, 5, state.state_dict())
+    rows = _split(rng, 7, 2)
+    for rank in range(2):
+        sim, want = state.copy(), []
+        held = {p.unit for p in sim.held[rank]} if len(sim.held) == 2 else set()
+        while sim.remaining() >= sum(rows):
+            for p in [*sim.step(rows)[rank], *sim.held[rank]]:
+                if p.unit not in held and p.unit not in want:
+                    want.append(p.unit)
+        assert state.upcoming(rank, rows, claims=10_000) == want and len(want) > 5
+    assert len(state.upcoming(0, rows, claims=4)) <= 4 + 2
 
 
 def test_a_copy_steps_into_the_next_epoch_without_moving_the_original():
