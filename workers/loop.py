@@ -143,25 +143,27 @@ class _Run:
         self.start, self.pos = 0, _Position()
         self.base_bytes = torch.zeros(2, dtype=torch.float64)  # (wire, dense) before this attempt
 
-    def byte_totals(self) -> torch.Tensor:
-        """(wire, dense) bytes over every rank and attempt; collective."""
+    def sent(self) -> dict[str, Any]:
+        """Bytes sent and what dense sync would have sent, over every rank and attempt, and dense /
+        sent (1 where nothing is sent: one worker); collective."""
         totals = torch.tensor(self.step.byte_counts(), dtype=torch.float64)
         dist.all_reduce(totals)
-        return totals + self.base_bytes
+        wire, dense = (int(t) for t in totals + self.base_bytes)
+        return {"wire_bytes": wire, "dense_bytes": dense, "compression": dense / wire if wire > 0 else 1.0}
 
     def save(self, step: int, metrics: dict[str, Any]) -> None:
         """Collective checkpoint + report: every rank takes part; rank 0's folder holds the files."""
         self.step.finish_round()  # method local: a checkpoint closes the round (DESIGN.md, "Local steps")
-        totals = self.byte_totals()
+        sent = self.sent()
         meta = {"step": step, "epoch": self.pos.epoch,
                 "sequences_in_epoch": self.pos.sequence, "data_state": self.pos.state_dict(),
                 "world_size": self.world, "expert_parallel": self.cfg.expert_parallel,
-                "wire_bytes": totals[0].item(), "dense_bytes": totals[1].item(),
+                "wire_bytes": sent["wire_bytes"], "dense_bytes": sent["dense_bytes"],
                 "model": self.cfg.model.model_dump()}
         s = self.step
         comm, esync = s.checkpoint_state()
         # Every report carries the bytes so far (a sweep weighs each trial's loss against them).
-        metrics = {"wire_bytes": int(totals[0]), "dense_bytes": int(totals[1]), **metrics}
+        metrics = {**sent, **metrics}
         with self.session.staging() as folder:
             checkpoint.save(folder, model=s.model, optimizer=s.optimizer, comm=comm, esync=esync,
                             groups=s.groups, meta=meta, rank=self.rank, scaler=s.scaler,
@@ -237,7 +239,7 @@ class _Reporter:
         n = done - self.step_last
         stats = torch.tensor([sum(self.losses[-n:]), n], dtype=torch.float64)
         dist.all_reduce(stats)
-        totals = self.run.byte_totals()
+        sent = self.run.sent()
         if self.run.rank == 0:
             now = time.perf_counter()
             layer = _layer_stats(self.window_counts)
@@ -245,9 +247,7 @@ class _Reporter:
             self.channel.progress(ProgressRecord(
                 step=done, total_steps=self.loop.steps, loss=(stats[0] / stats[1]).item(), lr=lr_at(done - 1, self.loop),
                 tokens_per_s=self.tokens_per_step * n / (now - self.t_last),
-                wire_bytes=int(totals[0]), dense_bytes=int(totals[1]),
-                compression=(totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
-                max_vio=max(layer.max_vio), drop_frac=max(layer.drop_frac),
+                **sent, max_vio=max(layer.max_vio), drop_frac=max(layer.drop_frac),
                 dense_fallback_buckets=len(comm.dense_fallback_buckets) if comm else 0))
             self.t_last = now
         self.step_last = done
@@ -257,14 +257,12 @@ class _Reporter:
         """Collective."""
         window = torch.tensor([sum(self.losses[-self.tail:]), len(self.losses[-self.tail:])], dtype=torch.float64)
         dist.all_reduce(window)
-        totals = self.run.byte_totals()
+        sent = self.run.sent()
         return RunMetrics(
             steps=self.loop.steps, final_loss=(window[0] / window[1]).item() if window[1] > 0 else None,
             final_loss_window=self.tail, eval_loss=eval_loss,
             tokens_per_s=self.tokens_per_step * self.steady_steps / self.steady_time if self.steady_steps else 0.0,
-            wire_bytes=int(totals[0]), dense_bytes=int(totals[1]),
-            compression=(totals[1] / totals[0]).item() if totals[0] > 0 else 1.0,
-            world_size=self.run.world, moe=_layer_stats(self.tail_counts))
+            **sent, world_size=self.run.world, moe=_layer_stats(self.tail_counts))
 
 
 def _check_same_batch(x: torch.Tensor) -> None:

@@ -148,10 +148,9 @@ def stop_requested(out: Path, trial_id: str) -> bool:
 def trial_metrics(m: dict[str, Any]) -> dict[str, Any]:
     """A Tune result from one of the loop's reports: ``{"step", "loss"}`` at a checkpoint, RunMetrics
     at the end (loss: the mean over the final window; eval_loss when there is a held-out set); each
-    with the bytes sent so far and ``compression``, dense bytes over them (what a sweep of the
-    compression settings weighs a trial's loss against)."""
-    wire, dense = m["wire_bytes"], m["dense_bytes"]
-    sent = {"wire_bytes": int(wire), "compression": dense / wire if wire > 0 else 1.0}
+    with the bytes sent so far and ``compression``, dense bytes over them (the loop's ``sent()``;
+    what a sweep of the compression settings weighs a trial's loss against)."""
+    sent = {"wire_bytes": int(m["wire_bytes"]), "compression": float(m["compression"])}
     if "steps" not in m:
         return {"step": int(m["step"]), "loss": float(m["loss"]), **sent}
     final = {"step": int(m["steps"]), "loss": m["final_loss"], "tokens_per_s": m["tokens_per_s"], **sent}

@@ -81,3 +81,22 @@ def test_every_rank_evaluates_as_many_batches_whatever_the_units(monkeypatch):
     one = _eval_rows(monkeypatch, {0: "corrupt: row group 0", 1: rows[0]}, world=2, batch=8, batches=2)
     assert [[len(b) for b in r] for r in one] == [[3], [3]]
     assert _eval_rows(monkeypatch, {0: "corrupt"}, world=2, batch=2, batches=2) == [[], []]
+
+
+@pytest.mark.parametrize(("counts", "base", "ratio"), [((2_000, 500_000), (0, 0), 250.0),
+                                                       ((1_000, 250_000), (1_000, 250_000), 250.0),
+                                                       ((0, 0), (0, 0), 1.0)])
+def test_the_bytes_every_report_carries(tmp_path, counts, base, ratio):
+    """One rule for dense / sent in the progress record, each checkpoint's report and the final
+    metrics: totals over ranks and attempts (a resume carries the bytes before it); nothing sent (one
+    worker: a ring allreduce over one rank sends nothing) is 1x, not a division by 0."""
+    from types import SimpleNamespace
+
+    from workers.loop import _Run
+    from workers.session import LocalSession
+
+    with LocalSession(tmp_path, 1, lambda m, c: None) as session:  # a one-rank group for the all-reduce
+        run = _Run(SimpleNamespace(), SimpleNamespace(byte_counts=lambda: counts), session, placement=None)
+        run.base_bytes = torch.tensor(base, dtype=torch.float64)
+        sent = run.sent()
+    assert sent == {"wire_bytes": counts[0] + base[0], "dense_bytes": counts[1] + base[1], "compression": ratio}
