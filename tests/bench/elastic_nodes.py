@@ -37,7 +37,7 @@ LOSS_CHECKPOINT_EVERY = 10
 LOSS_AFTER_STEP = 2 * LOSS_CHECKPOINT_EVERY + 2  # remove the node once this step is logged: mid-interval
 # Long enough that the job is still training when Ray Train's controller, which polls for drains
 # every 5 s, has seen the drain and the loop has asked at its next poll.
-DRAIN_STEPS = 300
+DRAIN_STEPS = 600  # long enough that Train's drain poll (every 5 s) sees the notice before the end
 DRAIN_AFTER_STEP = 20  # the loss has fallen by then, so a resume from scratch would show
 PREEMPTION_CHECK_EVERY = 5  # resources.preemption_check_every: the loop asks Ray Train every k steps
 DRAIN_DEADLINE_S = 30
