@@ -17,7 +17,8 @@ Measured, for a small and an 8x larger set (``SIZES_GB``, overridden by ``MOE_BE
   (``build_trainer(...).fit()`` on the demo spec); during each, a thread samples the summed RSS of
   the driver and every Ray worker process (the raylet's children) and the object store's used bytes.
 - rows/s of global batches through that path vs the same consumer fed by ``pyarrow.parquet``
-  reading the same files one after the other in this process (no Ray).
+  reading the same files one after the other in this process (no Ray), side by side in alternating
+  rounds (tests/bench/data_passes.py ``speed_pass``).
 - the same data-only pass through ``ray.data.read_parquet``, the input path before the manifest-
   planned sources (workers/data/reader.py), side by side.
 - the share of a training step spent waiting for data: a per-worker function wraps the
@@ -232,16 +233,16 @@ def _measure_sets(scratch: Path, sizes: tuple[float, float], base: list[str], re
     pass after the other: a pass leaves the cluster larger than it found it (the driver's own reads,
     Ray Train's actors), so the two sizes of one pass start from the same state."""
     from tests.bench.data_exact import exact_section
-    from tests.bench.data_passes import arrow_pass, ray_pass, read_parquet_pass, train_run
+    from tests.bench.data_passes import ray_pass, read_parquet_pass, speed_pass, train_run
     from workers.data import open_training_data
 
     results = scratch / "results"
     labels = dict(zip(("small", "large"), sizes, strict=True))
     specs = {label: load_spec(DEMO, [*base, f"data.path={scratch / f'shards-{gb:g}gb'}"]) for label, gb in labels.items()}
-    passes = {"ray": ray_pass, "read_parquet": read_parquet_pass, "arrow": arrow_pass,
+    passes = {"ray": ray_pass, "read_parquet": read_parquet_pass, "speed": speed_pass,
               "exact": lambda data, spec: exact_section(data, spec, scratch),
               "train": lambda data, spec: train_run(data, spec, scratch / f"train-{Path(spec.data.path).name}")}
-    wanted = [(kind, label) for kind in passes for label in labels if label == "small" or kind not in ("arrow", "exact")]
+    wanted = [(kind, label) for kind in passes for label in labels if label == "small" or kind not in ("speed", "exact")]
     files = {(kind, label): results / f"{kind}-{labels[label]:g}gb.json" for kind, label in wanted}
     sets_file = results / "sets.json"
     data: dict[str, Any] = {}

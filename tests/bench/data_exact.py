@@ -1,10 +1,14 @@
 """The data plane at scale (issue #24): what each worker reads, resuming, a read task's memory.
 
 Measured on a prepared set (tests/bench/data.py ``make_shards``: row groups of ``ROW_GROUP_BYTES``):
-- read amplification and aggregate rows/s at 1, 2, 4 ranks: each rank is a Ray actor running the
-  product's ``RankStream`` (workers/data/stream.py) over one epoch with its Ray Data read tasks;
-  the ranks step the same global position independently (it needs no messages), so they run in
-  parallel. Amplification = stored bytes of the units the ranks' read tasks fetched / the split's.
+- read amplification and aggregate rows/s at 1, 2, 4 ranks on the fake multi-node cluster (a
+  ``ray.cluster_utils.Cluster`` started in a process of its own: a head of 0 CPUs and
+  ``CLUSTER_NODES`` nodes of 1 CPU, a raylet and object store each): each rank is a Ray actor
+  pinned to a node of its own, running the product's ``RankStream`` (workers/data/stream.py) over
+  one epoch; its Ray Data read tasks go where Ray Data puts them (spread over the nodes' CPUs), and
+  their blocks travel to the rank's node. The ranks step the same global position independently
+  (it needs no messages), so they run in parallel. Amplification = stored bytes of the units the
+  ranks' read tasks fetched / the split's.
 - time to the first batch after a resume at 0%, 50% and 90% of an epoch: a fresh stream from the
   position saved there (the checkpoint's ``data_state``) vs skip-by-reading, the previous loop's
   way (every unit consumed so far read again, here with pyarrow in this process: its lower bound).
@@ -17,6 +21,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,12 +35,18 @@ RESUME_AT = (0.0, 0.5, 0.9)
 ROW_GROUP_BYTES = 4 * 1024 * 1024  # jobs.prepare's default
 RSS_GROUP_BYTES = (1 << 20, 4 << 20, 16 << 20)
 TIB_UNITS = 2**18  # 1 TiB of 4 MiB row groups
+# The fake multi-node cluster: nodes of 1 CPU (a rank each at most, its read tasks beside), and the
+# head with none (the driver's node runs no read task): 4 logical CPUs on a 2-core machine, as the
+# section's embedded cluster has.
+CLUSTER_NODES = max(WORLDS)
+NODE_STORE_BYTES = 256 << 20  # object store per node: a rank's read-ahead (64 MiB) and transfers
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rank_actor() -> Any:
     import ray
 
-    @ray.remote(num_cpus=0.5)
+    @ray.remote(num_cpus=0)  # its node's CPU is for read tasks; a rank mostly waits for them
     class Rank:
         """One rank's stream over an epoch: rows trained, seconds, stored bytes its reads fetched."""
 
@@ -47,25 +60,56 @@ def _rank_actor() -> Any:
                 got += len(ids)
             return {"rows": got, "seconds": time.perf_counter() - started, "read_bytes": stream.read_bytes}
 
+        def warm(self, plan: Any) -> None:
+            """A short read, unmeasured: Ray Data's task processes start on the nodes it uses."""
+            from workers.data.stream import ray_reads
+
+            for _ in ray_reads(plan)(plan.units[:4]):
+                pass
+
     return Rank
 
 
 def amplification(plan: Any, seed: int, batch_size: int) -> dict[str, Any]:
-    import ray
+    """The ranks' epochs at each world size on the fake multi-node cluster, run by a process of its
+    own (this one is connected to the section's embedded cluster, and a driver joins one cluster)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "in.pkl").write_bytes(pickle.dumps((plan, seed, batch_size)))
+        subprocess.run([sys.executable, "-m", "tests.bench.data_exact", tmp], cwd=REPO, check=True)
+        return json.loads(Path(tmp, "out.json").read_text())
 
-    rank = _rank_actor()
-    out = {}
-    for world in WORLDS:
-        actors = [rank.remote() for _ in range(world)]
-        started = time.perf_counter()
-        runs = ray.get([a.epoch.remote(plan, seed, r, [batch_size] * world) for r, a in enumerate(actors)])
-        wall = time.perf_counter() - started
-        for a in actors:
+
+def _amplification_on_nodes(plan: Any, seed: int, batch_size: int) -> dict[str, Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": NODE_STORE_BYTES})
+    nodes = [cluster.add_node(num_cpus=1, object_store_memory=NODE_STORE_BYTES) for _ in range(CLUSTER_NODES)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    try:
+        rank = _rank_actor()
+        pinned = [rank.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)) for n in nodes]
+        warm = [p.remote() for p in pinned]
+        ray.get([a.warm.remote(plan) for a in warm])
+        for a in warm:
             ray.kill(a)
-        rows = sum(r["rows"] for r in runs)
-        out[str(world)] = {"read_ratio": sum(r["read_bytes"] for r in runs) / plan.stored_bytes(),
-                           "rows": rows, "rows_per_s": rows / wall, "seconds": wall}
-    return out
+        out = {}
+        for world in WORLDS:
+            actors = [pinned[r].remote() for r in range(world)]
+            started = time.perf_counter()
+            runs = ray.get([a.epoch.remote(plan, seed, r, [batch_size] * world) for r, a in enumerate(actors)])
+            wall = time.perf_counter() - started
+            for a in actors:
+                ray.kill(a)
+            rows = sum(r["rows"] for r in runs)
+            out[str(world)] = {"read_ratio": sum(r["read_bytes"] for r in runs) / plan.stored_bytes(),
+                               "rows": rows, "rows_per_s": rows / wall, "seconds": wall}
+        return out
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def resume_times(plan: Any, seed: int, batch_rows: int) -> dict[str, Any]:
@@ -169,10 +213,13 @@ def exact_section(data: Any, spec: Any, scratch: Path) -> dict[str, Any]:
 def exact_markdown(r: dict[str, Any], size_gb: float) -> list[str]:
     amp, res, mem, pos = r["amplification"], r["resume"], r["task_memory"], r["position"]
     md = ["", f"Reading each sequence once ({size_gb:g} GB set, {r['units']} row groups of "
-              f"{ROW_GROUP_BYTES >> 20} MiB; tests/bench/data_exact.py): each rank a Ray actor running the "
-              "product's stream over one epoch (it steps the shared position itself, no messages), batch 16 "
-              "per rank. Read amplification = stored bytes the ranks' read tasks fetched / the split's "
-              "(goal 1.00; the previous loop: N, every rank read everything):", "",
+              f"{ROW_GROUP_BYTES >> 20} MiB; tests/bench/data_exact.py), on the fake multi-node cluster "
+              f"(`ray.cluster_utils.Cluster`: a head of 0 CPUs and {CLUSTER_NODES} nodes of 1 CPU, a raylet and "
+              "object store each, on this one machine): each rank a Ray actor on a node of its own running the "
+              "product's stream over one epoch (it steps the shared position itself, no messages), its read "
+              "tasks spread over the nodes by Ray Data, batch 16 per rank. Read amplification = stored bytes "
+              "the ranks' read tasks fetched / the split's (goal 1.00; the previous loop: N, every rank read "
+              "everything):", "",
           "| ranks | bytes read / dataset bytes | aggregate rows/s | s |", "|---:|---:|---:|---:|"]
     md += [f"| {w} | **{a['read_ratio']:.3f}** | {a['rows_per_s']:,.0f} | {a['seconds']:.0f} |" for w, a in amp.items()]
     md += ["", "First batch after a resume (goal: flat, <= 1 s): a fresh stream from the checkpoint's position "
@@ -189,3 +236,9 @@ def exact_markdown(r: dict[str, Any], size_gb: float) -> list[str]:
                f"(8 ranks x 16 rows) {pos['step_us']:.0f} us, the checkpoint's `data_state` {pos['checkpoint_bytes']} "
                f"bytes, the plan sent to each worker {pos['plan_pickle_bytes'] / 2**20:.0f} MiB pickled."]
     return md
+
+
+if __name__ == "__main__":  # amplification()'s process: its arguments and result in the folder named
+    folder = Path(sys.argv[1])
+    result = _amplification_on_nodes(*pickle.loads(Path(folder, "in.pkl").read_bytes()))
+    Path(folder, "out.json").write_text(json.dumps(result))

@@ -63,10 +63,9 @@ def _consume(blocks: Iterator[np.ndarray], spec: TrainSpec) -> dict[str, Any]:
             "batch_rows": batch_rows, "seq_len": spec.data.seq_len}
 
 
-def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
+def _stream_pass(data: Any, spec: TrainSpec) -> tuple[dict[str, Any], Any]:
     """One epoch of the training split through a worker's input path (workers/data/stream.py, its
-    Ray Data reads), as one rank taking the whole global batch, consumed in the driver; with the
-    Ray Data executions it started (one per unit before the reads over a stretch)."""
+    Ray Data reads), as one rank taking the whole global batch, consumed in the driver."""
     from workers.data.stream import RankStream, ray_reads, state_for
 
     plan = data.plan("train", spec.data)
@@ -77,10 +76,31 @@ def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
         while stream.state.remaining() >= rows[0]:
             yield stream.next(rows)[1]
 
-    with PeakMemory() as mem:
-        result = _consume(blocks(), spec)
+    result = _consume(blocks(), spec)
     stream.close()
-    return {**result, "memory": mem.result(), "executions": stream.executions, "units": len(plan.units)}
+    return result, stream
+
+
+def ray_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
+    """``_stream_pass`` with the memory sampled; with the Ray Data executions it started."""
+    with PeakMemory() as mem:
+        result, stream = _stream_pass(data, spec)
+    return {**result, "memory": mem.result(), "executions": stream.executions,
+            "units": len(data.plan("train", spec.data).units)}
+
+
+SPEED_ROUNDS = 3
+
+
+def speed_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:
+    """The stream vs pyarrow side by side: ``SPEED_ROUNDS`` rounds of one pass each, alternating,
+    no memory sampler (its thread and RPCs would be charged to the stream alone); each side's median
+    round. On this shared machine one kind of pass moves by a quarter from one minute to the next
+    (pyarrow 0.59-0.94M rows/s in one process), so a ratio of passes minutes apart says little."""
+    rounds = [(arrow_pass(data, spec), _stream_pass(data, spec)[0]) for _ in range(SPEED_ROUNDS)]
+    median = lambda results: sorted(results, key=lambda r: r["rows_per_s"])[len(results) // 2]  # noqa: E731
+    return {"arrow": median([a for a, _ in rounds]), "stream": median([r for _, r in rounds]),
+            "ratios": [r["rows_per_s"] / a["rows_per_s"] for a, r in rounds]}
 
 
 def read_parquet_pass(data: Any, spec: TrainSpec) -> dict[str, Any]:

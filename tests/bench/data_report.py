@@ -29,7 +29,7 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int, s3: dict)
           "earlier passes left: each kind of pass runs over both sets in turn, so both start alike). \"Ray's read_parquet\": the same pass with "
           "`ray.data.read_parquet` (seeded file order, a `map_batches` packing each block) in place of the "
           "workers' stream (workers/data/stream.py: one Ray Data execution over the row groups the rank will "
-          f"take, a read task each; {small['ray'].get('executions', '?')} execution(s) for "
+          f"take, a read task per 16 MiB of them, the first alone; {small['ray'].get('executions', '?')} execution(s) for "
           f"{small['ray'].get('units', '?')} row groups at {small['size_gb']:g} GB, "
           f"{large['ray'].get('executions', '?')} for {large['ray'].get('units', '?')} at {large['size_gb']:g} GB): "
           "the input path before the manifest-planned sources.", "",
@@ -51,19 +51,26 @@ def markdown(sets: dict[str, dict], prep: dict[str, dict], steps: int, s3: dict)
             shown = f"**{ratio['rss_bytes']:.2f}** ({_goal(ratio['rss_bytes'] <= GOALS['memory_ratio'])})"
         md.append(f"| {label}: large / small{goal} | | {shown} | {ratio['private_bytes']:.2f} | "
                   f"{ratio['store_bytes']:.2f} | | |")
-    ray_small, arrow = small["ray"], small["arrow"]
+    speed = small["speed"]
+    arrow, side = speed["arrow"], speed["stream"]
+    ratio = side["rows_per_s"] / arrow["rows_per_s"]
     md += ["", "Rows/s of global batches into the trainer (int64 tensors): a worker's stream (its Ray Data read "
                "tasks, the epoch's order) taking the whole global batch vs pyarrow reading the same files one "
-               "after the other in the driver; steady = after the first batch; reader s = time spent getting rows:", "",
+               f"after the other in the driver. Side by side: {len(speed['ratios'])} rounds of one pass each, "
+               "alternating, no memory sampler, each side's median round (the rounds' ratios: "
+               f"{', '.join(f'{x:.2f}' for x in speed['ratios'])}); the other rows are the memory passes above "
+               "(sampler on, minutes apart), over the same pyarrow figure. Steady = after the first batch; reader "
+               "s = time spent getting rows:", "",
            "| read | set | rows/s | / pyarrow (goal >= 0.7) | steady rows/s | first batch s | reader s | total s |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for label, s, r in (("pyarrow, one file after the other", small, arrow),
-                        ("Ray Data, a worker's stream", small, ray_small),
-                        ("Ray Data, a worker's stream", large, large["ray"]),
-                        ("Ray Data, Ray's read_parquet", small, small["read_parquet"]),
-                        ("Ray Data, Ray's read_parquet", large, large["read_parquet"])):
-        ratio = r["rows_per_s"] / arrow["rows_per_s"]
-        shown = f"**{ratio:.2f}** ({_goal(ratio >= GOALS['ray_vs_arrow'])})" if r is ray_small else f"{ratio:.2f}"
+    for label, s, r in (("pyarrow, one file after the other (side by side)", small, arrow),
+                        ("Ray Data, a worker's stream (side by side)", small, side),
+                        ("Ray Data, a worker's stream (memory pass)", small, small["ray"]),
+                        ("Ray Data, a worker's stream (memory pass)", large, large["ray"]),
+                        ("Ray Data, Ray's read_parquet (memory pass)", small, small["read_parquet"]),
+                        ("Ray Data, Ray's read_parquet (memory pass)", large, large["read_parquet"])):
+        r_ratio = r["rows_per_s"] / arrow["rows_per_s"]
+        shown = f"**{ratio:.2f}** ({_goal(ratio >= GOALS['ray_vs_arrow'])})" if r is side else f"{r_ratio:.2f}"
         md.append(f"| {label} | {s['size_gb']:g} GB | {r['rows_per_s']:,.0f} | {shown} | "
                   f"{r['steady_rows_per_s']:,.0f} | {r['first_batch_s']:.1f} | {r['reader_s']:.0f} | "
                   f"{r['seconds']:.0f} |")

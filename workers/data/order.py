@@ -146,10 +146,17 @@ class DataState:
 
     # -- stepping --------------------------------------------------------------------------------
     def remaining(self) -> int:
-        """Sequences of the epoch not yet trained (dead units' excepted)."""
-        unclaimed_dead = sum(int(self.plan.counts[u]) for u in self.dead if self._position[u] >= self.next)
-        return (int(self._suffix[self.next]) - unclaimed_dead + sum(p.rows for p in self.pending)
-                + sum(p.rows for q in self.held for p in q))
+        """Sequences of the epoch not yet trained (dead units' excepted). Loops, not generators: it is
+        asked at every step."""
+        left = int(self._suffix[self.next])
+        if self.dead:
+            left -= sum(int(self.plan.counts[u]) for u in self.dead if self._position[u] >= self.next)
+        for p in self.pending:
+            left += p.hi - p.lo
+        for queue in self.held:
+            for p in queue:
+                left += p.hi - p.lo
+        return left
 
     def _claim(self) -> Piece | None:
         while self.pending:
@@ -217,6 +224,14 @@ class DataState:
             out.append(taken)
         self.consumed += sum(rows)
         return out
+
+    def within_heads(self, rows: list[int]) -> bool:
+        """Whether a step of ``rows`` takes every rank's rows from inside its head piece, queues
+        full: no piece ends and no unit is claimed, so the units the ranks read stay the same. Most
+        steps are such (a unit holds thousands of sequences), and a reader may take them on its own
+        state, without trying the step on a copy first (workers/data/stream.py)."""
+        return len(self.held) == len(rows) and all(
+            len(queue) >= QUEUE_PIECES and queue[0].rows > n for queue, n in zip(self.held, rows, strict=True))
 
     def upcoming(self, rank: int, rows: list[int], claims: int) -> list[int]:
         """The units ``rank`` will take next beyond those it holds, in the order it will need them, if

@@ -44,11 +44,11 @@ from workers.data.storage import original_error
 Reads = Callable[[list[Unit]], Iterator[tuple[int, "np.ndarray | str"]]]
 
 READ_TASKS = QUEUE_PIECES  # read tasks of a rank at once
-# Units' blocks a rank's read may hold in the object store (32 MiB of 4 MiB row groups): running
-# tasks' outputs count in Ray Data's budget, and with 2 one task ran at a time and the rank waited
-# for it (tests/bench/data.py: rows/s 1.2-1.3x with 8 on 2 cores). Also the most a dropped read
-# may have read for nothing.
-READ_AHEAD_UNITS = 8
+# Units' blocks a rank's read may hold in the object store (64 MiB of 4 MiB row groups: four read
+# tasks' blocks of READ_TASK_BYTES, running and waiting): running tasks' outputs count in Ray Data's
+# budget, and with less one task ran at a time and the rank waited for it. Also the most a dropped
+# read may have read for nothing.
+READ_AHEAD_UNITS = 16
 STRETCH_CLAIMS = 4096  # units claimed by all ranks together that a rank looks ahead over (one execution)
 
 
@@ -69,9 +69,10 @@ class TrainPlan:
 
 def ray_reads(plan: TrainPlan) -> Reads:
     """Read units with one Ray Data execution (workers/data/reader.py ``UnitSource``, a read task per
-    unit), their order kept, ``READ_TASKS`` tasks at once and ``READ_AHEAD_UNITS`` blocks' bytes of
-    object store; it starts when called, so it reads ahead before its first block is asked for. Ray Data's
-    INFO lines (three per execution) are left out of the worker's log."""
+    few consecutive units), their order kept, ``READ_TASKS`` tasks at once and ``READ_AHEAD_UNITS``
+    units' bytes of object store; it starts when called, so it reads ahead before its first block
+    is asked for. Ray Data's INFO lines (three per execution) and progress bars are left out of the
+    worker's log."""
     import logging
 
     import ray.data
@@ -82,9 +83,11 @@ def ray_reads(plan: TrainPlan) -> Reads:
     mode = "mark" if plan.on_corrupt == "skip" else "fail"
 
     def reads(units: list[Unit]) -> _RayRead:
-        ds = ray.data.read_datasource(UnitSource(units, plan.filesystem, plan.seq_len, plan.roots, mode),
-                                      override_num_blocks=len(units), concurrency=min(READ_TASKS, len(units)),
+        source = UnitSource(units, plan.filesystem, plan.seq_len, plan.roots, mode)
+        tasks = len(source.groups())
+        ds = ray.data.read_datasource(source, override_num_blocks=tasks, concurrency=min(READ_TASKS, tasks),
                                       runtime_env={"env_vars": plan.env} if plan.env else None)
+        ds.context.enable_progress_bars = False
         options = ds.context.execution_options
         options.preserve_order = True
         options.resource_limits = ray.data.ExecutionResources(
@@ -102,7 +105,8 @@ RAY_DATA_PRIVATE = ("_create_executor", "_build_bundle_iterator")
 
 
 class _RayRead:
-    """A running execution's blocks as (index, rows or why the unit is corrupt); ``close`` ends it.
+    """A running execution's units as (index, rows or why the unit is corrupt), from its blocks of a
+    few units each (workers/data/reader.py ``block_units``); ``close`` ends it.
 
     The blocks are taken as the execution's block references, not through ``iter_batches``: in Ray
     2.60 every batch iterator starts a ``WaitBlockPrefetcher`` whose thread only the prefetcher's
@@ -116,6 +120,7 @@ class _RayRead:
         self._executor = ds._create_executor()
         bundles = ds._build_bundle_iterator(self._executor)
         self._refs = (ref for bundle in bundles for ref in bundle.block_refs)
+        self._units: list[tuple[int, np.ndarray | str]] = []  # the current block's units not yet taken, reversed
 
     def __iter__(self) -> _RayRead:
         return self
@@ -124,11 +129,11 @@ class _RayRead:
         import ray
         from ray.exceptions import RayError
 
-        from workers.data.reader import unit_rows
+        from workers.data.reader import block_units
 
-        while True:
+        while not self._units:
             try:
-                got = unit_rows(ray.get(next(self._refs)))
+                self._units = block_units(ray.get(next(self._refs)))[::-1]
             except StopIteration:
                 self.close()
                 raise
@@ -138,8 +143,7 @@ class _RayRead:
                 if cause is None:
                     raise
                 raise type(cause)(str(cause)) from None
-            if got is not None:
-                return got
+        return self._units.pop()
 
     def close(self) -> None:
         self._executor.shutdown(force=True)
@@ -203,9 +207,28 @@ class RankStream:
             self._perms[key] = plan.row_order(self.state.seed, epoch, unit)
         return self._perms[key]
 
+    def _within_heads(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The step taken on the stream's own state when it stays inside every rank's head piece
+        (``DataState.within_heads``) and this rank holds that piece's rows: no trial on a copy, no
+        check of the read's units (they stay the same). None when the step needs the whole path, or
+        may meet a corrupt unit that the ranks must agree on (skip mode: every rank's every step goes
+        through ``agree``, a collective)."""
+        state = self.state
+        if self.agree is not None or not state.within_heads(rows):
+            return None
+        got = self._got.get(state.held[self.rank][0].unit)
+        if not isinstance(got, np.ndarray):
+            return None
+        (piece,) = state.step(rows)[self.rank]
+        order = self._perm(state.plan, state.epoch, piece.unit)[piece.lo:piece.hi]
+        return state.plan.offsets[piece.unit] + order, got[order]
+
     def next(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """This rank's ``rows[rank]`` sequences of the next step: (ids in the epoch (rows,),
         (rows, seq_len + 1) uint16). Collective in skip mode (``agree``)."""
+        fast = self._within_heads(rows)
+        if fast is not None:
+            return fast
         plan = self.state.plan
         while True:
             trial = self.state.copy()
