@@ -101,11 +101,13 @@ def scale_up(scratch: Path) -> dict:
             "idle_timeout_s": IDLE_TIMEOUT_MINUTES * 60}
 
 
-def _records(c: httpx.Client, job_id: str, attempt: int) -> list[ProgressRecord]:
+def _log(c: httpx.Client, job_id: str, attempt: int) -> str:
     r = c.get(f"/v1/jobs/{job_id}/logs", params={"attempt": attempt})
-    if r.status_code == 404:
-        return []
-    return [p for p in map(ProgressRecord.from_line, r.json()["logs"].splitlines()) if p is not None]
+    return "" if r.status_code == 404 else r.json()["logs"]
+
+
+def _records(c: httpx.Client, job_id: str, attempt: int) -> list[ProgressRecord]:
+    return [p for p in map(ProgressRecord.from_line, _log(c, job_id, attempt).splitlines()) if p is not None]
 
 
 def _checkpoint_steps(job: dict, resize_number: int) -> int | None:
@@ -115,6 +117,21 @@ def _checkpoint_steps(job: dict, resize_number: int) -> int | None:
     resized = [h["reason"] for h in job["history"] if h["to_state"] == "QUEUED" and h["reason"].startswith("resized")]
     m = re.search(r"checkpoint at step (\d+) first", resized[resize_number - 1])
     return int(m.group(1)) if m else None
+
+
+def _resize_phases(job: dict, patched: float, resumed: float, first_step: float) -> dict:
+    """Where a resize's seconds go (UNIX times): PATCH -> the old attempt stopped after its checkpoint
+    (QUEUED in the job's history) -> resubmitted (STARTING) -> the new driver running (RUNNING) -> the
+    loop resumed from the checkpoint (its "resuming from step" note in the log: Ray Train's start, the
+    worker processes and their imports, the process group, model build, checkpoint load) -> first step
+    (the data pipeline's start, the first batch, the step)."""
+    at = {}
+    for h in job["history"]:
+        if h["at"] >= patched and h["to_state"] not in at:
+            at[h["to_state"]] = h["at"]
+    marks = [patched, at["QUEUED"], at["STARTING"], at["RUNNING"], resumed, first_step]
+    names = ("stopped_s", "resubmitted_s", "driver_running_s", "resumed_s", "first_step_s")
+    return {n: round(b - a, 1) for n, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
 
 
 def _resize_row(workers: int, first_step_s: float, before: list[ProgressRecord], after: ProgressRecord,
@@ -150,11 +167,16 @@ def resize(scratch: Path) -> list[dict]:
             for attempt, workers in ((1, 1), (2, 2)):
                 t0 = time.time()
                 assert c.patch(f"/v1/jobs/{job_id}", json={"num_workers": workers}).status_code == 202
+                wait_until(lambda a=attempt: "resuming from step" in _log(c, job_id, a + 1), timeout_s=TIMEOUT_S,
+                           interval_s=POLL_S, what="the next attempt's resume")
+                resumed = time.time()
                 after = wait_until(lambda a=attempt: _records(c, job_id, a + 1), timeout_s=TIMEOUT_S,
                                    interval_s=POLL_S, what="the next attempt's first step")
-                first_step_s = time.time() - t0
-                saved = _checkpoint_steps(c.get(f"/v1/jobs/{job_id}").json(), attempt)
-                rows.append(_resize_row(workers, first_step_s, _records(c, job_id, attempt), after[0], saved))
+                first_step = time.time()
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                rows.append({**_resize_row(workers, first_step - t0, _records(c, job_id, attempt), after[0],
+                                           _checkpoint_steps(job, attempt)),
+                             **_resize_phases(job, t0, resumed, first_step)})
             wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] in ("SUCCEEDED", "FAILED"),
                        timeout_s=TIMEOUT_S, interval_s=1.0, what="the job to end")
         app.state.store.close()
@@ -173,16 +195,24 @@ def markdown(up: dict, rows: list[dict], nodes: dict, recovery: list[dict]) -> l
             "lost are the steps logged past the step resumed from; the losses are those of the checkpoint's "
             "step and of the next step, the first of the next attempt. The controller waits up to "
             f"{STOP_CHECKPOINT_TIMEOUT_S:.0f} s for the stop checkpoint (default 20 s: one step can take longer "
-            "on this loaded machine).", "",
+            "on this loaded machine). Where a resize's seconds go: PATCH -> the old attempt stopped (the loop "
+            "checkpoints at the end of its step and holds, Ray Jobs stops the driver) -> resubmitted (the scheduler's "
+            "pass) -> the new driver running -> resumed (the loop's resume note: Ray Train's start, the worker "
+            "processes and their imports, the process group, the model and the checkpoint load) -> first step "
+            "(the data pipeline's start, the first batch, the step); from the job's history and its log, polled "
+            f"every {POLL_S} s.", "",
             "| queued -> node alive (s) | queued -> RUNNING (s) | job end -> idle node gone (s) | idle timeout (s) |",
             "|---:|---:|---:|---:|",
             f"| {up['queued_to_node_s']} | {up['queued_to_running_s']} | {up['idle_node_removed_after_end_s']} | "
             f"{up['idle_timeout_s']:g} |", "",
-            "| resize to | PATCH -> next step (s) | checkpoint step | last step before | resumed from | steps lost | "
-            "loss at checkpoint | first loss after |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *[f"| {r['to_workers']} | {r['patch_to_next_step_s']} | {r['checkpoint_step']} | {r['last_step_before']} | "
-              f"{r['resumed_from']} | {r['steps_lost']} | {r['loss_before']} | {r['loss_after']} |" for r in rows],
+            "| resize to | PATCH -> next step (s) | -> stopped | -> resubmitted | -> driver running | -> resumed | "
+            "-> first step | checkpoint step | last step before | resumed from | steps lost | loss at checkpoint | "
+            "first loss after |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *[f"| {r['to_workers']} | {r['patch_to_next_step_s']} | {r['stopped_s']} | {r['resubmitted_s']} | "
+              f"{r['driver_running_s']} | {r['resumed_s']} | {r['first_step_s']} | {r['checkpoint_step']} | "
+              f"{r['last_step_before']} | {r['resumed_from']} | {r['steps_lost']} | {r['loss_before']} | "
+              f"{r['loss_after']} |" for r in rows],
             "", *node_markdown(nodes), "", *recovery_markdown(recovery)]
 
 
