@@ -230,8 +230,17 @@ class DataState:
         full: no piece ends and no unit is claimed, so the units the ranks read stay the same. Most
         steps are such (a unit holds thousands of sequences), and a reader may take them on its own
         state, without trying the step on a copy first (workers/data/stream.py)."""
-        return len(self.held) == len(rows) and all(
-            len(queue) >= QUEUE_PIECES and queue[0].rows > n for queue, n in zip(self.held, rows, strict=True))
+        return all(len(queue) >= QUEUE_PIECES for queue in self.held) and self._head_steps(rows) >= 1
+
+    def _head_steps(self, rows: list[int]) -> int:
+        """How many steps of ``rows`` every rank taking rows can take from inside its head piece
+        without finishing it; 0 when one holds no head piece or the world size changed."""
+        if len(self.held) != len(rows):
+            return 0
+        heads = [(q[0], n) for q, n in zip(self.held, rows, strict=True) if n > 0 and q]
+        if len(heads) != sum(1 for n in rows if n > 0):
+            return 0
+        return min(((p.rows - 1) // n for p, n in heads), default=0)
 
     def upcoming(self, rank: int, rows: list[int], claims: int) -> list[int]:
         """The units ``rank`` will take next beyond those it holds, in the order it will need them, if
@@ -254,14 +263,12 @@ class DataState:
         """The steps in which every rank takes from its head piece and none finishes it, taken at
         once (the same state as stepping them one by one: no claim, no pop, and the epoch cannot
         end, as every head keeps more than its rank's rows)."""
-        heads = [(q[0], n) for q, n in zip(self.held, rows, strict=True) if n > 0 and q]
-        if len(self.held) != len(rows) or len(heads) != sum(1 for n in rows if n > 0):
-            return
-        k = min((p.rows - 1) // n for p, n in heads)
+        k = self._head_steps(rows)
         if k <= 0:
             return
-        for p, n in heads:
-            p.lo += k * n
+        for queue, n in zip(self.held, rows, strict=True):
+            if n > 0:
+                queue[0].lo += k * n
         self.consumed += k * sum(rows)
 
     def mark_dead(self, units: set[int]) -> None:

@@ -156,9 +156,9 @@ class RankStream:
                  agree: Callable[[set[int]], set[int]] | None = None, log: Callable[[str], None] = print):
         self.plan, self.state, self.rank, self.reads, self.agree, self.log = plan, state, rank, reads, agree, log
         self._got: dict[int, np.ndarray | str] = {}  # unit -> its rows (or why it is corrupt), while held
-        self._left: list[int] = []  # the units the running read will yield next, in order
         self._blocks: Iterator[tuple[int, np.ndarray | str]] | None = None
-        self._units: list[int] = []  # the running read's units
+        self._units: list[int] = []  # the running read's units, in order
+        self._next = 0  # the place in _units of the unit it yields next
         self._perms: dict[tuple[int, int], np.ndarray] = {}  # (epoch, unit) -> its row order
         self.read_bytes = 0  # stored bytes of the units this rank's reads fetched (dropped reads: at most)
         self.units_read = 0
@@ -168,7 +168,7 @@ class RankStream:
         """The running read yields the units this step takes and the rank then holds, in that
         order; else a new read from here over the units the rank will need."""
         need = list(dict.fromkeys(p.unit for p in [*pieces, *trial.held[self.rank]] if p.unit not in self._got))
-        if self._blocks is not None and self._left[:len(need)] == need:
+        if self._blocks is not None and self._units[self._next:self._next + len(need)] == need:
             return
         ahead = [u for u in trial.upcoming(self.rank, rows, STRETCH_CLAIMS) if u not in self._got and u not in need]
         self._restart([*need, *ahead])
@@ -176,7 +176,7 @@ class RankStream:
     def _restart(self, units: list[int]) -> None:
         self._drop()
         if units:
-            self._units, self._left = units, list(units)
+            self._units, self._next = units, 0
             self._blocks = self.reads([self.state.plan.units[u] for u in units])
             self.executions += 1
 
@@ -184,18 +184,18 @@ class RankStream:
         """Ends the running read; the units it may have read ahead count as read."""
         if self._blocks is not None:
             self._blocks.close()
-            ahead = self._left[:READ_AHEAD_UNITS]  # read tasks running and blocks waiting
+            ahead = self._units[self._next:self._next + READ_AHEAD_UNITS]  # read tasks running and blocks waiting
             self.read_bytes += sum(self.state.plan.units[u].stored_bytes for u in ahead)
-        self._blocks, self._left = None, []
+        self._blocks, self._units, self._next = None, [], 0
 
     def _take(self, unit: int) -> np.ndarray | str:
         """The unit's rows: read, or taken from the running read (``_expect`` put it next)."""
         while unit not in self._got:
             index, got = next(self._blocks)
             u = self._units[index]
-            if u != self._left[0]:
-                raise AssertionError(f"the read yielded unit {u} out of order (expected {self._left[0]})")
-            self._left.pop(0)
+            if index != self._next:
+                raise AssertionError(f"the read yielded unit {u} out of order (expected {self._units[self._next]})")
+            self._next += 1
             self._got[u] = got
             self.read_bytes += self.state.plan.units[u].stored_bytes
             self.units_read += 1
